@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The README's test command. Creates .venv when missing, then runs pytest.
+#   scripts/test.sh            default suite (not slow)
+#   scripts/test.sh --slow     only the slow tests (LDM retraining, fidelity)
+#   scripts/test.sh ARGS...    extra pytest arguments
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+if [ "${1:-}" = "--slow" ]; then
+  shift
+  exec python -m pytest -m slow "$@"
+fi
+exec python -m pytest "$@"
