@@ -1,0 +1,123 @@
+"""Eq. 11 under DDP equals the single-process loss (and gradient) on the same global batch."""
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from edsam_online.losses import EDSAMLoss
+
+WORLD = 2
+LOCAL_B = 4  # real rows per rank
+LOCAL_S = 3  # synthetic rows per rank
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "real_x": torch.randn(WORLD * LOCAL_B, 10, generator=g),
+        "real_t": torch.randn(WORLD * LOCAL_B, 10, generator=g),
+        "syn_x": torch.randn(WORLD * LOCAL_S, 10, generator=g),
+        "syn_t": torch.randn(WORLD * LOCAL_S, 10, generator=g),
+    }
+
+
+class _Towers(torch.nn.Module):
+    """Two linear towers + CLIP's logit scale/bias, so gradients can be compared."""
+
+    def __init__(self, with_bias):
+        super().__init__()
+        torch.manual_seed(1)
+        self.img = torch.nn.Linear(10, 6)
+        self.txt = torch.nn.Linear(10, 6)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+        self.logit_bias = torch.nn.Parameter(torch.tensor(-1.0)) if with_bias else None
+
+    def forward(self, x, t):
+        """One forward over real and synthetic rows together, as the trainer does under DDP."""
+        return F.normalize(self.img(x), dim=-1), F.normalize(self.txt(t), dim=-1), self.logit_scale.exp()
+
+
+def _loss(model, batch, kind, rows_real, rows_syn, rank, world, use_syn):
+    loss_fn = EDSAMLoss(kind, syn_weight=0.7, rank=rank, world_size=world)
+    x = torch.cat([batch["real_x"][rows_real], batch["syn_x"][rows_syn]])
+    t = torch.cat([batch["real_t"][rows_real], batch["syn_t"][rows_syn]])
+    img, txt, scale = model(x, t)
+    n = len(range(*rows_real.indices(len(batch["real_x"]))))
+    inner = model.module if isinstance(model, DDP) else model
+    return loss_fn(img[:n], txt[:n], scale, img[n:], txt[n:], logit_bias=inner.logit_bias, use_syn=use_syn)
+
+
+CASES = [("clip", True), ("siglip", True), ("clip", False)]
+
+
+def _worker(rank, port, out_dir):
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+        for kind, use_syn in CASES:
+            model = DDP(_Towers(kind == "siglip"))
+            out = _loss(
+                model,
+                _global_batch(),
+                kind,
+                slice(rank * LOCAL_B, (rank + 1) * LOCAL_B),
+                slice(rank * LOCAL_S, (rank + 1) * LOCAL_S),
+                rank,
+                WORLD,
+                use_syn,
+            )
+            out["loss"].backward()
+            values = torch.stack([out["loss"], out["loss_real"], out["loss_syn"]]).detach()
+            dist.all_reduce(values)
+            grads = {n: p.grad.clone() for n, p in model.module.named_parameters()}
+            torch.save({"values": values / WORLD, "grads": grads}, os.path.join(out_dir, f"{kind}{use_syn}{rank}.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)  # DESIGN §8: gloo + all_gather processes can abort at interpreter exit
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_loss_and_grad_equal_single_process(tmp_path):
+    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
+    for kind, use_syn in CASES:
+        model = _Towers(kind == "siglip")
+        out = _loss(model, _global_batch(), kind, slice(None), slice(None), 0, 1, use_syn)
+        out["loss"].backward()
+        expected = torch.stack([out["loss"], out["loss_real"], out["loss_syn"]]).detach()
+        if use_syn:
+            assert expected[2] > 0
+        else:
+            assert expected[2] == 0 and expected[0] == expected[1]
+        for rank in range(WORLD):
+            got = torch.load(tmp_path / f"{kind}{use_syn}{rank}.pt")
+            torch.testing.assert_close(got["values"], expected, rtol=1e-5, atol=1e-6)
+            for name, param in model.named_parameters():
+                torch.testing.assert_close(got["grads"][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_eq11_adds_weighted_synthetic_term():
+    torch.manual_seed(0)
+    feats = [F.normalize(torch.randn(5, 8), dim=-1) for _ in range(4)]
+    scale = torch.tensor(10.0)
+    out = EDSAMLoss("clip", syn_weight=0.5)(feats[0], feats[1], scale, feats[2], feats[3])
+    assert out["loss_syn"] > 0
+    torch.testing.assert_close(out["loss"], out["loss_real"] + 0.5 * out["loss_syn"])
+
+
+def test_siglip_without_logit_bias_is_a_clear_error():
+    f = F.normalize(torch.randn(3, 4), dim=-1)
+    with pytest.raises(ValueError, match="init_logit_bias"):
+        EDSAMLoss("siglip")(f, f, torch.tensor(1.0))
