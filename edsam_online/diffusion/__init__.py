@@ -1,5 +1,14 @@
-"""ED-SAM diffusion: transport transformation, latent-diffusion wrapper, sampler."""
+"""ED-SAM diffusion: transport transformation, latent-diffusion wrapper, transport sampler.
 
+Public API: ``transport``, ``LatentDiffusion``, ``load_ldm``, ``build_tiny_ldm``,
+``SamplerConfig``, ``EDSAMSampler``, ``GeneratedBatch``, ``build_sampler``.
+"""
+
+from edsam_online.diffusion.pipeline import LatentDiffusion, ModelNotAvailableError, build_tiny_ldm, load_ldm
+from edsam_online.diffusion.sampler import EDSAMSampler, GeneratedBatch, SamplerConfig, build_sampler
 from edsam_online.diffusion.transport import MODES, transport
 
-__all__ = ["MODES", "transport"]
+__all__ = [
+    "MODES", "transport", "LatentDiffusion", "ModelNotAvailableError", "build_tiny_ldm", "load_ldm",
+    "EDSAMSampler", "GeneratedBatch", "SamplerConfig", "build_sampler",
+]
