@@ -1,0 +1,479 @@
+"""ZeroMQ transport between producer ranks and trainer ranks (no broker).
+
+Topology: producers PUSH, trainers PULL. PUSH load-balances each message to
+exactly one connected PULL peer, so trainer ranks see distinct samples. By
+default (``producers_bind``) producer ``r`` binds ``endpoints[r]`` and every
+receiver connects to all endpoints; with ``producers_bind=False`` receiver
+``i`` binds ``endpoints[i]`` and every producer connects to all of them.
+
+The :class:`Receiver` is a background thread in the trainer process: it
+validates every message (:mod:`edsam_online.wire`), inserts good ones into the
+:class:`~edsam_online.buffer.ReplayBuffer`, and counts everything else. Its
+socket lives in its own ``zmq.Context`` so a CURVE authenticator (ZAP handler)
+applies to it alone. Security: :mod:`edsam_online.security`.
+
+Sequence numbers: ``buffer/seq_gaps`` counts, per producer session, the numbers
+this receiver did not see. With one trainer that is loss; with N trainers each
+receiver sees about 1/N of every producer's stream (by design), so loss is the
+union over receivers. Duplicates (a sequence number at or below the last one
+seen from that session) are dropped as ``buffer/dropped/duplicate``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from edsam_online import security
+from edsam_online.buffer import ReplayBuffer
+from edsam_online.wire import DROP_REASONS, ENCODINGS, WireError, WireLimits, decode_message
+
+log = logging.getLogger(__name__)
+
+#: Receiver drop reasons: the wire's, plus replays and bugs caught at the top of the loop.
+RECEIVER_DROP_REASONS = DROP_REASONS + ("duplicate", "internal_error")
+_MONITOR_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+_PRODUCER_STALE_S = 60.0  # forwarded producer stats older than this are not reported
+_MAX_SESSIONS = 4096  # sequence trackers kept (oldest forgotten first)
+_DRAIN_BATCH = 256
+
+
+@dataclass
+class StreamConfig:
+    """Transport settings shared by producers and receivers (Hydra group ``stream``).
+
+    ``max_message_bytes`` is set as ZeroMQ ``MAXMSGSIZE`` on the receiving socket
+    (a peer sending a larger frame is disconnected by libzmq) and bounds the whole
+    message in :func:`~edsam_online.wire.decode_message`. ``sndhwm``/``rcvhwm``
+    are ZeroMQ high-water marks in messages. CURVE (``curve``): the receiver is the
+    CURVE server; see :mod:`edsam_online.security` for the key files.
+    ``stats_endpoint`` (optional) is where a receiver answers ``buffer-monitor``
+    requests; ``{rank}`` in it is replaced by the receiver's rank.
+    """
+
+    endpoints: list[str] = field(default_factory=lambda: ["tcp://127.0.0.1:5555"])
+    producers_bind: bool = True
+    encoding: str = "raw"
+    quality: int = 90
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_side: int = 2048
+    max_caption_chars: int = 1024
+    sndhwm: int = 64
+    rcvhwm: int = 64
+    poll_timeout_ms: int = 100
+    reconnect_ivl_ms: int = 100
+    stats_endpoint: str = ""
+    curve: bool = False
+    curve_server_public: str = ""
+    curve_server_secret: str = ""
+    curve_client_secret: str = ""
+    curve_allow_dir: str = ""
+
+    def __post_init__(self) -> None:
+        self.endpoints = list(self.endpoints)
+        if not self.endpoints or not all(isinstance(e, str) and "://" in e for e in self.endpoints):
+            raise ValueError(f"endpoints must be a non-empty list of ZeroMQ endpoints, got {self.endpoints!r}")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in [1, 100], got {self.quality}")
+        for name in ("sndhwm", "rcvhwm", "poll_timeout_ms", "reconnect_ivl_ms"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.limits()  # validates the size limits, naming the field
+
+    def limits(self) -> WireLimits:
+        return WireLimits(
+            max_message_bytes=self.max_message_bytes,
+            max_header_bytes=self.max_header_bytes,
+            max_side=self.max_side,
+            max_caption_chars=self.max_caption_chars,
+        )
+
+    def check_curve(self, role: str) -> None:
+        """Raise ValueError naming the missing CURVE setting for ``role`` ("producer"/"receiver")."""
+        if not self.curve:
+            return
+        needed = (
+            ("curve_server_secret", "curve_allow_dir")
+            if role == "receiver"
+            else ("curve_client_secret", "curve_server_public")
+        )
+        for name in needed:
+            if not getattr(self, name):
+                raise ValueError(f"stream.{name} must be set when stream.curve is true ({role})")
+
+
+@dataclass
+class ProducerConfig:
+    """One producer rank (Hydra group ``producer``; ``launch.sh`` sets ``rank``/``num_producers``).
+
+    The producer reads partition ``rank`` of ``num_producers`` of the real data
+    and seeds generation from (``seed``, ``rank``, batch index). ``num_samples = 0``
+    runs until SIGINT/SIGTERM. A message that cannot be sent within
+    ``send_timeout_s`` (every trainer's queue full, or none connected) is dropped
+    and counted (``producer/dropped_unsent``): a producer never waits on trainers
+    for longer than that. ``stats_every``: forward ``producer/*`` stats in every
+    N-th header.
+    """
+
+    rank: int = 0
+    num_producers: int = 1
+    producer_id: str = ""
+    num_samples: int = 0
+    batch_size: int = 2
+    m: int | None = None
+    seed: int = 0
+    send_timeout_s: float = 30.0
+    stop_grace_s: float = 5.0
+    stats_every: int = 20
+    log_every_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.num_producers < 1:
+            raise ValueError(f"num_producers must be >= 1, got {self.num_producers}")
+        if not 0 <= self.rank < self.num_producers:
+            raise ValueError(f"rank must be in [0, num_producers={self.num_producers}), got {self.rank}")
+        if not self.producer_id:
+            self.producer_id = f"producer-{self.rank}"
+        for name in ("num_samples",):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "stats_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.m is not None and self.m < 1:
+            raise ValueError(f"m must be >= 1 or null, got {self.m}")
+        for name in ("send_timeout_s", "stop_grace_s", "log_every_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+# ----------------------------------------------------------------------------- producer side
+
+
+def open_producer_socket(ctx: zmq.Context, cfg: StreamConfig, rank: int) -> zmq.Socket:
+    """The PUSH socket of producer ``rank``: binds ``endpoints[rank]`` (``producers_bind``)
+    or connects to every endpoint. ``sock.last_endpoint`` gives a wildcard bind's port."""
+    cfg.check_curve("producer")
+    if cfg.producers_bind and rank >= len(cfg.endpoints):
+        raise ValueError(f"stream.endpoints has {len(cfg.endpoints)} entries, producer rank {rank} needs its own")
+    sock = ctx.socket(zmq.PUSH)
+    try:
+        sock.sndhwm = cfg.sndhwm
+        sock.linger = 0  # shutdown is explicit: the in-flight message is sent before close
+        sock.reconnect_ivl = cfg.reconnect_ivl_ms
+        if cfg.curve:
+            security.make_curve_client(sock, cfg.curve_client_secret, cfg.curve_server_public)
+        if cfg.producers_bind:
+            sock.bind(cfg.endpoints[rank])
+        else:
+            for endpoint in cfg.endpoints:
+                sock.connect(endpoint)
+    except Exception:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def send_bounded(sock: zmq.Socket, frames: list, timeout_s: float) -> tuple[bool, float]:
+    """Send without blocking, waiting at most ``timeout_s`` for room (HWM) or a peer.
+
+    Returns (sent, seconds spent waiting). ZeroMQ multipart sends are atomic, so
+    a failed attempt leaves nothing half-sent and can be retried as is.
+    """
+    try:
+        sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        return True, 0.0
+    except zmq.Again:
+        pass
+    start = time.monotonic()
+    while True:
+        remaining = timeout_s - (time.monotonic() - start)
+        if remaining <= 0:
+            return False, time.monotonic() - start
+        sock.poll(int(min(remaining, 0.05) * 1000) + 1, zmq.POLLOUT)
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            return True, time.monotonic() - start
+        except zmq.Again:
+            continue
+
+
+# ----------------------------------------------------------------------------- receiver side
+
+
+class Receiver:
+    """Background thread: PULL socket -> validate -> ``buffer.insert``.
+
+    ``rank`` picks the endpoint a receiver binds when ``producers_bind`` is false,
+    and fills ``{rank}`` in ``cfg.stats_endpoint``. ``endpoints`` overrides
+    ``cfg.endpoints`` (e.g. for tests). ``start()`` returns once the socket is set
+    up (raising what went wrong, e.g. a bad key file); ``stop()`` returns within
+    about ``poll_timeout_ms``. The buffer keeps serving after ``stop()``.
+    """
+
+    def __init__(
+        self,
+        cfg: StreamConfig,
+        buffer: ReplayBuffer,
+        rank: int = 0,
+        endpoints: list[str] | None = None,
+        stats_endpoint: str | None = None,
+    ) -> None:
+        cfg.check_curve("receiver")
+        self.cfg = cfg
+        self.buffer = buffer
+        self.rank = rank
+        self.endpoints = list(endpoints if endpoints is not None else cfg.endpoints)
+        if not cfg.producers_bind and rank >= len(self.endpoints):
+            raise ValueError(f"stream.endpoints has {len(self.endpoints)} entries, receiver rank {rank} needs its own")
+        template = cfg.stats_endpoint if stats_endpoint is None else stats_endpoint
+        self.stats_endpoint = template.replace("{rank}", str(rank)) if template else ""
+        self._limits = cfg.limits()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self.bound_endpoints: list[str] = []  # resolved addresses of what this receiver bound
+        self._dropped = dict.fromkeys(RECEIVER_DROP_REASONS, 0)
+        self._counters = dict.fromkeys(
+            (
+                "received",
+                "received_bytes",
+                "accepted",
+                "seq_gaps",
+                "sessions",
+                "peer_connects",
+                "peer_disconnects",
+                "auth_failures",
+                "handshake_failures",
+                "stats_requests",
+            ),
+            0,
+        )
+        self._latency_ema = 0.0
+        self._last_seq: collections.OrderedDict[tuple[str, int], int] = collections.OrderedDict()
+        self._producer_stats: dict[str, tuple[float, dict[str, float]]] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout_s: float = 10.0) -> Receiver:
+        if self._thread is not None:
+            raise RuntimeError("Receiver already started")
+        self._thread = threading.Thread(target=self._run, name=f"edsam-receiver-{self.rank}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            self.stop()
+            raise RuntimeError(f"receiver socket not ready after {timeout_s}s")
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __enter__(self) -> Receiver:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ metrics
+
+    def stats(self) -> dict[str, float]:
+        """Buffer stats plus receiver counters: ``buffer/received``, ``buffer/accepted``,
+        ``buffer/dropped`` (total) and ``buffer/dropped/<reason>``, ``buffer/seq_gaps``, ..."""
+        out = self.buffer.stats()
+        with self._lock:
+            out.update({f"buffer/{k}": v for k, v in self._counters.items()})
+            out["buffer/dropped"] = sum(self._dropped.values())
+            out.update({f"buffer/dropped/{k}": v for k, v in self._dropped.items()})
+            out["buffer/latency_s"] = self._latency_ema
+        return out
+
+    def producer_stats(self) -> dict[str, float]:
+        """Latest ``producer/*`` metrics forwarded by producers heard from in the last
+        minute, summed over producers (rates and totals add up), plus ``producer/active``."""
+        now = time.monotonic()
+        out: dict[str, float] = {}
+        active = 0
+        with self._lock:
+            for seen, stats in self._producer_stats.values():
+                if now - seen > _PRODUCER_STALE_S:
+                    continue
+                active += 1
+                for key, value in stats.items():
+                    out[key] = out.get(key, 0.0) + float(value)
+        out["producer/active"] = active
+        return out
+
+    # ------------------------------------------------------------------ thread
+
+    def _run(self) -> None:
+        ctx = zmq.Context()
+        auth = None
+        sockets: list[zmq.Socket] = []
+        try:
+            try:
+                if self.cfg.curve:
+                    auth = security.start_authenticator(ctx, self.cfg.curve_allow_dir)
+                sock = ctx.socket(zmq.PULL)
+                sockets.append(sock)
+                sock.rcvhwm = self.cfg.rcvhwm
+                sock.maxmsgsize = self.cfg.max_message_bytes
+                sock.linger = 0
+                sock.reconnect_ivl = self.cfg.reconnect_ivl_ms
+                if self.cfg.curve:
+                    security.make_curve_server(sock, self.cfg.curve_server_secret)
+                monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+                sockets.append(monitor)
+                if self.cfg.producers_bind:
+                    for endpoint in self.endpoints:
+                        sock.connect(endpoint)
+                else:
+                    sock.bind(self.endpoints[self.rank])
+                    self.bound_endpoints.append(sock.last_endpoint.decode())
+                stats_sock = None
+                if self.stats_endpoint:
+                    stats_sock = ctx.socket(zmq.REP)
+                    sockets.append(stats_sock)
+                    stats_sock.maxmsgsize = 4096
+                    stats_sock.linger = 0
+                    stats_sock.bind(self.stats_endpoint)
+                    self.stats_endpoint = stats_sock.last_endpoint.decode()
+            except BaseException as err:  # reported to start()
+                self._error = err
+                return
+            finally:
+                self._ready.set()
+            poller = zmq.Poller()
+            for s in (sock, monitor, stats_sock):
+                if s is not None:
+                    poller.register(s, zmq.POLLIN)
+            while not self._stop.is_set():
+                events = dict(poller.poll(self.cfg.poll_timeout_ms))
+                if sock in events:
+                    self._drain(sock)
+                if monitor in events:
+                    self._drain_monitor(monitor)
+                if stats_sock is not None and stats_sock in events:
+                    self._answer_stats(stats_sock)
+        finally:
+            if sockets:
+                try:
+                    sockets[0].disable_monitor()
+                except zmq.ZMQError:
+                    pass
+            for s in reversed(sockets):
+                s.close(linger=0)
+            if auth is not None:
+                auth.stop()
+            ctx.term()
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        for _ in range(_DRAIN_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._handle(frames)
+            except Exception:  # noqa: BLE001 - a bug here must not kill the receiver
+                log.exception("receiver: unexpected error handling a message (dropped)")
+                self._drop("internal_error", "")
+
+    def _drop(self, reason: str, detail: str) -> None:
+        with self._lock:
+            self._dropped[reason] += 1
+            first = self._dropped[reason] == 1
+        (log.warning if first else log.debug)("receiver %d dropped a message: %s %s", self.rank, reason, detail)
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        now = time.time()
+        nbytes = sum(len(f.buffer) for f in frames)
+        with self._lock:
+            self._counters["received"] += 1
+            self._counters["received_bytes"] += nbytes
+        try:
+            sample = decode_message(frames, self._limits, received_at=now)
+        except WireError as err:
+            self._drop(err.reason, err.detail)
+            return
+        header = sample.header
+        key = (header["producer_id"], header["session"])
+        seq = header["seq"]
+        with self._lock:
+            last = self._last_seq.get(key)
+            if last is not None and seq <= last:
+                duplicate = True
+            else:
+                duplicate = False
+                if last is None:
+                    self._counters["sessions"] += 1
+                    if len(self._last_seq) >= _MAX_SESSIONS:
+                        self._last_seq.popitem(last=False)
+                else:
+                    self._counters["seq_gaps"] += seq - last - 1
+                self._last_seq[key] = seq
+                self._last_seq.move_to_end(key)
+                if "stats" in header:
+                    self._producer_stats[header["producer_id"]] = (time.monotonic(), header["stats"])
+                self._counters["accepted"] += 1
+                self._latency_ema += 0.05 * ((now - header["created_at"]) - self._latency_ema)
+        if duplicate:
+            self._drop("duplicate", f"{key} seq {seq} <= {last}")
+            return
+        self.buffer.insert(sample)
+
+    def _drain_monitor(self, monitor: zmq.Socket) -> None:
+        names = {
+            zmq.EVENT_HANDSHAKE_SUCCEEDED: "peer_connects",
+            zmq.EVENT_DISCONNECTED: "peer_disconnects",
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_failures",
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failures",
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failures",
+        }
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            name = names.get(event["event"])
+            if name is not None:
+                with self._lock:
+                    self._counters[name] += 1
+                if name == "auth_failures":
+                    log.warning("receiver %d refused a peer at %s (CURVE key not allowed)", self.rank, event["endpoint"])
+
+    def _answer_stats(self, stats_sock: zmq.Socket) -> None:
+        try:
+            stats_sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        with self._lock:
+            self._counters["stats_requests"] += 1
+        reply = {**self.stats(), **self.producer_stats(), "receiver/rank": self.rank, "time": time.time()}
+        stats_sock.send(msgpack.packb(reply))
