@@ -88,9 +88,8 @@ class EDSAMSampler:
         b, h, w, _ = images.shape
         if b < 1:
             raise ValueError("images must hold at least one image")
-        f = self.ldm.vae_scale_factor
-        if h % f or w % f:
-            raise ValueError(f"images height and width must be multiples of {f}, got {h}x{w}")
+        if h < 1 or w < 1:
+            raise ValueError(f"images must have a positive height and width, got {h}x{w}")
         if not isinstance(captions, (list, tuple)) or len(captions) != b:
             raise ValueError(f"captions must be a list with one caption per image ({b}), got "
                              f"{len(captions) if isinstance(captions, (list, tuple)) else type(captions).__name__}")

@@ -1,0 +1,121 @@
+"""EDSAMSampler: batched ED-SAM generation on the tiny random LDM."""
+
+import numpy as np
+import pytest
+
+from edsam_online.diffusion import EDSAMSampler, SamplerConfig, build_sampler, build_tiny_ldm
+
+CAPS = ["a small red star on a light background", "a big green heart on a plain background",
+        "a medium blue ring on a white background"]
+KEYS = ["k0", "k1", "k2"]
+
+
+@pytest.fixture(scope="module")
+def ldm():
+    return build_tiny_ldm()
+
+
+def _imgs(n=3, res=32):
+    return np.random.RandomState(1).randint(0, 256, (n, res, res, 3), dtype=np.uint8)
+
+
+def _cfg(**kw):
+    base = dict(model="tiny-random", steps=3, inversion_steps=2, m=4, rho=0.5, guidance=2.0, batch_size=64)
+    base.update(kw)
+    return SamplerConfig(**base)
+
+
+def test_generate_shapes_provenance_and_cost(ldm):
+    s = EDSAMSampler(ldm, _cfg())
+    out = s.generate(_imgs(), CAPS, KEYS, seed=10)
+    assert out.images.shape == (12, 32, 32, 3) and out.images.dtype == np.uint8
+    assert len(out.provenance) == 12
+    for n, p in enumerate(out.provenance):
+        i, j = divmod(n, 4)
+        assert p["source_key"] == KEYS[i] and p["caption"] == CAPS[i]
+        assert p["seed"] == 10 + i and p["sample_index"] == j
+        assert abs(p["alpha"]) <= 0.5 and p["rho"] == 0.5
+        assert p["mode"] == "transport" and p["steps"] == 3 and p["guidance"] == 2.0
+        assert p["model_id"] == ldm.model_id
+    # M samples of one image differ (different alpha and noise)
+    assert len({p["alpha"] for p in out.provenance}) == 12
+    assert not np.array_equal(out.images[0], out.images[1])
+    # one inversion per real image (B * S_inv) + guided sampling (2 rows per latent per step)
+    assert out.unet_calls == 3 * 2 + 12 * 3 * 2
+
+
+def test_each_image_is_inverted_once(ldm, monkeypatch):
+    seen = []
+    orig = ldm.invert
+    monkeypatch.setattr(ldm, "invert", lambda z, c, steps: seen.append(z.shape[0]) or orig(z, c, steps))
+    EDSAMSampler(ldm, _cfg(m=5)).generate(_imgs(), CAPS, KEYS)
+    assert seen == [3]
+
+
+def test_batch_size_chunks_without_changing_cost_or_alpha(ldm):
+    a = EDSAMSampler(ldm, _cfg()).generate(_imgs(), CAPS, KEYS, seed=2)
+    b = EDSAMSampler(ldm, _cfg(batch_size=5)).generate(_imgs(), CAPS, KEYS, seed=2)
+    assert a.unet_calls == b.unet_calls
+    assert [p["alpha"] for p in a.provenance] == [p["alpha"] for p in b.provenance]
+    assert np.abs(a.images.astype(int) - b.images.astype(int)).max() <= 2
+
+
+def test_image_seed_regenerates_its_samples_alone(ldm):
+    s = EDSAMSampler(ldm, _cfg())
+    out = s.generate(_imgs(), CAPS, KEYS, seed=7)
+    alone = s.generate(_imgs()[1:2], CAPS[1:2], KEYS[1:2], seed=out.provenance[4]["seed"])
+    assert [p["alpha"] for p in alone.provenance] == [p["alpha"] for p in out.provenance[4:8]]
+    assert np.abs(alone.images.astype(int) - out.images[4:8].astype(int)).max() <= 2
+
+
+def test_random_mode_skips_inversion_and_identity_has_zero_alpha(ldm):
+    r = EDSAMSampler(ldm, _cfg(mode="random", rho=0.3)).generate(_imgs(), CAPS, KEYS)
+    assert all(p["alpha"] == pytest.approx(0.3) for p in r.provenance)
+    assert r.unet_calls == 12 * 3 * 2
+    i = EDSAMSampler(ldm, _cfg(mode="identity", guidance=1.0, m=2)).generate(_imgs(), CAPS, KEYS)
+    assert all(p["alpha"] == 0 for p in i.provenance)
+    assert i.unet_calls == 3 * 2 + 6 * 3  # no guidance: one row per latent per step
+    assert np.array_equal(i.images[0], i.images[1])  # no transport: the M samples coincide
+
+
+def test_m_override_and_resize_to_configured_resolution(ldm):
+    for res in (64, 30):  # any input size is resized to cfg.resolution
+        out = EDSAMSampler(ldm, _cfg(resolution=32)).generate(_imgs(res=res), CAPS, KEYS, m=1)
+        assert out.images.shape == (3, 32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    "images, captions, keys, m, match",
+    [
+        (_imgs().astype(np.float32), CAPS, KEYS, None, "images"),
+        (_imgs()[..., :1], CAPS, KEYS, None, "images"),
+        (_imgs()[0], CAPS, KEYS, None, "images"),
+        (_imgs(0), [], [], None, "images"),
+        (_imgs(), CAPS[:2], KEYS, None, "captions"),
+        (_imgs(), ["a star", "", "a ring"], KEYS, None, "captions"),
+        (_imgs(), CAPS, KEYS[:1], None, "keys"),
+        (_imgs(), CAPS, KEYS, 0, "m"),
+        (_imgs(), CAPS, KEYS, 2.5, "m"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_argument(ldm, images, captions, keys, m, match):
+    with pytest.raises(ValueError, match=match):
+        EDSAMSampler(ldm, _cfg()).generate(images, captions, keys, m=m)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("rho", -0.1), ("m", 0), ("steps", 0), ("inversion_steps", 0), ("batch_size", 0), ("mode", "warp"),
+     ("guidance", 0.5), ("dtype", "fp8"), ("device", "tpu"), ("resolution", 30), ("model", "")],
+)
+def test_sampler_config_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        _cfg(**{field: value})
+
+
+def test_build_sampler_tiny_random_and_cache_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDSAM_CACHE", str(tmp_path))
+    cfg = SamplerConfig(model="tiny-random", steps=2, inversion_steps=2, m=1)
+    assert cfg.cache_dir == str(tmp_path)
+    out = build_sampler(cfg).generate(_imgs(1), CAPS[:1], KEYS[:1])
+    assert out.images.shape == (1, 32, 32, 3)
