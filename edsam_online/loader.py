@@ -1,0 +1,279 @@
+"""The trainer's data loader: real data and the replay buffer, mixed for Eq. 11.
+
+Graph (torchdata.nodes)::
+
+    RealSourceNode ─> ParallelMapper(decode, preprocess, tokenize) ─> DropInvalid ─> Batcher(real_batch) ─┐
+                                                                                                          ├─> ZipParts ─> Prefetcher
+    SyntheticSlotNode(buffer, fallback RealSourceNode) ─> ParallelMapper(...) ─> DropInvalid ─> Batcher(syn_batch) ┘
+
+Every batch is a :class:`MixedBatch` whose real part and synthetic slot stay
+separate tensors, so the loss can form Eq. 11's two terms.
+
+**What a starved step does** (one rule, DESIGN §4 and issue 4 together):
+
+* Each step's synthetic slot has a fixed size ``syn_batch``. Its items come
+  from the local buffer with a bounded wait shared by the whole slot
+  (``syn_wait_s`` per batch, not per item, so a dry buffer costs at most that
+  much per step). A slot item the buffer cannot serve is filled with a *real*
+  record from a separate fallback stream (DESIGN §4) and flagged
+  ``syn_is_synthetic=False``. Fixed shapes matter: each loss term all-gathers
+  its batch across ranks, which needs equal sizes on every rank.
+* The trainer sums the flags over all ranks each step. When the global slot
+  holds no synthetic sample at all (warm-up before ``min_size_to_sample``, every
+  producer down) the step trains on the real term alone (issue 4) and is
+  counted in ``train/steps_without_syn``. A partly starved step keeps the
+  synthetic term over its slot, fallback pairs included (counted per sample in
+  ``train/syn_fallback_samples``; ``train/syn_share_actual`` reports the true
+  synthetic share). The buffer itself counts ``buffer/starved``.
+* The fallback stream is a second ``RealSourceNode`` over the same data and
+  partition, started at a far-away epoch (another shuffle of the same set), so
+  the main real stream never depends on buffer timing: a resumed run sees
+  exactly the real keys an uninterrupted one would.
+
+Synthetic samples are ephemeral: a checkpoint keeps the real and fallback
+stream positions and the slot counters, not buffer contents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torchdata.nodes import BaseNode, Batcher, Loader, ParallelMapper, Prefetcher
+
+from edsam_online.buffer import ReplayBuffer
+from edsam_online.data import DataCounters, RealDataConfig, RealRecord, RealSourceNode, decode_record
+from edsam_online.wire import SyntheticSample
+
+FALLBACK_EPOCH = 1_000_000  # the fallback stream starts here: same data, an unrelated shuffle
+
+
+@dataclass
+class Example:
+    """One preprocessed pair."""
+
+    image: torch.Tensor
+    tokens: torch.Tensor
+    key: str
+    synthetic: bool
+    alpha: float = float("nan")
+
+
+@dataclass
+class MixedBatch:
+    """One step's data on one rank. ``syn_*`` has ``syn_batch`` rows (possibly 0)."""
+
+    real_images: torch.Tensor
+    real_texts: torch.Tensor
+    real_keys: list[str]
+    syn_images: torch.Tensor
+    syn_texts: torch.Tensor
+    syn_keys: list[str]
+    syn_is_synthetic: torch.Tensor  # bool [syn_batch]; False = real fallback
+    syn_alpha: torch.Tensor  # float [syn_batch]; NaN for fallback rows
+
+    @property
+    def num_synthetic(self) -> int:
+        return int(self.syn_is_synthetic.sum())
+
+
+class SyntheticSlotNode(BaseNode):
+    """Synthetic slot items from a live ``ReplayBuffer``, real fallback when it cannot serve.
+
+    A custom node, not ``IterableWrapper``: a stream cannot be re-iterated to
+    restore state (DESIGN §8). State = the fallback stream's position and counters.
+    Yields ``SyntheticSample`` or ``RealRecord`` items.
+    """
+
+    def __init__(self, buffer: ReplayBuffer, fallback: RealSourceNode, slot_size: int, wait_s: float):
+        super().__init__()
+        if slot_size < 1:
+            raise ValueError(f"slot_size must be >= 1, got {slot_size}")
+        self.buffer = buffer
+        self.fallback = fallback
+        self.slot_size = slot_size
+        self.wait_s = wait_s
+        self._pos = 0
+        self._deadline = 0.0
+        self.served = 0
+        self.fell_back = 0
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        if initial_state is None:
+            self.fallback.reset({**self.fallback.get_state(), "epoch": FALLBACK_EPOCH, "position": 0})
+            self.served = self.fell_back = self._pos = 0
+        else:
+            self.fallback.reset(initial_state["fallback"])
+            self.served, self.fell_back = initial_state["served"], initial_state["fell_back"]
+            self._pos = initial_state["pos"]
+
+    def next(self) -> SyntheticSample | RealRecord:
+        if self._pos == 0:
+            self._deadline = time.monotonic() + self.wait_s
+        self._pos = (self._pos + 1) % self.slot_size
+        sample = self.buffer.sample(max(0.0, self._deadline - time.monotonic()))
+        if sample is not None:
+            self.served += 1
+            return sample
+        self.fell_back += 1
+        return next(self.fallback)
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "fallback": self.fallback.state_dict(),
+            "served": self.served,
+            "fell_back": self.fell_back,
+            "pos": self._pos,
+        }
+
+
+class DropInvalid(BaseNode):
+    """Skips ``None`` items (undecodable images), counting them; keeps batch shapes fixed."""
+
+    def __init__(self, source: BaseNode, counters: DataCounters, name: str):
+        super().__init__()
+        self.source, self.counters, self.name = source, counters, name
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self.source.reset(initial_state["source"] if initial_state is not None else None)
+
+    def next(self):
+        while True:
+            item = next(self.source)
+            if item is not None:
+                return item
+            self.counters.inc(self.name)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"source": self.source.state_dict()}
+
+
+class ZipParts(BaseNode):
+    """One real batch and one synthetic-slot batch per step, collated into a MixedBatch."""
+
+    def __init__(self, real: BaseNode, slot: BaseNode | None, collate: Callable[[list, list], MixedBatch]):
+        super().__init__()
+        self.real, self.slot, self.collate = real, slot, collate
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self.real.reset(initial_state["real"] if initial_state is not None else None)
+        if self.slot is not None:
+            self.slot.reset(initial_state["slot"] if initial_state is not None else None)
+
+    def next(self) -> MixedBatch:
+        real = next(self.real)
+        slot = next(self.slot) if self.slot is not None else []
+        return self.collate(real, slot)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"real": self.real.state_dict(), "slot": self.slot.state_dict() if self.slot is not None else None}
+
+
+class Preprocess:
+    """Decode (real records), open_clip image transform, tokenize. Returns None for a corrupt image."""
+
+    def __init__(self, transform: Callable, tokenizer: Callable, resolution: int | None, counters: DataCounters):
+        self.transform, self.tokenizer = transform, tokenizer
+        self.resolution, self.counters = resolution, counters
+
+    def __call__(self, item: RealRecord | SyntheticSample) -> Example | None:
+        if isinstance(item, SyntheticSample):
+            array, caption, synthetic = item.image, item.caption, True
+            key = str(item.header.get("source_key", ""))
+            alpha = float(item.header.get("alpha", float("nan")))
+        else:
+            sample = decode_record(item, self.resolution, self.counters)
+            if sample is None:
+                return None
+            array, caption, key, synthetic, alpha = sample.image, sample.caption, sample.key, False, float("nan")
+        image = self.transform(Image.fromarray(np.asarray(array)))
+        return Example(image, self.tokenizer([caption])[0], key, synthetic, alpha)
+
+
+def collate(real: list[Example], slot: list[Example]) -> MixedBatch:
+    def stack(items: list[Example], like: Example) -> tuple[torch.Tensor, torch.Tensor]:
+        if items:
+            return torch.stack([e.image for e in items]), torch.stack([e.tokens for e in items])
+        return like.image.new_empty((0, *like.image.shape)), like.tokens.new_empty((0, *like.tokens.shape))
+
+    real_images, real_texts = stack(real, real[0])
+    syn_images, syn_texts = stack(slot, real[0])
+    return MixedBatch(
+        real_images=real_images,
+        real_texts=real_texts,
+        real_keys=[e.key for e in real],
+        syn_images=syn_images,
+        syn_texts=syn_texts,
+        syn_keys=[e.key for e in slot],
+        syn_is_synthetic=torch.tensor([e.synthetic for e in slot], dtype=torch.bool),
+        syn_alpha=torch.tensor([e.alpha for e in slot], dtype=torch.float32),
+    )
+
+
+class MixedLoader:
+    """Stateful iterable of :class:`MixedBatch` for one trainer rank.
+
+    ``syn_batch = 0`` (or ``buffer=None``) gives real-only batches with an
+    empty slot. ``state_dict()`` / ``load_state_dict()`` (before iterating) make
+    a resumed run continue its real-data stream exactly.
+    """
+
+    def __init__(
+        self,
+        data_cfg: RealDataConfig,
+        transform: Callable,
+        tokenizer: Callable,
+        real_batch: int,
+        syn_batch: int = 0,
+        buffer: ReplayBuffer | None = None,
+        syn_wait_s: float = 0.05,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 2,
+        prefetch: int = 2,
+    ):
+        if real_batch < 1:
+            raise ValueError(f"real_batch must be >= 1, got {real_batch}")
+        if syn_batch < 0:
+            raise ValueError(f"syn_batch must be >= 0, got {syn_batch}")
+        if syn_batch > 0 and buffer is None:
+            raise ValueError("buffer is required when syn_batch > 0")
+        self.counters = DataCounters()
+        self.real_batch, self.syn_batch = real_batch, syn_batch
+        preprocess = Preprocess(transform, tokenizer, data_cfg.resolution, self.counters)
+
+        def branch(source: BaseNode, batch: int) -> BaseNode:
+            mapped = ParallelMapper(source, preprocess, num_workers=num_workers, in_order=True, method="thread")
+            return Batcher(DropInvalid(mapped, self.counters, "data/corrupt_skipped"), batch, drop_last=True)
+
+        self.real_source = RealSourceNode(data_cfg, rank, world_size, self.counters)
+        self.slot_source: SyntheticSlotNode | None = None
+        slot = None
+        if syn_batch > 0:
+            fallback_cfg = dataclasses.replace(data_cfg, epochs=None)  # the fallback never runs dry
+            fallback = RealSourceNode(fallback_cfg, rank, world_size, self.counters)
+            self.slot_source = SyntheticSlotNode(buffer, fallback, syn_batch, syn_wait_s)
+            slot = branch(self.slot_source, syn_batch)
+        root = Prefetcher(ZipParts(branch(self.real_source, real_batch), slot, collate), prefetch_factor=prefetch)
+        self._loader = Loader(root, restart_on_stop_iteration=False)
+
+    def __iter__(self):
+        return iter(self._loader)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._loader.load_state_dict(state)
+
+    def stats(self) -> dict[str, float]:
+        """Data-side counters (``data/*``; read-ahead included)."""
+        return self.counters.snapshot()

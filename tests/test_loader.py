@@ -1,0 +1,123 @@
+"""The trainer's loader: real + buffer mix, starvation fallback, exact resume, corrupt records."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edsam_online.buffer import BufferConfig, ReplayBuffer
+from edsam_online.data import RealDataConfig
+from edsam_online.loader import MixedLoader
+from edsam_online.models import ClipModelConfig, create_clip
+from edsam_online.wire import SyntheticSample
+
+RES = 32
+
+
+@pytest.fixture(scope="module")
+def clip_io():
+    _, preprocess_train, _, tokenizer = create_clip(ClipModelConfig(name="edsam-tiny"))
+    return preprocess_train, tokenizer
+
+
+def _synthetic(i: int) -> SyntheticSample:
+    image = np.full((RES, RES, 3), i % 255, dtype=np.uint8)
+    return SyntheticSample(image=image, caption=f"a synthetic shape {i}", header={"source_key": f"src{i}", "alpha": i / 100})
+
+
+def _loader(clip_io, real_batch=4, syn_batch=0, buffer=None, data=None, **kw):
+    transform, tokenizer = clip_io
+    data = data or RealDataConfig(kind="builtin", resolution=RES, length=64, seed=3)
+    return MixedLoader(data, transform, tokenizer, real_batch, syn_batch, buffer, num_workers=1, prefetch=1, **kw)
+
+
+def _take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_mixed_batches_keep_real_and_synthetic_parts_apart(clip_io):
+    buffer = ReplayBuffer(BufferConfig(capacity=64))
+    for i in range(32):
+        buffer.insert(_synthetic(i))
+    (batch,) = _take(_loader(clip_io, real_batch=4, syn_batch=3, buffer=buffer), 1)
+    assert batch.real_images.shape == (4, 3, RES, RES) and batch.real_texts.shape[0] == 4
+    assert batch.syn_images.shape == (3, 3, RES, RES) and batch.syn_texts.shape[0] == 3
+    assert batch.syn_is_synthetic.all() and batch.num_synthetic == 3
+    assert all(k.startswith("src") for k in batch.syn_keys)
+    # alpha travels with its sample from the header
+    for key, alpha in zip(batch.syn_keys, batch.syn_alpha.tolist()):
+        assert alpha == pytest.approx(int(key[3:]) / 100)
+    assert not set(batch.real_keys) & set(batch.syn_keys)
+
+
+def test_starved_slot_falls_back_to_real_data_without_touching_the_real_stream(clip_io):
+    reference = [b.real_keys for b in _take(_loader(clip_io, real_batch=4), 4)]
+    buffer = ReplayBuffer(BufferConfig(capacity=8, min_size_to_sample=4))  # never reaches min size
+    batches = _take(_loader(clip_io, real_batch=4, syn_batch=4, buffer=buffer, syn_wait_s=0.01), 4)
+    assert [b.real_keys for b in batches] == reference
+    for b in batches:
+        assert b.syn_images.shape[0] == 4 and b.num_synthetic == 0
+        assert not b.syn_is_synthetic.any() and torch.isnan(b.syn_alpha).all()
+    assert buffer.stats()["buffer/starved"] >= 16
+
+
+def test_slot_wait_is_bounded_per_batch_not_per_item(clip_io):
+    buffer = ReplayBuffer(BufferConfig(capacity=8, min_size_to_sample=8))
+    loader = _loader(clip_io, real_batch=2, syn_batch=16, buffer=buffer, syn_wait_s=0.2)
+    it = iter(loader)
+    next(it)
+    start = time.monotonic()
+    for _ in range(3):
+        next(it)
+    # per-item waits would take 16 * 0.2 s per batch
+    assert time.monotonic() - start < 3 * 0.2 + 1.5
+
+
+def test_resumed_loader_continues_the_real_stream_exactly(clip_io):
+    full = [b.real_keys for b in _take(_loader(clip_io, real_batch=5), 8)]  # crosses an epoch (64/5)
+    first = _loader(clip_io, real_batch=5)
+    it = iter(first)
+    head = [next(it).real_keys for _ in range(3)]
+    state = first.state_dict()
+    resumed = _loader(clip_io, real_batch=5)
+    resumed.load_state_dict(state)
+    tail = [b.real_keys for b in _take(resumed, 5)]
+    assert head + tail == full
+
+
+def test_resume_with_synthetic_slot_keeps_real_keys(clip_io):
+    def buffer_with(n):
+        buf = ReplayBuffer(BufferConfig(capacity=64))
+        for i in range(n):
+            buf.insert(_synthetic(i))
+        return buf
+
+    full = [b.real_keys for b in _take(_loader(clip_io, 4, 2, buffer_with(10)), 6)]
+    first = _loader(clip_io, 4, 2, buffer_with(10))
+    it = iter(first)
+    head = [next(it).real_keys for _ in range(2)]
+    resumed = _loader(clip_io, 4, 2, ReplayBuffer(BufferConfig(capacity=4)), syn_wait_s=0.0)  # empty buffer now
+    resumed.load_state_dict(first.state_dict())
+    assert head + [b.real_keys for b in _take(resumed, 4)] == full
+
+
+def test_corrupt_records_are_counted_and_skipped_with_full_batches(clip_io, tmp_path):
+    rows = ["path,caption"]
+    for i in range(12):
+        path = tmp_path / f"img{i}.png"
+        if i in (2, 7):
+            path.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+        else:
+            Image.fromarray(np.full((40, 40, 3), 20 * i, dtype=np.uint8)).save(path)
+        rows.append(f"{path.name},picture number {i}")
+    csv = tmp_path / "data.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    loader = _loader(clip_io, real_batch=5, data=RealDataConfig(kind="csv", path=str(csv), resolution=RES, shuffle=False))
+    batches = _take(loader, 2)
+    keys = [k for b in batches for k in b.real_keys]
+    assert all(b.real_images.shape == (5, 3, RES, RES) for b in batches)
+    assert len(keys) == 10 and len(set(keys)) == 10
+    assert loader.stats()["data/corrupt_images"] >= 2
