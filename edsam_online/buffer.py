@@ -118,8 +118,7 @@ class ReplayBuffer(Generic[T]):
         self._reuse_hist = [0] * (_REUSE_BINS + 1)
         self._ages_s: collections.deque[float] = collections.deque(maxlen=_AGE_WINDOW)
         self._ages_steps: collections.deque[int] = collections.deque(maxlen=_AGE_WINDOW)
-        self._rate_marks: collections.deque[tuple[float, int, int]] = collections.deque()
-        self._created = time.monotonic()
+        self._rate_marks: collections.deque[tuple[float, int, int]] = collections.deque([(time.monotonic(), 0, 0)])
 
     # ------------------------------------------------------------------ limiter
 
@@ -265,8 +264,6 @@ class ReplayBuffer(Generic[T]):
         return out
 
     def _rates(self, now: float) -> tuple[float, float]:
-        if not self._rate_marks:
-            return 0.0, 0.0
         t0, i0, s0 = self._rate_marks[0]
         dt = max(now - t0, 1e-3)
         return (self._inserts - i0) / dt, (self._samples - s0) / dt

@@ -26,8 +26,8 @@ Header schema (version :data:`SCHEMA_VERSION`), required fields and types:
 ``created_at``   float    producer wall clock (unix seconds) when encoded
 ===============  =======  ===================================================
 
-Optional: ``mode`` (str), ``steps`` (int), ``guidance`` (float) from the
-sampler's provenance, and ``stats`` (map ``"producer/<name>" -> number``),
+Optional: ``mode`` (str), ``steps``, ``inversion_steps``, ``sample_index`` (int),
+``guidance`` (float) from the sampler's provenance, and ``stats`` (map ``"producer/<name>" -> number``),
 the producer's own metrics forwarded every N messages.
 """
 
@@ -82,7 +82,13 @@ _REQUIRED: dict[str, str] = {
     "nbytes": _INT,
     "created_at": _FLOAT,
 }
-_OPTIONAL: dict[str, str] = {"mode": _STR, "steps": _INT, "guidance": _FLOAT}
+_OPTIONAL: dict[str, str] = {
+    "mode": _STR,
+    "steps": _INT,
+    "inversion_steps": _INT,
+    "sample_index": _INT,
+    "guidance": _FLOAT,
+}
 _MAX_SHORT_STR = 256  # producer_id, source_key, model_id, mode
 _MAX_STATS = 64
 

@@ -1,0 +1,197 @@
+"""A producer rank: real pairs -> ED-SAM sampler -> ZeroMQ PUSH, forever or for N samples.
+
+Never waits on trainers: sends are non-blocking with a bounded wait for room
+(``producer.send_timeout_s``); a message that still cannot go is dropped and
+counted. SIGINT/SIGTERM stop it after the message in flight: no new batch is
+started, the current message gets at most ``stop_grace_s`` to be sent and
+flushed, then sockets close and ``run_producer`` returns (the CLI exits 0).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+from tqdm import tqdm
+
+from edsam_online.streaming import ProducerConfig, StreamConfig, open_producer_socket, send_bounded
+from edsam_online.wire import encode_message
+
+log = logging.getLogger(__name__)
+
+_PROVENANCE_FIELDS = ("mode", "steps", "inversion_steps", "sample_index", "guidance")
+
+
+def batch_seed(seed: int, rank: int, batch_index: int) -> int:
+    """Generation seed of one batch: distinct per (seed, producer rank, batch), below 2**30
+    so the sampler's per-image ``seed + i`` stays a valid 31-bit seed."""
+    return int(np.random.SeedSequence([seed, rank, batch_index]).generate_state(1)[0] >> 2)
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM (or by the caller); restores the previous handlers on exit."""
+
+    def __init__(self, install: bool) -> None:
+        self.event = threading.Event()
+        self._previous: dict[int, Any] = {}
+        if install and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.info("producer: %s received, stopping after the message in flight", signal.Signals(signum).name)
+        self.event.set()
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def run_producer(
+    stream_cfg: StreamConfig,
+    producer_cfg: ProducerConfig,
+    data_cfg: Any,
+    sampler_cfg: Any = None,
+    *,
+    sampler: Any = None,
+    logging_cfg: Any = None,
+    run_dir: str | None = None,
+    on_bound: Callable[[str], None] | None = None,
+    stop_event: threading.Event | None = None,
+    install_signal_handlers: bool = True,
+) -> dict[str, float]:
+    """Generate and stream samples; returns the final ``producer/*`` metrics.
+
+    ``data_cfg`` is an :class:`edsam_online.data.RealDataConfig`; this producer reads
+    partition ``producer_cfg.rank`` of ``producer_cfg.num_producers``. ``sampler``
+    (an ``EDSAMSampler``) is built from ``sampler_cfg`` when not given.
+    ``logging_cfg`` + ``run_dir``: metrics also go to a ``MetricLogger``
+    (``<run_dir>/metrics/producer<rank>.jsonl``). ``on_bound`` is called with the
+    resolved endpoint after a bind (useful with ``tcp://host:*``). ``stop_event``
+    stops it like a signal does.
+    """
+    from edsam_online.data import DataCounters, iter_real_samples
+
+    if sampler is None:
+        if sampler_cfg is None:
+            raise ValueError("run_producer needs sampler or sampler_cfg")
+        from edsam_online.diffusion import build_sampler
+
+        sampler = build_sampler(sampler_cfg)
+    pcfg = producer_cfg
+    stop = _StopFlag(install_signal_handlers)
+    if stop_event is not None:
+        stop.event = stop_event
+    metric_logger = None
+    if logging_cfg is not None and run_dir is not None:
+        from edsam_online.metrics import MetricLogger
+
+        metric_logger = MetricLogger(logging_cfg, run_dir, role="producer", rank=pcfg.rank)
+    ctx = zmq.Context()
+    sock = open_producer_socket(ctx, stream_cfg, pcfg.rank)
+    if on_bound is not None and stream_cfg.producers_bind:
+        on_bound(sock.last_endpoint.decode())
+    session = secrets.randbits(62)
+    counters = DataCounters()
+    data = iter_real_samples(data_cfg, pcfg.rank, pcfg.num_producers, counters)
+    state = dict(sent=0, generated=0, dropped_unsent=0, unet_calls=0, blocked_s=0.0)
+    start = time.monotonic()
+
+    def metrics() -> dict[str, float]:
+        elapsed = max(time.monotonic() - start, 1e-6)
+        out = {
+            "producer/samples_per_s": state["sent"] / elapsed,
+            "producer/unet_calls_per_s": state["unet_calls"] / elapsed,
+            "producer/send_blocked_s": state["blocked_s"],
+            "producer/sent": state["sent"],
+            "producer/generated": state["generated"],
+            "producer/dropped_unsent": state["dropped_unsent"],
+        }
+        out.update({f"producer/{k}": v for k, v in counters.snapshot().items()})  # "data/..." keys
+        return out
+
+    limit = pcfg.num_samples
+    bar = tqdm(total=limit or None, desc=pcfg.producer_id, unit="sample", mininterval=5.0, disable=None)
+    last_log = time.monotonic()
+    try:
+        for batch_index in itertools.count():
+            if stop.event.is_set() or (limit and state["sent"] >= limit):
+                break
+            batch = list(itertools.islice(data, pcfg.batch_size))
+            if not batch:
+                log.info("producer %s: real data exhausted", pcfg.producer_id)
+                break
+            generated = sampler.generate(
+                np.stack([s.image for s in batch]),
+                [s.caption for s in batch],
+                [s.key for s in batch],
+                m=pcfg.m,
+                seed=batch_seed(pcfg.seed, pcfg.rank, batch_index),
+            )
+            state["unet_calls"] += generated.unet_calls
+            for image, prov in zip(generated.images, generated.provenance):
+                if stop.event.is_set() or (limit and state["sent"] >= limit):
+                    break
+                state["generated"] += 1
+                fields = {
+                    "producer_id": pcfg.producer_id,
+                    "session": session,
+                    "seq": state["sent"],
+                    "source_key": prov["source_key"],
+                    "caption": prov["caption"],
+                    "alpha": float(prov["alpha"]),
+                    "rho": float(prov["rho"]),
+                    "seed": int(prov["seed"]),
+                    "model_id": str(prov["model_id"]),
+                }
+                fields.update({k: prov[k] for k in _PROVENANCE_FIELDS if k in prov})
+                if state["sent"] % pcfg.stats_every == 0:
+                    fields["stats"] = metrics()
+                frames = encode_message(image, fields, stream_cfg.encoding, stream_cfg.quality)
+                if _send(sock, frames, pcfg, stop.event, state):
+                    state["sent"] += 1
+                    bar.update(1)
+                else:
+                    state["dropped_unsent"] += 1
+                    log.warning("producer %s: no trainer took a message within %.1fs, dropped it",
+                                pcfg.producer_id, pcfg.send_timeout_s)
+            if metric_logger is not None and time.monotonic() - last_log >= pcfg.log_every_s:
+                metric_logger.log(metrics(), step=state["sent"])
+                last_log = time.monotonic()
+    finally:
+        bar.close()
+        final = metrics()
+        # Give queued messages up to stop_grace_s to reach a trainer, then drop them.
+        sock.close(linger=int(pcfg.stop_grace_s * 1000))
+        ctx.term()
+        stop.restore()
+        if metric_logger is not None:
+            metric_logger.log(final, step=state["sent"])
+            metric_logger.close()
+    log.info("producer %s: sent %d samples (%d dropped unsent)", pcfg.producer_id, state["sent"], state["dropped_unsent"])
+    return final
+
+
+def _send(sock: zmq.Socket, frames: list, pcfg: ProducerConfig, stop: threading.Event, state: dict) -> bool:
+    """Bounded send; once a stop is requested the message gets at most ``stop_grace_s`` more."""
+    waited = 0.0
+    stop_at: float | None = None
+    while True:
+        budget = pcfg.send_timeout_s - waited
+        if stop.is_set():
+            stop_at = waited if stop_at is None else stop_at
+            budget = min(budget, stop_at + pcfg.stop_grace_s - waited)
+        ok, w = send_bounded(sock, frames, max(0.0, min(budget, 0.2)))
+        waited += w
+        state["blocked_s"] += w
+        if ok:
+            return True
+        if budget <= 0.2:
+            return False

@@ -1,0 +1,174 @@
+"""Wire format: round trips and one rejection per defect kind (unit level, no sockets)."""
+
+import io
+
+import msgpack
+import numpy as np
+import pytest
+from PIL import Image
+
+from edsam_online.wire import (
+    DROP_REASONS,
+    SCHEMA_VERSION,
+    WireError,
+    WireLimits,
+    decode_message,
+    encode_message,
+)
+
+LIMITS = WireLimits(max_message_bytes=1 << 20, max_header_bytes=4096, max_side=512, max_caption_chars=200)
+
+
+def fields(**over):
+    base = dict(
+        producer_id="producer-0",
+        session=7,
+        seq=3,
+        source_key="flat-0-001",
+        caption="a small red star on a light background",
+        alpha=-0.25,
+        rho=0.5,
+        seed=1234,
+        model_id="tiny",
+        mode="transport",
+        steps=10,
+        sample_index=2,
+        guidance=3.0,
+    )
+    base.update(over)
+    return base
+
+
+def image(h=24, w=40, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def as_bytes(frames):
+    return [bytes(f.buffer) if hasattr(f, "buffer") else bytes(f) for f in frames]
+
+
+def header_of(frames):
+    return msgpack.unpackb(as_bytes(frames)[0])
+
+
+def with_header(frames, **changes):
+    header = header_of(frames)
+    for key, value in changes.items():
+        if value is KeyError:
+            header.pop(key)
+        else:
+            header[key] = value
+    return [msgpack.packb(header), as_bytes(frames)[1]]
+
+
+def reason(frames, limits=LIMITS):
+    with pytest.raises(WireError) as err:
+        decode_message(frames, limits)
+    assert err.value.reason in DROP_REASONS
+    return err.value.reason
+
+
+def test_raw_round_trip_is_exact_and_carries_provenance():
+    img = image()
+    sample = decode_message(encode_message(img, fields(), "raw"), LIMITS)
+    np.testing.assert_array_equal(sample.image, img)
+    assert sample.caption == fields()["caption"]
+    h = sample.header
+    assert h["v"] == SCHEMA_VERSION and h["shape"] == [24, 40, 3] and h["encoding"] == "raw"
+    assert (h["producer_id"], h["session"], h["seq"], h["seed"], h["alpha"]) == ("producer-0", 7, 3, 1234, -0.25)
+    assert h["nbytes"] == img.nbytes and h["created_at"] > 0
+    assert not sample.image.flags.writeable  # shares the frame's memory
+
+
+@pytest.mark.parametrize("encoding", ["jpeg", "webp"])
+def test_compressed_round_trip_is_close(encoding):
+    img = np.full((32, 32, 3), 120, np.uint8)
+    img[8:24, 8:24] = (200, 30, 30)
+    frames = encode_message(img, fields(), encoding, quality=95)
+    assert len(as_bytes(frames)[1]) < img.nbytes
+    out = decode_message(frames, LIMITS).image
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - img).mean() < 4
+
+
+def test_large_raw_payload_is_zero_copy():
+    img = image(256, 256)
+    frames = encode_message(img, fields(), "raw")
+    payload = frames[1]
+    assert payload.buffer.obj is not None  # a view over the image, not a copy
+    assert np.shares_memory(np.frombuffer(payload.buffer, np.uint8), img)
+
+
+def test_encode_rejects_bad_arguments_naming_them():
+    with pytest.raises(ValueError, match="image"):
+        encode_message(np.zeros((4, 4), np.uint8), fields())
+    with pytest.raises(ValueError, match="image"):
+        encode_message(np.zeros((4, 4, 3), np.float32), fields())
+    with pytest.raises(ValueError, match="encoding"):
+        encode_message(image(), fields(), "png")
+    with pytest.raises(ValueError, match="caption"):
+        encode_message(image(), {k: v for k, v in fields().items() if k != "caption"})
+    with pytest.raises(ValueError, match="seq"):
+        encode_message(image(), fields(seq="3"))
+    with pytest.raises(ValueError, match="max_side"):
+        WireLimits(max_side=0)
+
+
+def test_every_defect_kind_has_its_reason():
+    good = encode_message(image(), fields(), "raw")
+    raw = as_bytes(good)
+    jpeg = as_bytes(encode_message(image(), fields(), "jpeg"))
+    cases = {
+        "frame_count": [raw[0]],
+        "not_msgpack": [b"\xc1\xc1 not msgpack", raw[1]],
+        "not_a_map": [msgpack.packb([1, 2, 3]), raw[1]],
+        "header_too_large": [b"\x00" * 5000, raw[1]],
+        "version": with_header(good, v=99),
+        "missing_field": with_header(good, seed=KeyError),
+        "wrong_type": with_header(good, seq="3"),
+        "bad_value": with_header(good, alpha=float("nan")),
+        "bad_shape": with_header(good, shape=[-24, 40, 3]),
+        "caption_too_long": with_header(good, caption="x" * 201),
+        "size_mismatch": with_header(good, shape=[24, 41, 3]),
+        "oversized": [raw[0], b"\x00" * (1 << 20)],
+        "bad_stats": with_header(good, stats={"producer/x": "fast"}),
+    }
+    truncated = jpeg[1][: len(jpeg[1]) // 2]
+    h = msgpack.unpackb(jpeg[0])
+    h["nbytes"] = len(truncated)
+    cases["undecodable"] = [msgpack.packb(h), truncated]
+    for expected, frames in cases.items():
+        assert reason(frames) == expected, expected
+    assert set(cases) == set(DROP_REASONS)
+
+
+def test_more_hostile_values():
+    good = encode_message(image(), fields(), "raw")
+    assert reason(with_header(good, seq=True)) == "wrong_type"  # bool is not an int
+    assert reason(with_header(good, seq=-1)) == "bad_value"
+    assert reason(with_header(good, nbytes=-5)) == "bad_value"
+    assert reason(with_header(good, nbytes=10**12)) == "size_mismatch"
+    assert reason(with_header(good, shape=[10**9, 10**9, 3])) == "bad_shape"
+    assert reason(with_header(good, shape=[24, 40, 4])) == "bad_shape"
+    assert reason(with_header(good, shape="24x40")) == "wrong_type"
+    assert reason(with_header(good, shape=KeyError)) == "missing_field"
+    assert reason(with_header(good, v=KeyError)) == "version"
+    assert reason(with_header(good, dtype="float32")) == "bad_value"
+    assert reason(with_header(good, encoding="pickle")) == "bad_value"
+    assert reason(with_header(good, caption="   ")) == "bad_value"
+    assert reason(with_header(good, stats={"train/loss": 1.0})) == "bad_stats"
+    assert reason([b"\x92" * 3000, as_bytes(good)[1]]) == "not_msgpack"  # deeply nested / truncated
+
+
+def test_compressed_payload_declaring_a_different_size_is_refused_before_decoding():
+    # A small file that would decode to a big image (decompression bomb) never gets decoded.
+    big = io.BytesIO()
+    Image.new("RGB", (500, 500)).save(big, format="JPEG")
+    frames = encode_message(image(), fields(), "jpeg")
+    h = header_of(frames)
+    h["nbytes"] = len(big.getvalue())
+    assert reason([msgpack.packb(h), big.getvalue()]) == "undecodable"
+    png = io.BytesIO()
+    Image.new("RGB", (40, 24)).save(png, format="PNG")  # not the declared format
+    h["nbytes"] = len(png.getvalue())
+    assert reason([msgpack.packb(h), png.getvalue()]) == "undecodable"
