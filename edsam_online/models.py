@@ -33,13 +33,18 @@ class ClipModelConfig:
 
     ``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b88k``, ...) or a
     checkpoint file; tags need the weights in open_clip's cache, since nothing is
-    downloaded on machines without internet.
+    downloaded on machines without internet. ``init_logit_scale`` /
+    ``init_logit_bias`` go to open_clip's model constructor (``None``: the model
+    config's own); SigLIP training needs a bias (open_clip's SigLIP models use
+    scale ``ln 10`` and bias ``-10``).
     """
 
     name: str = "edsam-tiny"
     pretrained: str | None = None
     image_size: int | None = None
     cache_dir: str | None = None
+    init_logit_scale: float | None = None
+    init_logit_bias: float | None = None
 
     def __post_init__(self) -> None:
         register_tiny_models()
@@ -55,6 +60,7 @@ class ClipModelConfig:
 def create_clip(cfg: ClipModelConfig, device: str = "cpu"):
     """Build ``(model, preprocess_train, preprocess_val, tokenizer)`` with open_clip."""
     register_tiny_models()
+    init = {k: getattr(cfg, k) for k in ("init_logit_scale", "init_logit_bias") if getattr(cfg, k) is not None}
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             cfg.name,
@@ -62,6 +68,7 @@ def create_clip(cfg: ClipModelConfig, device: str = "cpu"):
             device=device,
             force_image_size=cfg.image_size,
             cache_dir=cfg.cache_dir,
+            **init,
         )
     except (RuntimeError, OSError) as err:
         if cfg.pretrained:
