@@ -1,0 +1,299 @@
+"""Evaluation under domain shift: zero-shot top-1 and a linear probe, per domain.
+
+The ED-SAM question is how a CLIP trained on the source domain alone holds up on
+shifted targets. For every built-in domain (and any ImageFolder tree the user
+points at) this reports
+
+* zero-shot top-1: open_clip's `build_zero_shot_classifier` over a template list
+  (see `TEMPLATE_SETS`), cosine similarity to the image embedding, argmax;
+* linear probe top-1: a logistic-regression head fit on frozen image features of
+  *source* training images only (L2 strength picked on a held-out fifth of them),
+  then applied to every domain.
+
+Metric keys: `eval/zeroshot_top1/<domain>`, `eval/linear_probe/<domain>`, plus
+`.../source` (the source domain) and `.../target_mean` (mean over built-in targets).
+Evaluation images use their own seed (default 1000, training data defaults to 0)
+and the probe trains on seed+1, so nothing evaluated was trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .data.domains import BASE_PALETTE, DOMAINS, SOURCE_DOMAIN
+from .data.shapes import CLASSES, SIZES, render_sample
+
+logger = logging.getLogger(__name__)
+
+ZS_PREFIX, LP_PREFIX = "eval/zeroshot_top1", "eval/linear_probe"
+_SUMMARY = ("source", "target_mean")
+
+# "shapes": the wording of the built-in captions ("a {size} {color} {class}"),
+# ensembled over every size and training color so no single attribute biases a
+# class embedding, plus two generic prompts. "simple"/"openai": open_clip's
+# ImageNet prompt sets, for models trained on web captions.
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "shapes": tuple(f"a {size} {color} {{}}" for size in SIZES for color in BASE_PALETTE)
+    + ("a photo of a {}", "a {}"),
+    "simple": tuple(t if isinstance(t, str) else t("{}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES),
+    "openai": tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES),
+}
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate.
+
+    domains: built-in domains (source and targets). imagefolders: extra name -> root of
+    a torchvision ImageFolder tree (class folders named by class); the probe applies to
+    one only when all its class names are built-in classes. every_steps: how often the
+    trainer evaluates (0: only at the end).
+    """
+
+    domains: list[str] = field(default_factory=lambda: list(DOMAINS))
+    samples_per_class: int = 20
+    resolution: int = 32
+    batch_size: int = 128
+    seed: int = 1000
+    templates: str = "shapes"
+    linear_probe: bool = True
+    probe_train_per_class: int = 50
+    probe_steps: int = 100
+    probe_weight_decays: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+    imagefolders: dict[str, str] = field(default_factory=dict)
+    every_steps: int = 0
+
+    def __post_init__(self) -> None:
+        self.domains = list(self.domains)
+        self.imagefolders = dict(self.imagefolders)
+        self.probe_weight_decays = [float(w) for w in self.probe_weight_decays]
+        unknown = [d for d in self.domains if d not in DOMAINS]
+        if unknown:
+            raise ValueError(f"domains: unknown {unknown}, choose from {list(DOMAINS)}")
+        if not self.domains and not self.imagefolders:
+            raise ValueError("domains: nothing to evaluate (no domains and no imagefolders)")
+        for name in ("samples_per_class", "batch_size", "probe_train_per_class", "probe_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.resolution < 8:
+            raise ValueError(f"resolution must be >= 8, got {self.resolution}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.templates not in TEMPLATE_SETS:
+            raise ValueError(f"templates must be one of {list(TEMPLATE_SETS)}, got {self.templates!r}")
+        if not self.probe_weight_decays or min(self.probe_weight_decays) < 0:
+            raise ValueError(f"probe_weight_decays must be a non-empty list of values >= 0, "
+                             f"got {self.probe_weight_decays}")
+        if self.every_steps < 0:
+            raise ValueError(f"every_steps must be >= 0, got {self.every_steps}")
+        clash = [n for n in self.imagefolders if n in DOMAINS or n in _SUMMARY or "/" in n]
+        if clash:
+            raise ValueError(f"imagefolders: names {clash} clash with built-in domains, {_SUMMARY} or contain '/'")
+
+
+@dataclass
+class EvalSet:
+    """Normalized image features of one evaluation set, with labels into `classnames`."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    classnames: list[str]
+
+
+def domain_samples(domain: str, cfg: EvalConfig, split: str = "eval"):
+    """The built-in samples of one evaluation set: `eval` (cfg.seed, samples_per_class
+    per class) or `probe_train` (source domain, seed+1, probe_train_per_class per class).
+    Classes are exactly balanced (every block of ten indices holds each class once)."""
+    if split == "eval":
+        seed, n = cfg.seed, cfg.samples_per_class
+    elif split == "probe_train":
+        seed, n = cfg.seed + 1, cfg.probe_train_per_class
+    else:
+        raise ValueError(f"split must be 'eval' or 'probe_train', got {split!r}")
+    return [render_sample(i, domain, cfg.resolution, seed) for i in range(n * len(CLASSES))]
+
+
+@torch.no_grad()
+def _encode(model, batches, device) -> torch.Tensor:
+    feats = []
+    for images in batches:
+        out = model.encode_image(images.to(device))
+        feats.append(F.normalize(out.float(), dim=-1).cpu())
+    return torch.cat(feats)
+
+
+def _builtin_set(model, preprocess, domain, cfg, device, split="eval") -> EvalSet:
+    samples = domain_samples(domain, cfg, split)
+    tensors = [preprocess(Image.fromarray(s.image)) for s in samples]
+    batches = (torch.stack(tensors[i:i + cfg.batch_size]) for i in range(0, len(tensors), cfg.batch_size))
+    labels = torch.tensor([s.meta["label"] for s in samples])
+    return EvalSet(_encode(model, batches, device), labels, list(CLASSES))
+
+
+def _imagefolder_set(model, preprocess, root, cfg, device) -> EvalSet:
+    from torchvision.datasets import ImageFolder
+
+    data = ImageFolder(root, transform=preprocess)
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
+    feats = _encode(model, (x for x, _ in loader), device)
+    return EvalSet(feats, torch.tensor(data.targets), [c.replace("_", " ") for c in data.classes])
+
+
+class _EvalMode:
+    """Put a model in eval mode and restore its previous mode (the trainer evaluates mid-run)."""
+
+    def __init__(self, model):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+def compute_eval_sets(model, preprocess: Callable, cfg: EvalConfig, device="cpu") -> dict[str, EvalSet]:
+    """Image features of every configured domain and ImageFolder tree (computed once, shared)."""
+    sets: dict[str, EvalSet] = {}
+    names = [*cfg.domains, *cfg.imagefolders]
+    with _EvalMode(model):
+        for name in tqdm(names, desc="eval features", leave=False, disable=None):
+            if name in cfg.imagefolders:
+                sets[name] = _imagefolder_set(model, preprocess, cfg.imagefolders[name], cfg, device)
+            else:
+                sets[name] = _builtin_set(model, preprocess, name, cfg, device)
+    return sets
+
+
+def _with_summary(prefix: str, per_set: dict[str, float]) -> dict[str, float]:
+    out = {f"{prefix}/{k}": v for k, v in per_set.items()}
+    if SOURCE_DOMAIN in per_set:
+        out[f"{prefix}/source"] = per_set[SOURCE_DOMAIN]
+    targets = [v for k, v in per_set.items() if k in DOMAINS and k != SOURCE_DOMAIN]
+    if targets:
+        out[f"{prefix}/target_mean"] = float(np.mean(targets))
+    return out
+
+
+def zero_shot_eval(model, tokenizer, preprocess: Callable, cfg: EvalConfig, device="cpu",
+                   sets: dict[str, EvalSet] | None = None) -> dict[str, float]:
+    """Zero-shot top-1 per domain: `eval/zeroshot_top1/<domain>`, `.../source`, `.../target_mean`."""
+    sets = sets if sets is not None else compute_eval_sets(model, preprocess, cfg, device)
+    templates = TEMPLATE_SETS[cfg.templates]
+    classifiers: dict[tuple[str, ...], torch.Tensor] = {}
+    accuracy = {}
+    with _EvalMode(model):
+        for name, s in sets.items():
+            key = tuple(s.classnames)
+            if key not in classifiers:
+                classifiers[key] = open_clip.build_zero_shot_classifier(
+                    model, tokenizer, s.classnames, templates, device=device).float().cpu()
+            pred = (s.features @ classifiers[key]).argmax(dim=1)
+            accuracy[name] = (pred == s.labels).float().mean().item()
+    return _with_summary(ZS_PREFIX, accuracy)
+
+
+def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                     steps: int = 100, weight_decay: float = 1e-3) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Multinomial logistic regression on standardized features, full-batch L-BFGS.
+
+    Written in torch because scikit-learn is not a dependency; the problem is convex,
+    so L-BFGS from zero reaches the same solution sklearn's lbfgs solver would.
+    Returns a function mapping features to logits.
+    """
+    x = features.double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    x = (x - mean) / std
+    w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, labels) + weight_decay * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w, b = w.detach(), b.detach()
+    return lambda f: ((f.double() - mean) / std) @ w + b
+
+
+def select_weight_decay(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                        candidates: list[float], steps: int = 100) -> float:
+    """Pick the L2 strength by accuracy on every 5th training sample held out (the
+    CLIP paper's probe protocol sweeps it on a validation split); ties go to the
+    stronger regularization."""
+    if len(candidates) == 1:
+        return candidates[0]
+    held = torch.arange(len(labels)) % 5 == 4
+    best, best_acc = candidates[0], -1.0
+    for wd in sorted(candidates, reverse=True):
+        probe = fit_linear_probe(features[~held], labels[~held], num_classes, steps, wd)
+        acc = (probe(features[held]).argmax(1) == labels[held]).float().mean().item()
+        if acc > best_acc:
+            best, best_acc = wd, acc
+    return best
+
+
+def linear_probe_eval(model, preprocess: Callable, cfg: EvalConfig, device="cpu",
+                      sets: dict[str, EvalSet] | None = None) -> dict[str, float]:
+    """Probe fit on source-domain training features; top-1 per domain: `eval/linear_probe/<domain>`."""
+    sets = sets if sets is not None else compute_eval_sets(model, preprocess, cfg, device)
+    with _EvalMode(model):
+        train = _builtin_set(model, preprocess, SOURCE_DOMAIN, cfg, device, split="probe_train")
+    wd = select_weight_decay(train.features, train.labels, len(CLASSES), cfg.probe_weight_decays, cfg.probe_steps)
+    probe = fit_linear_probe(train.features, train.labels, len(CLASSES), cfg.probe_steps, wd)
+    accuracy = {}
+    for name, s in sets.items():
+        if not set(s.classnames) <= set(CLASSES):
+            logger.info("linear probe skips %s: its classes are not built-in classes", name)
+            continue
+        to_builtin = torch.tensor([CLASSES.index(c) for c in s.classnames])
+        pred = probe(s.features).argmax(dim=1)
+        accuracy[name] = (pred == to_builtin[s.labels]).float().mean().item()
+    return _with_summary(LP_PREFIX, accuracy)
+
+
+def evaluate(model, tokenizer, preprocess: Callable, cfg: EvalConfig, device="cpu") -> dict[str, float]:
+    """Zero-shot (and, if cfg.linear_probe, linear probe) metrics, image features computed once."""
+    sets = compute_eval_sets(model, preprocess, cfg, device)
+    metrics = zero_shot_eval(model, tokenizer, preprocess, cfg, device, sets)
+    if cfg.linear_probe:
+        metrics.update(linear_probe_eval(model, preprocess, cfg, device, sets))
+    return metrics
+
+
+def format_eval_table(metrics: dict[str, Any]) -> str:
+    """A markdown table: one row per domain (source first, target mean last), top-1 in %."""
+    columns = ((ZS_PREFIX, "zero-shot top-1 (%)"), (LP_PREFIX, "linear probe top-1 (%)"))
+    names: list[str] = []
+    for key in metrics:
+        for prefix, _ in columns:
+            if key.startswith(prefix + "/"):
+                name = key[len(prefix) + 1:]
+                if name not in names and name not in _SUMMARY:
+                    names.append(name)
+    names.sort(key=lambda n: (n != SOURCE_DOMAIN, DOMAINS.index(n) if n in DOMAINS else len(DOMAINS)))
+    rows = [*names, "target_mean"] if any(k.endswith("/target_mean") for k in metrics) else names
+    used = [(p, title) for p, title in columns if any(k.startswith(p + "/") for k in metrics)]
+    label = {SOURCE_DOMAIN: f"{SOURCE_DOMAIN} (source)", "target_mean": "target mean"}
+
+    def cell(prefix, name):
+        value = metrics.get(f"{prefix}/{name}")
+        return "-" if value is None else f"{100 * float(value):.1f}"
+
+    lines = ["| domain | " + " | ".join(t for _, t in used) + " |",
+             "|---|" + "---:|" * len(used)]
+    lines += ["| " + label.get(n, n) + " | " + " | ".join(cell(p, n) for p, _ in used) + " |" for n in rows]
+    return "\n".join(lines)
