@@ -54,9 +54,11 @@ class EvalConfig:
     """What to evaluate.
 
     domains: built-in domains (source and targets). imagefolders: extra name -> root of
-    a torchvision ImageFolder tree (class folders named by class); the probe applies to
-    one only when all its class names are built-in classes. every_steps: how often the
-    trainer evaluates (0: only at the end).
+    a torchvision ImageFolder tree (class folders named by class; from Hydra:
+    `+eval.imagefolders.pacs_sketch=/data/pacs/sketch`); zero-shot uses the folder names
+    as class names, the probe applies only when all of them are built-in classes.
+    templates: a key of TEMPLATE_SETS. probe_weight_decays: L2 strengths to choose from.
+    every_steps: how often the trainer evaluates (0: only at the end).
     """
 
     domains: list[str] = field(default_factory=lambda: list(DOMAINS))
