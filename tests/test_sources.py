@@ -240,3 +240,14 @@ def test_truncated_shard_is_counted_and_the_other_shards_are_read(shards, tmp_pa
     assert set(keys) >= {f"{i:09d}" for i in [*range(10), *range(20, 30)]}
     assert 20 <= len(keys) < 30
     assert counters["data/corrupt_shards"] >= 1
+
+
+def test_a_source_with_no_decodable_image_raises_instead_of_spinning(tmp_path):
+    with wds.TarWriter(str(tmp_path / "bad.tar")) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"k{i}", "jpg": b"not a jpeg", "txt": "caption"})
+    cfg = RealDataConfig(kind="webdataset", path=str(tmp_path / "bad.tar"), resolution=16)
+    counters = DataCounters()
+    with pytest.raises(ValueError, match="decoded"):
+        next(iter_real_samples(cfg, counters=counters))
+    assert counters["data/corrupt_images"] == 3

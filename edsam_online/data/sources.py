@@ -365,9 +365,19 @@ class RealSourceNode(BaseNode[RealRecord]):
 
 def iter_real_samples(cfg: RealDataConfig, rank: int = 0, world_size: int = 1,
                       counters: DataCounters | None = None) -> Iterator[RealSample]:
-    """Decoded samples of this rank's partition; corrupt images are skipped, counted and logged."""
+    """Decoded samples of this rank's partition; corrupt images are skipped, counted and logged.
+
+    Raises ValueError when a whole epoch decodes to nothing (instead of looping forever).
+    """
     node = RealSourceNode(cfg, rank, world_size, counters)
+    epoch, decoded = 0, 0
     for rec in node:
+        if node.state_dict()["epoch"] != epoch:
+            if decoded == 0:
+                raise ValueError(f"no image of a whole epoch of {cfg.kind} source {cfg.path!r} could be decoded "
+                                 f"for rank {rank} of {world_size} (see data/* counters)")
+            epoch, decoded = node.state_dict()["epoch"], 0
         sample = decode_record(rec, cfg.resolution, node.counters)
         if sample is not None:
+            decoded += 1
             yield sample
