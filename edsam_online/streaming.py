@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 RECEIVER_DROP_REASONS = DROP_REASONS + ("duplicate", "internal_error")
 _MONITOR_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_CONNECTED
+    | zmq.EVENT_CONNECT_DELAYED
+    | zmq.EVENT_CONNECT_RETRIED
     | zmq.EVENT_DISCONNECTED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -50,6 +53,7 @@ _MONITOR_EVENTS = (
 _PRODUCER_STALE_S = 60.0  # forwarded producer stats older than this are not reported
 _MAX_SESSIONS = 4096  # sequence trackers kept (oldest forgotten first)
 _DRAIN_BATCH = 256
+_REARM_AFTER_S = 1.0  # a connect that libzmq gave up on is re-made after this long
 
 
 @dataclass
@@ -128,8 +132,9 @@ class ProducerConfig:
     runs until SIGINT/SIGTERM. A message that cannot be sent within
     ``send_timeout_s`` (every trainer's queue full, or none connected) is dropped
     and counted (``producer/dropped_unsent``): a producer never waits on trainers
-    for longer than that. ``stats_every``: forward ``producer/*`` stats in every
-    N-th header.
+    for longer than that. ``stats_every``: forward ``producer/*`` stats in one
+    header out of N on average (chosen at random, so that every trainer behind the
+    round-robin PUSH gets them).
     """
 
     rank: int = 0
@@ -265,12 +270,14 @@ class Receiver:
                 "auth_failures",
                 "handshake_failures",
                 "stats_requests",
+                "rearms",
             ),
             0,
         )
         self._latency_ema = 0.0
         self._last_seq: collections.OrderedDict[tuple[str, int], int] = collections.OrderedDict()
         self._producer_stats: dict[str, tuple[float, dict[str, float]]] = {}
+        self._dropped_connects: dict[str, float] = {}  # endpoint -> when libzmq dropped it
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -381,6 +388,8 @@ class Receiver:
                     self._drain_monitor(monitor)
                 if stats_sock is not None and stats_sock in events:
                     self._answer_stats(stats_sock)
+                if self._dropped_connects:
+                    self._rearm(sock)
         finally:
             if sockets:
                 try:
@@ -461,12 +470,39 @@ class Receiver:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
+            endpoint = event["endpoint"].decode(errors="replace")
+            if event["event"] == zmq.EVENT_DISCONNECTED and self.cfg.producers_bind and endpoint in self.endpoints:
+                self._dropped_connects[endpoint] = time.monotonic()
+            elif event["event"] in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECT_DELAYED, zmq.EVENT_CONNECTED):
+                self._dropped_connects.pop(endpoint, None)  # libzmq is reconnecting by itself
             name = names.get(event["event"])
             if name is not None:
                 with self._lock:
                     self._counters[name] += 1
                 if name == "auth_failures":
                     log.warning("receiver %d refused a peer at %s (CURVE key not allowed)", self.rank, event["endpoint"])
+
+    def _rearm(self, sock: zmq.Socket) -> None:
+        """Re-connect endpoints libzmq will not retry by itself.
+
+        After a protocol error (e.g. a frame above ``MAXMSGSIZE``, a failed CURVE
+        handshake) libzmq terminates a connecting session instead of reconnecting;
+        without this, one bad message would cut a trainer off a producer for good.
+        Normal disconnects are followed by ``CONNECT_RETRIED`` and left alone.
+        """
+        now = time.monotonic()
+        for endpoint, since in list(self._dropped_connects.items()):
+            if now - since < _REARM_AFTER_S:
+                continue
+            del self._dropped_connects[endpoint]
+            try:
+                sock.disconnect(endpoint)
+            except zmq.ZMQError:
+                pass  # already gone
+            sock.connect(endpoint)
+            with self._lock:
+                self._counters["rearms"] += 1
+            log.warning("receiver %d: re-connecting to %s after libzmq dropped it", self.rank, endpoint)
 
     def _answer_stats(self, stats_sock: zmq.Socket) -> None:
         try:

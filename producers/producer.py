@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import secrets
 import signal
 import threading
@@ -99,6 +100,7 @@ def run_producer(
     if on_bound is not None and stream_cfg.producers_bind:
         on_bound(sock.last_endpoint.decode())
     session = secrets.randbits(62)
+    stats_rng = random.Random(session)
     counters = DataCounters()
     data = iter_real_samples(data_cfg, pcfg.rank, pcfg.num_producers, counters)
     state = dict(sent=0, generated=0, dropped_unsent=0, unet_calls=0, blocked_s=0.0)
@@ -152,7 +154,9 @@ def run_producer(
                     "model_id": str(prov["model_id"]),
                 }
                 fields.update({k: prov[k] for k in _PROVENANCE_FIELDS if k in prov})
-                if state["sent"] % pcfg.stats_every == 0:
+                # Random, not every N-th: behind a round-robin PUSH a fixed stride could
+                # keep some trainers from ever seeing producer stats.
+                if state["sent"] == 0 or stats_rng.random() < 1.0 / pcfg.stats_every:
                     fields["stats"] = metrics()
                 frames = encode_message(image, fields, stream_cfg.encoding, stream_cfg.quality)
                 if _send(sock, frames, pcfg, stop.event, state):

@@ -1,0 +1,272 @@
+"""Receiver and transport: hostile input, CURVE, many-to-many processes, producer crash."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from _streaming_helpers import free_port, producer_main, receiver_main, valid_frames, wait_for
+from edsam_online import monitor
+from edsam_online.buffer import BufferConfig, ReplayBuffer
+from edsam_online.security import generate_keys, make_curve_client
+from edsam_online.streaming import Receiver, StreamConfig, open_producer_socket, send_bounded
+from edsam_online.wire import encode_message
+
+SPAWN = mp.get_context("spawn")
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def push_bound(ctx, setup=None):
+    sock = ctx.socket(zmq.PUSH)
+    sock.linger = 0
+    sock.sndtimeo = 10_000
+    if setup is not None:
+        setup(sock)
+    sock.bind("tcp://127.0.0.1:*")
+    return sock, sock.last_endpoint.decode()
+
+
+def raw(frames):
+    return [bytes(f.buffer) if isinstance(f, zmq.Frame) else bytes(f) for f in frames]
+
+
+def header_with(frames, **changes):
+    header, payload = raw(frames)
+    h = msgpack.unpackb(header)
+    for key, value in changes.items():
+        if value is KeyError:
+            h.pop(key)
+        else:
+            h[key] = value
+    return [msgpack.packb(h), payload]
+
+
+def test_hostile_input_is_dropped_by_reason_and_valid_messages_still_arrive(ctx):
+    limit = 100_000
+    cfg = StreamConfig(max_message_bytes=limit, max_header_bytes=16_384, max_caption_chars=1000)
+    buf = ReplayBuffer(BufferConfig(capacity=100))
+    client, endpoint = push_bound(ctx)
+    good = valid_frames(0)
+    jpeg = raw(valid_frames(0, "jpeg"))
+    truncated = jpeg[1][: len(jpeg[1]) // 2]
+    hostile = {
+        "not_msgpack": [b"\xc1\xc1\xc1 definitely not msgpack", raw(good)[1]],
+        "not_a_map": [msgpack.packb(["v", 1]), raw(good)[1]],
+        "version": header_with(good, v=2),
+        "missing_field": header_with(good, caption=KeyError),
+        "wrong_type": header_with(good, seq="7"),
+        "size_mismatch": header_with(good, shape=[16, 17, 3]),
+        "oversized": header_with(good, nbytes=limit - 100)[:1] + [b"\x00" * (limit - 100)],
+        "undecodable": header_with(valid_frames(0, "jpeg"), nbytes=len(truncated))[:1] + [truncated],
+        "bad_shape": header_with(good, shape=[-16, 10**9, 3]),
+        "bad_value": header_with(good, nbytes=-768),
+        "frame_count": raw(good) + [b"extra frame"],
+        "caption_too_long": header_with(good, caption="x" * 5000),
+        "header_too_large": header_with(good, caption="x" * 20_000),
+        "bad_stats": header_with(good, stats={"producer/x": [1, 2]}),
+    }
+    with Receiver(cfg, buf, endpoints=[endpoint]) as receiver:
+        client.send_multipart(raw(good))
+        assert wait_for(lambda: receiver.stats()["buffer/accepted"] == 1)
+        client.send_multipart(raw(good))  # replayed sequence number
+        for frames in hostile.values():
+            client.send_multipart(frames)
+        client.send(b"single frame")  # also a frame_count defect
+        expected = {reason: 1 for reason in hostile} | {"frame_count": 2, "duplicate": 1}
+        assert wait_for(lambda: receiver.stats()["buffer/dropped"] == sum(expected.values()))
+        stats = receiver.stats()
+        for reason, count in expected.items():
+            assert stats[f"buffer/dropped/{reason}"] == count, reason
+        assert stats["buffer/dropped/internal_error"] == 0
+        assert stats["buffer/accepted"] == 1 and stats["buffer/inserts"] == 1 and len(buf) == 1
+
+        # A frame above MAXMSGSIZE: libzmq cuts the connection; nothing reaches the buffer.
+        client.send_multipart([raw(good)[0], b"\x00" * (2 * limit)])
+        assert wait_for(lambda: receiver.stats()["buffer/peer_disconnects"] >= 1)
+        # The peer reconnects and valid messages are accepted again.
+        for seq in range(1, 6):
+            client.send_multipart(raw(valid_frames(seq, "jpeg" if seq % 2 else "raw")))
+        assert wait_for(lambda: receiver.stats()["buffer/accepted"] == 6)
+        stats = receiver.stats()
+        assert stats["buffer/rearms"] >= 1  # libzmq gave up on that connection; the receiver re-made it
+        assert receiver.is_alive()
+        assert stats["buffer/received"] == 2 + len(hostile) + 1 + 5
+        assert stats["buffer/seq_gaps"] == 0
+    assert not receiver.is_alive()
+    seen = {buf.sample(0).header["seq"] for _ in range(200)}
+    assert seen == {0, 1, 2, 3, 4, 5}
+
+
+def test_curve_accepts_allowed_keys_only(ctx, tmp_path):
+    keys = generate_keys(tmp_path / "keys", ["producer-0"])
+    stranger = generate_keys(tmp_path / "stranger", ["producer-x"], allow=False)
+    cfg = StreamConfig(
+        curve=True,
+        curve_server_secret=str(keys["receiver_secret"]),
+        curve_allow_dir=str(keys["allowed"]),
+    )
+    allowed, ep_allowed = push_bound(ctx, lambda s: make_curve_client(s, keys["producer:producer-0"], keys["receiver"]))
+    # The right server key, but a key pair that is not on the allow-list.
+    unknown, ep_unknown = push_bound(ctx, lambda s: make_curve_client(s, stranger["producer:producer-x"], keys["receiver"]))
+    plain, ep_plain = push_bound(ctx)  # no CURVE at all
+    buf = ReplayBuffer(BufferConfig(capacity=100))
+    with Receiver(cfg, buf, endpoints=[ep_allowed, ep_unknown, ep_plain]) as receiver:
+        for seq in range(3):
+            assert send_bounded(allowed, valid_frames(seq, producer_id="allowed"), 10.0)[0]
+        assert wait_for(lambda: receiver.stats()["buffer/auth_failures"] >= 1)
+        for seq in range(3):  # never connected: nowhere to send
+            assert not send_bounded(unknown, valid_frames(seq, producer_id="unknown"), 0.2)[0]
+            assert not send_bounded(plain, valid_frames(seq, producer_id="plain"), 0.2)[0]
+        assert wait_for(lambda: receiver.stats()["buffer/accepted"] == 3)
+        time.sleep(0.3)
+        stats = receiver.stats()
+    assert stats["buffer/accepted"] == 3 and stats["buffer/received"] == 3
+    assert {buf.sample(0).header["producer_id"] for _ in range(50)} == {"allowed"}
+    with pytest.raises(ValueError, match="curve_allow_dir"):
+        StreamConfig(curve=True, curve_server_secret=str(keys["receiver_secret"])).check_curve("receiver")
+    with pytest.raises(ValueError, match="secret"):
+        Receiver(StreamConfig(curve=True, curve_server_secret=str(keys["receiver"]), curve_allow_dir=str(keys["allowed"])),
+                 buf, endpoints=[ep_allowed]).start()
+
+
+def test_receivers_bind_mode_stats_endpoint_and_monitor(ctx, tmp_path, capsys):
+    cfg = StreamConfig(endpoints=["tcp://127.0.0.1:*"], producers_bind=False,
+                       stats_endpoint="tcp://127.0.0.1:*")
+    buf = ReplayBuffer(BufferConfig(capacity=10, min_size_to_sample=2))
+    with Receiver(cfg, buf) as receiver:
+        producer_cfg = StreamConfig(endpoints=receiver.bound_endpoints, producers_bind=False, encoding="jpeg")
+        sock = open_producer_socket(ctx, producer_cfg, rank=0)
+        img = np.full((16, 16, 3), 90, np.uint8)
+        for seq in (0, 1, 4):  # seq 2, 3 lost
+            fields = dict(producer_id="p", session=5, seq=seq, source_key="k", caption="a ring", alpha=0.0,
+                          rho=0.5, seed=1, model_id="m", stats={"producer/samples_per_s": 2.5})
+            assert send_bounded(sock, encode_message(img, fields, "jpeg"), 10.0)[0]
+        assert wait_for(lambda: receiver.stats()["buffer/accepted"] == 3)
+        assert receiver.stats()["buffer/seq_gaps"] == 2
+        assert receiver.producer_stats() == {"producer/samples_per_s": 2.5, "producer/active": 1}
+        snapshot = monitor.fetch_stats(receiver.stats_endpoint, timeout_s=5)
+        assert snapshot["buffer/size"] == 3 and snapshot["producer/samples_per_s"] == 2.5
+        assert monitor.main(["--endpoint", receiver.stats_endpoint, "--once"]) == 0
+        assert "size 3/10" in capsys.readouterr().out
+        sock.close()
+    log = tmp_path / "metrics" / "trainer0.jsonl"
+    log.parent.mkdir()
+    log.write_text(json.dumps({"step": 1, "train/loss": 2.0}) + "\n"
+                   + json.dumps({"step": 2, **snapshot}) + "\n" + '{"step": 3, "buffer/si')  # a line being written
+    assert monitor.read_latest(log)["step"] == 2
+    assert monitor.main(["--run-dir", str(tmp_path), "--once"]) == 0
+    out = capsys.readouterr().out
+    assert "size 3/10" in out and "seq gaps 2" in out
+    with pytest.raises(TimeoutError):
+        monitor.fetch_stats(f"tcp://127.0.0.1:{free_port()}", timeout_s=0.2)
+
+
+def test_two_producer_processes_into_two_receiver_processes():
+    n = 12
+    endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
+    results, stop = SPAWN.Queue(), SPAWN.Event()
+    receivers = [SPAWN.Process(target=receiver_main, args=(endpoints, results, stop)) for _ in range(2)]
+    producers = [SPAWN.Process(target=producer_main, args=(endpoints[r], r, 2, n)) for r in range(2)]
+    try:
+        for p in receivers + producers:
+            p.start()
+        for p in producers:
+            p.join(120)
+            assert p.exitcode == 0
+        stop.set()
+        outcomes = [results.get(timeout=60) for _ in receivers]
+    finally:
+        for p in receivers + producers:
+            if p.is_alive():
+                p.kill()
+            p.join(10)
+    all_ids = [i for ids, _, _ in outcomes for i in ids]
+    # Every sample reached exactly one receiver; none was lost (buffers had room).
+    assert len(all_ids) == len(set(all_ids)) == 2 * n
+    by_producer = {}
+    for pid, session, seq in all_ids:
+        by_producer.setdefault((pid, session), []).append(seq)
+    assert sorted(pid for pid, _ in by_producer) == ["producer-0", "producer-1"]
+    assert all(sorted(seqs) == list(range(n)) for seqs in by_producer.values())
+    for ids, stats, producer_stats in outcomes:
+        assert ids, "PUSH load-balances: each receiver gets a share"
+        assert stats["buffer/accepted"] == len(ids) and stats["buffer/dropped"] == 0
+        # Gaps: the sequence numbers of each producer this receiver did not see (they went to the other).
+        gaps = 0
+        for key in {(p, s) for p, s, _ in ids}:
+            seqs = sorted(q for p, s, q in ids if (p, s) == key)
+            gaps += seqs[-1] - seqs[0] + 1 - len(seqs)
+        assert stats["buffer/seq_gaps"] == gaps
+        assert producer_stats["producer/active"] >= 1 and producer_stats["producer/samples_per_s"] >= 0
+
+
+def test_killed_producer_then_restart_is_received_again_and_sigterm_exits_cleanly():
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    buf = ReplayBuffer(BufferConfig(capacity=1000))
+    procs = []
+    with Receiver(StreamConfig(endpoints=[endpoint]), buf) as receiver:
+        try:
+            first = SPAWN.Process(target=producer_main, args=(endpoint, 0, 1, 0))
+            procs.append(first)
+            first.start()
+            assert wait_for(lambda: receiver.stats()["buffer/accepted"] >= 4, timeout_s=120)
+            os.kill(first.pid, signal.SIGKILL)
+            first.join(10)
+            assert first.exitcode == -signal.SIGKILL
+            before = receiver.stats()["buffer/accepted"]
+            # The trainer keeps being served from its buffer while no producer runs.
+            assert all(buf.sample(0) is not None for _ in range(50))
+            second = SPAWN.Process(target=producer_main, args=(endpoint, 0, 1, 0))
+            procs.append(second)
+            second.start()
+            assert wait_for(lambda: receiver.stats()["buffer/sessions"] == 2, timeout_s=120)
+            assert wait_for(lambda: receiver.stats()["buffer/accepted"] >= before + 4, timeout_s=60)
+            os.kill(second.pid, signal.SIGTERM)
+            second.join(30)
+            assert second.exitcode == 0  # finished its message, closed its socket, exited 0
+            time.sleep(0.5)
+            stats = receiver.stats()
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                p.join(10)
+    assert receiver.is_alive() is False
+    assert stats["buffer/dropped"] == 0 and stats["buffer/seq_gaps"] == 0
+    sessions = {}
+    for _ in range(3000):
+        s = buf.sample(0)
+        sessions.setdefault(s.header["session"], set()).add(s.header["seq"])
+    assert len(sessions) == 2
+    assert all(seqs == set(range(max(seqs) + 1)) for seqs in sessions.values())  # contiguous from 0
+
+
+def test_receiver_stops_promptly_and_validates_config():
+    buf = ReplayBuffer(BufferConfig())
+    receiver = Receiver(StreamConfig(endpoints=[f"tcp://127.0.0.1:{free_port()}"], poll_timeout_ms=50), buf).start()
+    t0 = time.monotonic()
+    receiver.stop()
+    assert time.monotonic() - t0 < 2.0 and not receiver.is_alive()
+    for kwargs, name in [
+        (dict(endpoints=[]), "endpoints"),
+        (dict(encoding="png"), "encoding"),
+        (dict(sndhwm=0), "sndhwm"),
+        (dict(max_message_bytes=0), "max_message_bytes"),
+        (dict(quality=0), "quality"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            StreamConfig(**kwargs)
