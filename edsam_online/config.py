@@ -45,6 +45,8 @@ class TrainerConfig:
     schedule's length; ``stop_at`` (0 = off) ends the run early at that step
     with a checkpoint, as a preemption would, so ``resume=latest`` continues it.
     ``ckpt_every`` = 0: only at the end (evaluation cadence is ``eval.every_steps``).
+    ``record_keys`` writes every step's sample keys to ``<run_dir>/keys/trainer<rank>.jsonl``
+    (an audit trail of what each step trained on).
     """
 
     steps: int = 200
@@ -74,6 +76,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     resume: str = ""
     progress: bool = True
+    record_keys: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "num_workers", "prefetch"):

@@ -1,0 +1,178 @@
+"""End to end on CPU: torchrun trainer ranks (gloo) with a producer process streaming over ZeroMQ."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edsam_online.metrics import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+# tiny everything: 32 px, small batches, no W&B, a cheap eval
+COMMON = [
+    "logging.wandb=false",
+    "logging.log_every=2",
+    "trainer.progress=false",
+    "trainer.num_workers=1",
+    "trainer.prefetch=1",
+    "trainer.warmup_steps=2",
+    "trainer.lr=2e-3",
+    "eval.samples_per_class=2",
+    "eval.linear_probe=false",
+    "eval.domains=[flat]",
+    "data.length=512",
+    "diffusion=tiny_random",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _start(cmd, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _trainer(nproc: int, overrides: list[str], log: Path) -> subprocess.Popen:
+    """``nproc`` ranks under torchrun; 1 runs the same entry point without torchrun (faster start)."""
+    launcher = [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
+    return _start([*launcher, "-m", "consumers.train", *COMMON, *overrides], log)
+
+
+def _producer(endpoint: str, run_dir: Path, log: Path, rank: int = 0) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "producers", *COMMON, f"run_dir={run_dir}", f"stream.endpoints=[{endpoint}]",
+           f"producer.rank={rank}", "producer.batch_size=2", "logging.log_every=1000"]
+    return _start(cmd, log)
+
+
+def _stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        with_group = os.getpgid(proc.pid)
+        os.killpg(with_group, sig)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(with_group, signal.SIGKILL)
+            proc.wait(10)
+
+
+def _wait(proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+        pytest.fail(f"timed out; log:\n{log.read_text()[-4000:]}")
+    assert code == 0, f"exit {code}; log:\n{log.read_text()[-4000:]}"
+
+
+def _train_logs(run_dir: Path, rank: int) -> list[dict]:
+    path = run_dir / "metrics" / f"trainer{rank}.jsonl"
+    return [r for r in read_jsonl(path) if "train/loss" in r] if path.exists() else []
+
+
+def _keys(run_dir: Path, rank: int) -> dict[int, list[str]]:
+    lines = (run_dir / "keys" / f"trainer{rank}.jsonl").read_text().splitlines()
+    return {r["step"]: r["real"] for r in map(json.loads, lines)}
+
+
+def test_two_ranks_learn_from_real_and_streamed_synthetic_data(tmp_path):
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    run_dir = tmp_path / "run"
+    producer = _producer(endpoint, run_dir, tmp_path / "producer.log")
+    trainer = None
+    try:
+        trainer = _trainer(2, [f"run_dir={run_dir}", f"stream.endpoints=[{endpoint}]", "trainer.steps=40",
+                               "trainer.batch_size=8", "trainer.syn_share=0.5", "trainer.syn_wait_s=0.5",
+                               "buffer.min_size_to_sample=2", "buffer.samples_per_insert=0"],
+                           tmp_path / "trainer.log")
+        _wait(trainer, 240, tmp_path / "trainer.log")
+    finally:
+        _stop(producer)
+        if trainer is not None:
+            _stop(trainer)
+    for rank in (0, 1):
+        logs = _train_logs(run_dir, rank)
+        assert logs[-1]["step"] == 40
+        assert all(math.isfinite(r["train/loss"]) for r in logs)
+        assert logs[-1]["buffer/accepted"] > 0 and logs[-1]["buffer/samples"] > 0, f"rank {rank} got no samples"
+    logs = _train_logs(run_dir, 0)
+    first, last = logs[0]["train/loss_real"], sum(r["train/loss_real"] for r in logs[-3:]) / 3
+    assert last < first - 0.2, [r["train/loss_real"] for r in logs]
+    assert logs[-1]["train/syn_samples"] > 0
+    assert any(r["train/syn_share_actual"] > 0 for r in logs)
+    assert "zero-shot" in (tmp_path / "trainer.log").read_text()
+
+
+def test_resume_continues_the_real_data_stream_exactly(tmp_path):
+    dead = f"tcp://127.0.0.1:{_free_port()}"  # no producer: the synthetic slot falls back to real data
+    args = [f"stream.endpoints=[{dead}]", "trainer.steps=8", "trainer.batch_size=4", "trainer.syn_share=0.5",
+            "trainer.syn_wait_s=0", "trainer.record_keys=true", "eval.every_steps=0"]
+    full, parted = tmp_path / "full", tmp_path / "parted"
+    _wait(_trainer(2, [*args, f"run_dir={full}"], tmp_path / "full.log"), 180, tmp_path / "full.log")
+    _wait(_trainer(2, [*args, f"run_dir={parted}", "trainer.stop_at=4"], tmp_path / "a.log"), 180, tmp_path / "a.log")
+    assert sorted(_keys(parted, 0)) == [1, 2, 3, 4]
+    _wait(_trainer(2, [*args, f"run_dir={parted}", "trainer.resume=latest"], tmp_path / "b.log"), 180,
+          tmp_path / "b.log")
+    assert "resumed from" in (tmp_path / "b.log").read_text()
+    for rank in (0, 1):
+        assert _keys(parted, rank) == _keys(full, rank)
+    assert not set(sum(_keys(full, 0).values(), [])) & set(sum(_keys(full, 1).values(), []))
+    assert _train_logs(parted, 0)[-1]["train/steps_without_syn"] == 8  # counted across the resume
+
+
+def test_training_survives_a_producer_crash_and_uses_a_restarted_one(tmp_path):
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    run_dir = tmp_path / "run"
+    procs = {"p1": _producer(endpoint, run_dir, tmp_path / "p1.log")}
+    log = tmp_path / "trainer.log"
+
+    def latest():
+        logs = _train_logs(run_dir, 0)
+        return logs[-1] if logs else None
+
+    def wait_until(pred, what, timeout=120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rec = latest()
+            if rec is not None and pred(rec):
+                return rec
+            assert procs["trainer"].poll() is None, f"trainer exited; log:\n{log.read_text()[-4000:]}"
+            time.sleep(0.3)
+        pytest.fail(f"timed out waiting for {what}; last: {latest()}")
+
+    try:
+        procs["trainer"] = _trainer(1, [f"run_dir={run_dir}", f"stream.endpoints=[{endpoint}]",
+                                        "trainer.steps=100000", "trainer.batch_size=4", "trainer.syn_share=0.5",
+                                        "trainer.syn_wait_s=0.05", "logging.log_every=1",
+                                        "buffer.min_size_to_sample=1", "buffer.max_times_sampled=1",
+                                        "buffer.samples_per_insert=0"], log)
+        before = wait_until(lambda r: r["train/syn_samples"] > 0, "synthetic samples")
+        os.killpg(os.getpgid(procs["p1"].pid), signal.SIGKILL)
+        procs["p1"].wait(10)
+        down = wait_until(lambda r: r["train/steps_without_syn"] > before["train/steps_without_syn"] + 3,
+                          "real-data fallback steps after the crash")
+        assert down["train/syn_fallback_samples"] > before["train/syn_fallback_samples"]
+        procs["p2"] = _producer(endpoint, run_dir, tmp_path / "p2.log")
+        wait_until(lambda r: r["train/syn_samples"] > down["train/syn_samples"], "synthetic samples again")
+        assert all(math.isfinite(r["train/loss"]) for r in _train_logs(run_dir, 0))
+    finally:
+        for proc in procs.values():
+            _stop(proc)
