@@ -128,7 +128,9 @@ class ProducerConfig:
     """One producer rank (Hydra group ``producer``; ``launch.sh`` sets ``rank``/``num_producers``).
 
     The producer reads partition ``rank`` of ``num_producers`` of the real data
-    and seeds generation from (``seed``, ``rank``, batch index). ``num_samples = 0``
+    and seeds generation from (``seed``, ``rank``, batch index). It binds
+    ``stream.endpoints[endpoint_index]`` (default: ``rank``; multi-node launches
+    whose endpoint list is per node set it to the local index). ``num_samples = 0``
     runs until SIGINT/SIGTERM. A message that cannot be sent within
     ``send_timeout_s`` (every trainer's queue full, or none connected) is dropped
     and counted (``producer/dropped_unsent``): a producer never waits on trainers
@@ -139,6 +141,7 @@ class ProducerConfig:
 
     rank: int = 0
     num_producers: int = 1
+    endpoint_index: int | None = None
     producer_id: str = ""
     num_samples: int = 0
     batch_size: int = 2
@@ -156,6 +159,8 @@ class ProducerConfig:
             raise ValueError(f"rank must be in [0, num_producers={self.num_producers}), got {self.rank}")
         if not self.producer_id:
             self.producer_id = f"producer-{self.rank}"
+        if self.endpoint_index is not None and self.endpoint_index < 0:
+            raise ValueError(f"endpoint_index must be >= 0 or null, got {self.endpoint_index}")
         for name in ("num_samples",):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -172,12 +177,12 @@ class ProducerConfig:
 # ----------------------------------------------------------------------------- producer side
 
 
-def open_producer_socket(ctx: zmq.Context, cfg: StreamConfig, rank: int) -> zmq.Socket:
-    """The PUSH socket of producer ``rank``: binds ``endpoints[rank]`` (``producers_bind``)
-    or connects to every endpoint. ``sock.last_endpoint`` gives a wildcard bind's port."""
+def open_producer_socket(ctx: zmq.Context, cfg: StreamConfig, index: int) -> zmq.Socket:
+    """A producer's PUSH socket: binds ``endpoints[index]`` (``producers_bind``) or
+    connects to every endpoint. ``sock.last_endpoint`` gives a wildcard bind's port."""
     cfg.check_curve("producer")
-    if cfg.producers_bind and rank >= len(cfg.endpoints):
-        raise ValueError(f"stream.endpoints has {len(cfg.endpoints)} entries, producer rank {rank} needs its own")
+    if cfg.producers_bind and index >= len(cfg.endpoints):
+        raise ValueError(f"stream.endpoints has {len(cfg.endpoints)} entries, producer endpoint {index} is missing")
     sock = ctx.socket(zmq.PUSH)
     try:
         sock.sndhwm = cfg.sndhwm
@@ -186,7 +191,7 @@ def open_producer_socket(ctx: zmq.Context, cfg: StreamConfig, rank: int) -> zmq.
         if cfg.curve:
             security.make_curve_client(sock, cfg.curve_client_secret, cfg.curve_server_public)
         if cfg.producers_bind:
-            sock.bind(cfg.endpoints[rank])
+            sock.bind(cfg.endpoints[index])
         else:
             for endpoint in cfg.endpoints:
                 sock.connect(endpoint)

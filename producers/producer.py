@@ -96,7 +96,7 @@ def run_producer(
 
         metric_logger = MetricLogger(logging_cfg, run_dir, role="producer", rank=pcfg.rank)
     ctx = zmq.Context()
-    sock = open_producer_socket(ctx, stream_cfg, pcfg.rank)
+    sock = open_producer_socket(ctx, stream_cfg, pcfg.rank if pcfg.endpoint_index is None else pcfg.endpoint_index)
     if on_bound is not None and stream_cfg.producers_bind:
         on_bound(sock.last_endpoint.decode())
     session = secrets.randbits(62)

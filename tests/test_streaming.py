@@ -149,7 +149,7 @@ def test_receivers_bind_mode_stats_endpoint_and_monitor(ctx, tmp_path, capsys):
     buf = ReplayBuffer(BufferConfig(capacity=10, min_size_to_sample=2))
     with Receiver(cfg, buf) as receiver:
         producer_cfg = StreamConfig(endpoints=receiver.bound_endpoints, producers_bind=False, encoding="jpeg")
-        sock = open_producer_socket(ctx, producer_cfg, rank=0)
+        sock = open_producer_socket(ctx, producer_cfg, 0)
         img = np.full((16, 16, 3), 90, np.uint8)
         for seq in (0, 1, 4):  # seq 2, 3 lost
             fields = dict(producer_id="p", session=5, seq=seq, source_key="k", caption="a ring", alpha=0.0,

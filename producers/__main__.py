@@ -1,0 +1,35 @@
+"""``python -m producers <hydra overrides>``: one producer rank.
+
+Reads the shared config tree (``configs/config.yaml``): ``data``, ``diffusion``,
+``stream``, ``producer`` (``producer.rank`` / ``producer.num_producers`` are set by
+``scripts/launch.sh``) and ``logging``. Exits 0 after SIGINT/SIGTERM or after
+``producer.num_samples`` samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from edsam_online.config import load_config  # also registers the typed schema "edsam_config"
+
+_CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+@hydra.main(config_path=_CONFIGS, config_name="config", version_base=None)
+def main(dictcfg: DictConfig) -> None:
+    from producers.producer import run_producer
+
+    cfg = load_config(dictcfg)
+    logging.getLogger(__name__).info(
+        "producer %d/%d (%s) -> %s", cfg.producer.rank, cfg.producer.num_producers, cfg.diffusion.model,
+        cfg.stream.endpoints,
+    )
+    run_producer(cfg.stream, cfg.producer, cfg.data, cfg.diffusion, logging_cfg=cfg.logging, run_dir=cfg.run_dir)
+
+
+if __name__ == "__main__":
+    main()

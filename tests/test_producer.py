@@ -1,0 +1,144 @@
+"""Producer rank: provenance on the wire, partitions, forwarded stats, never waiting on trainers."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from _streaming_helpers import tiny_configs, wait_for
+from edsam_online.buffer import BufferConfig, ReplayBuffer
+from edsam_online.streaming import ProducerConfig, Receiver, StreamConfig
+from producers.producer import batch_seed, run_producer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import torch
+
+    from edsam_online.diffusion import build_sampler
+
+    torch.set_num_threads(1)
+    data, sampler_cfg = tiny_configs()
+    return data, build_sampler(sampler_cfg)
+
+
+def start_producer(tiny, pcfg, stream=None, **kw):
+    """run_producer in a thread, bound to a wildcard port; returns (thread, endpoint, result)."""
+    data, sampler = tiny
+    bound, result = [], {}
+    ready = threading.Event()
+
+    def on_bound(endpoint):
+        bound.append(endpoint)
+        ready.set()
+
+    stream = stream or StreamConfig(endpoints=["tcp://127.0.0.1:*"] * pcfg.num_producers)
+    thread = threading.Thread(
+        target=lambda: result.update(
+            run_producer(stream, pcfg, data, sampler=sampler, on_bound=on_bound, install_signal_handlers=False, **kw)
+        )
+    )
+    thread.start()
+    assert ready.wait(30)
+    return thread, bound[0], result
+
+
+def collect(buf):
+    buf_items = []
+    while (s := buf.sample(0)) is not None:
+        buf_items.append(s)
+    return buf_items
+
+
+def test_samples_carry_provenance_and_forwarded_stats(tiny):
+    buf = ReplayBuffer(BufferConfig(capacity=100, max_times_sampled=1))
+    pcfg = ProducerConfig(num_samples=8, batch_size=2, m=2, seed=3, stats_every=1)
+    thread, endpoint, result = start_producer(tiny, pcfg)
+    with Receiver(StreamConfig(endpoints=[endpoint]), buf) as receiver:
+        thread.join(60)
+        assert wait_for(lambda: receiver.stats()["buffer/accepted"] == 8)
+        producer_stats = receiver.producer_stats()
+    items = collect(buf)
+    assert sorted(s.header["seq"] for s in items) == list(range(8))
+    for s in items:
+        h = s.header
+        assert h["producer_id"] == "producer-0" and h["source_key"].startswith("flat-")
+        assert s.caption and h["model_id"].startswith("tiny-random")
+        assert abs(h["alpha"]) <= h["rho"] == 0.5
+        assert h["mode"] == "transport" and h["sample_index"] in (0, 1)
+        assert s.image.shape == (32, 32, 3)
+    # M=2 samples per real image share caption and source key, with distinct alphas.
+    by_source = {}
+    for s in items:
+        by_source.setdefault(s.header["source_key"], []).append(s)
+    assert all(len(v) == 2 and v[0].caption == v[1].caption and v[0].header["alpha"] != v[1].header["alpha"]
+               for v in by_source.values())
+    assert result["producer/sent"] == 8 and result["producer/dropped_unsent"] == 0
+    assert result["producer/samples_per_s"] > 0 and result["producer/unet_calls_per_s"] > 0
+    for name in ("producer/samples_per_s", "producer/unet_calls_per_s", "producer/send_blocked_s"):
+        assert name in producer_stats
+    assert producer_stats["producer/active"] == 1
+
+
+def test_producer_ranks_read_disjoint_partitions_with_distinct_seeds(tiny):
+    buf = ReplayBuffer(BufferConfig(capacity=100, max_times_sampled=1))
+    stream = StreamConfig(endpoints=["tcp://127.0.0.1:*"] * 2)
+    started = [start_producer(tiny, ProducerConfig(rank=r, num_producers=2, num_samples=6, m=1, seed=0), stream)
+               for r in range(2)]
+    with Receiver(StreamConfig(endpoints=[ep for _, ep, _ in started]), buf) as receiver:
+        for thread, _, _ in started:
+            thread.join(60)
+        assert wait_for(lambda: receiver.stats()["buffer/accepted"] == 12)
+    items = collect(buf)
+    keys = {r: {s.header["source_key"] for s in items if s.header["producer_id"] == f"producer-{r}"} for r in range(2)}
+    seeds = {r: {s.header["seed"] for s in items if s.header["producer_id"] == f"producer-{r}"} for r in range(2)}
+    assert len(keys[0]) == len(keys[1]) == 6
+    assert not keys[0] & keys[1]
+    assert not seeds[0] & seeds[1]
+    assert len({batch_seed(0, r, b) for r in range(4) for b in range(100)}) == 400
+
+
+def test_producer_never_waits_on_missing_trainers(tiny):
+    stop = threading.Event()
+    pcfg = ProducerConfig(num_samples=0, batch_size=1, m=1, send_timeout_s=0.1, stop_grace_s=0.1)
+    thread, _, result = start_producer(tiny, pcfg, stop_event=stop)
+    time.sleep(1.5)
+    t0 = time.monotonic()
+    stop.set()
+    thread.join(30)
+    assert not thread.is_alive() and time.monotonic() - t0 < 10
+    assert result["producer/sent"] == 0
+    assert result["producer/dropped_unsent"] >= 2
+    assert result["producer/send_blocked_s"] >= 0.1 * result["producer/dropped_unsent"] * 0.9
+
+
+def test_metrics_go_to_the_metric_logger(tiny, tmp_path):
+    from edsam_online.metrics import LoggingConfig
+
+    buf = ReplayBuffer(BufferConfig(capacity=100))
+    pcfg = ProducerConfig(num_samples=2, m=1, log_every_s=0)
+    thread, endpoint, _ = start_producer(tiny, pcfg, logging_cfg=LoggingConfig(wandb=False), run_dir=str(tmp_path))
+    with Receiver(StreamConfig(endpoints=[endpoint]), buf):
+        thread.join(60)
+    lines = [json.loads(x) for x in (tmp_path / "metrics" / "producer0.jsonl").read_text().splitlines()]
+    assert lines[-1]["producer/sent"] == 2 and lines[-1]["role"] == "producer"
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(num_producers=0), "num_producers"),
+        (dict(rank=2, num_producers=2), "rank"),
+        (dict(num_samples=-1), "num_samples"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(m=0), "m"),
+        (dict(send_timeout_s=-1), "send_timeout_s"),
+        (dict(endpoint_index=-1), "endpoint_index"),
+    ],
+)
+def test_producer_config_errors_name_the_field(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ProducerConfig(**kwargs)
