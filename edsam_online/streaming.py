@@ -283,6 +283,7 @@ class Receiver:
         self._last_seq: collections.OrderedDict[tuple[str, int], int] = collections.OrderedDict()
         self._producer_stats: dict[str, tuple[float, dict[str, float]]] = {}
         self._dropped_connects: dict[str, float] = {}  # endpoint -> when libzmq dropped it
+        self._established: set[str] = set()  # endpoints whose handshake succeeded
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -390,7 +391,7 @@ class Receiver:
                 if sock in events:
                     self._drain(sock)
                 if monitor in events:
-                    self._drain_monitor(monitor)
+                    self._drain_monitor(monitor, sock)
                 if stats_sock is not None and stats_sock in events:
                     self._answer_stats(stats_sock)
                 if self._dropped_connects:
@@ -462,7 +463,7 @@ class Receiver:
             return
         self.buffer.insert(sample)
 
-    def _drain_monitor(self, monitor: zmq.Socket) -> None:
+    def _drain_monitor(self, monitor: zmq.Socket, sock: zmq.Socket) -> None:
         names = {
             zmq.EVENT_HANDSHAKE_SUCCEEDED: "peer_connects",
             zmq.EVENT_DISCONNECTED: "peer_disconnects",
@@ -476,8 +477,12 @@ class Receiver:
             except zmq.Again:
                 return
             endpoint = event["endpoint"].decode(errors="replace")
-            if event["event"] == zmq.EVENT_DISCONNECTED and self.cfg.producers_bind and endpoint in self.endpoints:
-                self._dropped_connects[endpoint] = time.monotonic()
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._established.add(endpoint)
+            elif event["event"] == zmq.EVENT_DISCONNECTED and endpoint in self._established:
+                self._established.discard(endpoint)
+                if self.cfg.producers_bind and endpoint in self.endpoints:
+                    self._dropped_connects[endpoint] = time.monotonic()
             elif event["event"] in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECT_DELAYED, zmq.EVENT_CONNECTED):
                 self._dropped_connects.pop(endpoint, None)  # libzmq is reconnecting by itself
             name = names.get(event["event"])
@@ -485,15 +490,30 @@ class Receiver:
                 with self._lock:
                     self._counters[name] += 1
                 if name == "auth_failures":
-                    log.warning("receiver %d refused a peer at %s (CURVE key not allowed)", self.rank, event["endpoint"])
+                    self._refuse(sock, endpoint)
+
+    def _refuse(self, sock: zmq.Socket, endpoint: str) -> None:
+        """Stop connecting to a producer endpoint whose CURVE key is not allowed.
+
+        libzmq would retry it every ``reconnect_ivl``; besides the noise, a CURVE
+        handshake in flight while the socket is torn down makes libzmq abort
+        (zap_client.cpp:50), so a refused endpoint is dropped until restart.
+        """
+        log.warning("receiver %d refused the peer at %s (CURVE key not on the allow-list)", self.rank, endpoint)
+        if self.cfg.producers_bind and endpoint in self.endpoints:
+            try:
+                sock.disconnect(endpoint)
+            except zmq.ZMQError:
+                pass
 
     def _rearm(self, sock: zmq.Socket) -> None:
         """Re-connect endpoints libzmq will not retry by itself.
 
-        After a protocol error (e.g. a frame above ``MAXMSGSIZE``, a failed CURVE
-        handshake) libzmq terminates a connecting session instead of reconnecting;
-        without this, one bad message would cut a trainer off a producer for good.
-        Normal disconnects are followed by ``CONNECT_RETRIED`` and left alone.
+        After a protocol error on an established connection (e.g. a frame above
+        ``MAXMSGSIZE``) libzmq terminates a connecting session instead of
+        reconnecting; without this, one bad message would cut a trainer off a
+        producer for good. Normal disconnects are followed by ``CONNECT_RETRIED``
+        and left alone, and so are peers that never completed a handshake.
         """
         now = time.monotonic()
         for endpoint, since in list(self._dropped_connects.items()):
