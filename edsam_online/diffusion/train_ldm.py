@@ -1,0 +1,235 @@
+"""Retrain a small text-conditional LDM on the built-in source domain (the paper's "Retrained-LDM").
+
+    python -m edsam_online.diffusion.train_ldm [--out DIR] [--vae-steps N] [--unet-steps N]
+
+Two stages on CPU: an AutoencoderKL (32 px -> 8x8x4 latents) trained briefly on
+reconstruction with a small KL term; then, with the VAE frozen and latents cached, a
+UNet2DConditionModel trained jointly with a tiny CLIP text encoder (offline BPE
+tokenizer) on epsilon prediction, dropping 10% of captions for classifier-free
+guidance, with an EMA of the UNet weights. The result is saved in the Stable Diffusion
+layout and loads through ``load_ldm``. Every caption is the full built-in caption
+(class, color, size), so generation can be conditioned on all of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from edsam_online.diffusion.pipeline import save_components
+from edsam_online.diffusion.tiny import offline_clip_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainLDMConfig:
+    out_dir: str = ""
+    resolution: int = 32
+    num_train: int = 8000  # rendered source-domain images (index 0..num_train-1, seed below)
+    data_seed: int = 0
+    seed: int = 0
+    vae_steps: int = 200
+    unet_steps: int = 700
+    batch_size: int = 64
+    vae_lr: float = 2e-3
+    unet_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.995
+    num_threads: int = 2
+    max_minutes: float = 14.0  # hard stop for the UNet stage, so the command stays within 15 min
+
+    def __post_init__(self):
+        for name in ("resolution", "num_train", "vae_steps", "unet_steps", "batch_size", "num_threads"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.resolution % 4:
+            raise ValueError(f"resolution must be a multiple of 4, got {self.resolution}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+
+
+def build_components(resolution: int = 32) -> dict:
+    """Untrained components of the retrained LDM (8x8x4 latents at 32 px)."""
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=1,
+        norm_num_groups=16, sample_size=resolution, mid_block_add_attention=False,
+    )
+    tokenizer = offline_clip_tokenizer(max_length=24)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=24, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+        attention_head_dim=32, norm_num_groups=32,
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def render_source(cfg: TrainLDMConfig) -> tuple[torch.Tensor, list[str]]:
+    """The built-in source domain as float images in [-1, 1] [N, 3, H, W] and their captions."""
+    from edsam_online.data.shapes import SOURCE_DOMAIN, render_sample
+
+    samples = [render_sample(i, SOURCE_DOMAIN, cfg.resolution, cfg.data_seed) for i in range(cfg.num_train)]
+    x = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, [s.caption for s in samples]
+
+
+def _lr(step: int, total: int, base: float, warmup: int = 20) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_vae(vae: AutoencoderKL, x: torch.Tensor, cfg: TrainLDMConfig, g: torch.Generator) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae.train()
+    bar = tqdm(range(cfg.vae_steps), desc="train_ldm vae", mininterval=5)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr)
+        batch = x[torch.randint(0, len(x), (cfg.batch_size,), generator=g)]
+        post = vae.encode(batch).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        loss_rec = F.l1_loss(rec, batch) + F.mse_loss(rec, batch)
+        loss = loss_rec + cfg.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0 or step == cfg.vae_steps - 1:
+            bar.set_postfix(rec=f"{loss_rec.item():.4f}")
+            log.info("vae step %d rec %.4f", step, loss_rec.item())
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_all(vae: AutoencoderKL, x: torch.Tensor, bs: int = 256) -> torch.Tensor:
+    return torch.cat([vae.encode(x[i:i + bs]).latent_dist.mean for i in range(0, len(x), bs)])
+
+
+def train_unet(c: dict, latents: torch.Tensor, captions: list[str], cfg: TrainLDMConfig,
+               g: torch.Generator, deadline: float) -> torch.nn.Module:
+    unet, text_encoder, tokenizer, sched = c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"]
+    ids_all = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                      return_tensors="pt").input_ids[0]
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    acp = sched.alphas_cumprod
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(range(cfg.unet_steps), desc="train_ldm unet", mininterval=5)
+    for step in bar:
+        if time.monotonic() > deadline:
+            log.warning("train_ldm: time budget reached, stopping the UNet stage at step %d", step)
+            break
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr)
+        idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=g)
+        z0 = latents[idx]
+        ids = ids_all[idx].clone()
+        drop = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
+        ids[drop] = empty
+        t = torch.randint(0, len(acp), (cfg.batch_size,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        pred = unet(zt, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        if step % 20 == 0 or step == cfg.unet_steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.info("unet step %d loss %.4f", step, loss.item())
+    return ema.eval()
+
+
+def train_ldm(cfg: TrainLDMConfig) -> Path:
+    """Train and save the retrained LDM under ``cfg.out_dir`` (written atomically); returns the path."""
+    from edsam_online.diffusion.sampler import default_cache_dir, retrained_model_dir
+
+    out = Path(cfg.out_dir or retrained_model_dir(default_cache_dir(), cfg.resolution)).expanduser()
+    t0 = time.monotonic()
+    deadline = t0 + cfg.max_minutes * 60
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.num_threads)
+    try:
+        torch.manual_seed(cfg.seed)
+        g = torch.Generator().manual_seed(cfg.seed)
+        c = build_components(cfg.resolution)
+        x, captions = render_source(cfg)
+        train_vae(c["vae"], x, cfg, g)
+        latents = encode_all(c["vae"], x)
+        scale = 1.0 / latents.std().item()
+        c["vae"].register_to_config(scaling_factor=scale)
+        c["unet"] = train_unet(c, latents * scale, captions, cfg, g, deadline)
+        c["text_encoder"].eval()
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_components(c, tmp, "sd")
+        (tmp / "train_ldm_config.json").write_text(__import__("json").dumps(
+            {**asdict(cfg), "scaling_factor": scale, "train_seconds": time.monotonic() - t0}, indent=1))
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    finally:
+        torch.set_num_threads(threads)
+    log.info("train_ldm: saved %s in %.1f s", out, time.monotonic() - t0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    d = TrainLDMConfig()
+    p.add_argument("--out", default="", help="output folder (default: <EDSAM_CACHE>/retrained-ldm-<res>px)")
+    p.add_argument("--resolution", type=int, default=d.resolution)
+    p.add_argument("--vae-steps", type=int, default=d.vae_steps)
+    p.add_argument("--unet-steps", type=int, default=d.unet_steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--num-threads", type=int, default=d.num_threads)
+    p.add_argument("--max-minutes", type=float, default=d.max_minutes)
+    p.add_argument("--seed", type=int, default=d.seed)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    out = train_ldm(TrainLDMConfig(out_dir=a.out, resolution=a.resolution, vae_steps=a.vae_steps,
+                                   unet_steps=a.unet_steps, batch_size=a.batch_size, num_threads=a.num_threads,
+                                   max_minutes=a.max_minutes, seed=a.seed))
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Class fidelity of an LDM's samples at several rho (and pure alpha = 0 sampling).
+
+    python scripts/ldm_fidelity.py [--model retrained] [--n 200] [--guidance 3] [--rhos 0 0.2 0.5 1.0]
+
+Trains (and caches) a small CNN on real source-domain images, then reports the share of
+generated samples it assigns their caption's class. The retrained LDM is trained first if
+it is not cached yet (``python -m edsam_online.diffusion.train_ldm``).
+"""
+
+import argparse
+import json
+import logging
+import time
+
+import torch
+
+from edsam_online.diffusion.fidelity import load_or_train_classifier, measure_fidelity
+from edsam_online.diffusion.sampler import SamplerConfig, load_sampler_ldm
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    d = SamplerConfig()
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--n", type=int, default=200, help="real images (captions) per rho")
+    p.add_argument("--rhos", type=float, nargs="+", default=[0.0, 0.2, 0.5, 1.0])
+    p.add_argument("--guidance", type=float, default=d.guidance)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--inversion-steps", type=int, default=d.inversion_steps)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(a.threads)
+    cfg = SamplerConfig(model=a.model, guidance=a.guidance, steps=a.steps, inversion_steps=a.inversion_steps)
+    classifier, real_acc = load_or_train_classifier(cfg.cache_dir, cfg.resolution)
+    ldm = load_sampler_ldm(cfg)
+    t0 = time.time()
+    res = measure_fidelity(ldm, classifier, cfg, rhos=a.rhos, n=a.n, seed=a.seed)
+    print(f"classifier accuracy on real source images: {real_acc:.3f}")
+    print(f"model={ldm.model_id} steps={cfg.steps} inversion_steps={cfg.inversion_steps} guidance={cfg.guidance}")
+    for k, v in res.items():
+        print(f"  fidelity {k:>8}: {v:.3f}")
+    print(json.dumps({"real_acc": real_acc, **res, "seconds": time.time() - t0}))
+
+
+if __name__ == "__main__":
+    main()
