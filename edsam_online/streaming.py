@@ -316,6 +316,11 @@ class Receiver:
 
     # ------------------------------------------------------------------ metrics
 
+    @property
+    def accepted(self) -> int:
+        """Messages accepted into the buffer so far (cheap; for polling)."""
+        return self._counters["accepted"]
+
     def stats(self) -> dict[str, float]:
         """Buffer stats plus receiver counters: ``buffer/received``, ``buffer/accepted``,
         ``buffer/dropped`` (total) and ``buffer/dropped/<reason>``, ``buffer/seq_gaps``, ..."""
@@ -428,19 +433,20 @@ class Receiver:
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         now = time.time()
-        nbytes = sum(len(f.buffer) for f in frames)
-        with self._lock:
-            self._counters["received"] += 1
-            self._counters["received_bytes"] += nbytes
         try:
             sample = decode_message(frames, self._limits, received_at=now)
         except WireError as err:
+            with self._lock:
+                self._counters["received"] += 1
+                self._counters["received_bytes"] += sum(len(f.buffer) for f in frames)
             self._drop(err.reason, err.detail)
             return
         header = sample.header
         key = (header["producer_id"], header["session"])
         seq = header["seq"]
         with self._lock:
+            self._counters["received"] += 1
+            self._counters["received_bytes"] += len(frames[0]) + header["nbytes"]
             last = self._last_seq.get(key)
             if last is not None and seq <= last:
                 duplicate = True

@@ -89,6 +89,9 @@ _OPTIONAL: dict[str, str] = {
     "sample_index": _INT,
     "guidance": _FLOAT,
 }
+_KIND_TYPES = {_INT: (int,), _FLOAT: (int, float), _STR: (str,)}
+_REQUIRED_TYPES = tuple((name, _KIND_TYPES[kind]) for name, kind in _REQUIRED.items())
+_MISSING = object()
 _MAX_SHORT_STR = 256  # producer_id, source_key, model_id, mode
 _MAX_STATS = 64
 
@@ -225,10 +228,13 @@ def decode_header(data: memoryview | bytes, limits: WireLimits) -> dict[str, Any
         raise WireError("version", "missing")
     if header["v"] != SCHEMA_VERSION or isinstance(header["v"], bool):
         raise WireError("version", f"unsupported {header['v']!r}")
-    for name, kind in _REQUIRED.items():
-        if name not in header:
-            raise WireError("missing_field", name)
-        _check_type(header, name, kind)
+    for name, allowed in _REQUIRED_TYPES:
+        value = header.get(name, _MISSING)
+        if type(value) not in allowed:  # exact types: bool is not an int here
+            if value is _MISSING:
+                raise WireError("missing_field", name)
+            _check_type(header, name, _REQUIRED[name])
+            raise WireError("wrong_type", f"{name} is {type(value).__name__}")  # int/str subclasses
     for name, kind in _OPTIONAL.items():
         if name in header:
             _check_type(header, name, kind)
