@@ -80,7 +80,8 @@ def test_a_bad_value_stops_the_trainer_at_start_with_the_key():
 
 
 def test_overrides_recompute_derived_defaults():
-    cfg = load_config(_compose(["producer.rank=3", "producer.num_producers=4", "buffer.samples_per_insert=6"]))
+    cfg = load_config(_compose(["producer.rank=3", "producer.num_producers=4", "buffer.error_buffer=null",
+                                "buffer.samples_per_insert=6"]))
     assert cfg.producer.producer_id == "producer-3"
     assert cfg.buffer.error_buffer == 6.0
 
