@@ -112,6 +112,8 @@ def train(cfg: Config, resolved: dict) -> None:
     rank, world, local_rank, device = _init_distributed(cfg)
     run_dir = _shared_run_dir(cfg.run_dir)
     tcfg = cfg.trainer
+    if tcfg.threads > 0:
+        torch.set_num_threads(tcfg.threads)
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
 
     model, preprocess_train, preprocess_val, tokenizer = create_clip(cfg.model, device=str(device))

@@ -45,6 +45,8 @@ class TrainerConfig:
     schedule's length; ``stop_at`` (0 = off) ends the run early at that step
     with a checkpoint, as a preemption would, so ``resume=latest`` continues it.
     ``ckpt_every`` = 0: only at the end (evaluation cadence is ``eval.every_steps``).
+    ``threads`` > 0 sets torch's intra-op threads (0: torch's default); on a small
+    CPU box shared with a producer, 1 avoids oversubscribed OpenMP spinning.
     ``record_keys`` writes every step's sample keys to ``<run_dir>/keys/trainer<rank>.jsonl``
     (an audit trail of what each step trained on).
     """
@@ -72,6 +74,7 @@ class TrainerConfig:
     compile: bool = False
     num_workers: int = 2
     prefetch: int = 2
+    threads: int = 0
     ckpt_every: int = 0
     keep_checkpoints: int = 2
     resume: str = ""
@@ -82,7 +85,7 @@ class TrainerConfig:
         for name in ("steps", "batch_size", "num_workers", "prefetch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("stop_at", "warmup_steps", "ckpt_every", "keep_checkpoints"):
+        for name in ("stop_at", "warmup_steps", "ckpt_every", "keep_checkpoints", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.syn_share <= 1.0:
