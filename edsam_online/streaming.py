@@ -152,13 +152,17 @@ class ProducerConfig:
     stats_every: int = 20
     log_every_s: float = 10.0
 
+    @property
+    def name(self) -> str:
+        """``producer_id``, or ``producer-<rank>`` when it is left empty (computed, so a
+        ``producer.rank`` override is never shadowed by a name frozen at config-schema time)."""
+        return self.producer_id or f"producer-{self.rank}"
+
     def __post_init__(self) -> None:
         if self.num_producers < 1:
             raise ValueError(f"num_producers must be >= 1, got {self.num_producers}")
         if not 0 <= self.rank < self.num_producers:
             raise ValueError(f"rank must be in [0, num_producers={self.num_producers}), got {self.rank}")
-        if not self.producer_id:
-            self.producer_id = f"producer-{self.rank}"
         if self.endpoint_index is not None and self.endpoint_index < 0:
             raise ValueError(f"endpoint_index must be >= 0 or null, got {self.endpoint_index}")
         for name in ("num_samples",):

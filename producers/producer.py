@@ -120,7 +120,7 @@ def run_producer(
         return out
 
     limit = pcfg.num_samples
-    bar = tqdm(total=limit or None, desc=pcfg.producer_id, unit="sample", mininterval=5.0, disable=None)
+    bar = tqdm(total=limit or None, desc=pcfg.name, unit="sample", mininterval=5.0, disable=None)
     last_log = time.monotonic()
     try:
         for batch_index in itertools.count():
@@ -128,7 +128,7 @@ def run_producer(
                 break
             batch = list(itertools.islice(data, pcfg.batch_size))
             if not batch:
-                log.info("producer %s: real data exhausted", pcfg.producer_id)
+                log.info("producer %s: real data exhausted", pcfg.name)
                 break
             generated = sampler.generate(
                 np.stack([s.image for s in batch]),
@@ -143,7 +143,7 @@ def run_producer(
                     break
                 state["generated"] += 1
                 fields = {
-                    "producer_id": pcfg.producer_id,
+                    "producer_id": pcfg.name,
                     "session": session,
                     "seq": state["sent"],
                     "source_key": prov["source_key"],
@@ -165,7 +165,7 @@ def run_producer(
                 else:
                     state["dropped_unsent"] += 1
                     log.warning("producer %s: no trainer took a message within %.1fs, dropped it",
-                                pcfg.producer_id, pcfg.send_timeout_s)
+                                pcfg.name, pcfg.send_timeout_s)
             if metric_logger is not None and time.monotonic() - last_log >= pcfg.log_every_s:
                 metric_logger.log(metrics(), step=state["sent"])
                 last_log = time.monotonic()
@@ -179,7 +179,7 @@ def run_producer(
         if metric_logger is not None:
             metric_logger.log(final, step=state["sent"])
             metric_logger.close()
-    log.info("producer %s: sent %d samples (%d dropped unsent)", pcfg.producer_id, state["sent"], state["dropped_unsent"])
+    log.info("producer %s: sent %d samples (%d dropped unsent)", pcfg.name, state["sent"], state["dropped_unsent"])
     return final
 
 

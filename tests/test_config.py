@@ -82,7 +82,7 @@ def test_a_bad_value_stops_the_trainer_at_start_with_the_key():
 def test_overrides_recompute_derived_defaults():
     cfg = load_config(_compose(["producer.rank=3", "producer.num_producers=4", "buffer.error_buffer=null",
                                 "buffer.samples_per_insert=6"]))
-    assert cfg.producer.producer_id == "producer-3"
+    assert cfg.producer.name == "producer-3"
     assert cfg.buffer.error_buffer == 6.0
 
 
@@ -90,7 +90,7 @@ def test_cpu_demo_is_the_small_cpu_job():
     cfg = load_config(_compose(["experiment=cpu_demo"]))
     assert cfg.data.kind == "builtin" and cfg.data.domain == "flat" and cfg.data.resolution == 32
     assert cfg.diffusion.model == "retrained" and cfg.diffusion.resolution == 32
-    assert cfg.model.name == "edsam-tiny" and cfg.trainer.device == "cpu" and cfg.trainer.precision == "fp32"
+    assert cfg.model.name == "edsam-tiny-rn" and cfg.trainer.device == "cpu" and cfg.trainer.precision == "fp32"
 
 
 def test_paper_config_composes_and_builds_on_cpu_with_tiny_stand_ins(tmp_path):

@@ -1,0 +1,36 @@
+"""``python -m producers.prepare <hydra overrides>``: get the generator ready before ranks start.
+
+With ``diffusion.model=retrained`` (the default on machines without downloaded
+weights) this trains the small LDM on the built-in source domain once and caches
+it, so that ``scripts/launch.sh`` does not start trainers against producers that
+are still training. Any other model is only loaded once, which turns a missing
+folder or an offline hub id into an error before any rank starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from edsam_online.config import load_config
+
+_CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
+log = logging.getLogger(__name__)
+
+
+@hydra.main(config_path=_CONFIGS, config_name="config", version_base=None)
+def main(dictcfg: DictConfig) -> None:
+    from edsam_online.diffusion.sampler import load_sampler_ldm
+
+    cfg = load_config(dictcfg)
+    start = time.monotonic()
+    ldm = load_sampler_ldm(cfg.diffusion)
+    log.info("generator %s ready in %.0f s", ldm.model_id, time.monotonic() - start)
+
+
+if __name__ == "__main__":
+    main()
