@@ -275,8 +275,7 @@ def train(cfg: Config, resolved: dict) -> None:
             last = time.perf_counter()
     bar.close()
 
-    if tcfg.ckpt_every or tcfg.stop_at:
-        checkpoint(step)
+    checkpoint(step)  # always a final model, and what resume=latest continues from
     if step >= tcfg.steps:
         metrics = run_eval(step)
         if rank == 0:

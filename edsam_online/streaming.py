@@ -136,7 +136,9 @@ class ProducerConfig:
     and counted (``producer/dropped_unsent``): a producer never waits on trainers
     for longer than that. ``stats_every``: forward ``producer/*`` stats in one
     header out of N on average (chosen at random, so that every trainer behind the
-    round-robin PUSH gets them).
+    round-robin PUSH gets them). ``threads`` > 0 sets torch's intra-op threads
+    (0: torch's default); on a small CPU box shared with a trainer, 1 avoids
+    oversubscribed OpenMP spinning.
     """
 
     rank: int = 0
@@ -151,6 +153,7 @@ class ProducerConfig:
     stop_grace_s: float = 5.0
     stats_every: int = 20
     log_every_s: float = 10.0
+    threads: int = 0
 
     @property
     def name(self) -> str:
@@ -165,7 +168,7 @@ class ProducerConfig:
             raise ValueError(f"rank must be in [0, num_producers={self.num_producers}), got {self.rank}")
         if self.endpoint_index is not None and self.endpoint_index < 0:
             raise ValueError(f"endpoint_index must be >= 0 or null, got {self.endpoint_index}")
-        for name in ("num_samples",):
+        for name in ("num_samples", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "stats_every"):

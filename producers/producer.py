@@ -80,6 +80,10 @@ def run_producer(
     """
     from edsam_online.data import DataCounters, iter_real_samples
 
+    if producer_cfg.threads:
+        import torch
+
+        torch.set_num_threads(producer_cfg.threads)
     if sampler is None:
         if sampler_cfg is None:
             raise ValueError("run_producer needs sampler or sampler_cfg")

@@ -7,7 +7,7 @@
 #       experiment=paper_cc3m data.path=/data/cc3m/{00000..00331}.tar
 #
 # Options (everything else is a Hydra override passed to every role):
-#   --producers N            producer ranks on this node (default 1)
+#   --producers N            producer ranks on this node (default 1; 0 = real-only baseline, trainer.syn_share=0)
 #   --trainers N             trainer ranks on this node (torchrun --nproc-per-node; default 1)
 #   --producer-devices LIST  CUDA devices for producers, one per rank, round-robin (default: none = CPU)
 #   --trainer-devices LIST   CUDA_VISIBLE_DEVICES for the trainers (default: none = CPU)
@@ -35,6 +35,7 @@ while [ $# -gt 0 ]; do
     --rdzv-endpoint) rdzv_endpoint="$2"; shift 2 ;;
     --base-port) base_port="$2"; shift 2 ;;
     --run-dir) run_dir="$2"; shift 2 ;;
+    run_dir=*) run_dir="${1#run_dir=}"; shift ;;  # same as --run-dir
     -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     --*) echo "launch.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) overrides+=("$1"); shift ;;
@@ -47,7 +48,8 @@ done
 
 source scripts/env.sh
 
-# The embedded default: no overrides on a machine without GPUs runs the CPU demo.
+# The embedded default: with no Hydra overrides, the CPU demo (with overrides,
+# name an experiment yourself, e.g. experiment=cpu_demo trainer.steps=50).
 if [ ${#overrides[@]} -eq 0 ]; then
   overrides=(experiment=cpu_demo)
 fi
@@ -55,11 +57,19 @@ run_dir="${run_dir:-runs/$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$run_dir/logs"
 run_dir="$(cd "$run_dir" && pwd)"
 
-endpoints=""
-for ((i = 0; i < producers; i++)); do
-  endpoints+="${endpoints:+,}'tcp://127.0.0.1:$((base_port + i))'"
-done
-common=("${overrides[@]}" "run_dir=$run_dir" "stream.endpoints=[$endpoints]")
+# Launch-wired values first, the user's overrides after them, so an explicit
+# stream.endpoints (cross-host producers) wins.
+common=("run_dir=$run_dir")
+if [ "$producers" -gt 0 ]; then
+  endpoints=""
+  for ((i = 0; i < producers; i++)); do
+    endpoints+="${endpoints:+,}'tcp://127.0.0.1:$((base_port + i))'"
+  done
+  common+=("stream.endpoints=[$endpoints]")
+else
+  common+=("trainer.syn_share=0")
+fi
+common+=("${overrides[@]}")
 
 pids=()
 cleanup() {
@@ -81,7 +91,7 @@ trap 'echo "launch.sh: signal received, stopping every rank" >&2; exit 130' INT 
 
 # A producer whose generator must be trained first (model=retrained) trains it
 # here, once, so trainers do not start against an empty stream.
-python -m producers.prepare "${common[@]}"
+[ "$producers" -eq 0 ] || python -m producers.prepare "${common[@]}"
 
 IFS=',' read -r -a pdevs <<< "$producer_devices"
 global_producers=$((producers * nnodes))
@@ -134,7 +144,7 @@ done
 echo
 echo "run folder:  $run_dir"
 echo "logs:        $run_dir/logs/"
-echo "metrics:     $run_dir/metrics/*.jsonl   (buffer-monitor $run_dir)"
+echo "metrics:     $run_dir/metrics/*.jsonl   (buffer-monitor --run-dir $run_dir)"
 if compgen -G "$run_dir/wandb/offline-run-*" > /dev/null; then
   echo "W&B:         $(ls -d "$run_dir"/wandb/offline-run-* | head -1)   (upload: wandb sync $run_dir/wandb/offline-run-*)"
 fi
