@@ -243,14 +243,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resolution", type=int, default=d.resolution)
     p.add_argument("--vae-steps", type=int, default=d.vae_steps)
     p.add_argument("--unet-steps", type=int, default=d.unet_steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="VAE-stage batch size")
+    p.add_argument("--unet-batch-size", type=int, default=d.unet_batch_size)
     p.add_argument("--num-threads", type=int, default=d.num_threads)
     p.add_argument("--max-minutes", type=float, default=d.max_minutes)
     p.add_argument("--seed", type=int, default=d.seed)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     out = train_ldm(TrainLDMConfig(out_dir=a.out, resolution=a.resolution, vae_steps=a.vae_steps,
-                                   unet_steps=a.unet_steps, batch_size=a.batch_size, num_threads=a.num_threads,
+                                   unet_steps=a.unet_steps, batch_size=a.batch_size,
+                                   unet_batch_size=a.unet_batch_size, num_threads=a.num_threads,
                                    max_minutes=a.max_minutes, seed=a.seed))
     print(out)
 
