@@ -1,19 +1,28 @@
 #!/usr/bin/env python
 """Producer-to-buffer throughput across processes over tcp loopback, against bare pyzmq.
 
-For each image size (64, 256) and encoding (raw, jpeg), in the same run:
+For each image size (64, 256), encoding (raw, jpeg) and samples per message K
+(``--samples-per-message``, default 1 and 16, the ``stream`` default), in the same run:
 
-* **edsam**: a sender process builds every message with ``wire.encode_message``
-  (JPEG encoded per message, as a producer does) and sends it with
-  ``streaming.send_bounded`` from a socket made by ``open_producer_socket``; the
-  main process runs a ``Receiver`` thread (full validation, JPEG decode) that
-  inserts into a ``ReplayBuffer``. Timed until the last message is in the buffer.
-* **bare**: a sender process sends the same bytes (one pre-built header + payload)
-  with ``send_multipart(copy=False)`` to a plain PULL socket that receives and
-  discards them (``recv_multipart(copy=False)``).
+* **edsam**: a sender process builds every message as a producer does
+  (``producers.producer.message_fields`` from per-sample provenance, then
+  ``wire.encode_message`` over K images of one contiguous batch, JPEG encoded per
+  sample) and sends it with ``streaming.send_bounded`` from a socket made by
+  ``open_producer_socket``; the main process runs a ``Receiver`` thread (full
+  validation, JPEG decode) that inserts every sample into a ``ReplayBuffer``.
+  Timed until the last sample is in the buffer.
+* **bare**: a sender process sends the same bytes (one pre-built header + payload of
+  K images) with ``send_multipart(copy=False)`` to a plain PULL socket that receives
+  and discards them (``recv_multipart(copy=False)``). The target's baseline.
+* **bare+keep**: the same, but the PULL side keeps the frames of the last
+  ``--capacity`` samples in a deque and drops older ones, as any buffer of that
+  capacity must. It separates what holding samples costs (fresh memory for every
+  message, cache misses) from what edsam's own code costs.
 
-Reported: messages/s and MB/s of each, and edsam / bare. Each cell is the median
-of ``--repeats`` runs.
+The edsam buffer has ``--capacity`` slots (the ``buffer`` default, 4096) and each run
+sends several times that many samples, so most of it is the steady state of a full
+buffer evicting its oldest items. Reported: samples/s and MB/s, edsam / bare and
+edsam / bare+keep. Each cell is the median of ``--repeats`` runs.
 
     python bench/bench_stream.py            # full table (~1-2 min)
     python bench/bench_stream.py --quick    # fewer messages
@@ -22,6 +31,7 @@ of ``--repeats`` runs.
 from __future__ import annotations
 
 import argparse
+import collections
 import multiprocessing as mp
 import statistics
 import time
@@ -43,23 +53,33 @@ def make_images(size: int, count: int = 8) -> list[np.ndarray]:
     return out
 
 
-def fields(seq: int) -> dict:
-    return dict(producer_id="bench", session=1, seq=seq, source_key=f"k{seq}", caption="a small red star on a light background",
-                alpha=0.1, rho=0.5, seed=seq, model_id="bench", mode="transport", steps=10, sample_index=0, guidance=3.0)
+def batch(size: int, k: int) -> np.ndarray:
+    """K images as one contiguous array, as the sampler's decoder returns a batch."""
+    images = make_images(size)
+    return np.stack([images[i % len(images)] for i in range(k)])
 
 
-def edsam_sender(endpoint_q, go, size: int, encoding: str, n: int) -> None:
+def provenance(seq: int, k: int) -> list[dict]:
+    """What the sampler reports per sample (see ``EDSAMSampler.generate``)."""
+    return [dict(source_key=f"flat-0-{(seq + i) // 10:08d}", caption="a small red star on a light background",
+                 alpha=0.1 * (i % 10) - 0.45, rho=0.5, seed=(seq + i) // 10, sample_index=(seq + i) % 10,
+                 model_id="bench", mode="transport", steps=10, inversion_steps=10, guidance=3.0) for i in range(k)]
+
+
+def edsam_sender(endpoint_q, go, size: int, encoding: str, k: int, n: int) -> None:
     from edsam_online.streaming import StreamConfig, open_producer_socket, send_bounded
     from edsam_online.wire import encode_message
+    from producers.producer import message_fields
 
-    images = make_images(size)
-    cfg = StreamConfig(endpoints=["tcp://127.0.0.1:*"], encoding=encoding)
+    images = batch(size, k)
+    cfg = StreamConfig(endpoints=["tcp://127.0.0.1:*"], encoding=encoding, samples_per_message=k)
     ctx = zmq.Context()
     sock = open_producer_socket(ctx, cfg, 0)
     endpoint_q.put(sock.last_endpoint.decode())
     go.wait(60)
-    for seq in range(n):
-        ok, _ = send_bounded(sock, encode_message(images[seq % len(images)], fields(seq), encoding), 30.0)
+    for seq in range(0, n, k):
+        fields = message_fields("bench", 1, seq, provenance(seq, k))
+        ok, _ = send_bounded(sock, encode_message(images, fields, encoding), 30.0)
         assert ok
     sock.close(linger=30_000)
     ctx.term()
@@ -72,22 +92,23 @@ def bare_sender(endpoint_q, go, frames: list[bytes], n: int) -> None:
     sock.bind("tcp://127.0.0.1:*")
     endpoint_q.put(sock.last_endpoint.decode())
     go.wait(60)
-    for _ in range(n):
+    for _ in range(n):  # messages
         sock.send_multipart(frames, copy=False)
     sock.close(linger=30_000)
     ctx.term()
 
 
-def run_edsam(size: int, encoding: str, n: int) -> float:
+def run_edsam(size: int, encoding: str, k: int, n: int, capacity: int) -> float:
+    """Samples per second, ``n`` samples in messages of ``k``."""
     from edsam_online.buffer import BufferConfig, ReplayBuffer
     from edsam_online.streaming import Receiver, StreamConfig
 
     q, go = SPAWN.Queue(), SPAWN.Event()
-    proc = SPAWN.Process(target=edsam_sender, args=(q, go, size, encoding, n))
+    proc = SPAWN.Process(target=edsam_sender, args=(q, go, size, encoding, k, n))
     proc.start()
     endpoint = q.get(timeout=60)
-    buf = ReplayBuffer(BufferConfig(capacity=n))
-    with Receiver(StreamConfig(endpoints=[endpoint], rcvhwm=64), buf) as receiver:
+    buf = ReplayBuffer(BufferConfig(capacity=capacity))
+    with Receiver(StreamConfig(endpoints=[endpoint], rcvhwm=64, samples_per_message=k), buf) as receiver:
         time.sleep(0.3)  # connected
         t0 = time.perf_counter()
         go.set()
@@ -101,20 +122,27 @@ def run_edsam(size: int, encoding: str, n: int) -> float:
     return n / elapsed
 
 
-def run_bare(frames: list[bytes], n: int) -> float:
+def run_bare(frames: list[bytes], k: int, n: int, keep: int = 0) -> float:
+    """Samples per second, ``n`` samples in messages of ``k`` (the same frames every time),
+    keeping the messages of the last ``keep`` samples (0: none)."""
     q, go = SPAWN.Queue(), SPAWN.Event()
-    proc = SPAWN.Process(target=bare_sender, args=(q, go, frames, n))
+    proc = SPAWN.Process(target=bare_sender, args=(q, go, frames, n // k))
     proc.start()
     endpoint = q.get(timeout=60)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.rcvhwm = 64
     sock.connect(endpoint)
+    kept: collections.deque = collections.deque(maxlen=max(1, keep // k))
     time.sleep(0.3)
     t0 = time.perf_counter()
     go.set()
-    for _ in range(n):
-        sock.recv_multipart(copy=False)
+    if keep:
+        for _ in range(n // k):
+            kept.append(sock.recv_multipart(copy=False))
+    else:
+        for _ in range(n // k):
+            sock.recv_multipart(copy=False)
     elapsed = time.perf_counter() - t0
     sock.close(linger=0)
     ctx.term()
@@ -126,29 +154,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--samples-per-message", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--capacity", type=int, default=4096, help="edsam buffer slots (and bare+keep's window)")
     args = parser.parse_args()
     from edsam_online.wire import encode_message
+    from producers.producer import message_fields
 
     scale = 0.25 if args.quick else 1.0
-    counts = {(64, "raw"): 20000, (64, "jpeg"): 4000, (256, "raw"): 4000, (256, "jpeg"): 1000}
+    counts = {(64, "raw"): 40000, (64, "jpeg"): 4000, (256, "raw"): 12000, (256, "jpeg"): 1000}  # samples
     rows = []
     for (size, encoding), n in counts.items():
-        n = max(100, int(n * scale))
-        frames = encode_message(make_images(size)[0], fields(0), encoding)
-        frames = [bytes(f.buffer) if isinstance(f, zmq.Frame) else bytes(f) for f in frames]
-        nbytes = sum(len(f) for f in frames)
-        edsam, bare = [], []
-        for _ in range(args.repeats):  # interleaved so both see the same machine load
-            bare.append(run_bare(frames, n))
-            edsam.append(run_edsam(size, encoding, n))
-        e, b = statistics.median(edsam), statistics.median(bare)
-        rows.append((size, encoding, nbytes, n, e, b))
-        print(f"{size}x{size} {encoding}: edsam {e:.0f} msg/s, bare {b:.0f} msg/s, ratio {e / b:.2f}", flush=True)
-    print("\n| image | encoding | bytes/msg | messages | edsam msg/s | edsam MB/s | bare pyzmq msg/s | bare MB/s | edsam / bare |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for size, encoding, nbytes, n, e, b in rows:
-        print(f"| {size}x{size} | {encoding} | {nbytes} | {n} | {e:.0f} | {e * nbytes / 1e6:.1f} | {b:.0f} | "
-              f"{b * nbytes / 1e6:.1f} | {e / b:.2f} |")
+        for k in args.samples_per_message:
+            n_k = max(100, int(n * scale)) // k * k
+            frames = encode_message(batch(size, k), message_fields("bench", 1, 0, provenance(0, k)), encoding)
+            frames = [bytes(f.buffer) if isinstance(f, zmq.Frame) else bytes(f) for f in frames]
+            nbytes = sum(len(f) for f in frames)
+            edsam, bare, keep = [], [], []
+            for _ in range(args.repeats):  # interleaved so all see the same machine load
+                bare.append(run_bare(frames, k, n_k))
+                keep.append(run_bare(frames, k, n_k, keep=args.capacity))
+                edsam.append(run_edsam(size, encoding, k, n_k, args.capacity))
+            e, b, kb = statistics.median(edsam), statistics.median(bare), statistics.median(keep)
+            rows.append((size, encoding, k, nbytes / k, n_k, e, b, kb))
+            print(f"{size}x{size} {encoding} K={k}: edsam {e:.0f} samples/s, bare {b:.0f}, bare+keep {kb:.0f}; "
+                  f"ratios {e / b:.2f} / {e / kb:.2f}", flush=True)
+    print("\n| image | encoding | samples/msg | bytes/sample | samples | edsam samples/s | edsam MB/s "
+          "| bare samples/s | bare MB/s | bare+keep samples/s | edsam / bare | edsam / bare+keep |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for size, encoding, k, per_sample, n, e, b, kb in rows:
+        print(f"| {size}x{size} | {encoding} | {k} | {per_sample:.0f} | {n} | {e:.0f} | {e * per_sample / 1e6:.1f} "
+              f"| {b:.0f} | {b * per_sample / 1e6:.1f} | {kb:.0f} | {e / b:.2f} | {e / kb:.2f} |")
 
 
 if __name__ == "__main__":

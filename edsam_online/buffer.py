@@ -26,7 +26,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Iterable, TypeVar
 
 T = TypeVar("T")
 
@@ -137,27 +137,32 @@ class ReplayBuffer(Generic[T]):
 
     def insert(self, value: T) -> None:
         """Add one item, evicting the oldest when full. Never blocks."""
+        self.insert_many((value,))
+
+    def insert_many(self, values: Iterable[T]) -> None:
+        """Add items in order under one lock (a received message's samples). Never blocks."""
         now = time.monotonic()
         with self._cond:
-            if len(self._slots) >= self.cfg.capacity:
-                oldest = self._fifo[0]
-                self._remove(oldest)
-                self._evicted += 1
-                if oldest.uses == 0:
-                    self._evicted_never_sampled += 1
-            item = _Item(value, now, self._step)
-            item.pos = len(self._slots)
-            self._slots.append(item)
-            self._fifo.append(item)
-            self._inserts += 1
-            if self.cfg.samples_per_insert > 0:
-                excess = self._credit() - self._max_diff
-                # Only once min_size is reached: before that Reverb lets inserts run free.
-                if excess > 0 and len(self._slots) > self.cfg.min_size_to_sample:
-                    self._forgiven += excess
+            for value in values:
+                if len(self._slots) >= self.cfg.capacity:
+                    oldest = self._fifo[0]
+                    self._remove(oldest)
+                    self._evicted += 1
+                    if oldest.uses == 0:
+                        self._evicted_never_sampled += 1
+                item = _Item(value, now, self._step)
+                item.pos = len(self._slots)
+                self._slots.append(item)
+                self._fifo.append(item)
+                self._inserts += 1
+                if self.cfg.samples_per_insert > 0:
+                    excess = self._credit() - self._max_diff
+                    # Only once min_size is reached: before that Reverb lets inserts run free.
+                    if excess > 0 and len(self._slots) > self.cfg.min_size_to_sample:
+                        self._forgiven += excess
             self._mark_rate(now)
             if self._can_sample() is None:
-                self._cond.notify()
+                self._cond.notify_all()
 
     def sample(self, timeout_s: float | None = None) -> T | None:
         """One item drawn uniformly, or ``None`` after waiting at most ``timeout_s``

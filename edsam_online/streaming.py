@@ -63,7 +63,11 @@ class StreamConfig:
     ``max_message_bytes`` is set as ZeroMQ ``MAXMSGSIZE`` on the receiving socket
     (a peer sending a larger frame is disconnected by libzmq) and bounds the whole
     message in :func:`~edsam_online.wire.decode_message`. ``sndhwm``/``rcvhwm``
-    are ZeroMQ high-water marks in messages. CURVE (``curve``): the receiver is the
+    are ZeroMQ high-water marks in messages. ``samples_per_message`` is how many
+    samples a producer packs into one message (K in :mod:`edsam_online.wire`): more
+    amortises the per-message cost, fewer spreads one producer batch over more
+    trainers; in-flight samples are up to ``sndhwm + rcvhwm`` times it.
+    ``max_samples_per_message`` is what a receiver accepts. CURVE (``curve``): the receiver is the
     CURVE server; see :mod:`edsam_online.security` for the key files.
     ``stats_endpoint`` (optional) is where a receiver answers ``buffer-monitor``
     requests; ``{rank}`` in it is replaced by the receiver's rank.
@@ -77,6 +81,8 @@ class StreamConfig:
     max_header_bytes: int = 64 * 1024
     max_side: int = 2048
     max_caption_chars: int = 1024
+    samples_per_message: int = 16
+    max_samples_per_message: int = 256
     sndhwm: int = 64
     rcvhwm: int = 64
     poll_timeout_ms: int = 100
@@ -96,10 +102,13 @@ class StreamConfig:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"quality must be in [1, 100], got {self.quality}")
-        for name in ("sndhwm", "rcvhwm", "poll_timeout_ms", "reconnect_ivl_ms"):
+        for name in ("sndhwm", "rcvhwm", "poll_timeout_ms", "reconnect_ivl_ms", "samples_per_message"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.limits()  # validates the size limits, naming the field
+        if self.samples_per_message > self.max_samples_per_message:
+            raise ValueError(f"samples_per_message must be <= max_samples_per_message={self.max_samples_per_message}, "
+                             f"got {self.samples_per_message}")
 
     def limits(self) -> WireLimits:
         return WireLimits(
@@ -107,6 +116,7 @@ class StreamConfig:
             max_header_bytes=self.max_header_bytes,
             max_side=self.max_side,
             max_caption_chars=self.max_caption_chars,
+            max_samples_per_message=self.max_samples_per_message,
         )
 
     def check_curve(self, role: str) -> None:
@@ -273,6 +283,7 @@ class Receiver:
         self._counters = dict.fromkeys(
             (
                 "received",
+                "received_samples",
                 "received_bytes",
                 "accepted",
                 "seq_gaps",
@@ -325,12 +336,13 @@ class Receiver:
 
     @property
     def accepted(self) -> int:
-        """Messages accepted into the buffer so far (cheap; for polling)."""
+        """Samples accepted into the buffer so far (cheap; for polling)."""
         return self._counters["accepted"]
 
     def stats(self) -> dict[str, float]:
-        """Buffer stats plus receiver counters: ``buffer/received``, ``buffer/accepted``,
-        ``buffer/dropped`` (total) and ``buffer/dropped/<reason>``, ``buffer/seq_gaps``, ..."""
+        """Buffer stats plus receiver counters: ``buffer/received`` (messages),
+        ``buffer/received_samples``, ``buffer/accepted`` (samples),
+        ``buffer/dropped`` (messages, total) and ``buffer/dropped/<reason>``, ``buffer/seq_gaps``, ..."""
         out = self.buffer.stats()
         with self._lock:
             out.update({f"buffer/{k}": v for k, v in self._counters.items()})
@@ -441,19 +453,19 @@ class Receiver:
     def _handle(self, frames: list[zmq.Frame]) -> None:
         now = time.time()
         try:
-            sample = decode_message(frames, self._limits, received_at=now)
+            header, samples = decode_message(frames, self._limits, received_at=now)
         except WireError as err:
             with self._lock:
                 self._counters["received"] += 1
                 self._counters["received_bytes"] += sum(len(f.buffer) for f in frames)
             self._drop(err.reason, err.detail)
             return
-        header = sample.header
         key = (header["producer_id"], header["session"])
-        seq = header["seq"]
+        seq, k = header["seq"], len(samples)
         with self._lock:
             self._counters["received"] += 1
-            self._counters["received_bytes"] += len(frames[0]) + header["nbytes"]
+            self._counters["received_samples"] += k
+            self._counters["received_bytes"] += len(frames[0]) + len(frames[1])
             last = self._last_seq.get(key)
             if last is not None and seq <= last:
                 duplicate = True
@@ -465,16 +477,16 @@ class Receiver:
                         self._last_seq.popitem(last=False)
                 else:
                     self._counters["seq_gaps"] += seq - last - 1
-                self._last_seq[key] = seq
+                self._last_seq[key] = seq + k - 1
                 self._last_seq.move_to_end(key)
                 if "stats" in header:
                     self._producer_stats[header["producer_id"]] = (time.monotonic(), header["stats"])
-                self._counters["accepted"] += 1
+                self._counters["accepted"] += k
                 self._latency_ema += 0.05 * ((now - header["created_at"]) - self._latency_ema)
         if duplicate:
             self._drop("duplicate", f"{key} seq {seq} <= {last}")
             return
-        self.buffer.insert(sample)
+        self.buffer.insert_many(samples)
 
     def _drain_monitor(self, monitor: zmq.Socket, sock: zmq.Socket) -> None:
         names = {

@@ -27,7 +27,27 @@ from edsam_online.wire import encode_message
 
 log = logging.getLogger(__name__)
 
-_PROVENANCE_FIELDS = ("mode", "steps", "inversion_steps", "sample_index", "guidance")
+_MESSAGE_PROVENANCE = ("mode", "steps", "inversion_steps", "guidance")  # one sampler config per batch
+
+
+def message_fields(producer_id: str, session: int, seq: int, provenance: list[dict]) -> dict[str, Any]:
+    """Header fields (:mod:`edsam_online.wire`) for the samples of one message, from the sampler's provenance."""
+    first = provenance[0]
+    fields: dict[str, Any] = {
+        "producer_id": producer_id,
+        "session": session,
+        "seq": seq,
+        "rho": float(first["rho"]),
+        "model_id": str(first["model_id"]),
+        "source_key": [p["source_key"] for p in provenance],
+        "caption": [p["caption"] for p in provenance],
+        "alpha": [float(p["alpha"]) for p in provenance],
+        "seed": [int(p["seed"]) for p in provenance],
+    }
+    fields.update({k: first[k] for k in _MESSAGE_PROVENANCE if k in first})
+    if "sample_index" in first:
+        fields["sample_index"] = [int(p["sample_index"]) for p in provenance]
+    return fields
 
 
 def batch_seed(seed: int, rank: int, batch_index: int) -> int:
@@ -124,6 +144,7 @@ def run_producer(
         return out
 
     limit = pcfg.num_samples
+    byte_budget = stream_cfg.max_message_bytes - stream_cfg.max_header_bytes
     bar = tqdm(total=limit or None, desc=pcfg.name, unit="sample", mininterval=5.0, disable=None)
     last_log = time.monotonic()
     try:
@@ -142,34 +163,27 @@ def run_producer(
                 seed=batch_seed(pcfg.seed, pcfg.rank, batch_index),
             )
             state["unet_calls"] += generated.unet_calls
-            for image, prov in zip(generated.images, generated.provenance):
+            images, provenance = generated.images, generated.provenance
+            per_message = min(stream_cfg.samples_per_message, max(1, byte_budget // (images[0].nbytes + 1024)))
+            for first in range(0, len(images), per_message):
                 if stop.event.is_set() or (limit and state["sent"] >= limit):
                     break
-                state["generated"] += 1
-                fields = {
-                    "producer_id": pcfg.name,
-                    "session": session,
-                    "seq": state["sent"],
-                    "source_key": prov["source_key"],
-                    "caption": prov["caption"],
-                    "alpha": float(prov["alpha"]),
-                    "rho": float(prov["rho"]),
-                    "seed": int(prov["seed"]),
-                    "model_id": str(prov["model_id"]),
-                }
-                fields.update({k: prov[k] for k in _PROVENANCE_FIELDS if k in prov})
+                last = min(first + per_message, len(images), first + limit - state["sent"] if limit else len(images))
+                chunk = provenance[first:last]
+                state["generated"] += len(chunk)
+                fields = message_fields(pcfg.name, session, state["sent"], chunk)
                 # Random, not every N-th: behind a round-robin PUSH a fixed stride could
                 # keep some trainers from ever seeing producer stats.
                 if state["sent"] == 0 or stats_rng.random() < 1.0 / pcfg.stats_every:
                     fields["stats"] = metrics()
-                frames = encode_message(image, fields, stream_cfg.encoding, stream_cfg.quality)
+                frames = encode_message(images[first:last], fields, stream_cfg.encoding, stream_cfg.quality)
                 if _send(sock, frames, pcfg, stop.event, state):
-                    state["sent"] += 1
-                    bar.update(1)
+                    state["sent"] += len(chunk)
+                    bar.update(len(chunk))
                 else:
-                    state["dropped_unsent"] += 1
-                    log.warning("producer %s: no trainer took a message within %.1fs, dropped it",
-                                pcfg.name, pcfg.send_timeout_s)
+                    state["dropped_unsent"] += len(chunk)
+                    log.warning("producer %s: no trainer took a message within %.1fs, dropped its %d samples",
+                                pcfg.name, pcfg.send_timeout_s, len(chunk))
             if metric_logger is not None and time.monotonic() - last_log >= pcfg.log_every_s:
                 metric_logger.log(metrics(), step=state["sent"])
                 last_log = time.monotonic()

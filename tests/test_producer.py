@@ -83,6 +83,24 @@ def test_samples_carry_provenance_and_forwarded_stats(tiny):
     assert producer_stats["producer/active"] == 1
 
 
+@pytest.mark.parametrize("stream_kw, messages", [
+    (dict(samples_per_message=3), 3),  # batches of 4 samples: [3, 1] + [3] (the 7-sample limit)
+    (dict(samples_per_message=16, max_message_bytes=12_000, max_header_bytes=4000), 7),  # one 32x32 image fits
+])
+def test_samples_are_packed_per_message_within_the_limits(tiny, stream_kw, messages):
+    buf = ReplayBuffer(BufferConfig(capacity=100, max_times_sampled=1))
+    pcfg = ProducerConfig(num_samples=7, batch_size=2, m=2, seed=3)
+    stream = StreamConfig(endpoints=["tcp://127.0.0.1:*"], **stream_kw)
+    thread, endpoint, result = start_producer(tiny, pcfg, stream)
+    with Receiver(StreamConfig(endpoints=[endpoint], **stream_kw), buf) as receiver:
+        thread.join(60)
+        assert wait_for(lambda: receiver.stats()["buffer/accepted"] == 7)
+        stats = receiver.stats()
+    assert stats["buffer/received"] == messages and stats["buffer/dropped"] == 0 and stats["buffer/seq_gaps"] == 0
+    assert sorted(s.header["seq"] for s in collect(buf)) == list(range(7))
+    assert result["producer/sent"] == 7 == result["producer/generated"]
+
+
 def test_producer_ranks_read_disjoint_partitions_with_distinct_seeds(tiny):
     buf = ReplayBuffer(BufferConfig(capacity=100, max_times_sampled=1))
     stream = StreamConfig(endpoints=["tcp://127.0.0.1:*"] * 2)

@@ -66,17 +66,18 @@ def test_hostile_input_is_dropped_by_reason_and_valid_messages_still_arrive(ctx)
     hostile = {
         "not_msgpack": [b"\xc1\xc1\xc1 definitely not msgpack", raw(good)[1]],
         "not_a_map": [msgpack.packb(["v", 1]), raw(good)[1]],
-        "version": header_with(good, v=2),
+        "version": header_with(good, v=1),  # the one-sample-per-message schema
         "missing_field": header_with(good, caption=KeyError),
+        "bad_count": header_with(good, alpha=[0.1, 0.2]),  # two alphas, one image
         "wrong_type": header_with(good, seq="7"),
         "size_mismatch": header_with(good, shape=[16, 17, 3]),
-        "oversized": header_with(good, nbytes=limit - 100)[:1] + [b"\x00" * (limit - 100)],
-        "undecodable": header_with(valid_frames(0, "jpeg"), nbytes=len(truncated))[:1] + [truncated],
+        "oversized": header_with(good, nbytes=[limit - 100])[:1] + [b"\x00" * (limit - 100)],
+        "undecodable": header_with(valid_frames(0, "jpeg"), nbytes=[len(truncated)])[:1] + [truncated],
         "bad_shape": header_with(good, shape=[-16, 10**9, 3]),
-        "bad_value": header_with(good, nbytes=-768),
+        "bad_value": header_with(good, nbytes=[-768]),
         "frame_count": raw(good) + [b"extra frame"],
-        "caption_too_long": header_with(good, caption="x" * 5000),
-        "header_too_large": header_with(good, caption="x" * 20_000),
+        "caption_too_long": header_with(good, caption=["x" * 5000]),
+        "header_too_large": header_with(good, caption=["x" * 20_000]),
         "bad_stats": header_with(good, stats={"producer/x": [1, 2]}),
     }
     with Receiver(cfg, buf, endpoints=[endpoint]) as receiver:
@@ -109,6 +110,33 @@ def test_hostile_input_is_dropped_by_reason_and_valid_messages_still_arrive(ctx)
     assert not receiver.is_alive()
     seen = {buf.sample(0).header["seq"] for _ in range(200)}
     assert seen == {0, 1, 2, 3, 4, 5}
+
+
+def test_a_message_of_many_samples_counts_each_sample(ctx):
+    buf = ReplayBuffer(BufferConfig(capacity=100))
+    client, endpoint = push_bound(ctx)
+
+    def message(seq, k):
+        imgs = np.stack([np.full((8, 8, 3), seq + i, np.uint8) for i in range(k)])
+        fields = dict(producer_id="p", session=9, seq=seq, rho=0.5, model_id="m", source_key=[f"k{seq}"] * k,
+                      caption=[f"a ring {seq + i}" for i in range(k)], alpha=[0.1 * i for i in range(k)],
+                      seed=[seq] * k)
+        return raw(encode_message(imgs, fields, "raw"))
+
+    with Receiver(StreamConfig(), buf, endpoints=[endpoint]) as receiver:
+        client.send_multipart(message(0, 4))  # samples 0..3
+        client.send_multipart(message(6, 2))  # samples 6, 7: 4 and 5 lost
+        client.send_multipart(message(2, 3))  # a replay of old numbers
+        assert wait_for(lambda: receiver.stats()["buffer/dropped"] == 1)
+        stats = receiver.stats()
+    assert stats["buffer/accepted"] == 6 == len(buf) and stats["buffer/received"] == 3
+    assert stats["buffer/received_samples"] == 9 and stats["buffer/dropped/duplicate"] == 1
+    assert stats["buffer/seq_gaps"] == 2
+    by_seq = {}
+    while (s := buf.sample(0)) is not None and len(by_seq) < 6:
+        by_seq[s.header["seq"]] = s
+    assert sorted(by_seq) == [0, 1, 2, 3, 6, 7]
+    assert all(s.caption == f"a ring {q}" and s.image[0, 0, 0] == q for q, s in by_seq.items())
 
 
 def test_curve_accepts_allowed_keys_only(ctx, tmp_path):

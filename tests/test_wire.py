@@ -70,33 +70,59 @@ def reason(frames, limits=LIMITS):
 
 def test_raw_round_trip_is_exact_and_carries_provenance():
     img = image()
-    sample = decode_message(encode_message(img, fields(), "raw"), LIMITS)
+    header, (sample,) = decode_message(encode_message(img, fields(), "raw"), LIMITS)
     np.testing.assert_array_equal(sample.image, img)
     assert sample.caption == fields()["caption"]
     h = sample.header
     assert h["v"] == SCHEMA_VERSION and h["shape"] == [24, 40, 3] and h["encoding"] == "raw"
     assert (h["producer_id"], h["session"], h["seq"], h["seed"], h["alpha"]) == ("producer-0", 7, 3, 1234, -0.25)
+    assert (h["source_key"], h["sample_index"], h["mode"]) == ("flat-0-001", 2, "transport")
     assert h["nbytes"] == img.nbytes and h["created_at"] > 0
+    assert header["nbytes"] == [img.nbytes]
     assert not sample.image.flags.writeable  # shares the frame's memory
+
+
+def batch_fields(k, **over):
+    columns = dict(source_key=[f"src-{i // 2}" for i in range(k)], caption=[f"a small red star number {i}" for i in range(k)],
+                   alpha=[i / 10 - 0.2 for i in range(k)], seed=[100 + i // 2 for i in range(k)],
+                   sample_index=[i % 2 for i in range(k)])
+    return fields(**{**columns, **over})
+
+
+def test_many_samples_in_one_message_each_keep_their_own_fields():
+    imgs = np.stack([image(seed=i) for i in range(5)])
+    header, samples = decode_message(encode_message(imgs, batch_fields(5), "raw"), LIMITS)
+    assert len(samples) == 5 and header["seq"] == 3 and header["nbytes"] == [imgs[0].nbytes] * 5
+    for i, s in enumerate(samples):
+        np.testing.assert_array_equal(s.image, imgs[i])
+        assert s.caption == f"a small red star number {i}" == s.header["caption"]
+        h = s.header
+        assert (h["seq"], h["alpha"], h["seed"], h["sample_index"], h["source_key"]) == (
+            3 + i, i / 10 - 0.2, 100 + i // 2, i % 2, f"src-{i // 2}")
+        assert (h["producer_id"], h["session"], h["rho"], h["model_id"]) == ("producer-0", 7, 0.5, "tiny")
+        assert "stats" not in h
 
 
 @pytest.mark.parametrize("encoding", ["jpeg", "webp"])
 def test_compressed_round_trip_is_close(encoding):
-    img = np.full((32, 32, 3), 120, np.uint8)
-    img[8:24, 8:24] = (200, 30, 30)
-    frames = encode_message(img, fields(), encoding, quality=95)
-    assert len(as_bytes(frames)[1]) < img.nbytes
-    out = decode_message(frames, LIMITS).image
-    assert out.shape == img.shape and out.dtype == np.uint8
-    assert np.abs(out.astype(int) - img).mean() < 4
+    imgs = np.full((3, 32, 32, 3), 120, np.uint8)
+    for i in range(3):
+        imgs[i, 8:24, 8 + i:20 + i] = (200, 30 * i, 30)
+    frames = encode_message(imgs, batch_fields(3), encoding, quality=95)
+    assert len(as_bytes(frames)[1]) < imgs.nbytes
+    _, samples = decode_message(frames, LIMITS)
+    assert len(samples) == 3
+    for img, s in zip(imgs, samples):
+        assert s.image.shape == img.shape and s.image.dtype == np.uint8
+        assert np.abs(s.image.astype(int) - img).mean() < 4
 
 
 def test_large_raw_payload_is_zero_copy():
-    img = image(256, 256)
-    frames = encode_message(img, fields(), "raw")
+    imgs = np.stack([image(256, 256, seed=i) for i in range(2)])
+    frames = encode_message(imgs, batch_fields(2), "raw")
     payload = frames[1]
-    assert payload.buffer.obj is not None  # a view over the image, not a copy
-    assert np.shares_memory(np.frombuffer(payload.buffer, np.uint8), img)
+    assert payload.buffer.obj is not None  # a view over the images, not a copy
+    assert np.shares_memory(np.frombuffer(payload.buffer, np.uint8), imgs)
 
 
 def test_encode_rejects_bad_arguments_naming_them():
@@ -110,8 +136,14 @@ def test_encode_rejects_bad_arguments_naming_them():
         encode_message(image(), {k: v for k, v in fields().items() if k != "caption"})
     with pytest.raises(ValueError, match="seq"):
         encode_message(image(), fields(seq="3"))
+    with pytest.raises(ValueError, match="source_key must be a list of 2 values"):  # one per image
+        encode_message(np.stack([image(), image()]), fields())
+    with pytest.raises(ValueError, match="alpha"):
+        encode_message(np.stack([image(), image()]), batch_fields(2, alpha=[0.1]))
     with pytest.raises(ValueError, match="max_side"):
         WireLimits(max_side=0)
+    with pytest.raises(ValueError, match="max_samples_per_message"):
+        WireLimits(max_samples_per_message=0)
 
 
 def test_every_defect_kind_has_its_reason():
@@ -126,16 +158,17 @@ def test_every_defect_kind_has_its_reason():
         "version": with_header(good, v=99),
         "missing_field": with_header(good, seed=KeyError),
         "wrong_type": with_header(good, seq="3"),
-        "bad_value": with_header(good, alpha=float("nan")),
+        "bad_value": with_header(good, alpha=[float("nan")]),
         "bad_shape": with_header(good, shape=[-24, 40, 3]),
-        "caption_too_long": with_header(good, caption="x" * 201),
+        "caption_too_long": with_header(good, caption=["x" * 201]),
         "size_mismatch": with_header(good, shape=[24, 41, 3]),
+        "bad_count": with_header(good, alpha=[0.1, 0.2]),
         "oversized": [raw[0], b"\x00" * (1 << 20)],
         "bad_stats": with_header(good, stats={"producer/x": "fast"}),
     }
     truncated = jpeg[1][: len(jpeg[1]) // 2]
     h = msgpack.unpackb(jpeg[0])
-    h["nbytes"] = len(truncated)
+    h["nbytes"] = [len(truncated)]
     cases["undecodable"] = [msgpack.packb(h), truncated]
     for expected, frames in cases.items():
         assert reason(frames) == expected, expected
@@ -146,8 +179,14 @@ def test_more_hostile_values():
     good = encode_message(image(), fields(), "raw")
     assert reason(with_header(good, seq=True)) == "wrong_type"  # bool is not an int
     assert reason(with_header(good, seq=-1)) == "bad_value"
-    assert reason(with_header(good, nbytes=-5)) == "bad_value"
-    assert reason(with_header(good, nbytes=10**12)) == "size_mismatch"
+    assert reason(with_header(good, nbytes=[-5])) == "bad_value"
+    assert reason(with_header(good, nbytes=[10**12])) == "size_mismatch"
+    assert reason(with_header(good, nbytes=1440)) == "wrong_type"  # a column must be a list
+    assert reason(with_header(good, alpha=0.5)) == "wrong_type"
+    assert reason(with_header(good, alpha=["0.5"])) == "wrong_type"
+    assert reason(with_header(good, nbytes=[])) == "bad_count"
+    assert reason(with_header(good, sample_index=[0, 1])) == "bad_count"
+    assert reason(with_header(good, nbytes=[1440] * 257), WireLimits(max_header_bytes=8192)) == "bad_count"
     assert reason(with_header(good, shape=[10**9, 10**9, 3])) == "bad_shape"
     assert reason(with_header(good, shape=[24, 40, 4])) == "bad_shape"
     assert reason(with_header(good, shape="24x40")) == "wrong_type"
@@ -155,7 +194,7 @@ def test_more_hostile_values():
     assert reason(with_header(good, v=KeyError)) == "version"
     assert reason(with_header(good, dtype="float32")) == "bad_value"
     assert reason(with_header(good, encoding="pickle")) == "bad_value"
-    assert reason(with_header(good, caption="   ")) == "bad_value"
+    assert reason(with_header(good, caption=["   "])) == "bad_value"
     assert reason(with_header(good, stats={"train/loss": 1.0})) == "bad_stats"
     assert reason([b"\x92" * 3000, as_bytes(good)[1]]) == "not_msgpack"  # deeply nested / truncated
 
@@ -166,9 +205,25 @@ def test_compressed_payload_declaring_a_different_size_is_refused_before_decodin
     Image.new("RGB", (500, 500)).save(big, format="JPEG")
     frames = encode_message(image(), fields(), "jpeg")
     h = header_of(frames)
-    h["nbytes"] = len(big.getvalue())
+    h["nbytes"] = [len(big.getvalue())]
     assert reason([msgpack.packb(h), big.getvalue()]) == "undecodable"
     png = io.BytesIO()
     Image.new("RGB", (40, 24)).save(png, format="PNG")  # not the declared format
-    h["nbytes"] = len(png.getvalue())
+    h["nbytes"] = [len(png.getvalue())]
     assert reason([msgpack.packb(h), png.getvalue()]) == "undecodable"
+
+
+def test_one_bad_sample_drops_the_whole_message():
+    imgs = np.stack([image(seed=i) for i in range(4)])
+    good = encode_message(imgs, batch_fields(4), "raw")
+    assert reason(with_header(good, alpha=[0.1, 0.2, float("inf"), 0.3])) == "bad_value"
+    assert reason(with_header(good, caption=["a", "b", "", "d"])) == "bad_value"
+    assert reason(with_header(good, caption=["a", "b", "x" * 201, "d"])) == "caption_too_long"
+    assert reason(with_header(good, source_key=["a", "b", 3, "d"])) == "wrong_type"
+    assert reason(with_header(good, source_key=["a", "b", "k" * 300, "d"])) == "bad_value"
+    nb = header_of(good)["nbytes"]
+    assert reason(with_header(good, nbytes=[nb[0] + 1, nb[1] - 1, nb[2], nb[3]])) == "size_mismatch"
+    jpeg = encode_message(imgs, batch_fields(4), "jpeg")
+    h, payload = header_of(jpeg), as_bytes(jpeg)[1]
+    h["nbytes"] = [h["nbytes"][0] + 7, h["nbytes"][1] - 7, *h["nbytes"][2:]]  # splits inside files
+    assert reason([msgpack.packb(h), payload]) == "undecodable"
