@@ -2,7 +2,7 @@
 """Producer-to-buffer throughput across processes over tcp loopback, against bare pyzmq.
 
 For each image size (64, 256), encoding (raw, jpeg) and samples per message K
-(``--samples-per-message``, default 1 and 16, the ``stream`` default), in the same run:
+(``--samples-per-message``, default 1, 16 and 64, the ``stream`` default), in the same run:
 
 * **edsam**: a sender process builds every message as a producer does
   (``producers.producer.message_fields`` from per-sample provenance, then
@@ -14,6 +14,7 @@ For each image size (64, 256), encoding (raw, jpeg) and samples per message K
 * **bare**: a sender process sends the same bytes (one pre-built header + payload of
   K images) with ``send_multipart(copy=False)`` to a plain PULL socket that receives
   and discards them (``recv_multipart(copy=False)``). The target's baseline.
+  Both use the ``stream`` default high-water marks, as edsam does.
 * **bare+keep**: the same, but the PULL side keeps the frames of the last
   ``--capacity`` samples in a deque and drops older ones, as any buffer of that
   capacity must. It separates what holding samples costs (fresh memory for every
@@ -38,6 +39,8 @@ import time
 
 import numpy as np
 import zmq
+
+from edsam_online.streaming import StreamConfig
 
 SPAWN = mp.get_context("spawn")
 
@@ -67,7 +70,7 @@ def provenance(seq: int, k: int) -> list[dict]:
 
 
 def edsam_sender(endpoint_q, go, size: int, encoding: str, k: int, n: int) -> None:
-    from edsam_online.streaming import StreamConfig, open_producer_socket, send_bounded
+    from edsam_online.streaming import open_producer_socket, send_bounded
     from edsam_online.wire import encode_message
     from producers.producer import message_fields
 
@@ -88,7 +91,7 @@ def edsam_sender(endpoint_q, go, size: int, encoding: str, k: int, n: int) -> No
 def bare_sender(endpoint_q, go, frames: list[bytes], n: int) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
-    sock.sndhwm = 64
+    sock.sndhwm = StreamConfig().sndhwm
     sock.bind("tcp://127.0.0.1:*")
     endpoint_q.put(sock.last_endpoint.decode())
     go.wait(60)
@@ -101,14 +104,14 @@ def bare_sender(endpoint_q, go, frames: list[bytes], n: int) -> None:
 def run_edsam(size: int, encoding: str, k: int, n: int, capacity: int) -> float:
     """Samples per second, ``n`` samples in messages of ``k``."""
     from edsam_online.buffer import BufferConfig, ReplayBuffer
-    from edsam_online.streaming import Receiver, StreamConfig
+    from edsam_online.streaming import Receiver
 
     q, go = SPAWN.Queue(), SPAWN.Event()
     proc = SPAWN.Process(target=edsam_sender, args=(q, go, size, encoding, k, n))
     proc.start()
     endpoint = q.get(timeout=60)
     buf = ReplayBuffer(BufferConfig(capacity=capacity))
-    with Receiver(StreamConfig(endpoints=[endpoint], rcvhwm=64, samples_per_message=k), buf) as receiver:
+    with Receiver(StreamConfig(endpoints=[endpoint], samples_per_message=k), buf) as receiver:
         time.sleep(0.3)  # connected
         t0 = time.perf_counter()
         go.set()
@@ -131,7 +134,7 @@ def run_bare(frames: list[bytes], k: int, n: int, keep: int = 0) -> float:
     endpoint = q.get(timeout=60)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
-    sock.rcvhwm = 64
+    sock.rcvhwm = StreamConfig().rcvhwm
     sock.connect(endpoint)
     kept: collections.deque = collections.deque(maxlen=max(1, keep // k))
     time.sleep(0.3)
@@ -154,7 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--samples-per-message", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--samples-per-message", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--capacity", type=int, default=4096, help="edsam buffer slots (and bare+keep's window)")
     args = parser.parse_args()
     from edsam_online.wire import encode_message

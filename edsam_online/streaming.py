@@ -66,7 +66,8 @@ class StreamConfig:
     are ZeroMQ high-water marks in messages. ``samples_per_message`` is how many
     samples a producer packs into one message (K in :mod:`edsam_online.wire`): more
     amortises the per-message cost, fewer spreads one producer batch over more
-    trainers; in-flight samples are up to ``sndhwm + rcvhwm`` times it.
+    trainers; in-flight samples are up to ``sndhwm + rcvhwm`` times it (1024 with the
+    defaults: bounded in memory and in staleness).
     ``max_samples_per_message`` is what a receiver accepts. CURVE (``curve``): the receiver is the
     CURVE server; see :mod:`edsam_online.security` for the key files.
     ``stats_endpoint`` (optional) is where a receiver answers ``buffer-monitor``
@@ -81,10 +82,10 @@ class StreamConfig:
     max_header_bytes: int = 64 * 1024
     max_side: int = 2048
     max_caption_chars: int = 1024
-    samples_per_message: int = 16
+    samples_per_message: int = 64
     max_samples_per_message: int = 256
-    sndhwm: int = 64
-    rcvhwm: int = 64
+    sndhwm: int = 8
+    rcvhwm: int = 8
     poll_timeout_ms: int = 100
     reconnect_ivl_ms: int = 100
     stats_endpoint: str = ""

@@ -15,7 +15,14 @@ Two stages on CPU, sized for a 15-minute budget on 2 cores at 32 px:
 2. With the VAE frozen and latents cached, a UNet2DConditionModel trained jointly
    with a tiny CLIP text encoder (offline BPE tokenizer) on epsilon prediction,
    dropping 10% of captions for classifier-free guidance, with an EMA of the UNet.
-   Half of each batch's timesteps are drawn from the DDIM grid the sampler and the
+   The caption enters through cross-attention and also, attention-pooled, through the
+   time embedding of every ResNet block (diffusers' ``addition_embed_type="text"``
+   with scale-shift): at equal steps this raised rho = 0 fidelity from 0.42 to 0.56
+   (guidance 1.5, 800 UNet steps). Tried and not kept, at the same budget: a text
+   encoder pre-trained to predict class, color and size from the caption (no gain),
+   v-prediction with min-SNR weighting (fidelity fell to 0.14), all timesteps on the
+   DDIM grid (0.57, within noise), ``torch.compile`` (14% faster steps, 226 s to compile).
+   Half (``grid_share``) of each batch's timesteps are drawn from the DDIM grid the sampler and the
    inversion use at ``steps`` = 10 (t = 1, 101, ..., 901), half uniformly, so the few
    thousand steps affordable on a CPU go where generation evaluates the UNet while
    other step counts still work.
@@ -64,7 +71,8 @@ class TrainLDMConfig:
     vae_lr: float = 3e-3
     unet_lr: float = 2e-3
     latent_channels: int = 4
-    grid_steps: int = 10  # the DDIM step count whose timesteps get half of the training draws
+    grid_steps: int = 10  # the DDIM step count whose timesteps get ``grid_share`` of the training draws
+    grid_share: float = 0.5
     kl_weight: float = 1e-6
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
@@ -78,6 +86,8 @@ class TrainLDMConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.resolution % 4:
             raise ValueError(f"resolution must be a multiple of 4, got {self.resolution}")
+        if not 0 <= self.grid_share <= 1:
+            raise ValueError(f"grid_share must be in [0, 1], got {self.grid_share}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:
@@ -105,6 +115,9 @@ def build_components(resolution: int = 32, latent_channels: int = 4) -> dict:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
         attention_head_dim=16, norm_num_groups=16,
+        # The caption also enters every ResNet block: attention-pooled into the time embedding
+        # (diffusers' "text" addition embedding, as in Imagen), applied as scale and shift.
+        addition_embed_type="text", addition_embed_type_num_heads=4, resnet_time_scale_shift="scale_shift",
     )
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -160,7 +173,7 @@ def train_unet(c: dict, latents: torch.Tensor, captions: list[str], cfg: TrainLD
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                       return_tensors="pt").input_ids[0]
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01, fused=True)
     ema = copy.deepcopy(unet).requires_grad_(False)
     acp = sched.alphas_cumprod
     grid_sched = DDIMScheduler.from_config(sched.config)
@@ -181,7 +194,7 @@ def train_unet(c: dict, latents: torch.Tensor, captions: list[str], cfg: TrainLD
         drop = torch.rand(cfg.unet_batch_size, generator=g) < cfg.caption_dropout
         ids[drop] = empty
         t = torch.randint(0, len(acp), (cfg.unet_batch_size,), generator=g)
-        on_grid = torch.rand(cfg.unet_batch_size, generator=g) < 0.5
+        on_grid = torch.rand(cfg.unet_batch_size, generator=g) < cfg.grid_share
         t[on_grid] = grid[torch.randint(0, len(grid), (int(on_grid.sum()),), generator=g)]
         noise = torch.randn(z0.shape, generator=g)
         a = acp[t].view(-1, 1, 1, 1)
