@@ -146,6 +146,6 @@ echo "run folder:  $run_dir"
 echo "logs:        $run_dir/logs/"
 echo "metrics:     $run_dir/metrics/*.jsonl   (buffer-monitor --run-dir $run_dir)"
 if compgen -G "$run_dir/wandb/offline-run-*" > /dev/null; then
-  echo "W&B:         $(ls -d "$run_dir"/wandb/offline-run-* | head -1)   (upload: wandb sync $run_dir/wandb/offline-run-*)"
+  echo "W&B:         $(ls -dt "$run_dir"/wandb/offline-run-* | head -1)   (upload: wandb sync $run_dir/wandb/offline-run-*)"
 fi
 exit "$status"
