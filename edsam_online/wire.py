@@ -212,9 +212,11 @@ def encode_message(
             raise ValueError(f"header_fields is missing {name!r}")
         if type(header[name]) not in _KIND_TYPES[kind]:
             raise ValueError(f"header field {name} must be {kind}, got {type(header[name]).__name__}")
-    for name, kind in SAMPLE_FIELDS.items():
+    for name, kind in (*SAMPLE_FIELDS.items(), *_OPTIONAL_SAMPLE_FIELDS.items()):
         if name not in header:
-            raise ValueError(f"header_fields is missing {name!r}")
+            if name in SAMPLE_FIELDS:
+                raise ValueError(f"header_fields is missing {name!r}")
+            continue
         column = header[name]
         if len(column) != k or not _KIND_TYPES[kind].issuperset(map(type, column)):
             raise ValueError(f"header field {name} must be {k} values of type {kind}")

@@ -140,6 +140,8 @@ def test_encode_rejects_bad_arguments_naming_them():
         encode_message(np.stack([image(), image()]), fields())
     with pytest.raises(ValueError, match="alpha"):
         encode_message(np.stack([image(), image()]), batch_fields(2, alpha=[0.1]))
+    with pytest.raises(ValueError, match="sample_index"):
+        encode_message(np.stack([image(), image()]), batch_fields(2, sample_index=[0, 1, 2]))
     with pytest.raises(ValueError, match="max_side"):
         WireLimits(max_side=0)
     with pytest.raises(ValueError, match="max_samples_per_message"):
