@@ -5,7 +5,8 @@ For each image size (64, 256), encoding (raw, jpeg) and samples per message K
 (``--samples-per-message``, default 1, 16 and 64, the ``stream`` default), in the same run:
 
 * **edsam**: a sender process builds every message as a producer does
-  (``producers.producer.message_fields`` from per-sample provenance, then
+  (``producers.producer.message_fields`` from the sampler's per-sample provenance,
+  built once beforehand as generation's output, then
   ``wire.encode_message`` over K images of one contiguous batch, JPEG encoded per
   sample) and sends it with ``streaming.send_bounded`` from a socket made by
   ``open_producer_socket``; the main process runs a ``Receiver`` thread (full
@@ -19,6 +20,10 @@ For each image size (64, 256), encoding (raw, jpeg) and samples per message K
   ``--capacity`` samples in a deque and drops older ones, as any buffer of that
   capacity must. It separates what holding samples costs (fresh memory for every
   message, cache misses) from what edsam's own code costs.
+
+The receiving process applies the ``stream.tune_malloc`` default
+(:mod:`edsam_online.allocator`) before any run, so all three receivers run on the same
+allocator settings; ``--no-tune-malloc`` runs all three on glibc's defaults.
 
 The edsam buffer has ``--capacity`` slots (the ``buffer`` default, 4096) and each run
 sends several times that many samples, so most of it is the steady state of a full
@@ -79,9 +84,10 @@ def edsam_sender(endpoint_q, go, size: int, encoding: str, k: int, n: int) -> No
     ctx = zmq.Context()
     sock = open_producer_socket(ctx, cfg, 0)
     endpoint_q.put(sock.last_endpoint.decode())
+    prov = provenance(0, k)
     go.wait(60)
     for seq in range(0, n, k):
-        fields = message_fields("bench", 1, seq, provenance(seq, k))
+        fields = message_fields("bench", 1, seq, prov)
         ok, _ = send_bounded(sock, encode_message(images, fields, encoding), 30.0)
         assert ok
     sock.close(linger=30_000)
@@ -101,7 +107,7 @@ def bare_sender(endpoint_q, go, frames: list[bytes], n: int) -> None:
     ctx.term()
 
 
-def run_edsam(size: int, encoding: str, k: int, n: int, capacity: int) -> float:
+def run_edsam(size: int, encoding: str, k: int, n: int, capacity: int, tune: bool) -> float:
     """Samples per second, ``n`` samples in messages of ``k``."""
     from edsam_online.buffer import BufferConfig, ReplayBuffer
     from edsam_online.streaming import Receiver
@@ -111,7 +117,7 @@ def run_edsam(size: int, encoding: str, k: int, n: int, capacity: int) -> float:
     proc.start()
     endpoint = q.get(timeout=60)
     buf = ReplayBuffer(BufferConfig(capacity=capacity))
-    with Receiver(StreamConfig(endpoints=[endpoint], samples_per_message=k), buf) as receiver:
+    with Receiver(StreamConfig(endpoints=[endpoint], samples_per_message=k, tune_malloc=tune), buf) as receiver:
         time.sleep(0.3)  # connected
         t0 = time.perf_counter()
         go.set()
@@ -155,7 +161,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--samples-per-message", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--capacity", type=int, default=4096, help="edsam buffer slots (and bare+keep's window)")
+    parser.add_argument("--encodings", nargs="+", default=["raw", "jpeg"], choices=["raw", "jpeg"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256], choices=[64, 256])
+    parser.add_argument("--no-tune-malloc", dest="tune", action="store_false", help="keep glibc's malloc defaults")
     args = parser.parse_args()
+    if args.tune:
+        from edsam_online.allocator import tune_malloc
+
+        assert tune_malloc(), "mallopt failed"
+    print(f"malloc tuned: {args.tune}", flush=True)
     from edsam_online.wire import encode_message
     from producers.producer import message_fields
 
@@ -163,6 +177,8 @@ def main() -> None:
     counts = {(64, "raw"): 40000, (64, "jpeg"): 4000, (256, "raw"): 12000, (256, "jpeg"): 1000}  # samples
     rows = []
     for (size, encoding), n in counts.items():
+        if size not in args.sizes or encoding not in args.encodings:
+            continue
         for k in args.samples_per_message:
             n_k = max(100, int(n * scale)) // k * k
             frames = encode_message(batch(size, k), message_fields("bench", 1, 0, provenance(0, k)), encoding)
@@ -172,7 +188,7 @@ def main() -> None:
             for _ in range(args.repeats):  # interleaved so all see the same machine load
                 bare.append(run_bare(frames, k, n_k))
                 keep.append(run_bare(frames, k, n_k, keep=args.capacity))
-                edsam.append(run_edsam(size, encoding, k, n_k, args.capacity))
+                edsam.append(run_edsam(size, encoding, k, n_k, args.capacity, args.tune))
             e, b, kb = statistics.median(edsam), statistics.median(bare), statistics.median(keep)
             rows.append((size, encoding, k, nbytes / k, n_k, e, b, kb))
             print(f"{size}x{size} {encoding} K={k}: edsam {e:.0f} samples/s, bare {b:.0f}, bare+keep {kb:.0f}; "

@@ -26,7 +26,9 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Generic, Iterable, TypeVar
+from typing import Any, Generic, Sequence, TypeVar
+
+import numpy as np
 
 T = TypeVar("T")
 
@@ -76,31 +78,38 @@ class BufferConfig:
             raise ValueError(f"sample_timeout_s must be >= 0, got {self.sample_timeout_s}")
 
 
-class _Item(Generic[T]):
-    __slots__ = ("value", "uses", "inserted_at", "inserted_step", "pos")
-
-    def __init__(self, value: T, now: float, step: int) -> None:
-        self.value = value
-        self.uses = 0
-        self.inserted_at = now
-        self.inserted_step = step
-        self.pos = -1  # index in ReplayBuffer._slots
-
-
 class ReplayBuffer(Generic[T]):
     """Thread-safe bounded table: ``insert`` from the receiver thread, ``sample`` from loaders.
 
     ``sample(timeout_s)`` returns ``None`` when it cannot serve within the bounded wait
     (too few items, or the rate limiter says reuse is exhausted) and counts it in
     ``buffer/starved``; the loader then fills the slot from real data.
+
+    Storage is column-wise, with no Python object per item: ``insert_many(seq)`` keeps a
+    reference to ``seq`` and, per item, its index in ``seq`` plus numpy columns (uses,
+    insert time, insert step, live flag) in a window of ``2 * capacity`` slots. Items are
+    appended at the window's tail in insertion order, so FIFO eviction advances the head,
+    and the window is compacted when the tail reaches its end (at most once per
+    ``capacity`` inserts). Retired items leave holes, which uniform sampling skips by
+    rejection (the window is compacted when holes make that slow). A received message
+    (a :class:`~edsam_online.wire.SampleBatch`) is thus inserted with a handful of numpy
+    slice writes, whatever its size; its sample objects are built when sampled.
     """
 
     def __init__(self, cfg: BufferConfig) -> None:
         self.cfg = cfg
         self._cond = threading.Condition(threading.Lock())
         self._rng = random.Random(cfg.seed)
-        self._fifo: collections.deque[_Item[T]] = collections.deque()
-        self._slots: list[_Item[T]] = []  # live items; O(1) uniform pick and swap-remove
+        window = 2 * cfg.capacity
+        self._seqs: list[Sequence[T] | None] = [None] * window  # the inserted sequence of each slot
+        self._index = np.zeros(window, np.int64)  # the item's index in that sequence
+        self._uses = np.zeros(window, np.int64)
+        self._inserted_at = np.zeros(window, np.float64)
+        self._inserted_step = np.zeros(window, np.int64)
+        self._live = np.zeros(window, bool)
+        self._head = 0  # oldest live slot (or == _tail when empty)
+        self._tail = 0  # next free slot
+        self._size = 0  # live slots
         self._closed = False
         self._step = 0
         spi = float(cfg.samples_per_insert)
@@ -115,7 +124,7 @@ class ReplayBuffer(Generic[T]):
         self._starved = 0
         self._starved_min_size = 0
         self._starved_rate = 0
-        self._reuse_hist = [0] * (_REUSE_BINS + 1)
+        self._reuse_hist = np.zeros(_REUSE_BINS + 1, np.int64)
         self._ages_s: collections.deque[float] = collections.deque(maxlen=_AGE_WINDOW)
         self._ages_steps: collections.deque[int] = collections.deque(maxlen=_AGE_WINDOW)
         self._rate_marks: collections.deque[tuple[float, int, int]] = collections.deque([(time.monotonic(), 0, 0)])
@@ -127,11 +136,25 @@ class ReplayBuffer(Generic[T]):
 
     def _can_sample(self) -> str | None:
         """None if a sample may be served now, else why not ("min_size" or "rate")."""
-        if len(self._slots) < self.cfg.min_size_to_sample:
+        if self._size < self.cfg.min_size_to_sample:
             return "min_size"
         if self.cfg.samples_per_insert > 0 and self._credit() - 1 < self._min_diff:
             return "rate"
         return None
+
+    def _count_inserts(self, k: int) -> None:
+        """Count ``k`` inserts; credit beyond the limiter's upper bound is forgiven (module doc).
+
+        Equal to forgiving after each insert once the table holds more than
+        ``min_size_to_sample`` items (before that Reverb lets inserts run free): from
+        then on, credit is ``min(credit + samples_per_insert, max_diff)`` per insert, so
+        it ends at ``min(credit + k * samples_per_insert, max_diff)``. Call after the
+        items are in the table.
+        """
+        final = self._credit() + k * self.cfg.samples_per_insert
+        self._inserts += k
+        if self.cfg.samples_per_insert > 0 and self._size > self.cfg.min_size_to_sample and final > self._max_diff:
+            self._forgiven += final - self._max_diff
 
     # ------------------------------------------------------------------ table ops
 
@@ -139,30 +162,36 @@ class ReplayBuffer(Generic[T]):
         """Add one item, evicting the oldest when full. Never blocks."""
         self.insert_many((value,))
 
-    def insert_many(self, values: Iterable[T]) -> None:
-        """Add items in order under one lock (a received message's samples). Never blocks."""
+    def insert_many(self, values: Sequence[T]) -> None:
+        """Add the items of ``values`` in order under one lock (a received message's samples).
+        Never blocks. The buffer keeps a reference to ``values`` and serves ``values[i]``."""
+        k = len(values)
+        if k == 0:
+            return
         now = time.monotonic()
         with self._cond:
-            for value in values:
-                if len(self._slots) >= self.cfg.capacity:
-                    oldest = self._fifo[0]
-                    self._remove(oldest)
-                    self._evicted += 1
-                    if oldest.uses == 0:
-                        self._evicted_never_sampled += 1
-                item = _Item(value, now, self._step)
-                item.pos = len(self._slots)
-                self._slots.append(item)
-                self._fifo.append(item)
-                self._inserts += 1
-                if self.cfg.samples_per_insert > 0:
-                    excess = self._credit() - self._max_diff
-                    # Only once min_size is reached: before that Reverb lets inserts run free.
-                    if excess > 0 and len(self._slots) > self.cfg.min_size_to_sample:
-                        self._forgiven += excess
+            for lo in range(0, k, self.cfg.capacity):  # a sequence longer than the table
+                self._insert_range(values, lo, min(k, lo + self.cfg.capacity), now)
             self._mark_rate(now)
             if self._can_sample() is None:
                 self._cond.notify_all()
+    def _insert_range(self, values: Sequence[T], lo: int, hi: int, now: float) -> None:
+        k = hi - lo  # <= capacity
+        excess = self._size + k - self.cfg.capacity
+        if excess > 0:
+            self._evict_oldest(excess)
+        if self._tail + k > len(self._live):
+            self._compact()  # leaves tail = size <= capacity - k
+        a, b = self._tail, self._tail + k
+        self._seqs[a:b] = [values] * k
+        self._index[a:b] = np.arange(lo, hi)
+        self._uses[a:b] = 0
+        self._inserted_at[a:b] = now
+        self._inserted_step[a:b] = self._step
+        self._live[a:b] = True
+        self._tail = b
+        self._size += k
+        self._count_inserts(k)
 
     def sample(self, timeout_s: float | None = None) -> T | None:
         """One item drawn uniformly, or ``None`` after waiting at most ``timeout_s``
@@ -187,32 +216,73 @@ class ReplayBuffer(Generic[T]):
                         self._starved_rate += 1
                     return None
                 self._cond.wait(remaining)
-            item = self._slots[self._rng.randrange(len(self._slots))]
-            item.uses += 1
+            pos = self._pick()
+            uses = int(self._uses[pos]) + 1
+            self._uses[pos] = uses
+            value = self._seqs[pos][int(self._index[pos])]
             self._samples += 1
             now = time.monotonic()
-            self._ages_s.append(now - item.inserted_at)
-            self._ages_steps.append(self._step - item.inserted_step)
-            if self.cfg.max_times_sampled and item.uses >= self.cfg.max_times_sampled:
-                self._remove(item)
+            self._ages_s.append(now - float(self._inserted_at[pos]))
+            self._ages_steps.append(self._step - int(self._inserted_step[pos]))
+            if self.cfg.max_times_sampled and uses >= self.cfg.max_times_sampled:
+                self._remove(np.array([pos]), 1)
                 self._retired += 1
             self._mark_rate(now)
-            return item.value
+            return value
 
-    def _remove(self, item: _Item[T]) -> None:
-        last = self._slots.pop()
-        if last is not item:
-            last.pos = item.pos
-            self._slots[item.pos] = last
-        item.pos = -1
-        # FIFO order: drop retired items lazily from the left, the evicted one directly.
-        if self._fifo and self._fifo[0] is item:
-            self._fifo.popleft()
-        while self._fifo and self._fifo[0].pos < 0:
-            self._fifo.popleft()
-        if len(self._fifo) > 2 * self.cfg.capacity:  # many retirements in the middle
-            self._fifo = collections.deque(i for i in self._fifo if i.pos >= 0)
-        self._reuse_hist[min(item.uses, _REUSE_BINS)] += 1
+    def _pick(self) -> int:
+        """A live slot, uniformly: directly when there are no holes, else by rejection
+        (expected tries = window span / size); after 8 misses the window is compacted."""
+        span = self._tail - self._head
+        if span > self._size:
+            for _ in range(8):
+                pos = self._head + self._rng.randrange(span)
+                if self._live[pos]:
+                    return pos
+            self._compact()
+        return self._head + self._rng.randrange(self._size)
+
+    def _evict_oldest(self, n: int) -> None:
+        head, tail = self._head, self._tail
+        if tail - head == self._size:  # no holes: the n oldest are the first n slots
+            pos: slice | np.ndarray = slice(head, head + n)
+        else:
+            pos = head + np.flatnonzero(self._live[head:tail])[:n]
+        self._evicted += n
+        self._evicted_never_sampled += int(np.count_nonzero(self._uses[pos] == 0))
+        self._remove(pos, n)
+
+    def _remove(self, pos: slice | np.ndarray, n: int) -> None:
+        """Take the ``n`` slots ``pos`` (a run, or ascending indices) out, releasing their
+        references, and count their reuse."""
+        self._live[pos] = False
+        if isinstance(pos, slice):
+            self._seqs[pos] = [None] * n
+        else:
+            for p in pos.tolist():
+                self._seqs[p] = None
+        self._reuse_hist += np.bincount(np.minimum(self._uses[pos], _REUSE_BINS), minlength=_REUSE_BINS + 1)
+        self._size -= n
+        if self._size == 0:
+            self._head = self._tail = 0
+        elif isinstance(pos, slice) and pos.start == self._head and self._tail - pos.stop == self._size:
+            self._head = pos.stop  # no holes behind the run
+        elif not self._live[self._head]:
+            self._head += int(np.argmax(self._live[self._head:self._tail]))
+
+    def _compact(self) -> None:
+        """Move the live slots, in order, to the start of the window."""
+        head, tail = self._head, self._tail
+        pos = head + np.flatnonzero(self._live[head:tail])
+        n = len(pos)
+        for column in (self._index, self._uses, self._inserted_at, self._inserted_step):
+            column[:n] = column[pos]
+        seqs = self._seqs
+        seqs[:n] = [seqs[p] for p in pos.tolist()]
+        seqs[n:tail] = [None] * (tail - n)
+        self._live[:n] = True
+        self._live[n:tail] = False
+        self._head, self._tail = 0, n
 
     def _mark_rate(self, now: float) -> None:
         marks = self._rate_marks
@@ -234,7 +304,7 @@ class ReplayBuffer(Generic[T]):
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._slots)
+            return self._size
 
     # ------------------------------------------------------------------ metrics
 
@@ -242,7 +312,7 @@ class ReplayBuffer(Generic[T]):
         """A consistent snapshot of every buffer metric (keys ``buffer/*``)."""
         now = time.monotonic()
         with self._cond:
-            size = len(self._slots)
+            size = self._size
             out: dict[str, float] = {
                 "buffer/size": size,
                 "buffer/capacity": self.cfg.capacity,
@@ -257,9 +327,9 @@ class ReplayBuffer(Generic[T]):
                 "buffer/starved_rate_limited": self._starved_rate,
                 "buffer/credit_forgiven": self._forgiven,
                 "buffer/samples_per_insert": self._samples / self._inserts if self._inserts else 0.0,
-                "buffer/live_uses_mean": sum(i.uses for i in self._slots) / size if size else 0.0,
+                "buffer/live_uses_mean": self._live_uses_sum() / size if size else 0.0,
             }
-            for b, count in enumerate(self._reuse_hist):
+            for b, count in enumerate(self._reuse_hist.tolist()):
                 out[f"buffer/reuse_hist/{b}" if b < _REUSE_BINS else f"buffer/reuse_hist/ge{_REUSE_BINS}"] = count
             out["buffer/inserts_per_s"], out["buffer/samples_per_s"] = self._rates(now)
             ages_s = sorted(self._ages_s)
@@ -267,6 +337,10 @@ class ReplayBuffer(Generic[T]):
         out.update(_summary("buffer/sample_age_s", ages_s))
         out.update(_summary("buffer/sample_age_steps", ages_steps))
         return out
+
+    def _live_uses_sum(self) -> int:
+        head, tail = self._head, self._tail
+        return int(self._uses[head:tail][self._live[head:tail]].sum())
 
     def _rates(self, now: float) -> tuple[float, float]:
         t0, i0, s0 = self._rate_marks[0]

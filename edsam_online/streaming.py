@@ -33,6 +33,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from edsam_online import security
+from edsam_online.allocator import tune_malloc
 from edsam_online.buffer import ReplayBuffer
 from edsam_online.wire import DROP_REASONS, ENCODINGS, WireError, WireLimits, decode_message
 
@@ -71,7 +72,9 @@ class StreamConfig:
     ``max_samples_per_message`` is what a receiver accepts. CURVE (``curve``): the receiver is the
     CURVE server; see :mod:`edsam_online.security` for the key files.
     ``stats_endpoint`` (optional) is where a receiver answers ``buffer-monitor``
-    requests; ``{rank}`` in it is replaced by the receiver's rank.
+    requests; ``{rank}`` in it is replaced by the receiver's rank. ``tune_malloc``: a
+    receiver sets glibc's allocator up for holding received frames before its I/O
+    thread starts (process-wide; see :mod:`edsam_online.allocator`).
     """
 
     endpoints: list[str] = field(default_factory=lambda: ["tcp://127.0.0.1:5555"])
@@ -94,6 +97,7 @@ class StreamConfig:
     curve_server_secret: str = ""
     curve_client_secret: str = ""
     curve_allow_dir: str = ""
+    tune_malloc: bool = True
 
     def __post_init__(self) -> None:
         self.endpoints = list(self.endpoints)
@@ -371,6 +375,8 @@ class Receiver:
     # ------------------------------------------------------------------ thread
 
     def _run(self) -> None:
+        if self.cfg.tune_malloc:
+            tune_malloc()  # before the context's I/O thread first allocates
         ctx = zmq.Context()
         auth = None
         sockets: list[zmq.Socket] = []

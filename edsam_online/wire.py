@@ -161,6 +161,40 @@ class SyntheticSample:
     received_at: float = field(default_factory=time.time)
 
 
+class SampleBatch:
+    """The K validated samples of one message, kept as received: the header's columns
+    and the ``[K, H, W, 3]`` images (for raw payloads, a view of the ZeroMQ frame).
+
+    A sequence of :class:`SyntheticSample`, built on access: a receiver creates no
+    Python object per sample, so inserting a message into the
+    :class:`~edsam_online.buffer.ReplayBuffer` costs the same for 1 or 256 samples;
+    only samples that are drawn get their own header dict.
+    """
+
+    __slots__ = ("header", "images", "received_at")
+
+    def __init__(self, header: dict[str, Any], images: np.ndarray, received_at: float) -> None:
+        self.header = header
+        self.images = images
+        self.received_at = received_at
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> SyntheticSample:
+        k = len(self.images)
+        if not -k <= i < k:
+            raise IndexError(f"sample {i} of {k}")
+        i %= k
+        header = self.header
+        sample_header = {name: value for name, value in header.items() if name not in _COLUMNS and name != "stats"}
+        for name in _COLUMNS:
+            if name in header:
+                sample_header[name] = header[name][i]
+        sample_header["seq"] = header["seq"] + i
+        return SyntheticSample(self.images[i], sample_header["caption"], sample_header, self.received_at)
+
+
 # ----------------------------------------------------------------------------- encoding
 
 
@@ -313,7 +347,7 @@ def decode_header(data: memoryview | bytes, limits: WireLimits) -> dict[str, Any
     longest = max(map(len, captions))
     if longest > limits.max_caption_chars:
         raise WireError("caption_too_long", f"{longest} > {limits.max_caption_chars} chars")
-    if not all(map(str.strip, captions)):
+    if "" in captions or any(map(str.isspace, captions)):
         raise WireError("bad_value", "empty caption")
     for name in ("rho", "created_at", "guidance"):
         if name in header and not math.isfinite(header[name]):
@@ -350,7 +384,7 @@ def decode_payload(header: dict[str, Any], payload: memoryview | bytes) -> np.nd
         raise WireError("size_mismatch", f"header says {sum(nbytes)} bytes, payload has {n}")
     encoding = header["encoding"]
     if encoding == "raw":
-        if any(b != h * w * c for b in nbytes):
+        if nbytes.count(h * w * c) != len(nbytes):
             raise WireError("size_mismatch", f"shape {header['shape']} needs {h * w * c} bytes per sample")
         images = np.frombuffer(payload, dtype=np.uint8).reshape(len(nbytes), h, w, c)
         images.flags.writeable = False
@@ -380,9 +414,9 @@ def _decode_file(data: memoryview | bytes, fmt: str, h: int, w: int) -> np.ndarr
 
 def decode_message(
     frames: Sequence[Any], limits: WireLimits, received_at: float | None = None
-) -> tuple[dict[str, Any], list[SyntheticSample]]:
-    """Validate a received multipart message: (its header, its K samples).
-    Raises :class:`WireError` for any defect.
+) -> tuple[dict[str, Any], SampleBatch]:
+    """Validate a received multipart message: (its header, its K samples as a
+    :class:`SampleBatch`). Raises :class:`WireError` for any defect.
 
     All or nothing: one bad sample drops the whole message (its producer is faulty).
     """
@@ -394,14 +428,4 @@ def decode_message(
         raise WireError("oversized", f"{total} > {limits.max_message_bytes} bytes")
     header = decode_header(header_buf, limits)
     images = decode_payload(header, payload_buf)
-    received_at = time.time() if received_at is None else received_at
-    shared = {k: v for k, v in header.items() if k not in _COLUMNS and k != "stats"}
-    names = [name for name in _COLUMNS if name in header]
-    seq = header["seq"]
-    samples = []
-    for i, (image, values) in enumerate(zip(images, zip(*[header[name] for name in names]))):
-        sample_header = shared.copy()
-        sample_header.update(zip(names, values))
-        sample_header["seq"] = seq + i
-        samples.append(SyntheticSample(image, sample_header["caption"], sample_header, received_at))
-    return header, samples
+    return header, SampleBatch(header, images, time.time() if received_at is None else received_at)

@@ -16,6 +16,7 @@ import secrets
 import signal
 import threading
 import time
+from operator import itemgetter
 from typing import Any, Callable
 
 import numpy as np
@@ -39,14 +40,14 @@ def message_fields(producer_id: str, session: int, seq: int, provenance: list[di
         "seq": seq,
         "rho": float(first["rho"]),
         "model_id": str(first["model_id"]),
-        "source_key": [p["source_key"] for p in provenance],
-        "caption": [p["caption"] for p in provenance],
-        "alpha": [float(p["alpha"]) for p in provenance],
-        "seed": [int(p["seed"]) for p in provenance],
+        "source_key": list(map(itemgetter("source_key"), provenance)),
+        "caption": list(map(itemgetter("caption"), provenance)),
+        "alpha": list(map(float, map(itemgetter("alpha"), provenance))),
+        "seed": list(map(int, map(itemgetter("seed"), provenance))),
     }
     fields.update({k: first[k] for k in _MESSAGE_PROVENANCE if k in first})
     if "sample_index" in first:
-        fields["sample_index"] = [int(p["sample_index"]) for p in provenance]
+        fields["sample_index"] = list(map(int, map(itemgetter("sample_index"), provenance)))
     return fields
 
 

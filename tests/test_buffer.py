@@ -191,3 +191,72 @@ def test_stats_report_rates_and_ages_in_seconds_and_steps():
 def test_config_errors_name_the_field(kwargs, name):
     with pytest.raises(ValueError, match=name):
         BufferConfig(**kwargs)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_a_reference_table_under_random_inserts_samples_and_retirements(seed):
+    """The slot-column storage (window, holes, compaction) against a plain ordered dict:
+    the same items live, the same FIFO evictions, the same counters, after every operation."""
+    cap, k_max = 7, 3
+    buf = ReplayBuffer(BufferConfig(capacity=cap, max_times_sampled=k_max, seed=seed))
+    ref: dict[int, int] = {}  # item -> uses, in insertion order
+    counts = {"evicted": 0, "evicted_never_sampled": 0, "retired": 0}
+    reuse = [0] * 9
+    rng = random.Random(seed)
+    next_item = 0
+    for _ in range(600):
+        if rng.random() < 0.5:
+            batch = tuple(range(next_item, next_item + rng.randint(1, 2 * cap + 2)))  # may exceed capacity
+            next_item += len(batch)
+            buf.insert_many(batch)
+            for item in batch:
+                if len(ref) == cap:
+                    oldest = next(iter(ref))
+                    uses = ref.pop(oldest)
+                    counts["evicted"] += 1
+                    counts["evicted_never_sampled"] += uses == 0
+                    reuse[min(uses, 8)] += 1
+                ref[item] = 0
+        else:
+            for _ in range(rng.randint(1, 5)):
+                item = buf.sample(0)
+                if item is None:
+                    assert not ref
+                    break
+                assert item in ref
+                ref[item] += 1
+                if ref[item] == k_max:
+                    reuse[min(ref.pop(item), 8)] += 1
+                    counts["retired"] += 1
+        s = buf.stats()
+        assert s["buffer/size"] == len(ref) == len(buf)
+        assert {name: s[f"buffer/{name}"] for name in counts} == counts
+        assert [s[f"buffer/reuse_hist/{b}"] for b in range(8)] + [s["buffer/reuse_hist/ge8"]] == reuse
+        assert s["buffer/live_uses_mean"] == pytest.approx(sum(ref.values()) / len(ref) if ref else 0.0)
+    # What is left is served exactly k_max - uses more times each.
+    left = drain(buf)
+    assert sorted(left) == sorted(item for item, uses in ref.items() for _ in range(k_max - uses))
+
+
+def test_insert_many_keeps_a_reference_and_serves_its_items():
+    class Seq:
+        """A sequence that builds its items on access, as a received message does."""
+
+        def __init__(self, n):
+            self.n, self.built = n, 0
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            self.built += 1
+            return ("item", i)
+
+    seq = Seq(5)
+    buf = ReplayBuffer(BufferConfig(capacity=3))
+    buf.insert_many(seq)
+    assert seq.built == 0  # nothing is built on insert
+    s = buf.stats()
+    assert s["buffer/inserts"] == 5 and s["buffer/size"] == 3 and s["buffer/evicted"] == 2
+    assert {buf.sample(0) for _ in range(100)} == {("item", 2), ("item", 3), ("item", 4)}
+    assert seq.built == 100

@@ -298,3 +298,13 @@ def test_receiver_stops_promptly_and_validates_config():
     ]:
         with pytest.raises(ValueError, match=name):
             StreamConfig(**kwargs)
+
+
+def test_tune_malloc_applies_once_per_process(caplog):
+    from edsam_online.allocator import MallocSettings, tune_malloc
+
+    assert tune_malloc()  # glibc (Linux CI): mallopt accepted every setting
+    assert tune_malloc()  # idempotent
+    with caplog.at_level("WARNING"):
+        assert tune_malloc(MallocSettings(arena_max=2))
+    assert "already tuned" in caplog.text

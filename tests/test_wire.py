@@ -101,6 +101,11 @@ def test_many_samples_in_one_message_each_keep_their_own_fields():
             3 + i, i / 10 - 0.2, 100 + i // 2, i % 2, f"src-{i // 2}")
         assert (h["producer_id"], h["session"], h["rho"], h["model_id"]) == ("producer-0", 7, 0.5, "tiny")
         assert "stats" not in h
+    assert samples[-1].header["seq"] == 7 and samples[-5].header["seq"] == 3
+    with pytest.raises(IndexError):
+        samples[5]
+    with pytest.raises(IndexError):
+        samples[-6]
 
 
 @pytest.mark.parametrize("encoding", ["jpeg", "webp"])

@@ -1,0 +1,72 @@
+"""glibc ``malloc`` settings for a process whose buffer holds received ZeroMQ frames.
+
+Why: libzmq's I/O thread allocates every received message with ``malloc``, in its own
+glibc arena. A replay buffer keeps thousands of those multi-megabyte frames and frees
+the oldest as new ones arrive; with glibc's defaults the freed memory is handed back
+to the kernel (per-thread heaps unmapped, the main heap trimmed) and faulted in again,
+zero-filled, for the next message. ``bench/bench_stream.py`` measured a bare PULL that
+only keeps its last 4096 256x256 samples at 0.74-0.79x the rate of one that discards
+them; with one arena, a fixed mmap threshold and no trimming below ``trim_threshold``
+it kept up with it (see BENCHMARKS.md). jemalloc or tcmalloc via ``LD_PRELOAD`` would
+do the same, but are not installable with pip; ``mallopt`` is in every glibc.
+
+The settings are process-wide and cannot be undone, so they are applied once, before
+the receiver's ZeroMQ context starts its I/O thread (a thread keeps the arena it got
+first), and only where ``stream.tune_malloc`` is on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import threading
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# <malloc.h>
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+
+_applied: "MallocSettings | None" = None
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class MallocSettings:
+    """``arena_max`` = 1 keeps libzmq's allocations in the main arena, whose freed chunks
+    are reused; ``mmap_threshold`` (fixed, so glibc stops adapting it) sends only larger
+    blocks to ``mmap``; ``trim_threshold`` is how much free memory at the top of the heap
+    is kept rather than returned to the kernel."""
+
+    arena_max: int = 1
+    mmap_threshold: int = 32 * 1024 * 1024  # glibc's ceiling for its adaptive threshold
+    trim_threshold: int = 1024 * 1024 * 1024
+
+
+def tune_malloc(settings: MallocSettings = MallocSettings()) -> bool:
+    """Apply ``settings`` with ``mallopt`` once per process. Returns whether they are in
+    effect (False, logged, where the C library is not glibc)."""
+    global _applied
+    with _lock:
+        if _applied is not None:
+            if _applied != settings:
+                log.warning("malloc already tuned with %s; ignoring %s", _applied, settings)
+            return True
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            mallopt = libc.mallopt
+        except (OSError, AttributeError):
+            log.warning("mallopt is not available (not glibc); malloc left at its defaults")
+            return False
+        mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+        for param, value in ((M_ARENA_MAX, settings.arena_max), (M_MMAP_THRESHOLD, settings.mmap_threshold),
+                             (M_TRIM_THRESHOLD, settings.trim_threshold)):
+            if mallopt(param, value) != 1:
+                log.warning("mallopt(%d, %d) failed; malloc left partly at its defaults", param, value)
+                return False
+        _applied = settings
+        log.info("malloc tuned for the replay buffer: %s", settings)
+        return True
