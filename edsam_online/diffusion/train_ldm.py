@@ -25,10 +25,11 @@ Two stages on CPU, sized for a 15-minute budget on 2 cores at 32 px:
    (no gain), v-prediction with min-SNR weighting (0.14), all timesteps on the DDIM
    grid (0.57, within noise), ``torch.compile`` (14% faster steps, 226 s to compile).
    These trials ran from scratch scripts that are not part of the repository.
-   Half (``grid_share``) of each batch's timesteps are drawn from the DDIM grid the sampler and the
-   inversion use at ``steps`` = 10 (t = 1, 101, ..., 901), half uniformly, so the few
-   thousand steps affordable on a CPU go where generation evaluates the UNet while
-   other step counts still work.
+   Half (``grid_share``) of each batch's timesteps are drawn from the 10-step DDIM grid
+   (t = 1, 101, ..., 901, which contains the preset's 5-step grid t = 1, 201, ..., 801),
+   half uniformly, so the few thousand steps affordable on a CPU go where generation
+   evaluates the UNet while other step counts still work. The sampler preset for this
+   model (5 steps, no guidance) and its measurements are in ``SamplerConfig``'s docstring.
 
 The result is saved in the Stable Diffusion layout and loads through ``load_ldm``.
 Every caption is the full built-in caption (class, color, size), so generation can be
