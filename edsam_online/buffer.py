@@ -6,7 +6,7 @@ after ``max_times_sampled`` uses, and Reverb's ``SampleToInsertRatio``
 limiter (``min_size_to_sample``, ``samples_per_insert``, ``error_buffer``).
 Reverb itself is a TensorFlow gRPC server with no wheels for this stack, and
 no pure-Python library offers these semantics behind a thread-safe in-process
-API, so this is written by hand (~200 lines).
+API, so this is written by hand (~300 lines).
 
 One deliberate difference from Reverb: inserts never block. Reverb blocks an
 insert when the sample side lags by more than ``error_buffer``; here the

@@ -27,6 +27,7 @@ def test_train_config_validation(field, value):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(30 * 60)  # training alone may take train_ldm's 14-minute guard
 def test_retrained_ldm_is_class_faithful(tmp_path, monkeypatch):
     """The documented training command's model: >= 70% of its rho = 0 samples show their caption's class."""
     import torch
