@@ -67,10 +67,10 @@ def batch(size: int, k: int) -> np.ndarray:
     return np.stack([images[i % len(images)] for i in range(k)])
 
 
-def provenance(seq: int, k: int) -> list[dict]:
-    """What the sampler reports per sample (see ``EDSAMSampler.generate``)."""
-    return [dict(source_key=f"flat-0-{(seq + i) // 10:08d}", caption="a small red star on a light background",
-                 alpha=0.1 * (i % 10) - 0.45, rho=0.5, seed=(seq + i) // 10, sample_index=(seq + i) % 10,
+def provenance(k: int) -> list[dict]:
+    """What the sampler reports for a batch of K samples, M = 10 per source image (see ``EDSAMSampler.generate``)."""
+    return [dict(source_key=f"flat-0-{i // 10:08d}", caption="a small red star on a light background",
+                 alpha=0.1 * (i % 10) - 0.45, rho=0.5, seed=i // 10, sample_index=i % 10,
                  model_id="bench", mode="transport", steps=10, inversion_steps=10, guidance=3.0) for i in range(k)]
 
 
@@ -84,7 +84,7 @@ def edsam_sender(endpoint_q, go, size: int, encoding: str, k: int, n: int) -> No
     ctx = zmq.Context()
     sock = open_producer_socket(ctx, cfg, 0)
     endpoint_q.put(sock.last_endpoint.decode())
-    prov = provenance(0, k)
+    prov = provenance(k)
     go.wait(60)
     for seq in range(0, n, k):
         fields = message_fields("bench", 1, seq, prov)
@@ -181,7 +181,7 @@ def main() -> None:
             continue
         for k in args.samples_per_message:
             n_k = max(100, int(n * scale)) // k * k
-            frames = encode_message(batch(size, k), message_fields("bench", 1, 0, provenance(0, k)), encoding)
+            frames = encode_message(batch(size, k), message_fields("bench", 1, 0, provenance(k)), encoding)
             frames = [bytes(f.buffer) if isinstance(f, zmq.Frame) else bytes(f) for f in frames]
             nbytes = sum(len(f) for f in frames)
             edsam, bare, keep = [], [], []

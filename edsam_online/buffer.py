@@ -175,6 +175,7 @@ class ReplayBuffer(Generic[T]):
             self._mark_rate(now)
             if self._can_sample() is None:
                 self._cond.notify_all()
+
     def _insert_range(self, values: Sequence[T], lo: int, hi: int, now: float) -> None:
         k = hi - lo  # <= capacity
         excess = self._size + k - self.cfg.capacity
@@ -265,8 +266,6 @@ class ReplayBuffer(Generic[T]):
         self._size -= n
         if self._size == 0:
             self._head = self._tail = 0
-        elif isinstance(pos, slice) and pos.start == self._head and self._tail - pos.stop == self._size:
-            self._head = pos.stop  # no holes behind the run
         elif not self._live[self._head]:
             self._head += int(np.argmax(self._live[self._head:self._tail]))
 

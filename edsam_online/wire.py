@@ -285,7 +285,7 @@ def _check_field(header: dict, name: str, kind: str, required: bool) -> None:
         raise WireError("wrong_type", f"{name} must be {kind}, got {type(value).__name__}")
 
 
-def _check_column(header: dict, name: str, kind: str, k: int) -> list:
+def _check_column(header: dict, name: str, kind: str, k: int) -> None:
     column = header[name]
     if type(column) is not list:
         raise WireError("wrong_type", f"{name} must be a list, got {type(column).__name__}")
@@ -293,7 +293,6 @@ def _check_column(header: dict, name: str, kind: str, k: int) -> list:
         raise WireError("bad_count", f"{name} has {len(column)} values, nbytes has {k}")
     if not _KIND_TYPES[kind].issuperset(map(type, column)):
         raise WireError("wrong_type", f"{name} must hold {kind} values")
-    return column
 
 
 def decode_header(data: memoryview | bytes, limits: WireLimits) -> dict[str, Any]:
