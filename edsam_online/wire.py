@@ -14,6 +14,13 @@ validation and one ZeroMQ message for K samples, where per-sample messages spend
 more Python time per sample than ZeroMQ spends moving a 64x64 image (measured in
 ``bench/bench_stream.py``; see BENCHMARKS.md). K = 1 is the old layout.
 
+Why binary columns and a source table (schema 3; schema 2 sent msgpack lists): the
+numbers of K samples travel as K little-endian values in one msgpack ``bin`` each,
+validated with one numpy call and kept as one array, and the M samples generated from
+one source image (DESIGN §1) share one ``source_key``/``caption`` entry. A received
+message is then a few dozen Python objects instead of ~6 per sample, which is what a
+receiver spends its time creating, checking and (on eviction) freeing.
+
 Header schema (version :data:`SCHEMA_VERSION`). Message fields, one value each:
 
 ===============  =======  ===================================================
@@ -30,21 +37,28 @@ Header schema (version :data:`SCHEMA_VERSION`). Message fields, one value each:
 ``created_at``   float    producer wall clock (unix seconds) when encoded
 ===============  =======  ===================================================
 
-Sample fields, a list of K values each (sample i is element i):
+Source table, U entries (1 <= U <= K), one per distinct (source_key, caption):
 
 ===============  =======  ===================================================
-``source_key``   str      key of the real sample the image was generated from
-``caption``      str      the caption (non-empty)
-``alpha``        float    transport shift drawn for this sample
-``seed``         int      generation seed (with source_key/model_id: enough to regenerate)
-``nbytes``       int      payload length of this sample in bytes
+``source_key``   [str]    key of the real sample the images were generated from
+``caption``      [str]    its caption (non-empty)
+===============  =======  ===================================================
+
+Sample columns, K little-endian values packed in one ``bin`` each (sample i is element i):
+
+===============  =======  ===================================================
+``source``       <u4      the sample's entry in the source table
+``alpha``        <f8      transport shift drawn for this sample
+``seed``         <i8      generation seed (with source_key/model_id: enough to regenerate)
+``nbytes``       <u8      payload length of this sample in bytes
 ===============  =======  ===================================================
 
 Optional: message fields ``mode`` (str), ``steps``, ``inversion_steps`` (int),
-``guidance`` (float) from the sampler's provenance; the sample field
-``sample_index`` (list of int); and ``stats`` (map ``"producer/<name>" -> number``),
-the producer's own metrics forwarded now and then. A received sample's ``header``
-is the message fields plus its own sample fields, with ``seq`` its own number.
+``guidance`` (float) from the sampler's provenance; the sample column
+``sample_index`` (<i8); and ``stats`` (map ``"producer/<name>" -> number``), the
+producer's own metrics forwarded now and then. A received sample's ``header`` is the
+message fields plus its own source entry and column values (Python scalars), with
+``seq`` its own number.
 """
 
 from __future__ import annotations
@@ -60,7 +74,7 @@ import numpy as np
 import zmq
 from PIL import Image
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ENCODINGS = ("raw", "jpeg", "webp")
 _PIL_FORMATS = {"jpeg": "JPEG", "webp": "WEBP"}
 
@@ -74,9 +88,9 @@ DROP_REASONS = (
     "version",  # missing or unsupported schema version
     "missing_field",
     "wrong_type",
-    "bad_value",  # NaN alpha, unknown encoding/dtype, negative seq or nbytes, empty caption ...
+    "bad_value",  # NaN alpha, unknown encoding/dtype, negative seq, empty caption, source out of range ...
     "bad_shape",  # negative, zero or absurd dimensions, channels != 3
-    "bad_count",  # sample columns of different lengths, none, or more than allowed
+    "bad_count",  # columns of different lengths, none, more than allowed, or a source table longer than K
     "caption_too_long",
     "size_mismatch",  # nbytes / H*W*3 disagree with the payload length
     "undecodable",  # JPEG/WebP that does not decode to the declared shape
@@ -100,21 +114,33 @@ _OPTIONAL_MESSAGE_FIELDS: dict[str, str] = {
     "inversion_steps": _INT,
     "guidance": _FLOAT,
 }
-#: Per-sample fields: lists of K values on the wire, scalars in a received sample's header.
-SAMPLE_FIELDS: dict[str, str] = {
-    "source_key": _STR,
-    "caption": _STR,
-    "alpha": _FLOAT,
-    "seed": _INT,
-    "nbytes": _INT,
+_SOURCE_FIELDS = ("source_key", "caption")
+#: Sample columns and their wire dtypes; ``nbytes`` comes first: it defines K.
+_COLUMN_DTYPES: dict[str, np.dtype] = {
+    "nbytes": np.dtype("<u8"),
+    "source": np.dtype("<u4"),
+    "alpha": np.dtype("<f8"),
+    "seed": np.dtype("<i8"),
 }
-_OPTIONAL_SAMPLE_FIELDS: dict[str, str] = {"sample_index": _INT}
-_COLUMNS = (*SAMPLE_FIELDS, *_OPTIONAL_SAMPLE_FIELDS)
+_OPTIONAL_COLUMN_DTYPES: dict[str, np.dtype] = {"sample_index": np.dtype("<i8")}
+_ALL_COLUMNS = {**_COLUMN_DTYPES, **_OPTIONAL_COLUMN_DTYPES}
+#: What a caller passes per sample to :func:`encode_message` (K values each), and the
+#: numpy kinds each accepts: ints are floats, bools are neither.
+_SAMPLE_INPUTS: dict[str, str] = {"source_key": "U", "caption": "U", "alpha": "fiu", "seed": "iu"}
+_OPTIONAL_SAMPLE_INPUTS: dict[str, str] = {"sample_index": "iu"}
 # Exact types: bool is not an int here, and msgpack yields only these.
 _KIND_TYPES = {_INT: frozenset((int,)), _FLOAT: frozenset((int, float)), _STR: frozenset((str,))}
+_KIND_NAMES = {types: kind for kind, types in _KIND_TYPES.items()}
+#: (name, accepted exact types, required) for every top-level header field but ``v``.
+_FIELD_CHECKS = (
+    *((name, _KIND_TYPES[kind], True) for name, kind in _MESSAGE_FIELDS.items()),
+    *((name, _KIND_TYPES[kind], False) for name, kind in _OPTIONAL_MESSAGE_FIELDS.items()),
+)
+_REQUIRED_PRESENT = (*_SOURCE_FIELDS, *_COLUMN_DTYPES, "shape")  # types checked where they are read
 _MISSING = object()
 _MAX_SHORT_STR = 256  # producer_id, source_key, model_id, mode
 _MAX_STATS = 64
+_NOT_PER_SAMPLE = frozenset((*_SOURCE_FIELDS, *_ALL_COLUMNS, "stats"))
 
 
 class WireError(ValueError):
@@ -162,8 +188,9 @@ class SyntheticSample:
 
 
 class SampleBatch:
-    """The K validated samples of one message, kept as received: the header's columns
-    and the ``[K, H, W, 3]`` images (for raw payloads, a view of the ZeroMQ frame).
+    """The K validated samples of one message, kept as received: the header (its source
+    table, and its columns as read-only numpy arrays) and the ``[K, H, W, 3]`` images
+    (for raw payloads, a view of the ZeroMQ frame).
 
     A sequence of :class:`SyntheticSample`, built on access: a receiver creates no
     Python object per sample, so inserting a message into the
@@ -187,10 +214,13 @@ class SampleBatch:
             raise IndexError(f"sample {i} of {k}")
         i %= k
         header = self.header
-        sample_header = {name: value for name, value in header.items() if name not in _COLUMNS and name != "stats"}
-        for name in _COLUMNS:
-            if name in header:
-                sample_header[name] = header[name][i]
+        sample_header = {name: value for name, value in header.items() if name not in _NOT_PER_SAMPLE}
+        source = int(header["source"][i])
+        for name in _SOURCE_FIELDS:
+            sample_header[name] = header[name][source]
+        for name in _ALL_COLUMNS:
+            if name in header and name != "source":
+                sample_header[name] = header[name][i].item()
         sample_header["seq"] = header["seq"] + i
         return SyntheticSample(self.images[i], sample_header["caption"], sample_header, self.received_at)
 
@@ -218,27 +248,42 @@ def encode_message(
 
     ``images``: one image ``[H, W, 3]`` or K images ``[K, H, W, 3]``, uint8.
     ``header_fields``: the message fields of the schema (all but ``v``, ``shape``,
-    ``dtype``, ``encoding``, ``created_at``, which are filled in here) and the sample
-    fields (all but ``nbytes``) as lists of K values; for a single ``[H, W, 3]``
-    image they may be plain values. A raw payload is a :class:`zmq.Frame` over the
-    images' memory: pyzmq sends it zero-copy above its copy threshold (64 KB) and
-    copies below it. The caller must not modify ``images`` until the message is sent.
+    ``dtype``, ``encoding``, ``created_at``, which are filled in here) and, per sample,
+    ``source_key``, ``caption``, ``alpha``, ``seed`` and optionally ``sample_index`` as
+    K values each (a list or an array); for a single ``[H, W, 3]`` image they may be
+    plain values. Samples with equal (source_key, caption) share a source-table entry.
+    A raw payload is a :class:`zmq.Frame` over the images' memory: pyzmq sends it
+    zero-copy above its copy threshold (64 KB) and copies below it. The caller must
+    not modify ``images`` until the message is sent.
     """
     images = _check_images(images)
     k = len(images)
-    header = dict(header_fields)
-    for name in _COLUMNS:
-        if name in header and name != "nbytes" and not isinstance(header[name], list):
-            if k != 1:
-                raise ValueError(f"header field {name} must be a list of {k} values for {k} images")
-            header[name] = [header[name]]
+    header = {name: value for name, value in header_fields.items()
+              if name not in _SAMPLE_INPUTS and name not in _OPTIONAL_SAMPLE_INPUTS}
+    columns: dict[str, Any] = {}
+    for name, kinds in (*_SAMPLE_INPUTS.items(), *_OPTIONAL_SAMPLE_INPUTS.items()):
+        if name not in header_fields:
+            if name in _SAMPLE_INPUTS:
+                raise ValueError(f"header_fields is missing {name!r}")
+            continue
+        columns[name] = _input_column(name, header_fields[name], kinds, k)
+    pairs = list(zip(columns.pop("source_key"), columns.pop("caption")))
+    table = dict.fromkeys(pairs)  # distinct (key, caption) pairs, in first-seen order
+    for i, pair in enumerate(table):
+        table[pair] = i
+    header["source_key"] = [key for key, _ in table]
+    header["caption"] = [caption for _, caption in table]
+    header["source"] = np.fromiter(map(table.__getitem__, pairs), _COLUMN_DTYPES["source"], k).tobytes()
+    for name, values in columns.items():
+        header[name] = values.astype(_ALL_COLUMNS[name], copy=False).tobytes()
     if encoding == "raw":
         payload = encode_image(images, "raw")
-        header["nbytes"] = [len(payload) // k] * k
+        sizes = np.full(k, len(payload) // k)
     else:
         parts = [encode_image(img, encoding, quality) for img in images]
-        header["nbytes"] = [len(p) for p in parts]
+        sizes = np.array([len(p) for p in parts])
         payload = b"".join(parts)
+    header["nbytes"] = sizes.astype(_COLUMN_DTYPES["nbytes"]).tobytes()
     header.update(v=SCHEMA_VERSION, shape=[int(s) for s in images.shape[1:]], dtype="uint8", encoding=encoding,
                   created_at=time.time())
     for name, kind in _MESSAGE_FIELDS.items():
@@ -246,15 +291,24 @@ def encode_message(
             raise ValueError(f"header_fields is missing {name!r}")
         if type(header[name]) not in _KIND_TYPES[kind]:
             raise ValueError(f"header field {name} must be {kind}, got {type(header[name]).__name__}")
-    for name, kind in (*SAMPLE_FIELDS.items(), *_OPTIONAL_SAMPLE_FIELDS.items()):
-        if name not in header:
-            if name in SAMPLE_FIELDS:
-                raise ValueError(f"header_fields is missing {name!r}")
-            continue
-        column = header[name]
-        if len(column) != k or not _KIND_TYPES[kind].issuperset(map(type, column)):
-            raise ValueError(f"header field {name} must be {k} values of type {kind}")
     return [msgpack.packb(header, use_bin_type=True), zmq.Frame(payload, copy=None)]
+
+
+def _input_column(name: str, value: Any, kinds: str, k: int) -> Any:
+    """One per-sample input of :func:`encode_message` as K values: a list of str for the
+    source table, a numpy array for a numeric column. Raises ValueError naming the field."""
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        if k != 1:
+            raise ValueError(f"header field {name} must be a list of {k} values for {k} images")
+        value = [value]
+    if kinds == "U":
+        if len(value) != k or not _KIND_TYPES[_STR].issuperset(map(type, value)):
+            raise ValueError(f"header field {name} must be {k} str values")
+        return value
+    array = value if isinstance(value, np.ndarray) else np.asarray(value)
+    if array.shape != (k,) or array.dtype.kind not in kinds:
+        raise ValueError(f"header field {name} must be {k} numbers ({'float' if 'f' in kinds else 'int'})")
+    return array
 
 
 def _check_images(images: Any) -> np.ndarray:
@@ -276,27 +330,50 @@ def _buffer(frame: Any) -> memoryview:
     return memoryview(frame)
 
 
-def _check_field(header: dict, name: str, kind: str, required: bool) -> None:
-    value = header.get(name, _MISSING)
-    if value is _MISSING:
-        if required:
+def _check_fields(header: dict) -> None:
+    for name, types, required in _FIELD_CHECKS:
+        value = header.get(name, _MISSING)
+        if value is _MISSING:
+            if required:
+                raise WireError("missing_field", name)
+        elif type(value) not in types:
+            raise WireError("wrong_type", f"{name} must be {_KIND_NAMES[types]}, got {type(value).__name__}")
+    for name in _REQUIRED_PRESENT:
+        if name not in header:
             raise WireError("missing_field", name)
-    elif type(value) not in _KIND_TYPES[kind]:
-        raise WireError("wrong_type", f"{name} must be {kind}, got {type(value).__name__}")
 
 
-def _check_column(header: dict, name: str, kind: str, k: int) -> None:
-    column = header[name]
-    if type(column) is not list:
-        raise WireError("wrong_type", f"{name} must be a list, got {type(column).__name__}")
-    if len(column) != k:
-        raise WireError("bad_count", f"{name} has {len(column)} values, nbytes has {k}")
-    if not _KIND_TYPES[kind].issuperset(map(type, column)):
-        raise WireError("wrong_type", f"{name} must hold {kind} values")
+def _read_columns(header: dict, k: int) -> None:
+    """Replace each ``bin`` column by a read-only array of its K values."""
+    for name, dtype in _ALL_COLUMNS.items():
+        value = header.get(name, _MISSING)
+        if value is _MISSING:
+            continue  # the required ones were checked
+        if type(value) is not bytes:
+            raise WireError("wrong_type", f"{name} must be bin ({k} x {dtype.str}), got {type(value).__name__}")
+        if len(value) != k * dtype.itemsize:
+            raise WireError("bad_count", f"{name} has {len(value)} bytes, {k} samples of {dtype.str} need "
+                                         f"{k * dtype.itemsize}")
+        header[name] = np.frombuffer(value, dtype)
+
+
+def _read_source_table(header: dict, k: int) -> int:
+    """Check ``source_key``/``caption`` (U str each, 1 <= U <= K); returns U."""
+    keys, captions = header["source_key"], header["caption"]
+    for name, value in (("source_key", keys), ("caption", captions)):
+        if type(value) is not list:
+            raise WireError("wrong_type", f"{name} must be a list, got {type(value).__name__}")
+        if not _KIND_TYPES[_STR].issuperset(map(type, value)):
+            raise WireError("wrong_type", f"{name} must hold str values")
+    u = len(keys)
+    if not 1 <= u <= k or len(captions) != u:
+        raise WireError("bad_count", f"source table of {u} keys and {len(captions)} captions for {k} samples")
+    return u
 
 
 def decode_header(data: memoryview | bytes, limits: WireLimits) -> dict[str, Any]:
-    """Unpack and validate a header frame (everything but the payload itself)."""
+    """Unpack and validate a header frame (everything but the payload itself). The
+    returned header holds each sample column as a read-only numpy array."""
     if len(data) > limits.max_header_bytes:
         raise WireError("header_too_large", f"{len(data)} > {limits.max_header_bytes} bytes")
     try:
@@ -309,26 +386,15 @@ def decode_header(data: memoryview | bytes, limits: WireLimits) -> dict[str, Any
         raise WireError("version", "missing")
     if header["v"] != SCHEMA_VERSION or isinstance(header["v"], bool):
         raise WireError("version", f"unsupported {header['v']!r}")
-    for name, kind in _MESSAGE_FIELDS.items():
-        _check_field(header, name, kind, required=True)
-    for name, kind in _OPTIONAL_MESSAGE_FIELDS.items():
-        _check_field(header, name, kind, required=False)
-    for name in SAMPLE_FIELDS:
-        if name not in header:
-            raise WireError("missing_field", name)
+    _check_fields(header)
     nbytes = header["nbytes"]
-    if type(nbytes) is not list:
-        raise WireError("wrong_type", f"nbytes must be a list, got {type(nbytes).__name__}")
-    k = len(nbytes)
-    if not 1 <= k <= limits.max_samples_per_message:
-        raise WireError("bad_count", f"{k} samples (1..{limits.max_samples_per_message} allowed)")
-    for name, kind in SAMPLE_FIELDS.items():
-        _check_column(header, name, kind, k)
-    for name, kind in _OPTIONAL_SAMPLE_FIELDS.items():
-        if name in header:
-            _check_column(header, name, kind, k)
-    if "shape" not in header:
-        raise WireError("missing_field", "shape")
+    if type(nbytes) is not bytes:
+        raise WireError("wrong_type", f"nbytes must be bin, got {type(nbytes).__name__}")
+    k, rest = divmod(len(nbytes), _COLUMN_DTYPES["nbytes"].itemsize)
+    if rest or not 1 <= k <= limits.max_samples_per_message:
+        raise WireError("bad_count", f"nbytes of {len(nbytes)} bytes (1..{limits.max_samples_per_message} samples allowed)")
+    _read_columns(header, k)
+    u = _read_source_table(header, k)
     shape = header["shape"]
     if not isinstance(shape, list) or len(shape) != 3 or not all(type(s) is int for s in shape):
         raise WireError("wrong_type", "shape must be a list of 3 ints")
@@ -348,13 +414,15 @@ def decode_header(data: memoryview | bytes, limits: WireLimits) -> dict[str, Any
         raise WireError("caption_too_long", f"{longest} > {limits.max_caption_chars} chars")
     if "" in captions or any(map(str.isspace, captions)):
         raise WireError("bad_value", "empty caption")
+    if int(header["source"].max()) >= u:
+        raise WireError("bad_value", f"source index {int(header['source'].max())} >= {u} table entries")
     for name in ("rho", "created_at", "guidance"):
         if name in header and not math.isfinite(header[name]):
             raise WireError("bad_value", f"{name} is not finite")
-    if not all(map(math.isfinite, header["alpha"])):
+    if not np.isfinite(header["alpha"]).all():
         raise WireError("bad_value", "alpha is not finite")
-    if header["seq"] < 0 or header["rho"] < 0 or min(nbytes) < 0:
-        raise WireError("bad_value", "negative seq, nbytes or rho")
+    if header["seq"] < 0 or header["rho"] < 0:
+        raise WireError("bad_value", "negative seq or rho")
     if header["dtype"] != "uint8":
         raise WireError("bad_value", f"dtype {header['dtype']!r}")
     if header["encoding"] not in ENCODINGS:
@@ -378,19 +446,20 @@ def decode_payload(header: dict[str, Any], payload: memoryview | bytes) -> np.nd
     """The K images of a validated header as uint8 [K, H, W, 3] (read-only for raw payloads)."""
     h, w, c = header["shape"]
     nbytes = header["nbytes"]
-    n = len(payload)
-    if sum(nbytes) != n:
-        raise WireError("size_mismatch", f"header says {sum(nbytes)} bytes, payload has {n}")
+    k, n = len(nbytes), len(payload)
     encoding = header["encoding"]
     if encoding == "raw":
-        if nbytes.count(h * w * c) != len(nbytes):
-            raise WireError("size_mismatch", f"shape {header['shape']} needs {h * w * c} bytes per sample")
-        images = np.frombuffer(payload, dtype=np.uint8).reshape(len(nbytes), h, w, c)
+        if n != k * h * w * c or not (nbytes == h * w * c).all():
+            raise WireError("size_mismatch", f"{k} samples of shape {header['shape']} need {h * w * c} bytes each, "
+                                             f"payload has {n}")
+        images = np.frombuffer(payload, dtype=np.uint8).reshape(k, h, w, c)
         images.flags.writeable = False
         return images
-    images = np.empty((len(nbytes), h, w, c), np.uint8)
+    if int(nbytes.max()) > n or int(nbytes.sum()) != n:  # max first: the u8 sum cannot wrap around
+        raise WireError("size_mismatch", f"header says {int(nbytes.sum(dtype=object))} bytes, payload has {n}")
+    images = np.empty((k, h, w, c), np.uint8)
     offset = 0
-    for i, size in enumerate(nbytes):
+    for i, size in enumerate(nbytes.tolist()):
         images[i] = _decode_file(payload[offset:offset + size], _PIL_FORMATS[encoding], h, w)
         offset += size
     return images

@@ -55,6 +55,10 @@ def header_with(frames, **changes):
     return [msgpack.packb(h), payload]
 
 
+def u8(value):
+    return np.array([value], "<u8").tobytes()
+
+
 def test_hostile_input_is_dropped_by_reason_and_valid_messages_still_arrive(ctx):
     limit = 100_000
     cfg = StreamConfig(max_message_bytes=limit, max_header_bytes=16_384, max_caption_chars=1000)
@@ -66,15 +70,15 @@ def test_hostile_input_is_dropped_by_reason_and_valid_messages_still_arrive(ctx)
     hostile = {
         "not_msgpack": [b"\xc1\xc1\xc1 definitely not msgpack", raw(good)[1]],
         "not_a_map": [msgpack.packb(["v", 1]), raw(good)[1]],
-        "version": header_with(good, v=1),  # the one-sample-per-message schema
+        "version": header_with(good, v=2),  # the schema of msgpack-list columns
         "missing_field": header_with(good, caption=KeyError),
-        "bad_count": header_with(good, alpha=[0.1, 0.2]),  # two alphas, one image
+        "bad_count": header_with(good, alpha=np.array([0.1, 0.2]).tobytes()),  # two alphas, one image
         "wrong_type": header_with(good, seq="7"),
         "size_mismatch": header_with(good, shape=[16, 17, 3]),
-        "oversized": header_with(good, nbytes=[limit - 100])[:1] + [b"\x00" * (limit - 100)],
-        "undecodable": header_with(valid_frames(0, "jpeg"), nbytes=[len(truncated)])[:1] + [truncated],
+        "oversized": header_with(good, nbytes=u8(limit - 100))[:1] + [b"\x00" * (limit - 100)],
+        "undecodable": header_with(valid_frames(0, "jpeg"), nbytes=u8(len(truncated)))[:1] + [truncated],
         "bad_shape": header_with(good, shape=[-16, 10**9, 3]),
-        "bad_value": header_with(good, nbytes=[-768]),
+        "bad_value": header_with(good, alpha=np.array([float("nan")]).tobytes()),
         "frame_count": raw(good) + [b"extra frame"],
         "caption_too_long": header_with(good, caption=["x" * 5000]),
         "header_too_large": header_with(good, caption=["x" * 20_000]),

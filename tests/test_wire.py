@@ -61,6 +61,18 @@ def with_header(frames, **changes):
     return [msgpack.packb(header), as_bytes(frames)[1]]
 
 
+def u8(values):
+    return np.asarray(values, "<u8").tobytes()
+
+
+def f8(values):
+    return np.asarray(values, "<f8").tobytes()
+
+
+def i8(values):
+    return np.asarray(values, "<i8").tobytes()
+
+
 def reason(frames, limits=LIMITS):
     with pytest.raises(WireError) as err:
         decode_message(frames, limits)
@@ -78,7 +90,9 @@ def test_raw_round_trip_is_exact_and_carries_provenance():
     assert (h["producer_id"], h["session"], h["seq"], h["seed"], h["alpha"]) == ("producer-0", 7, 3, 1234, -0.25)
     assert (h["source_key"], h["sample_index"], h["mode"]) == ("flat-0-001", 2, "transport")
     assert h["nbytes"] == img.nbytes and h["created_at"] > 0
-    assert header["nbytes"] == [img.nbytes]
+    assert all(type(h[name]) is int for name in ("seed", "nbytes", "sample_index")) and type(h["alpha"]) is float
+    assert "source" not in h and "stats" not in h
+    assert header["nbytes"].tolist() == [img.nbytes] and header["source_key"] == ["flat-0-001"]
     assert not sample.image.flags.writeable  # shares the frame's memory
 
 
@@ -92,7 +106,7 @@ def batch_fields(k, **over):
 def test_many_samples_in_one_message_each_keep_their_own_fields():
     imgs = np.stack([image(seed=i) for i in range(5)])
     header, samples = decode_message(encode_message(imgs, batch_fields(5), "raw"), LIMITS)
-    assert len(samples) == 5 and header["seq"] == 3 and header["nbytes"] == [imgs[0].nbytes] * 5
+    assert len(samples) == 5 and header["seq"] == 3 and header["nbytes"].tolist() == [imgs[0].nbytes] * 5
     for i, s in enumerate(samples):
         np.testing.assert_array_equal(s.image, imgs[i])
         assert s.caption == f"a small red star number {i}" == s.header["caption"]
@@ -106,6 +120,28 @@ def test_many_samples_in_one_message_each_keep_their_own_fields():
         samples[5]
     with pytest.raises(IndexError):
         samples[-6]
+
+
+def test_samples_of_one_source_share_one_table_entry():
+    k = 6
+    frames = encode_message(np.stack([image(seed=i) for i in range(k)]),
+                            batch_fields(k, caption=[f"caption of source {i // 3}" for i in range(k)]), "raw")
+    header = header_of(frames)
+    # Entries are distinct (key, caption) pairs: src-1 appears with two captions.
+    assert header["source_key"] == ["src-0", "src-1", "src-1", "src-2"]
+    assert header["caption"] == ["caption of source 0", "caption of source 0", "caption of source 1", "caption of source 1"]
+    assert np.frombuffer(header["source"], "<u4").tolist() == [0, 0, 1, 2, 3, 3]
+    _, samples = decode_message(frames, LIMITS)
+    assert [(s.header["source_key"], s.caption) for s in samples] == [
+        (f"src-{i // 2}", f"caption of source {i // 3}") for i in range(k)]
+
+
+def test_columns_accept_numpy_arrays():
+    k = 3
+    fields = batch_fields(k, alpha=np.linspace(-0.5, 0.5, k), seed=np.arange(k), sample_index=np.arange(k, dtype=np.int32))
+    _, samples = decode_message(encode_message(np.stack([image(seed=i) for i in range(k)]), fields), LIMITS)
+    assert [s.header["alpha"] for s in samples] == [-0.5, 0.0, 0.5]
+    assert [s.header["seed"] for s in samples] == [0, 1, 2] == [s.header["sample_index"] for s in samples]
 
 
 @pytest.mark.parametrize("encoding", ["jpeg", "webp"])
@@ -147,6 +183,14 @@ def test_encode_rejects_bad_arguments_naming_them():
         encode_message(np.stack([image(), image()]), batch_fields(2, alpha=[0.1]))
     with pytest.raises(ValueError, match="sample_index"):
         encode_message(np.stack([image(), image()]), batch_fields(2, sample_index=[0, 1, 2]))
+    with pytest.raises(ValueError, match="alpha"):
+        encode_message(image(), fields(alpha="0.5"))
+    with pytest.raises(ValueError, match="seed"):
+        encode_message(image(), fields(seed=True))
+    with pytest.raises(ValueError, match="seed"):
+        encode_message(image(), fields(seed=1.5))
+    with pytest.raises(ValueError, match="caption"):
+        encode_message(image(), fields(caption=b"bytes"))
     with pytest.raises(ValueError, match="max_side"):
         WireLimits(max_side=0)
     with pytest.raises(ValueError, match="max_samples_per_message"):
@@ -165,17 +209,17 @@ def test_every_defect_kind_has_its_reason():
         "version": with_header(good, v=99),
         "missing_field": with_header(good, seed=KeyError),
         "wrong_type": with_header(good, seq="3"),
-        "bad_value": with_header(good, alpha=[float("nan")]),
+        "bad_value": with_header(good, alpha=f8([float("nan")])),
         "bad_shape": with_header(good, shape=[-24, 40, 3]),
         "caption_too_long": with_header(good, caption=["x" * 201]),
         "size_mismatch": with_header(good, shape=[24, 41, 3]),
-        "bad_count": with_header(good, alpha=[0.1, 0.2]),
+        "bad_count": with_header(good, alpha=f8([0.1, 0.2])),
         "oversized": [raw[0], b"\x00" * (1 << 20)],
         "bad_stats": with_header(good, stats={"producer/x": "fast"}),
     }
     truncated = jpeg[1][: len(jpeg[1]) // 2]
     h = msgpack.unpackb(jpeg[0])
-    h["nbytes"] = [len(truncated)]
+    h["nbytes"] = u8([len(truncated)])
     cases["undecodable"] = [msgpack.packb(h), truncated]
     for expected, frames in cases.items():
         assert reason(frames) == expected, expected
@@ -186,14 +230,22 @@ def test_more_hostile_values():
     good = encode_message(image(), fields(), "raw")
     assert reason(with_header(good, seq=True)) == "wrong_type"  # bool is not an int
     assert reason(with_header(good, seq=-1)) == "bad_value"
-    assert reason(with_header(good, nbytes=[-5])) == "bad_value"
-    assert reason(with_header(good, nbytes=[10**12])) == "size_mismatch"
-    assert reason(with_header(good, nbytes=1440)) == "wrong_type"  # a column must be a list
+    assert reason(with_header(good, source=np.asarray([1], "<u4").tobytes())) == "bad_value"  # past the table
+    assert reason(with_header(good, nbytes=u8([10**12]))) == "size_mismatch"
+    assert reason(with_header(good, nbytes=1440)) == "wrong_type"  # a column must be bin
+    assert reason(with_header(good, nbytes=[2880])) == "wrong_type"  # schema 2's lists are not read as columns
     assert reason(with_header(good, alpha=0.5)) == "wrong_type"
     assert reason(with_header(good, alpha=["0.5"])) == "wrong_type"
-    assert reason(with_header(good, nbytes=[])) == "bad_count"
-    assert reason(with_header(good, sample_index=[0, 1])) == "bad_count"
-    assert reason(with_header(good, nbytes=[1440] * 257), WireLimits(max_header_bytes=8192)) == "bad_count"
+    assert reason(with_header(good, seed="7")) == "wrong_type"
+    assert reason(with_header(good, nbytes=b"")) == "bad_count"
+    assert reason(with_header(good, nbytes=b"\x00" * 7)) == "bad_count"  # not whole values
+    assert reason(with_header(good, sample_index=i8([0, 1]))) == "bad_count"
+    assert reason(with_header(good, nbytes=u8([2880] * 257)), WireLimits(max_header_bytes=8192)) == "bad_count"
+    assert reason(with_header(good, caption=[])) == "bad_count"  # empty source table
+    assert reason(with_header(good, caption=["a", "b"])) == "bad_count"  # keys and captions disagree
+    assert reason(with_header(good, source_key=["a", "b"], caption=["c", "d"])) == "bad_count"  # more sources than samples
+    assert reason(with_header(good, caption="a caption")) == "wrong_type"
+    assert reason(with_header(good, source=KeyError)) == "missing_field"
     assert reason(with_header(good, shape=[10**9, 10**9, 3])) == "bad_shape"
     assert reason(with_header(good, shape=[24, 40, 4])) == "bad_shape"
     assert reason(with_header(good, shape="24x40")) == "wrong_type"
@@ -212,25 +264,29 @@ def test_compressed_payload_declaring_a_different_size_is_refused_before_decodin
     Image.new("RGB", (500, 500)).save(big, format="JPEG")
     frames = encode_message(image(), fields(), "jpeg")
     h = header_of(frames)
-    h["nbytes"] = [len(big.getvalue())]
+    h["nbytes"] = u8([len(big.getvalue())])
     assert reason([msgpack.packb(h), big.getvalue()]) == "undecodable"
     png = io.BytesIO()
     Image.new("RGB", (40, 24)).save(png, format="PNG")  # not the declared format
-    h["nbytes"] = [len(png.getvalue())]
+    h["nbytes"] = u8([len(png.getvalue())])
     assert reason([msgpack.packb(h), png.getvalue()]) == "undecodable"
 
 
 def test_one_bad_sample_drops_the_whole_message():
     imgs = np.stack([image(seed=i) for i in range(4)])
     good = encode_message(imgs, batch_fields(4), "raw")
-    assert reason(with_header(good, alpha=[0.1, 0.2, float("inf"), 0.3])) == "bad_value"
+    assert reason(with_header(good, alpha=f8([0.1, 0.2, float("inf"), 0.3]))) == "bad_value"
     assert reason(with_header(good, caption=["a", "b", "", "d"])) == "bad_value"
     assert reason(with_header(good, caption=["a", "b", "x" * 201, "d"])) == "caption_too_long"
     assert reason(with_header(good, source_key=["a", "b", 3, "d"])) == "wrong_type"
     assert reason(with_header(good, source_key=["a", "b", "k" * 300, "d"])) == "bad_value"
-    nb = header_of(good)["nbytes"]
-    assert reason(with_header(good, nbytes=[nb[0] + 1, nb[1] - 1, nb[2], nb[3]])) == "size_mismatch"
+    nb = np.frombuffer(header_of(good)["nbytes"], "<u8").astype(int)
+    assert reason(with_header(good, nbytes=u8(nb + [1, -1, 0, 0]))) == "size_mismatch"
     jpeg = encode_message(imgs, batch_fields(4), "jpeg")
     h, payload = header_of(jpeg), as_bytes(jpeg)[1]
-    h["nbytes"] = [h["nbytes"][0] + 7, h["nbytes"][1] - 7, *h["nbytes"][2:]]  # splits inside files
+    nb = np.frombuffer(h["nbytes"], "<u8").astype(int)
+    h["nbytes"] = u8(nb + [7, -7, 0, 0])  # splits inside files
     assert reason([msgpack.packb(h), payload]) == "undecodable"
+    # Sizes whose unsigned 64-bit sum wraps around to the payload length are refused, not sliced.
+    h["nbytes"] = u8([2**64 - 1, len(payload) + 1, 0, 0])
+    assert reason([msgpack.packb(h), payload]) == "size_mismatch"
