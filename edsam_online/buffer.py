@@ -250,24 +250,25 @@ class ReplayBuffer(Generic[T]):
         else:
             pos = head + np.flatnonzero(self._live[head:tail])[:n]
         self._evicted += n
-        self._evicted_never_sampled += int(np.count_nonzero(self._uses[pos] == 0))
-        self._remove(pos, n)
+        self._evicted_never_sampled += self._remove(pos, n)
 
-    def _remove(self, pos: slice | np.ndarray, n: int) -> None:
+    def _remove(self, pos: slice | np.ndarray, n: int) -> int:
         """Take the ``n`` slots ``pos`` (a run, or ascending indices) out, releasing their
-        references, and count their reuse."""
+        references, and count their reuse. Returns how many were never sampled."""
         self._live[pos] = False
         if isinstance(pos, slice):
             self._seqs[pos] = [None] * n
         else:
             for p in pos.tolist():
                 self._seqs[p] = None
-        self._reuse_hist += np.bincount(np.minimum(self._uses[pos], _REUSE_BINS), minlength=_REUSE_BINS + 1)
+        hist = np.bincount(np.minimum(self._uses[pos], _REUSE_BINS), minlength=_REUSE_BINS + 1)
+        self._reuse_hist += hist
         self._size -= n
         if self._size == 0:
             self._head = self._tail = 0
         elif not self._live[self._head]:
             self._head += int(np.argmax(self._live[self._head:self._tail]))
+        return int(hist[0])
 
     def _compact(self) -> None:
         """Move the live slots, in order, to the start of the window."""

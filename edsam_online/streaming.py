@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ _MONITOR_EVENTS = (
 )
 _PRODUCER_STALE_S = 60.0  # forwarded producer stats older than this are not reported
 _MAX_SESSIONS = 4096  # sequence trackers kept (oldest forgotten first)
-_DRAIN_BATCH = 256
+_SERVICE_EVERY_S = 0.05  # how often a busy receiver looks at its monitor and stats sockets
 _REARM_AFTER_S = 1.0  # a connect that libzmq gave up on is re-made after this long
 
 
@@ -224,27 +225,21 @@ def open_producer_socket(ctx: zmq.Context, cfg: StreamConfig, index: int) -> zmq
 
 
 def send_bounded(sock: zmq.Socket, frames: list, timeout_s: float) -> tuple[bool, float]:
-    """Send without blocking, waiting at most ``timeout_s`` for room (HWM) or a peer.
+    """Send, waiting at most ``timeout_s`` for room (HWM) or a peer.
 
-    Returns (sent, seconds spent waiting). ZeroMQ multipart sends are atomic, so
-    a failed attempt leaves nothing half-sent and can be retried as is.
+    Returns (sent, seconds the call took: the wait for room, plus microseconds of
+    sending). The wait happens inside libzmq (``SNDTIMEO``), without the GIL: a
+    Python retry loop around non-blocking sends costs a wake-up, an exception and a
+    poll per message whenever trainers are the bottleneck. ZeroMQ multipart sends
+    are atomic, so a timed-out attempt leaves nothing half-sent and can be retried as is.
     """
-    try:
-        sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-        return True, 0.0
-    except zmq.Again:
-        pass
+    sock.sndtimeo = max(0, math.ceil(timeout_s * 1000))
     start = time.monotonic()
-    while True:
-        remaining = timeout_s - (time.monotonic() - start)
-        if remaining <= 0:
-            return False, time.monotonic() - start
-        sock.poll(int(min(remaining, 0.05) * 1000) + 1, zmq.POLLOUT)
-        try:
-            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-            return True, time.monotonic() - start
-        except zmq.Again:
-            continue
+    try:
+        sock.send_multipart(frames, copy=False)
+        return True, time.monotonic() - start
+    except zmq.Again:
+        return False, time.monotonic() - start
 
 
 # ----------------------------------------------------------------------------- receiver side
@@ -413,20 +408,30 @@ class Receiver:
                 return
             finally:
                 self._ready.set()
-            poller = zmq.Poller()
-            for s in (sock, monitor, stats_sock):
-                if s is not None:
-                    poller.register(s, zmq.POLLIN)
+            # Block on the data socket (inside libzmq, without the GIL) and look at the
+            # monitor and stats sockets between messages: a poll over all three per
+            # message cost a wake-up and a hand-off each (BENCHMARKS.md, streaming).
+            sock.rcvtimeo = self.cfg.poll_timeout_ms
+            next_service = 0.0
             while not self._stop.is_set():
-                events = dict(poller.poll(self.cfg.poll_timeout_ms))
-                if sock in events:
-                    self._drain(sock)
-                if monitor in events:
+                try:
+                    frames = sock.recv_multipart(copy=False)
+                except zmq.Again:  # nothing for poll_timeout_ms
+                    frames = None
+                if frames is not None:
+                    try:
+                        self._handle(frames)
+                    except Exception:  # noqa: BLE001 - a bug here must not kill the receiver
+                        log.exception("receiver: unexpected error handling a message (dropped)")
+                        self._drop("internal_error", "")
+                now = time.monotonic()
+                if frames is None or now >= next_service:
+                    next_service = now + _SERVICE_EVERY_S
                     self._drain_monitor(monitor, sock)
-                if stats_sock is not None and stats_sock in events:
-                    self._answer_stats(stats_sock)
-                if self._dropped_connects:
-                    self._rearm(sock)
+                    if stats_sock is not None:
+                        self._answer_stats(stats_sock)
+                    if self._dropped_connects:
+                        self._rearm(sock)
         finally:
             if sockets:
                 try:
@@ -438,18 +443,6 @@ class Receiver:
             if auth is not None:
                 auth.stop()
             ctx.term()
-
-    def _drain(self, sock: zmq.Socket) -> None:
-        for _ in range(_DRAIN_BATCH):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                self._handle(frames)
-            except Exception:  # noqa: BLE001 - a bug here must not kill the receiver
-                log.exception("receiver: unexpected error handling a message (dropped)")
-                self._drop("internal_error", "")
 
     def _drop(self, reason: str, detail: str) -> None:
         with self._lock:
