@@ -2,7 +2,8 @@
 """Producer-to-buffer throughput across processes over tcp loopback, against bare pyzmq.
 
 For each image size (64, 256), encoding (raw, jpeg) and samples per message K
-(``--samples-per-message``, default 1, 16 and 64, the ``stream`` default), in the same run:
+(``--samples-per-message``, default 1, 16 and 64, the ``stream`` default; capped, as a
+producer caps it, to what fits in ``stream.max_message_bytes``), in the same run:
 
 * **edsam**: a sender process builds every message as a producer does
   (``producers.producer.message_fields`` from the sampler's per-sample provenance,
@@ -159,7 +160,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--samples-per-message", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--samples-per-message", type=int, nargs="+", default=[1, 16, 64],
+                        help="K; capped as a producer caps it, to what fits in stream.max_message_bytes")
     parser.add_argument("--capacity", type=int, default=4096, help="edsam buffer slots (and bare+keep's window)")
     parser.add_argument("--encodings", nargs="+", default=["raw", "jpeg"], choices=["raw", "jpeg"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256], choices=[64, 256])
@@ -171,15 +173,17 @@ def main() -> None:
         assert tune_malloc(), "mallopt failed"
     print(f"malloc tuned: {args.tune}", flush=True)
     from edsam_online.wire import encode_message
-    from producers.producer import message_fields
+    from producers.producer import message_fields, samples_per_message
 
     scale = 0.25 if args.quick else 1.0
-    counts = {(64, "raw"): 40000, (64, "jpeg"): 4000, (256, "raw"): 12000, (256, "jpeg"): 1000}  # samples
+    counts = {(64, "raw"): 200000, (64, "jpeg"): 4000, (256, "raw"): 24000, (256, "jpeg"): 1000}  # samples
     rows = []
     for (size, encoding), n in counts.items():
         if size not in args.sizes or encoding not in args.encodings:
             continue
-        for k in args.samples_per_message:
+        ks = dict.fromkeys(samples_per_message(StreamConfig(samples_per_message=k, max_samples_per_message=max(k, 256)),
+                                               size * size * 3) for k in args.samples_per_message)
+        for k in ks:
             n_k = max(100, int(n * scale)) // k * k
             frames = encode_message(batch(size, k), message_fields("bench", 1, 0, provenance(k)), encoding)
             frames = [bytes(f.buffer) if isinstance(f, zmq.Frame) else bytes(f) for f in frames]

@@ -9,6 +9,7 @@ flushed, then sockets close and ``run_producer`` returns (the CLI exits 0).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import random
@@ -32,8 +33,9 @@ _MESSAGE_PROVENANCE = ("mode", "steps", "inversion_steps", "guidance")  # one sa
 
 
 def message_fields(producer_id: str, session: int, seq: int, provenance: list[dict]) -> dict[str, Any]:
-    """Header fields (:mod:`edsam_online.wire`) for the samples of one message, from the sampler's provenance."""
-    first = provenance[0]
+    """Header fields (:mod:`edsam_online.wire`) for the samples of one message, from the
+    sampler's provenance; the numeric sample fields as numpy arrays (the wire's columns)."""
+    first, k = provenance[0], len(provenance)
     fields: dict[str, Any] = {
         "producer_id": producer_id,
         "session": session,
@@ -42,13 +44,45 @@ def message_fields(producer_id: str, session: int, seq: int, provenance: list[di
         "model_id": str(first["model_id"]),
         "source_key": list(map(itemgetter("source_key"), provenance)),
         "caption": list(map(itemgetter("caption"), provenance)),
-        "alpha": list(map(float, map(itemgetter("alpha"), provenance))),
-        "seed": list(map(int, map(itemgetter("seed"), provenance))),
+        "alpha": np.fromiter(map(itemgetter("alpha"), provenance), np.float64, k),
+        "seed": np.fromiter(map(itemgetter("seed"), provenance), np.int64, k),
     }
     fields.update({k: first[k] for k in _MESSAGE_PROVENANCE if k in first})
     if "sample_index" in first:
-        fields["sample_index"] = list(map(int, map(itemgetter("sample_index"), provenance)))
+        fields["sample_index"] = np.fromiter(map(itemgetter("sample_index"), provenance), np.int64, k)
     return fields
+
+
+def _fields(producer_id: str, session: int, seq: int, provenance: list[dict], stats: dict | None) -> dict[str, Any]:
+    fields = message_fields(producer_id, session, seq, provenance)
+    if stats is not None:
+        fields["stats"] = stats
+    return fields
+
+
+def samples_per_message(stream_cfg: StreamConfig, sample_nbytes: int) -> int:
+    """K for samples of ``sample_nbytes`` raw bytes: ``stream.samples_per_message``, or
+    fewer when that many would not fit in ``max_message_bytes`` beside the header."""
+    byte_budget = stream_cfg.max_message_bytes - stream_cfg.max_header_bytes
+    return min(stream_cfg.samples_per_message, max(1, byte_budget // (sample_nbytes + 1024)))
+
+
+def _encode_fitting(
+    images: np.ndarray, provenance: list[dict], first: int, last: int, stream_cfg: StreamConfig,
+    fields: Callable[[list[dict]], dict[str, Any]],
+) -> tuple[int, list | None]:
+    """Encode samples ``first:last``, halving the message until its header fits
+    ``max_header_bytes`` (K long captions can outgrow it, and a receiver would drop
+    the message). Returns (end of the samples encoded, frames); frames is None when a
+    single sample's header does not fit."""
+    while True:
+        frames = encode_message(images[first:last], fields(provenance[first:last]), stream_cfg.encoding,
+                                stream_cfg.quality)
+        if len(frames[0]) <= stream_cfg.max_header_bytes:
+            return last, frames
+        if last - first == 1:
+            return last, None
+        last = first + (last - first) // 2
 
 
 def batch_seed(seed: int, rank: int, batch_index: int) -> int:
@@ -145,7 +179,6 @@ def run_producer(
         return out
 
     limit = pcfg.num_samples
-    byte_budget = stream_cfg.max_message_bytes - stream_cfg.max_header_bytes
     bar = tqdm(total=limit or None, desc=pcfg.name, unit="sample", mininterval=5.0, disable=None)
     last_log = time.monotonic()
     try:
@@ -165,26 +198,31 @@ def run_producer(
             )
             state["unet_calls"] += generated.unet_calls
             images, provenance = generated.images, generated.provenance
-            per_message = min(stream_cfg.samples_per_message, max(1, byte_budget // (images[0].nbytes + 1024)))
-            for first in range(0, len(images), per_message):
+            per_message = samples_per_message(stream_cfg, images[0].nbytes)
+            first = 0
+            while first < len(images):
                 if stop.event.is_set() or (limit and state["sent"] >= limit):
                     break
                 last = min(first + per_message, len(images), first + limit - state["sent"] if limit else len(images))
-                chunk = provenance[first:last]
-                state["generated"] += len(chunk)
-                fields = message_fields(pcfg.name, session, state["sent"], chunk)
                 # Random, not every N-th: behind a round-robin PUSH a fixed stride could
                 # keep some trainers from ever seeing producer stats.
-                if state["sent"] == 0 or stats_rng.random() < 1.0 / pcfg.stats_every:
-                    fields["stats"] = metrics()
-                frames = encode_message(images[first:last], fields, stream_cfg.encoding, stream_cfg.quality)
-                if _send(sock, frames, pcfg, stop.event, state):
-                    state["sent"] += len(chunk)
-                    bar.update(len(chunk))
+                stats = metrics() if state["sent"] == 0 or stats_rng.random() < 1.0 / pcfg.stats_every else None
+                fields = functools.partial(_fields, pcfg.name, session, state["sent"], stats=stats)
+                last, frames = _encode_fitting(images, provenance, first, last, stream_cfg, fields)
+                chunk = last - first
+                first = last
+                state["generated"] += chunk
+                if frames is None:
+                    state["dropped_unsent"] += chunk
+                    log.warning("producer %s: one sample's header exceeds stream.max_header_bytes=%d, dropped it",
+                                pcfg.name, stream_cfg.max_header_bytes)
+                elif _send(sock, frames, pcfg, stop.event, state):
+                    state["sent"] += chunk
+                    bar.update(chunk)
                 else:
-                    state["dropped_unsent"] += len(chunk)
+                    state["dropped_unsent"] += chunk
                     log.warning("producer %s: no trainer took a message within %.1fs, dropped its %d samples",
-                                pcfg.name, pcfg.send_timeout_s, len(chunk))
+                                pcfg.name, pcfg.send_timeout_s, chunk)
             if metric_logger is not None and time.monotonic() - last_log >= pcfg.log_every_s:
                 metric_logger.log(metrics(), step=state["sent"])
                 last_log = time.monotonic()

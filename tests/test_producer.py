@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from _streaming_helpers import tiny_configs, wait_for
 from edsam_online.buffer import BufferConfig, ReplayBuffer
 from edsam_online.streaming import ProducerConfig, Receiver, StreamConfig
-from producers.producer import batch_seed, run_producer
+from producers.producer import _encode_fitting, _fields, batch_seed, run_producer
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +101,23 @@ def test_samples_are_packed_per_message_within_the_limits(tiny, stream_kw, messa
     assert stats["buffer/received"] == messages and stats["buffer/dropped"] == 0 and stats["buffer/seq_gaps"] == 0
     assert sorted(s.header["seq"] for s in collect(buf)) == list(range(7))
     assert result["producer/sent"] == 7 == result["producer/generated"]
+
+
+def test_a_message_is_split_until_its_header_fits():
+    k = 8  # 8 distinct 1000-character captions: 4 do not fit in a 4096-byte header, 3 do
+    images = np.zeros((k, 8, 8, 3), np.uint8)
+    prov = [dict(source_key=f"s{i}", caption=f"{i} " + "x" * 1000, alpha=0.1, rho=0.5, seed=i, model_id="m")
+            for i in range(k)]
+    fields = functools.partial(_fields, "p", 1, 0, stats=None)
+    cfg = StreamConfig(max_header_bytes=4096)
+    first, ends = 0, []
+    while first < k:
+        first, frames = _encode_fitting(images, prov, first, k, cfg, fields)
+        assert frames is not None and len(frames[0]) <= 4096
+        ends.append(first)
+    assert ends == [2, 5, 8]  # 8 -> 4 -> 2 samples fit; then the 6 left -> 3, and the last 3
+    # A single sample whose header cannot fit is reported, not sent.
+    assert _encode_fitting(images, prov, 0, k, StreamConfig(max_header_bytes=512), fields) == (1, None)
 
 
 def test_producer_ranks_read_disjoint_partitions_with_distinct_seeds(tiny):
