@@ -29,7 +29,10 @@ allocator settings; ``--no-tune-malloc`` runs all three on glibc's defaults.
 The edsam buffer has ``--capacity`` slots (the ``buffer`` default, 4096) and each run
 sends several times that many samples, so most of it is the steady state of a full
 buffer evicting its oldest items. Reported: samples/s and MB/s, edsam / bare and
-edsam / bare+keep. Each cell is the median of ``--repeats`` runs.
+edsam / bare+keep, and the CPU cores both processes kept busy during bare and edsam
+runs (CPU seconds of every thread, sender and receiver, over the run's wall time): near
+the machine's core count, the run is bound by CPU rather than by the transport. Each
+cell is the median of ``--repeats`` runs.
 
     python bench/bench_stream.py            # full table (~1-2 min)
     python bench/bench_stream.py --quick    # fewer messages
@@ -40,6 +43,8 @@ from __future__ import annotations
 import argparse
 import collections
 import multiprocessing as mp
+import os
+import resource
 import statistics
 import time
 
@@ -75,6 +80,12 @@ def provenance(k: int) -> list[dict]:
                  model_id="bench", mode="transport", steps=10, inversion_steps=10, guidance=3.0) for i in range(k)]
 
 
+def cpu_s() -> float:
+    """CPU seconds this process has used, every thread counted (ZeroMQ's I/O thread too)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def edsam_sender(endpoint_q, go, size: int, encoding: str, k: int, n: int) -> None:
     from edsam_online.streaming import open_producer_socket, send_bounded
     from edsam_online.wire import encode_message
@@ -87,12 +98,14 @@ def edsam_sender(endpoint_q, go, size: int, encoding: str, k: int, n: int) -> No
     endpoint_q.put(sock.last_endpoint.decode())
     prov = provenance(k)
     go.wait(60)
+    start = cpu_s()
     for seq in range(0, n, k):
         fields = message_fields("bench", 1, seq, prov)
         ok, _ = send_bounded(sock, encode_message(images, fields, encoding), 30.0)
         assert ok
     sock.close(linger=30_000)
     ctx.term()
+    endpoint_q.put(cpu_s() - start)
 
 
 def bare_sender(endpoint_q, go, frames: list[bytes], n: int) -> None:
@@ -102,14 +115,16 @@ def bare_sender(endpoint_q, go, frames: list[bytes], n: int) -> None:
     sock.bind("tcp://127.0.0.1:*")
     endpoint_q.put(sock.last_endpoint.decode())
     go.wait(60)
+    start = cpu_s()
     for _ in range(n):  # messages
         sock.send_multipart(frames, copy=False)
     sock.close(linger=30_000)
     ctx.term()
+    endpoint_q.put(cpu_s() - start)
 
 
-def run_edsam(size: int, encoding: str, k: int, n: int, capacity: int, tune: bool) -> float:
-    """Samples per second, ``n`` samples in messages of ``k``."""
+def run_edsam(size: int, encoding: str, k: int, n: int, capacity: int, tune: bool) -> tuple[float, float]:
+    """(samples per second, CPU cores busy in both processes), ``n`` samples in messages of ``k``."""
     from edsam_online.buffer import BufferConfig, ReplayBuffer
     from edsam_online.streaming import Receiver
 
@@ -120,21 +135,22 @@ def run_edsam(size: int, encoding: str, k: int, n: int, capacity: int, tune: boo
     buf = ReplayBuffer(BufferConfig(capacity=capacity))
     with Receiver(StreamConfig(endpoints=[endpoint], samples_per_message=k, tune_malloc=tune), buf) as receiver:
         time.sleep(0.3)  # connected
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_s()
         go.set()
         while receiver.accepted < n:
             time.sleep(0.005)
             if not proc.is_alive() and proc.exitcode != 0:
                 raise RuntimeError("sender failed")
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, cpu_s() - cpu0
         assert receiver.stats()["buffer/dropped"] == 0
+    cpu += q.get(timeout=60)
     proc.join(30)
-    return n / elapsed
+    return n / elapsed, cpu / elapsed
 
 
-def run_bare(frames: list[bytes], k: int, n: int, keep: int = 0) -> float:
-    """Samples per second, ``n`` samples in messages of ``k`` (the same frames every time),
-    keeping the messages of the last ``keep`` samples (0: none)."""
+def run_bare(frames: list[bytes], k: int, n: int, keep: int = 0) -> tuple[float, float]:
+    """(samples per second, CPU cores busy in both processes), ``n`` samples in messages of
+    ``k`` (the same frames every time), keeping the messages of the last ``keep`` samples (0: none)."""
     q, go = SPAWN.Queue(), SPAWN.Event()
     proc = SPAWN.Process(target=bare_sender, args=(q, go, frames, n // k))
     proc.start()
@@ -145,15 +161,16 @@ def run_bare(frames: list[bytes], k: int, n: int, keep: int = 0) -> float:
     sock.connect(endpoint)
     kept: collections.deque = collections.deque(maxlen=keep // k)  # maxlen 0 discards at once
     time.sleep(0.3)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_s()
     go.set()
     for _ in range(n // k):
         kept.append(sock.recv_multipart(copy=False))
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, cpu_s() - cpu0
     sock.close(linger=0)
     ctx.term()
+    cpu += q.get(timeout=60)
     proc.join(30)
-    return n / elapsed
+    return n / elapsed, cpu / elapsed
 
 
 def main() -> None:
@@ -171,7 +188,7 @@ def main() -> None:
         from edsam_online.allocator import tune_malloc
 
         assert tune_malloc(), "mallopt failed"
-    print(f"malloc tuned: {args.tune}", flush=True)
+    print(f"malloc tuned: {args.tune}; {len(os.sched_getaffinity(0))} CPU cores", flush=True)
     from edsam_online.wire import encode_message
     from producers.producer import message_fields, samples_per_message
 
@@ -193,16 +210,18 @@ def main() -> None:
                 bare.append(run_bare(frames, k, n_k))
                 keep.append(run_bare(frames, k, n_k, keep=args.capacity))
                 edsam.append(run_edsam(size, encoding, k, n_k, args.capacity, args.tune))
-            e, b, kb = statistics.median(edsam), statistics.median(bare), statistics.median(keep)
-            rows.append((size, encoding, k, nbytes / k, n_k, e, b, kb))
+            (e, e_cores), (b, b_cores), (kb, _) = (
+                [statistics.median(column) for column in zip(*runs)] for runs in (edsam, bare, keep))
+            rows.append((size, encoding, k, nbytes / k, n_k, e, b, kb, b_cores, e_cores))
             print(f"{size}x{size} {encoding} K={k}: edsam {e:.0f} samples/s, bare {b:.0f}, bare+keep {kb:.0f}; "
-                  f"ratios {e / b:.2f} / {e / kb:.2f}", flush=True)
+                  f"ratios {e / b:.2f} / {e / kb:.2f}; cores busy bare {b_cores:.2f}, edsam {e_cores:.2f}", flush=True)
     print("\n| image | encoding | samples/msg | bytes/sample | samples | edsam samples/s | edsam MB/s "
-          "| bare samples/s | bare MB/s | bare+keep samples/s | edsam / bare | edsam / bare+keep |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for size, encoding, k, per_sample, n, e, b, kb in rows:
+          "| bare samples/s | bare MB/s | bare+keep samples/s | edsam / bare | edsam / bare+keep | cores busy, bare / edsam |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for size, encoding, k, per_sample, n, e, b, kb, b_cores, e_cores in rows:
         print(f"| {size}x{size} | {encoding} | {k} | {per_sample:.0f} | {n} | {e:.0f} | {e * per_sample / 1e6:.1f} "
-              f"| {b:.0f} | {b * per_sample / 1e6:.1f} | {kb:.0f} | {e / b:.2f} | {e / kb:.2f} |")
+              f"| {b:.0f} | {b * per_sample / 1e6:.1f} | {kb:.0f} | {e / b:.2f} | {e / kb:.2f} "
+              f"| {b_cores:.2f} / {e_cores:.2f} |")
 
 
 if __name__ == "__main__":

@@ -409,8 +409,8 @@ class Receiver:
             finally:
                 self._ready.set()
             # Block on the data socket (inside libzmq, without the GIL) and look at the
-            # monitor and stats sockets between messages: a poll over all three per
-            # message cost a wake-up and a hand-off each (BENCHMARKS.md, streaming).
+            # monitor and stats sockets between messages, at most every 50 ms while
+            # messages flow, rather than polling all three for every message.
             sock.rcvtimeo = self.cfg.poll_timeout_ms
             next_service = 0.0
             while not self._stop.is_set():
