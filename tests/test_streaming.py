@@ -6,6 +6,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 
 import msgpack
@@ -205,6 +206,31 @@ def test_receivers_bind_mode_stats_endpoint_and_monitor(ctx, tmp_path, capsys):
     assert "size 3/10" in out and "seq gaps 2" in out
     with pytest.raises(TimeoutError):
         monitor.fetch_stats(f"tcp://127.0.0.1:{free_port()}", timeout_s=0.2)
+
+
+def test_stats_requests_are_answered_while_messages_flow(ctx):
+    # The receiver blocks on its data socket; a steady stream must not starve the stats socket.
+    cfg = StreamConfig(stats_endpoint="tcp://127.0.0.1:*")
+    client, endpoint = push_bound(ctx)
+    stop = threading.Event()
+
+    def flood():
+        seq = 0
+        while not stop.is_set():
+            client.send_multipart(raw(valid_frames(seq)))
+            seq += 1
+
+    with Receiver(cfg, ReplayBuffer(BufferConfig(capacity=100)), endpoints=[endpoint]) as receiver:
+        sender = threading.Thread(target=flood)
+        sender.start()
+        try:
+            assert wait_for(lambda: receiver.accepted > 0)
+            seen = [monitor.fetch_stats(receiver.stats_endpoint, timeout_s=2)["buffer/accepted"] for _ in range(5)]
+        finally:
+            stop.set()
+            sender.join(10)
+    assert seen == sorted(seen) and seen[-1] > seen[0]  # answered during the flood, not after it
+    assert receiver.stats()["buffer/stats_requests"] == 5 and receiver.stats()["buffer/dropped"] == 0
 
 
 def test_two_producer_processes_into_two_receiver_processes():
