@@ -34,7 +34,7 @@ runs (CPU seconds of every thread, sender and receiver, over the run's wall time
 the machine's core count, the run is bound by CPU rather than by the transport. Each
 cell is the median of ``--repeats`` runs.
 
-    python bench/bench_stream.py            # full table (~1-2 min)
+    python bench/bench_stream.py            # full table (~4 min on 2 cores)
     python bench/bench_stream.py --quick    # fewer messages
 """
 

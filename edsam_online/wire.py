@@ -130,11 +130,10 @@ _SAMPLE_INPUTS: dict[str, str] = {"source_key": "U", "caption": "U", "alpha": "f
 _OPTIONAL_SAMPLE_INPUTS: dict[str, str] = {"sample_index": "iu"}
 # Exact types: bool is not an int here, and msgpack yields only these.
 _KIND_TYPES = {_INT: frozenset((int,)), _FLOAT: frozenset((int, float)), _STR: frozenset((str,))}
-_KIND_NAMES = {types: kind for kind, types in _KIND_TYPES.items()}
-#: (name, accepted exact types, required) for every top-level header field but ``v``.
+#: (name, kind, accepted exact types, required) for every top-level header field but ``v``.
 _FIELD_CHECKS = (
-    *((name, _KIND_TYPES[kind], True) for name, kind in _MESSAGE_FIELDS.items()),
-    *((name, _KIND_TYPES[kind], False) for name, kind in _OPTIONAL_MESSAGE_FIELDS.items()),
+    *((name, kind, _KIND_TYPES[kind], True) for name, kind in _MESSAGE_FIELDS.items()),
+    *((name, kind, _KIND_TYPES[kind], False) for name, kind in _OPTIONAL_MESSAGE_FIELDS.items()),
 )
 _REQUIRED_PRESENT = (*_SOURCE_FIELDS, *_COLUMN_DTYPES, "shape")  # types checked where they are read
 _MISSING = object()
@@ -278,12 +277,12 @@ def encode_message(
         header[name] = values.astype(_ALL_COLUMNS[name], copy=False).tobytes()
     if encoding == "raw":
         payload = encode_image(images, "raw")
-        sizes = np.full(k, len(payload) // k)
+        sizes = np.full(k, len(payload) // k, _COLUMN_DTYPES["nbytes"])
     else:
         parts = [encode_image(img, encoding, quality) for img in images]
-        sizes = np.array([len(p) for p in parts])
+        sizes = np.array([len(p) for p in parts], _COLUMN_DTYPES["nbytes"])
         payload = b"".join(parts)
-    header["nbytes"] = sizes.astype(_COLUMN_DTYPES["nbytes"]).tobytes()
+    header["nbytes"] = sizes.tobytes()
     header.update(v=SCHEMA_VERSION, shape=[int(s) for s in images.shape[1:]], dtype="uint8", encoding=encoding,
                   created_at=time.time())
     for name, kind in _MESSAGE_FIELDS.items():
@@ -331,13 +330,13 @@ def _buffer(frame: Any) -> memoryview:
 
 
 def _check_fields(header: dict) -> None:
-    for name, types, required in _FIELD_CHECKS:
+    for name, kind, types, required in _FIELD_CHECKS:
         value = header.get(name, _MISSING)
         if value is _MISSING:
             if required:
                 raise WireError("missing_field", name)
         elif type(value) not in types:
-            raise WireError("wrong_type", f"{name} must be {_KIND_NAMES[types]}, got {type(value).__name__}")
+            raise WireError("wrong_type", f"{name} must be {kind}, got {type(value).__name__}")
     for name in _REQUIRED_PRESENT:
         if name not in header:
             raise WireError("missing_field", name)

@@ -32,9 +32,12 @@ log = logging.getLogger(__name__)
 _MESSAGE_PROVENANCE = ("mode", "steps", "inversion_steps", "guidance")  # one sampler config per batch
 
 
-def message_fields(producer_id: str, session: int, seq: int, provenance: list[dict]) -> dict[str, Any]:
+def message_fields(
+    producer_id: str, session: int, seq: int, provenance: list[dict], stats: dict[str, float] | None = None
+) -> dict[str, Any]:
     """Header fields (:mod:`edsam_online.wire`) for the samples of one message, from the
-    sampler's provenance; the numeric sample fields as numpy arrays (the wire's columns)."""
+    sampler's provenance; the numeric sample fields as numpy arrays (the wire's columns).
+    ``stats``: the producer's metrics to forward, if any."""
     first, k = provenance[0], len(provenance)
     fields: dict[str, Any] = {
         "producer_id": producer_id,
@@ -50,11 +53,6 @@ def message_fields(producer_id: str, session: int, seq: int, provenance: list[di
     fields.update({k: first[k] for k in _MESSAGE_PROVENANCE if k in first})
     if "sample_index" in first:
         fields["sample_index"] = np.fromiter(map(itemgetter("sample_index"), provenance), np.int64, k)
-    return fields
-
-
-def _fields(producer_id: str, session: int, seq: int, provenance: list[dict], stats: dict | None) -> dict[str, Any]:
-    fields = message_fields(producer_id, session, seq, provenance)
     if stats is not None:
         fields["stats"] = stats
     return fields
@@ -207,7 +205,7 @@ def run_producer(
                 # Random, not every N-th: behind a round-robin PUSH a fixed stride could
                 # keep some trainers from ever seeing producer stats.
                 stats = metrics() if state["sent"] == 0 or stats_rng.random() < 1.0 / pcfg.stats_every else None
-                fields = functools.partial(_fields, pcfg.name, session, state["sent"], stats=stats)
+                fields = functools.partial(message_fields, pcfg.name, session, state["sent"], stats=stats)
                 last, frames = _encode_fitting(images, provenance, first, last, stream_cfg, fields)
                 chunk = last - first
                 first = last

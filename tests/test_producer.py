@@ -13,7 +13,7 @@ import pytest
 from _streaming_helpers import tiny_configs, wait_for
 from edsam_online.buffer import BufferConfig, ReplayBuffer
 from edsam_online.streaming import ProducerConfig, Receiver, StreamConfig
-from producers.producer import _encode_fitting, _fields, batch_seed, run_producer
+from producers.producer import _encode_fitting, batch_seed, message_fields, run_producer
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_a_message_is_split_until_its_header_fits():
     images = np.zeros((k, 8, 8, 3), np.uint8)
     prov = [dict(source_key=f"s{i}", caption=f"{i} " + "x" * 1000, alpha=0.1, rho=0.5, seed=i, model_id="m")
             for i in range(k)]
-    fields = functools.partial(_fields, "p", 1, 0, stats=None)
+    fields = functools.partial(message_fields, "p", 1, 0)
     cfg = StreamConfig(max_header_bytes=4096)
     first, ends = 0, []
     while first < k:
