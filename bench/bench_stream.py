@@ -6,10 +6,10 @@ For each image size (64, 256), encoding (raw, jpeg) and samples per message K
 producer caps it, to what fits in ``stream.max_message_bytes``), in the same run:
 
 * **edsam**: a sender process builds every message as a producer does
-  (``producers.producer.message_fields`` from the sampler's per-sample provenance,
+  (``edsam_online.producer.message_fields`` from the sampler's per-sample provenance,
   built once beforehand as generation's output, then
   ``wire.encode_message`` over K images of one contiguous batch, JPEG encoded per
-  sample) and sends it with ``streaming.send_bounded`` from a socket made by
+  sample) and sends it with ``producer.send_bounded`` from a socket made by
   ``open_producer_socket``; the main process runs a ``Receiver`` thread (full
   validation, JPEG decode) that inserts every sample into a ``ReplayBuffer``.
   Timed until the last sample is in the buffer.
@@ -87,9 +87,8 @@ def cpu_s() -> float:
 
 
 def edsam_sender(endpoint_q, go, size: int, encoding: str, k: int, n: int) -> None:
-    from edsam_online.streaming import open_producer_socket, send_bounded
+    from edsam_online.producer import message_fields, open_producer_socket, send_bounded
     from edsam_online.wire import encode_message
-    from producers.producer import message_fields
 
     images = batch(size, k)
     cfg = StreamConfig(endpoints=["tcp://127.0.0.1:*"], encoding=encoding, samples_per_message=k)
@@ -190,7 +189,7 @@ def main() -> None:
         assert tune_malloc(), "mallopt failed"
     print(f"malloc tuned: {args.tune}; {len(os.sched_getaffinity(0))} CPU cores", flush=True)
     from edsam_online.wire import encode_message
-    from producers.producer import message_fields, samples_per_message
+    from edsam_online.producer import message_fields, samples_per_message
 
     scale = 0.25 if args.quick else 1.0
     counts = {(64, "raw"): 200000, (64, "jpeg"): 4000, (256, "raw"): 24000, (256, "jpeg"): 1000}  # samples

@@ -24,7 +24,8 @@ from edsam_online.eval import EvalConfig
 from edsam_online.losses import LOSS_KINDS
 from edsam_online.metrics import LoggingConfig
 from edsam_online.models import ClipModelConfig
-from edsam_online.streaming import ProducerConfig, StreamConfig
+from edsam_online.producer import ProducerConfig
+from edsam_online.streaming import StreamConfig
 
 MIX_MODES = ("add", "replace")
 PRECISIONS = ("fp32", "bf16", "fp16")

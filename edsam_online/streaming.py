@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -137,109 +136,6 @@ class StreamConfig:
         for name in needed:
             if not getattr(self, name):
                 raise ValueError(f"stream.{name} must be set when stream.curve is true ({role})")
-
-
-@dataclass
-class ProducerConfig:
-    """One producer rank (Hydra group ``producer``; ``launch.sh`` sets ``rank``/``num_producers``).
-
-    The producer reads partition ``rank`` of ``num_producers`` of the real data
-    and seeds generation from (``seed``, ``rank``, batch index). It binds
-    ``stream.endpoints[endpoint_index]`` (default: ``rank``; multi-node launches
-    whose endpoint list is per node set it to the local index). ``num_samples = 0``
-    runs until SIGINT/SIGTERM. A message that cannot be sent within
-    ``send_timeout_s`` (every trainer's queue full, or none connected) is dropped
-    and counted (``producer/dropped_unsent``): a producer never waits on trainers
-    for longer than that. ``stats_every``: forward ``producer/*`` stats in one
-    header out of N on average (chosen at random, so that every trainer behind the
-    round-robin PUSH gets them). ``threads`` > 0 sets torch's intra-op threads
-    (0: torch's default); on a small CPU box shared with a trainer, 1 avoids
-    oversubscribed OpenMP spinning.
-    """
-
-    rank: int = 0
-    num_producers: int = 1
-    endpoint_index: int | None = None
-    producer_id: str = ""
-    num_samples: int = 0
-    batch_size: int = 2
-    m: int | None = None
-    seed: int = 0
-    send_timeout_s: float = 30.0
-    stop_grace_s: float = 5.0
-    stats_every: int = 20
-    log_every_s: float = 10.0
-    threads: int = 0
-
-    @property
-    def name(self) -> str:
-        """``producer_id``, or ``producer-<rank>`` when it is left empty (computed, so a
-        ``producer.rank`` override is never shadowed by a name frozen at config-schema time)."""
-        return self.producer_id or f"producer-{self.rank}"
-
-    def __post_init__(self) -> None:
-        if self.num_producers < 1:
-            raise ValueError(f"num_producers must be >= 1, got {self.num_producers}")
-        if not 0 <= self.rank < self.num_producers:
-            raise ValueError(f"rank must be in [0, num_producers={self.num_producers}), got {self.rank}")
-        if self.endpoint_index is not None and self.endpoint_index < 0:
-            raise ValueError(f"endpoint_index must be >= 0 or null, got {self.endpoint_index}")
-        for name in ("num_samples", "threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "stats_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.m is not None and self.m < 1:
-            raise ValueError(f"m must be >= 1 or null, got {self.m}")
-        for name in ("send_timeout_s", "stop_grace_s", "log_every_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-
-
-# ----------------------------------------------------------------------------- producer side
-
-
-def open_producer_socket(ctx: zmq.Context, cfg: StreamConfig, index: int) -> zmq.Socket:
-    """A producer's PUSH socket: binds ``endpoints[index]`` (``producers_bind``) or
-    connects to every endpoint. ``sock.last_endpoint`` gives a wildcard bind's port."""
-    cfg.check_curve("producer")
-    if cfg.producers_bind and index >= len(cfg.endpoints):
-        raise ValueError(f"stream.endpoints has {len(cfg.endpoints)} entries, producer endpoint {index} is missing")
-    sock = ctx.socket(zmq.PUSH)
-    try:
-        sock.sndhwm = cfg.sndhwm
-        sock.linger = 0  # shutdown is explicit: the in-flight message is sent before close
-        sock.reconnect_ivl = cfg.reconnect_ivl_ms
-        if cfg.curve:
-            security.make_curve_client(sock, cfg.curve_client_secret, cfg.curve_server_public)
-        if cfg.producers_bind:
-            sock.bind(cfg.endpoints[index])
-        else:
-            for endpoint in cfg.endpoints:
-                sock.connect(endpoint)
-    except Exception:
-        sock.close(linger=0)
-        raise
-    return sock
-
-
-def send_bounded(sock: zmq.Socket, frames: list, timeout_s: float) -> tuple[bool, float]:
-    """Send, waiting at most ``timeout_s`` for room (HWM) or a peer.
-
-    Returns (sent, seconds the call took: the wait for room, plus microseconds of
-    sending). The wait happens inside libzmq (``SNDTIMEO``), without the GIL: a
-    Python retry loop around non-blocking sends costs a wake-up, an exception and a
-    poll per message whenever trainers are the bottleneck. ZeroMQ multipart sends
-    are atomic, so a timed-out attempt leaves nothing half-sent and can be retried as is.
-    """
-    sock.sndtimeo = max(0, math.ceil(timeout_s * 1000))
-    start = time.monotonic()
-    try:
-        sock.send_multipart(frames, copy=False)
-        return True, time.monotonic() - start
-    except zmq.Again:
-        return False, time.monotonic() - start
 
 
 # ----------------------------------------------------------------------------- receiver side

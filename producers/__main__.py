@@ -1,14 +1,16 @@
-"""``python -m producers <hydra overrides>``: one producer rank.
+"""``python -m producers <hydra overrides>`` (console script ``edsam-produce``): one producer rank.
 
 Reads the shared config tree (``configs/config.yaml``): ``data``, ``diffusion``,
 ``stream``, ``producer`` (``producer.rank`` / ``producer.num_producers`` are set by
-``scripts/launch.sh``) and ``logging``. Exits 0 after SIGINT/SIGTERM or after
-``producer.num_samples`` samples.
+``scripts/launch.sh``) and ``logging``, and runs :class:`edsam_online.producer.Producer`.
+Exits 0 after SIGINT/SIGTERM or after ``producer.num_samples`` samples; a bad config
+value exits 2 naming the key.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -21,14 +23,21 @@ _CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
 
 @hydra.main(config_path=_CONFIGS, config_name="config", version_base=None)
 def main(dictcfg: DictConfig) -> None:
-    from producers.producer import run_producer
+    from edsam_online.diffusion import build_sampler
+    from edsam_online.producer import Producer
 
-    cfg = load_config(dictcfg)
+    try:
+        cfg = load_config(dictcfg)
+    except ValueError as err:  # a bad value stops here, naming the key
+        print(f"config error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     logging.getLogger(__name__).info(
         "producer %d/%d (%s) -> %s", cfg.producer.rank, cfg.producer.num_producers, cfg.diffusion.model,
         cfg.stream.endpoints,
     )
-    run_producer(cfg.stream, cfg.producer, cfg.data, cfg.diffusion, logging_cfg=cfg.logging, run_dir=cfg.run_dir)
+    producer = Producer(cfg.stream, cfg.producer, cfg.data, build_sampler(cfg.diffusion),
+                        logging_cfg=cfg.logging, run_dir=cfg.run_dir)
+    producer.run()
 
 
 if __name__ == "__main__":

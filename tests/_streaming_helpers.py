@@ -30,14 +30,15 @@ def producer_main(endpoint: str, rank: int, num_producers: int, num_samples: int
     import torch
 
     torch.set_num_threads(1)
-    from edsam_online.streaming import ProducerConfig, StreamConfig
-    from producers.producer import run_producer
+    from edsam_online.diffusion import build_sampler
+    from edsam_online.producer import Producer, ProducerConfig
+    from edsam_online.streaming import StreamConfig
 
     data, sampler = tiny_configs()
     stream = StreamConfig(endpoints=[endpoint] * num_producers, **stream_kw)
     pcfg = ProducerConfig(rank=rank, num_producers=num_producers, num_samples=num_samples, batch_size=2,
                           seed=11, send_timeout_s=30.0, stats_every=1)
-    run_producer(stream, pcfg, data, sampler)
+    Producer(stream, pcfg, data, build_sampler(sampler)).run()
 
 
 def receiver_main(endpoints: list[str], results, stop) -> None:

@@ -12,8 +12,8 @@ import pytest
 
 from _streaming_helpers import tiny_configs, wait_for
 from edsam_online.buffer import BufferConfig, ReplayBuffer
-from edsam_online.streaming import ProducerConfig, Receiver, StreamConfig
-from producers.producer import _encode_fitting, batch_seed, message_fields, run_producer
+from edsam_online.producer import Producer, ProducerConfig, _encode_fitting, batch_seed, message_fields
+from edsam_online.streaming import Receiver, StreamConfig
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def tiny():
 
 
 def start_producer(tiny, pcfg, stream=None, **kw):
-    """run_producer in a thread, bound to a wildcard port; returns (thread, endpoint, result)."""
+    """A Producer running in a thread, bound to a wildcard port; returns (thread, endpoint, result, producer)."""
     data, sampler = tiny
     bound, result = [], {}
     ready = threading.Event()
@@ -38,14 +38,11 @@ def start_producer(tiny, pcfg, stream=None, **kw):
         ready.set()
 
     stream = stream or StreamConfig(endpoints=["tcp://127.0.0.1:*"] * pcfg.num_producers)
-    thread = threading.Thread(
-        target=lambda: result.update(
-            run_producer(stream, pcfg, data, sampler=sampler, on_bound=on_bound, install_signal_handlers=False, **kw)
-        )
-    )
+    producer = Producer(stream, pcfg, data, sampler, on_bound=on_bound, install_signal_handlers=False, **kw)
+    thread = threading.Thread(target=lambda: result.update(producer.run()))
     thread.start()
     assert ready.wait(30)
-    return thread, bound[0], result
+    return thread, bound[0], result, producer
 
 
 def collect(buf):
@@ -58,7 +55,7 @@ def collect(buf):
 def test_samples_carry_provenance_and_forwarded_stats(tiny):
     buf = ReplayBuffer(BufferConfig(capacity=100, max_times_sampled=1))
     pcfg = ProducerConfig(num_samples=8, batch_size=2, m=2, seed=3, stats_every=1)
-    thread, endpoint, result = start_producer(tiny, pcfg)
+    thread, endpoint, result, _ = start_producer(tiny, pcfg)
     with Receiver(StreamConfig(endpoints=[endpoint]), buf) as receiver:
         thread.join(60)
         assert wait_for(lambda: receiver.stats()["buffer/accepted"] == 8)
@@ -93,7 +90,7 @@ def test_samples_are_packed_per_message_within_the_limits(tiny, stream_kw, messa
     buf = ReplayBuffer(BufferConfig(capacity=100, max_times_sampled=1))
     pcfg = ProducerConfig(num_samples=7, batch_size=2, m=2, seed=3)
     stream = StreamConfig(endpoints=["tcp://127.0.0.1:*"], **stream_kw)
-    thread, endpoint, result = start_producer(tiny, pcfg, stream)
+    thread, endpoint, result, _ = start_producer(tiny, pcfg, stream)
     with Receiver(StreamConfig(endpoints=[endpoint], **stream_kw), buf) as receiver:
         thread.join(60)
         assert wait_for(lambda: receiver.stats()["buffer/accepted"] == 7)
@@ -125,8 +122,8 @@ def test_producer_ranks_read_disjoint_partitions_with_distinct_seeds(tiny):
     stream = StreamConfig(endpoints=["tcp://127.0.0.1:*"] * 2)
     started = [start_producer(tiny, ProducerConfig(rank=r, num_producers=2, num_samples=6, m=1, seed=0), stream)
                for r in range(2)]
-    with Receiver(StreamConfig(endpoints=[ep for _, ep, _ in started]), buf) as receiver:
-        for thread, _, _ in started:
+    with Receiver(StreamConfig(endpoints=[ep for _, ep, _, _ in started]), buf) as receiver:
+        for thread, _, _, _ in started:
             thread.join(60)
         assert wait_for(lambda: receiver.stats()["buffer/accepted"] == 12)
     items = collect(buf)
@@ -139,12 +136,11 @@ def test_producer_ranks_read_disjoint_partitions_with_distinct_seeds(tiny):
 
 
 def test_producer_never_waits_on_missing_trainers(tiny):
-    stop = threading.Event()
     pcfg = ProducerConfig(num_samples=0, batch_size=1, m=1, send_timeout_s=0.1, stop_grace_s=0.1)
-    thread, _, result = start_producer(tiny, pcfg, stop_event=stop)
+    thread, _, result, producer = start_producer(tiny, pcfg)
     time.sleep(1.5)
     t0 = time.monotonic()
-    stop.set()
+    producer.stop()
     thread.join(30)
     assert not thread.is_alive() and time.monotonic() - t0 < 10
     assert result["producer/sent"] == 0
@@ -157,7 +153,7 @@ def test_metrics_go_to_the_metric_logger(tiny, tmp_path):
 
     buf = ReplayBuffer(BufferConfig(capacity=100))
     pcfg = ProducerConfig(num_samples=2, m=1, log_every_s=0)
-    thread, endpoint, _ = start_producer(tiny, pcfg, logging_cfg=LoggingConfig(wandb=False), run_dir=str(tmp_path))
+    thread, endpoint, _, _ = start_producer(tiny, pcfg, logging_cfg=LoggingConfig(wandb=False), run_dir=str(tmp_path))
     with Receiver(StreamConfig(endpoints=[endpoint]), buf):
         thread.join(60)
     lines = [json.loads(x) for x in (tmp_path / "metrics" / "producer0.jsonl").read_text().splitlines()]

@@ -18,7 +18,8 @@ from _streaming_helpers import free_port, producer_main, receiver_main, valid_fr
 from edsam_online import monitor
 from edsam_online.buffer import BufferConfig, ReplayBuffer
 from edsam_online.security import generate_keys, make_curve_client
-from edsam_online.streaming import Receiver, StreamConfig, open_producer_socket, send_bounded
+from edsam_online.producer import open_producer_socket, send_bounded
+from edsam_online.streaming import Receiver, StreamConfig
 from edsam_online.wire import encode_message
 
 SPAWN = mp.get_context("spawn")

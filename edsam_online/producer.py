@@ -1,0 +1,378 @@
+"""A producer rank: real pairs -> ED-SAM sampler -> ZeroMQ PUSH, forever or for N samples.
+
+:class:`Producer` is the library's generation loop; ``python -m producers`` (the
+``edsam-produce`` console script) is its process entry point. Sends wait a bounded
+time for room (``producer.send_timeout_s``): a message that still cannot go is
+dropped and counted (``producer/dropped_unsent``), so a producer never waits on
+trainers for longer than that. SIGINT/SIGTERM stop it after the message in flight:
+no new batch is started, the current message gets at most ``stop_grace_s`` to be
+sent and flushed, then sockets close and :meth:`Producer.run` returns (the CLI exits 0).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import math
+import random
+import secrets
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+from tqdm import tqdm
+
+from edsam_online import security
+from edsam_online.data import DataCounters, RealDataConfig, iter_real_samples
+from edsam_online.metrics import LoggingConfig, MetricLogger
+from edsam_online.streaming import StreamConfig
+from edsam_online.wire import encode_message
+
+log = logging.getLogger(__name__)
+
+_MESSAGE_PROVENANCE = ("mode", "steps", "inversion_steps", "guidance")  # one sampler config per batch
+_SEND_SLICE_S = 0.2  # a blocked send re-checks the stop flag this often
+
+
+@dataclass
+class ProducerConfig:
+    """One producer rank (``launch.sh`` sets ``rank``/``num_producers``).
+
+    The producer reads partition ``rank`` of ``num_producers`` of the real data
+    and seeds generation from (``seed``, ``rank``, batch index). It binds
+    ``stream.endpoints[endpoint_index]`` (default: ``rank``; multi-node launches
+    whose endpoint list is per node set it to the local index). ``num_samples = 0``
+    runs until SIGINT/SIGTERM. A message that cannot be sent within
+    ``send_timeout_s`` (every trainer's queue full, or none connected) is dropped
+    and counted (``producer/dropped_unsent``). ``stats_every``: forward ``producer/*``
+    stats in one header out of N on average (chosen at random, so that every trainer
+    behind the round-robin PUSH gets them). ``threads`` > 0 sets torch's intra-op
+    threads (0: torch's default); on a small CPU box shared with a trainer, 1 avoids
+    oversubscribed OpenMP spinning.
+    """
+
+    rank: int = 0
+    num_producers: int = 1
+    endpoint_index: int | None = None
+    producer_id: str = ""
+    num_samples: int = 0
+    batch_size: int = 2
+    m: int | None = None
+    seed: int = 0
+    send_timeout_s: float = 30.0
+    stop_grace_s: float = 5.0
+    stats_every: int = 20
+    log_every_s: float = 10.0
+    threads: int = 0
+
+    @property
+    def name(self) -> str:
+        """``producer_id``, or ``producer-<rank>`` when it is left empty (computed, so a
+        ``producer.rank`` override is never shadowed by a name frozen at config-schema time)."""
+        return self.producer_id or f"producer-{self.rank}"
+
+    def __post_init__(self) -> None:
+        if self.num_producers < 1:
+            raise ValueError(f"num_producers must be >= 1, got {self.num_producers}")
+        if not 0 <= self.rank < self.num_producers:
+            raise ValueError(f"rank must be in [0, num_producers={self.num_producers}), got {self.rank}")
+        if self.endpoint_index is not None and self.endpoint_index < 0:
+            raise ValueError(f"endpoint_index must be >= 0 or null, got {self.endpoint_index}")
+        for name in ("num_samples", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "stats_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.m is not None and self.m < 1:
+            raise ValueError(f"m must be >= 1 or null, got {self.m}")
+        for name in ("send_timeout_s", "stop_grace_s", "log_every_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+# ----------------------------------------------------------------------------- sockets
+
+
+def open_producer_socket(ctx: zmq.Context, cfg: StreamConfig, index: int) -> zmq.Socket:
+    """A producer's PUSH socket: binds ``endpoints[index]`` (``producers_bind``) or
+    connects to every endpoint. ``sock.last_endpoint`` gives a wildcard bind's port."""
+    cfg.check_curve("producer")
+    if cfg.producers_bind and index >= len(cfg.endpoints):
+        raise ValueError(f"stream.endpoints has {len(cfg.endpoints)} entries, producer endpoint {index} is missing")
+    sock = ctx.socket(zmq.PUSH)
+    try:
+        sock.sndhwm = cfg.sndhwm
+        sock.linger = 0  # shutdown is explicit: the in-flight message is sent before close
+        sock.reconnect_ivl = cfg.reconnect_ivl_ms
+        if cfg.curve:
+            security.make_curve_client(sock, cfg.curve_client_secret, cfg.curve_server_public)
+        if cfg.producers_bind:
+            sock.bind(cfg.endpoints[index])
+        else:
+            for endpoint in cfg.endpoints:
+                sock.connect(endpoint)
+    except Exception:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def send_bounded(sock: zmq.Socket, frames: list, timeout_s: float) -> tuple[bool, float]:
+    """Send, waiting at most ``timeout_s`` for room (HWM) or a peer.
+
+    Returns (sent, seconds the call took: the wait for room, plus microseconds of
+    sending). The wait happens inside libzmq (``SNDTIMEO``), without the GIL: a
+    Python retry loop around non-blocking sends costs a wake-up, an exception and a
+    poll per message whenever trainers are the bottleneck. ZeroMQ multipart sends
+    are atomic, so a timed-out attempt leaves nothing half-sent and can be retried as is.
+    """
+    sock.sndtimeo = max(0, math.ceil(timeout_s * 1000))
+    start = time.monotonic()
+    try:
+        sock.send_multipart(frames, copy=False)
+        return True, time.monotonic() - start
+    except zmq.Again:
+        return False, time.monotonic() - start
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def message_fields(
+    producer_id: str, session: int, seq: int, provenance: list[dict], stats: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """Header fields (:mod:`edsam_online.wire`) for the samples of one message, from the
+    sampler's provenance; the numeric sample fields as numpy arrays (the wire's columns).
+    ``stats``: the producer's metrics to forward, if any."""
+    first, k = provenance[0], len(provenance)
+    fields: dict[str, Any] = {
+        "producer_id": producer_id,
+        "session": session,
+        "seq": seq,
+        "rho": float(first["rho"]),
+        "model_id": str(first["model_id"]),
+        "source_key": list(map(itemgetter("source_key"), provenance)),
+        "caption": list(map(itemgetter("caption"), provenance)),
+        "alpha": np.fromiter(map(itemgetter("alpha"), provenance), np.float64, k),
+        "seed": np.fromiter(map(itemgetter("seed"), provenance), np.int64, k),
+    }
+    fields.update({k: first[k] for k in _MESSAGE_PROVENANCE if k in first})
+    if "sample_index" in first:
+        fields["sample_index"] = np.fromiter(map(itemgetter("sample_index"), provenance), np.int64, k)
+    if stats is not None:
+        fields["stats"] = stats
+    return fields
+
+
+def samples_per_message(stream_cfg: StreamConfig, sample_nbytes: int) -> int:
+    """K for samples of ``sample_nbytes`` raw bytes: ``stream.samples_per_message``, or
+    fewer when that many would not fit in ``max_message_bytes`` beside the header."""
+    byte_budget = stream_cfg.max_message_bytes - stream_cfg.max_header_bytes
+    return min(stream_cfg.samples_per_message, max(1, byte_budget // (sample_nbytes + 1024)))
+
+
+def _encode_fitting(
+    images: np.ndarray, provenance: list[dict], first: int, last: int, stream_cfg: StreamConfig,
+    fields: Callable[[list[dict]], dict[str, Any]],
+) -> tuple[int, list | None]:
+    """Encode samples ``first:last``, halving the message until its header fits
+    ``max_header_bytes`` (K long captions can outgrow it, and a receiver would drop
+    the message). Returns (end of the samples encoded, frames); frames is None when a
+    single sample's header does not fit."""
+    while True:
+        frames = encode_message(images[first:last], fields(provenance[first:last]), stream_cfg.encoding,
+                                stream_cfg.quality)
+        if len(frames[0]) <= stream_cfg.max_header_bytes:
+            return last, frames
+        if last - first == 1:
+            return last, None
+        last = first + (last - first) // 2
+
+
+def batch_seed(seed: int, rank: int, batch_index: int) -> int:
+    """Generation seed of one batch: distinct per (seed, producer rank, batch), below 2**30
+    so the sampler's per-image ``seed + i`` stays a valid 31-bit seed."""
+    return int(np.random.SeedSequence([seed, rank, batch_index]).generate_state(1)[0] >> 2)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM (or by the caller); restores the previous handlers on exit."""
+
+    def __init__(self, event: threading.Event, install: bool) -> None:
+        self.event = event
+        self._previous: dict[int, Any] = {}
+        if install and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.info("producer: %s received, stopping after the message in flight", signal.Signals(signum).name)
+        self.event.set()
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Producer:
+    """One producer rank: reads its partition of the real data, generates with ``sampler``
+    (an :class:`~edsam_online.diffusion.EDSAMSampler`) and streams the samples.
+
+    ``logging_cfg`` + ``run_dir``: metrics also go to a ``MetricLogger``
+    (``<run_dir>/metrics/producer<rank>.jsonl``). ``on_bound`` is called with the
+    resolved endpoint after a bind (useful with ``tcp://host:*``). :meth:`stop` (from
+    any thread) stops it as a signal does; ``install_signal_handlers`` makes
+    SIGINT/SIGTERM do so while :meth:`run` runs in the main thread.
+    """
+
+    def __init__(
+        self,
+        stream_cfg: StreamConfig,
+        cfg: ProducerConfig,
+        data_cfg: RealDataConfig,
+        sampler: Any,
+        *,
+        logging_cfg: LoggingConfig | None = None,
+        run_dir: str | None = None,
+        on_bound: Callable[[str], None] | None = None,
+        install_signal_handlers: bool = True,
+    ) -> None:
+        self.stream_cfg, self.cfg, self.data_cfg, self.sampler = stream_cfg, cfg, data_cfg, sampler
+        self.logging_cfg, self.run_dir, self.on_bound = logging_cfg, run_dir, on_bound
+        self.install_signal_handlers = install_signal_handlers
+        self._stop = threading.Event()
+        self.counters = DataCounters()
+        self.state = dict(sent=0, generated=0, dropped_unsent=0, unet_calls=0, blocked_s=0.0)
+        self._start = time.monotonic()
+
+    def stop(self) -> None:
+        """Stop after the message in flight (thread-safe)."""
+        self._stop.set()
+
+    def metrics(self) -> dict[str, float]:
+        """The ``producer/*`` metrics so far (the ones forwarded in headers and logged)."""
+        state = self.state
+        elapsed = max(time.monotonic() - self._start, 1e-6)
+        out = {
+            "producer/samples_per_s": state["sent"] / elapsed,
+            "producer/unet_calls_per_s": state["unet_calls"] / elapsed,
+            "producer/send_blocked_s": state["blocked_s"],
+            "producer/sent": state["sent"],
+            "producer/generated": state["generated"],
+            "producer/dropped_unsent": state["dropped_unsent"],
+        }
+        out.update({f"producer/{k}": v for k, v in self.counters.snapshot().items()})  # "data/..." keys
+        return out
+
+    def run(self) -> dict[str, float]:
+        """Generate and stream until stopped, ``num_samples`` are sent, or a finite data set
+        runs out; returns the final ``producer/*`` metrics."""
+        pcfg, stream_cfg = self.cfg, self.stream_cfg
+        if pcfg.threads:
+            import torch
+
+            torch.set_num_threads(pcfg.threads)
+        stop = _StopFlag(self._stop, self.install_signal_handlers)
+        metric_logger = None
+        if self.logging_cfg is not None and self.run_dir is not None:
+            metric_logger = MetricLogger(self.logging_cfg, self.run_dir, role="producer", rank=pcfg.rank)
+        ctx = zmq.Context()
+        sock = open_producer_socket(ctx, stream_cfg, pcfg.rank if pcfg.endpoint_index is None else pcfg.endpoint_index)
+        if self.on_bound is not None and stream_cfg.producers_bind:
+            self.on_bound(sock.last_endpoint.decode())
+        session = secrets.randbits(62)
+        stats_rng = random.Random(session)
+        data = iter_real_samples(self.data_cfg, pcfg.rank, pcfg.num_producers, self.counters)
+        state = self.state
+        self._start = time.monotonic()
+        limit = pcfg.num_samples
+        bar = tqdm(total=limit or None, desc=pcfg.name, unit="sample", mininterval=5.0, disable=None)
+        last_log = time.monotonic()
+        try:
+            for batch_index in itertools.count():
+                if self._stop.is_set() or (limit and state["sent"] >= limit):
+                    break
+                batch = list(itertools.islice(data, pcfg.batch_size))
+                if not batch:
+                    log.info("producer %s: real data exhausted", pcfg.name)
+                    break
+                generated = self.sampler.generate(
+                    np.stack([s.image for s in batch]),
+                    [s.caption for s in batch],
+                    [s.key for s in batch],
+                    m=pcfg.m,
+                    seed=batch_seed(pcfg.seed, pcfg.rank, batch_index),
+                )
+                state["unet_calls"] += generated.unet_calls
+                images, provenance = generated.images, generated.provenance
+                per_message = samples_per_message(stream_cfg, images[0].nbytes)
+                first = 0
+                while first < len(images):
+                    if self._stop.is_set() or (limit and state["sent"] >= limit):
+                        break
+                    last = min(first + per_message, len(images),
+                               first + limit - state["sent"] if limit else len(images))
+                    # Random, not every N-th: behind a round-robin PUSH a fixed stride could
+                    # keep some trainers from ever seeing producer stats.
+                    forward = state["sent"] == 0 or stats_rng.random() < 1.0 / pcfg.stats_every
+                    fields = functools.partial(message_fields, pcfg.name, session, state["sent"],
+                                               stats=self.metrics() if forward else None)
+                    last, frames = _encode_fitting(images, provenance, first, last, stream_cfg, fields)
+                    chunk = last - first
+                    first = last
+                    state["generated"] += chunk
+                    if frames is None:
+                        state["dropped_unsent"] += chunk
+                        log.warning("producer %s: one sample's header exceeds stream.max_header_bytes=%d, dropped it",
+                                    pcfg.name, stream_cfg.max_header_bytes)
+                    elif self._send(sock, frames):
+                        state["sent"] += chunk
+                        bar.update(chunk)
+                    else:
+                        state["dropped_unsent"] += chunk
+                        log.warning("producer %s: no trainer took a message within %.1fs, dropped its %d samples",
+                                    pcfg.name, pcfg.send_timeout_s, chunk)
+                if metric_logger is not None and time.monotonic() - last_log >= pcfg.log_every_s:
+                    metric_logger.log(self.metrics(), step=state["sent"])
+                    last_log = time.monotonic()
+        finally:
+            bar.close()
+            final = self.metrics()
+            # Give queued messages up to stop_grace_s to reach a trainer, then drop them.
+            sock.close(linger=int(pcfg.stop_grace_s * 1000))
+            ctx.term()
+            stop.restore()
+            if metric_logger is not None:
+                metric_logger.log(final, step=state["sent"])
+                metric_logger.close()
+        log.info("producer %s: sent %d samples (%d dropped unsent)", pcfg.name, state["sent"],
+                 state["dropped_unsent"])
+        return final
+
+    def _send(self, sock: zmq.Socket, frames: list) -> bool:
+        """Bounded send; once a stop is requested the message gets at most ``stop_grace_s`` more."""
+        pcfg = self.cfg
+        waited = 0.0
+        stop_at: float | None = None
+        while True:
+            budget = pcfg.send_timeout_s - waited
+            if self._stop.is_set():
+                stop_at = waited if stop_at is None else stop_at
+                budget = min(budget, stop_at + pcfg.stop_grace_s - waited)
+            ok, w = send_bounded(sock, frames, max(0.0, min(budget, _SEND_SLICE_S)))
+            waited += w
+            self.state["blocked_s"] += w
+            if ok:
+                return True
+            if budget <= _SEND_SLICE_S:
+                return False
