@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 @hydra.main(config_path=_CONFIGS, config_name="config", version_base=None)
 def main(dictcfg: DictConfig) -> None:
-    from edsam_online.diffusion.sampler import load_sampler_ldm
+    from edsam_online.diffusion.registry import load_sampler_ldm
 
     cfg = load_config(dictcfg)
     start = time.monotonic()

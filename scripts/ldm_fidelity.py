@@ -15,7 +15,8 @@ import time
 import torch
 
 from edsam_online.diffusion.fidelity import load_or_train_classifier, measure_fidelity
-from edsam_online.diffusion.sampler import SamplerConfig, load_sampler_ldm
+from edsam_online.diffusion import SamplerConfig
+from edsam_online.diffusion.registry import default_cache_dir, load_sampler_ldm
 
 
 def main():
@@ -27,13 +28,16 @@ def main():
     p.add_argument("--guidance", type=float, default=d.guidance)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--inversion-steps", type=int, default=d.inversion_steps)
+    # 64: the batch of the recorded measurements (a UNet batch may round floats differently)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(a.threads)
-    cfg = SamplerConfig(model=a.model, guidance=a.guidance, steps=a.steps, inversion_steps=a.inversion_steps)
-    classifier, real_acc = load_or_train_classifier(cfg.cache_dir, cfg.resolution)
+    cfg = SamplerConfig(model=a.model, guidance=a.guidance, steps=a.steps, inversion_steps=a.inversion_steps,
+                        batch_size=a.batch_size)
+    classifier, real_acc = load_or_train_classifier(cfg.cache_dir or default_cache_dir(), cfg.resolution)
     ldm = load_sampler_ldm(cfg)
     t0 = time.time()
     res = measure_fidelity(ldm, classifier, cfg, rhos=a.rhos, n=a.n, seed=a.seed)

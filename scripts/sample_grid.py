@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from edsam_online.data.shapes import SOURCE_DOMAIN, render_sample  # noqa: E402
-from edsam_online.diffusion.sampler import SamplerConfig, build_sampler  # noqa: E402
+from edsam_online.diffusion import SamplerConfig, build_sampler  # noqa: E402
 
 
 def main(argv=None):
@@ -28,11 +28,13 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=d.guidance)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--resolution", type=int, default=d.resolution)
+    # 64: the batch docs/sample_grid.png was drawn with (a UNet batch may round floats differently)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--data-seed", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     cfg = SamplerConfig(model=a.model, rho=a.rho, m=a.m, mode=a.mode, guidance=a.guidance, steps=a.steps,
-                        resolution=a.resolution)
+                        resolution=a.resolution, batch_size=a.batch_size)
     sampler = build_sampler(cfg)
     real = [render_sample(i, SOURCE_DOMAIN, a.resolution, a.data_seed) for i in range(a.rows)]
     out = sampler.generate(np.stack([r.image for r in real]), [r.caption for r in real],

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from edsam_online.diffusion.sampler import SamplerConfig, build_sampler, retrained_model_dir
+from edsam_online.diffusion import SamplerConfig, build_sampler
+from edsam_online.diffusion.registry import default_cache_dir, retrained_model_dir
 from edsam_online.diffusion.train_ldm import TrainLDMConfig, train_ldm
 
 
@@ -20,25 +21,26 @@ def test_train_ldm_saves_sd_layout_loadable_as_retrained(tmp_path, monkeypatch):
     assert res.images.shape == (2, 32, 32, 3)
 
 
-@pytest.mark.parametrize("field, value", [("vae_steps", 0), ("caption_dropout", 1.0), ("resolution", 30)])
+@pytest.mark.parametrize("field, value",
+                         [("out_dir", ""), ("vae_steps", 0), ("caption_dropout", 1.0), ("resolution", 30)])
 def test_train_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
-        TrainLDMConfig(**{field: value})
+        TrainLDMConfig(**{"out_dir": "out", field: value})
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(30 * 60)  # training alone may take train_ldm's 14-minute guard
+@pytest.mark.timeout(30 * 60)  # training alone takes over 10 minutes on 2 cores
 def test_retrained_ldm_is_class_faithful(tmp_path, monkeypatch):
     """The documented training command's model: >= 70% of its rho = 0 samples show their caption's class."""
     import torch
 
     from edsam_online.diffusion.fidelity import load_or_train_classifier, measure_fidelity
-    from edsam_online.diffusion.sampler import load_sampler_ldm
+    from edsam_online.diffusion.registry import load_sampler_ldm
 
     monkeypatch.setenv("EDSAM_CACHE", str(tmp_path))
     torch.set_num_threads(2)
-    cfg = SamplerConfig(model="retrained")
-    classifier, real_acc = load_or_train_classifier(cfg.cache_dir)
+    cfg = SamplerConfig(model="retrained", batch_size=64)  # the batch of the documented measurements
+    classifier, real_acc = load_or_train_classifier(default_cache_dir())
     assert real_acc >= 0.9
     ldm = load_sampler_ldm(cfg)  # trains the retrained LDM into tmp_path
     res = measure_fidelity(ldm, classifier, cfg, rhos=(0.0,), n=200)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from edsam_online.diffusion import EDSAMSampler, SamplerConfig, build_sampler, build_tiny_ldm
+from edsam_online.diffusion.registry import retrained_model_dir
 
 CAPS = ["a small red star on a light background", "a big green heart on a plain background",
         "a medium blue ring on a white background"]
@@ -113,9 +114,14 @@ def test_sampler_config_validation_names_the_field(field, value):
         _cfg(**{field: value})
 
 
-def test_build_sampler_tiny_random_and_cache_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("EDSAM_CACHE", str(tmp_path))
+def test_build_sampler_tiny_random():
     cfg = SamplerConfig(model="tiny-random", steps=2, inversion_steps=2, m=1)
-    assert cfg.cache_dir == str(tmp_path)
     out = build_sampler(cfg).generate(_imgs(1), CAPS[:1], KEYS[:1])
     assert out.images.shape == (1, 32, 32, 3)
+
+
+def test_retrained_cache_is_edsam_cache_unless_cache_dir_is_set(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDSAM_CACHE", str(tmp_path / "env"))
+    assert SamplerConfig().cache_dir is None
+    assert retrained_model_dir(None) == tmp_path / "env" / "retrained-ldm-32px"
+    assert retrained_model_dir(str(tmp_path / "own"), 64) == tmp_path / "own" / "retrained-ldm-64px"

@@ -2,53 +2,42 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from edsam_online.diffusion.pipeline import DTYPES, LatentDiffusion, build_tiny_ldm, load_ldm
+from edsam_online.diffusion.pipeline import DTYPES, LatentDiffusion
 from edsam_online.diffusion.transport import MODES, transport
-
-TINY_RANDOM = "tiny-random"
-RETRAINED = "retrained"
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("EDSAM_CACHE") or str(Path("~/.cache/edsam-online").expanduser())
 
 
 @dataclass
 class SamplerConfig:
-    """Generator settings. ``model``: a folder or hub id (SD or CompVis LDM layout),
-    ``"tiny-random"`` (random tiny LDM, tests) or ``"retrained"`` (the small LDM trained on the
-    built-in source domain, cached under ``cache_dir``; trained on first use).
+    """Generator settings. Every default lives here; the groups under ``configs/diffusion/`` override.
 
-    The defaults are the retrained model's preset: 5 DDIM steps for inversion and sampling
-    and no classifier-free guidance (``guidance = 1``). Measured with
-    ``scripts/ldm_fidelity.py`` (BENCHMARKS.md): on this small UNet, guidance lowers class
-    fidelity (0.535 at 3 against 0.68 at 1, rho = 0, 10 steps), and 5 steps keep the class
-    better than 10 at every rho while changing the image less (the inversion ends at
-    t = 801 rather than 901 with diffusers' leading spacing). At equal change from the
-    source (mean |sample - source| 0.075-0.077), 5 steps without guidance keep 64% of the
-    classes, 10 steps with guidance 3 keep 53.5%. Both settings also cut the UNet calls per
-    sample fourfold. The paper's model (``configs/diffusion/ldm_text2im_256.yaml``) keeps
-    the paper's 10 steps and guidance.
+    ``model``: a folder or hub id (SD or CompVis LDM layout), ``"tiny-random"`` (random tiny
+    LDM, tests) or ``"retrained"`` (the small LDM trained on the built-in source domain,
+    cached under ``cache_dir`` and trained on first use; ``None``: ``$EDSAM_CACHE`` or
+    ``~/.cache/edsam-online``); see :mod:`edsam_online.diffusion.registry`.
+
+    The defaults suit ``"retrained"`` on a CPU: 32 px, M = 4 samples per inversion, 5 DDIM
+    steps for inversion and sampling and no classifier-free guidance (``guidance = 1``). On
+    this small UNet, guidance and more steps lower the share of samples that keep their
+    caption's class, and these settings cost a quarter of the UNet calls of 10 guided steps;
+    ``scripts/ldm_fidelity.py`` measures it (results in BENCHMARKS.md). The paper's model
+    (``configs/diffusion/ldm_text2im_256.yaml``) sets the paper's 10 steps, guidance and M = 10.
     """
 
-    model: str = RETRAINED
-    cache_dir: str = field(default_factory=default_cache_dir)
+    model: str = "retrained"
+    cache_dir: str | None = None
     resolution: int = 32
     mode: str = "transport"
     rho: float = 0.5
-    m: int = 10
+    m: int = 4
     steps: int = 5
     inversion_steps: int = 5
     guidance: float = 1.0
-    batch_size: int = 64
+    batch_size: int = 8
     device: str = "cpu"
     dtype: str = "fp32"
     channels_last: bool = False
@@ -83,7 +72,8 @@ class GeneratedBatch:
 
 
 class EDSAMSampler:
-    """Batched ED-SAM generation (DESIGN §1): one inversion per real image, M transported samples.
+    """Batched ED-SAM generation (docs/design.md, "Method"): one inversion per real image, M
+    transported samples.
 
     Image ``i`` of a batch generated with ``seed=s`` draws its transport noise from a generator
     seeded with ``s + i`` (recorded as its provenance ``seed``), so a sample can be regenerated
@@ -156,39 +146,3 @@ class EDSAMSampler:
             for i in range(len(images)) for j in range(m)
         ]
         return GeneratedBatch(images=np.concatenate(out), provenance=prov, unet_calls=ldm.unet_calls - calls0)
-
-
-def retrained_model_dir(cache_dir: str, resolution: int = 32) -> Path:
-    return Path(cache_dir).expanduser() / f"retrained-ldm-{resolution}px"
-
-
-def ensure_retrained(cache_dir: str, resolution: int = 32) -> Path:
-    """Path of the cached retrained LDM, training it first if missing (one process trains; others wait)."""
-    target = retrained_model_dir(cache_dir, resolution)
-    if (target / "model_index.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not (target / "model_index.json").is_file():
-                from edsam_online.diffusion.train_ldm import TrainLDMConfig, train_ldm
-
-                train_ldm(TrainLDMConfig(resolution=resolution, out_dir=str(target)))
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return target
-
-
-def load_sampler_ldm(cfg: SamplerConfig) -> LatentDiffusion:
-    kw = dict(device=cfg.device, dtype=cfg.dtype, channels_last=cfg.channels_last, compile=cfg.compile)
-    if cfg.model == TINY_RANDOM:
-        return build_tiny_ldm(resolution=cfg.resolution, seed=cfg.seed, **kw)
-    if cfg.model == RETRAINED:
-        path = ensure_retrained(cfg.cache_dir, cfg.resolution)
-        return load_ldm(path, model_id=f"retrained-ldm-{cfg.resolution}px", **kw)
-    return load_ldm(cfg.model, **kw)  # hub ids resolve through the ordinary Hugging Face cache
-
-
-def build_sampler(cfg: SamplerConfig) -> EDSAMSampler:
-    return EDSAMSampler(load_sampler_ldm(cfg), cfg)

@@ -1,6 +1,6 @@
 """Retrain a small text-conditional LDM on the built-in source domain (the paper's "Retrained-LDM").
 
-    python -m edsam_online.diffusion.train_ldm [--out DIR] [--vae-steps N] [--unet-steps N]
+    python -m edsam_online.diffusion.train_ldm --out DIR [--vae-steps N] [--unet-steps N]
 
 Two stages on CPU, sized for a 15-minute budget on 2 cores at 32 px:
 
@@ -8,7 +8,7 @@ Two stages on CPU, sized for a 15-minute budget on 2 cores at 32 px:
    autoencoder on the posterior *mean* with a small KL term. Training on posterior
    samples from the start (as SD's VAE does) lets the unit-variance noise of a fresh
    encoder swamp its small means, and the decoder then settles on blurry averages
-   within this budget; the sampler encodes with the mean anyway (DESIGN §8).
+   within this budget; the sampler encodes with the mean anyway.
    A downsampling factor of 2, not SD's 8: at 32 px a 4x-downsampling VAE trained for
    minutes loses the points of a star and the corners of a hexagon (measured: a
    classifier recognised 75% of its reconstructions, 87% at factor 2 after 300 steps).
@@ -26,13 +26,15 @@ Two stages on CPU, sized for a 15-minute budget on 2 cores at 32 px:
    grid (0.57, within noise), ``torch.compile`` (14% faster steps, 226 s to compile).
    These trials ran from scratch scripts that are not part of the repository.
    Half (``grid_share``) of each batch's timesteps are drawn from the 10-step DDIM grid
-   (t = 1, 101, ..., 901, which contains the preset's 5-step grid t = 1, 201, ..., 801),
+   (t = 1, 101, ..., 901, which contains the default 5-step grid t = 1, 201, ..., 801),
    half uniformly, so the few thousand steps affordable on a CPU go where generation
-   evaluates the UNet while other step counts still work. The sampler preset for this
-   model (5 steps, no guidance) and its measurements are in ``SamplerConfig``'s docstring.
+   evaluates the UNet while other step counts still work. ``SamplerConfig``'s defaults
+   (5 steps, no guidance) are chosen for this model; BENCHMARKS.md has their measurements.
 
-The result is saved in the Stable Diffusion layout and loads through ``load_ldm``.
-Every caption is the full built-in caption (class, color, size), so generation can be
+Training runs a fixed number of steps from ``seed``, so the same config writes the same
+weights however fast the machine is. The result is saved in the Stable Diffusion layout
+and loads through ``load_ldm``; ``model="retrained"`` trains it into its cache folder on
+first use. Every caption is the full built-in caption (class, color, size), so generation can be
 conditioned on all of it.
 """
 
@@ -40,12 +42,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +66,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainLDMConfig:
-    out_dir: str = ""
+    out_dir: str
     resolution: int = 32
     num_train: int = 8000  # rendered source-domain images (index 0..num_train-1, seed below)
     data_seed: int = 0
@@ -81,9 +84,10 @@ class TrainLDMConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
     num_threads: int = 2
-    max_minutes: float = 14.0  # hard stop for the UNet stage, so the command stays within 15 min
 
     def __post_init__(self):
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise ValueError(f"out_dir must name the output folder, got {self.out_dir!r}")
         for name in ("resolution", "num_train", "vae_steps", "unet_steps", "batch_size", "unet_batch_size", "num_threads",
                      "latent_channels", "grid_steps"):
             if int(getattr(self, name)) < 1:
@@ -96,8 +100,6 @@ class TrainLDMConfig:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.max_minutes <= 0:
-            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
 
 
 def build_components(resolution: int = 32, latent_channels: int = 4) -> dict:
@@ -170,7 +172,7 @@ def encode_all(vae: AutoencoderKL, x: torch.Tensor, bs: int = 256) -> torch.Tens
 
 
 def train_unet(c: dict, latents: torch.Tensor, captions: list[str], cfg: TrainLDMConfig,
-               g: torch.Generator, deadline: float) -> torch.nn.Module:
+               g: torch.Generator) -> torch.nn.Module:
     unet, text_encoder, tokenizer, sched = c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"]
     ids_all = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
@@ -187,9 +189,6 @@ def train_unet(c: dict, latents: torch.Tensor, captions: list[str], cfg: TrainLD
     text_encoder.train()
     bar = tqdm(range(cfg.unet_steps), desc="train_ldm unet", mininterval=5)
     for step in bar:
-        if time.monotonic() > deadline:
-            log.warning("train_ldm: time budget reached, stopping the UNet stage at step %d", step)
-            break
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr)
         idx = torch.randint(0, len(latents), (cfg.unet_batch_size,), generator=g)
@@ -220,12 +219,12 @@ def train_unet(c: dict, latents: torch.Tensor, captions: list[str], cfg: TrainLD
 
 
 def train_ldm(cfg: TrainLDMConfig) -> Path:
-    """Train and save the retrained LDM under ``cfg.out_dir`` (written atomically); returns the path."""
-    from edsam_online.diffusion.sampler import default_cache_dir, retrained_model_dir
+    """Train and save the retrained LDM under ``cfg.out_dir`` (written atomically); returns the path.
 
-    out = Path(cfg.out_dir or retrained_model_dir(default_cache_dir(), cfg.resolution)).expanduser()
+    The folder holds only what the training settings determine (no timings, not its own path),
+    so two runs of one config write identical files."""
+    out = Path(cfg.out_dir).expanduser()
     t0 = time.monotonic()
-    deadline = t0 + cfg.max_minutes * 60
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads)
     try:
@@ -237,13 +236,13 @@ def train_ldm(cfg: TrainLDMConfig) -> Path:
         latents = encode_all(c["vae"], x)
         scale = 1.0 / latents.std().item()
         c["vae"].register_to_config(scaling_factor=scale)
-        c["unet"] = train_unet(c, latents * scale, captions, cfg, g, deadline)
+        c["unet"] = train_unet(c, latents * scale, captions, cfg, g)
         c["text_encoder"].eval()
         tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         save_components(c, tmp, "sd")
-        (tmp / "train_ldm_config.json").write_text(__import__("json").dumps(
-            {**asdict(cfg), "scaling_factor": scale, "train_seconds": time.monotonic() - t0}, indent=1))
+        settings = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}  # the folder may move
+        (tmp / "train_ldm_config.json").write_text(json.dumps({**settings, "scaling_factor": scale}, indent=1))
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
@@ -255,22 +254,21 @@ def train_ldm(cfg: TrainLDMConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    d = TrainLDMConfig()
-    p.add_argument("--out", default="", help="output folder (default: <EDSAM_CACHE>/retrained-ldm-<res>px)")
-    p.add_argument("--resolution", type=int, default=d.resolution)
-    p.add_argument("--vae-steps", type=int, default=d.vae_steps)
-    p.add_argument("--unet-steps", type=int, default=d.unet_steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="VAE-stage batch size")
-    p.add_argument("--unet-batch-size", type=int, default=d.unet_batch_size)
-    p.add_argument("--num-threads", type=int, default=d.num_threads)
-    p.add_argument("--max-minutes", type=float, default=d.max_minutes)
-    p.add_argument("--seed", type=int, default=d.seed)
+    d = {f.name: f.default for f in fields(TrainLDMConfig)}
+    p.add_argument("--out", required=True,
+                   help="output folder; diffusion.model=retrained loads <cache_dir>/retrained-ldm-<res>px")
+    p.add_argument("--resolution", type=int, default=d["resolution"])
+    p.add_argument("--vae-steps", type=int, default=d["vae_steps"])
+    p.add_argument("--unet-steps", type=int, default=d["unet_steps"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="VAE-stage batch size")
+    p.add_argument("--unet-batch-size", type=int, default=d["unet_batch_size"])
+    p.add_argument("--num-threads", type=int, default=d["num_threads"])
+    p.add_argument("--seed", type=int, default=d["seed"])
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     out = train_ldm(TrainLDMConfig(out_dir=a.out, resolution=a.resolution, vae_steps=a.vae_steps,
                                    unet_steps=a.unet_steps, batch_size=a.batch_size,
-                                   unet_batch_size=a.unet_batch_size, num_threads=a.num_threads,
-                                   max_minutes=a.max_minutes, seed=a.seed))
+                                   unet_batch_size=a.unet_batch_size, num_threads=a.num_threads, seed=a.seed))
     print(out)
 
 

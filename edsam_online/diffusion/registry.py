@@ -1,0 +1,63 @@
+"""Which generator a ``SamplerConfig.model`` names, where the retrained one is cached, and loading it.
+
+``model`` is a folder or hub id (SD or CompVis LDM layout), :data:`TINY_RANDOM` (a random
+tiny LDM built in memory, for tests) or :data:`RETRAINED` (the small LDM trained on the
+built-in source domain by :mod:`edsam_online.diffusion.train_ldm`, cached under the
+config's ``cache_dir`` and trained there on first use).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from edsam_online.diffusion.pipeline import LatentDiffusion, build_tiny_ldm, load_ldm
+from edsam_online.diffusion.sampler import EDSAMSampler, SamplerConfig
+
+TINY_RANDOM = "tiny-random"
+RETRAINED = "retrained"
+
+
+def default_cache_dir() -> str:
+    """The cache of a config whose ``cache_dir`` is unset: ``$EDSAM_CACHE`` or ``~/.cache/edsam-online``."""
+    return os.environ.get("EDSAM_CACHE") or str(Path("~/.cache/edsam-online").expanduser())
+
+
+def retrained_model_dir(cache_dir: str | None, resolution: int = 32) -> Path:
+    """The folder ``model="retrained"`` loads (``cache_dir=None``: :func:`default_cache_dir`)."""
+    return Path(cache_dir or default_cache_dir()).expanduser() / f"retrained-ldm-{resolution}px"
+
+
+def ensure_retrained(cache_dir: str | None, resolution: int = 32) -> Path:
+    """Path of the cached retrained LDM, training it first if missing (one process trains; others wait)."""
+    target = retrained_model_dir(cache_dir, resolution)
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (target / "model_index.json").is_file():
+                # Imported here: the package would otherwise load train_ldm before
+                # ``python -m edsam_online.diffusion.train_ldm`` runs it as __main__ (runpy warns).
+                from edsam_online.diffusion.train_ldm import TrainLDMConfig, train_ldm
+
+                train_ldm(TrainLDMConfig(out_dir=str(target), resolution=resolution))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return target
+
+
+def load_sampler_ldm(cfg: SamplerConfig) -> LatentDiffusion:
+    kw = dict(device=cfg.device, dtype=cfg.dtype, channels_last=cfg.channels_last, compile=cfg.compile)
+    if cfg.model == TINY_RANDOM:
+        return build_tiny_ldm(resolution=cfg.resolution, seed=cfg.seed, **kw)
+    if cfg.model == RETRAINED:
+        path = ensure_retrained(cfg.cache_dir, cfg.resolution)
+        return load_ldm(path, model_id=f"retrained-ldm-{cfg.resolution}px", **kw)
+    return load_ldm(cfg.model, **kw)  # hub ids resolve through the ordinary Hugging Face cache
+
+
+def build_sampler(cfg: SamplerConfig) -> EDSAMSampler:
+    return EDSAMSampler(load_sampler_ldm(cfg), cfg)
