@@ -11,7 +11,7 @@ all of them alike, and the median over rounds is reported.
 Modes, both with the same number of images per step (``--batch``):
   real   ``batch`` real images
   mix    ``batch/2`` real + ``batch/2`` synthetic from the buffer: Eq. 11 as
-         trained with ``trainer.batch_size=batch/2 trainer.syn_share=1.0``
+         trained with ``trainer.batch_size=batch/2 mix.syn_share=1.0``
          (and the compute-matched ``mix_mode=replace`` at ``batch``, which
          builds the very same step)
 
@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import socket
 import statistics
+import tempfile
 import time
 
 import numpy as np
@@ -62,12 +62,6 @@ def _feeder(endpoint: str, resolution: int, rate: float, stop) -> None:
     ctx.term()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64, help="images per step in every mode")
@@ -83,44 +77,41 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    from consumers.train import _forward_loss
-    from edsam_online.buffer import BufferConfig, ReplayBuffer
-    from edsam_online.config import TrainerConfig
-    from edsam_online.data import RealDataConfig
-    from edsam_online.loader import MixedLoader
-    from edsam_online.losses import EDSAMLoss
-    from edsam_online.models import ClipModelConfig, create_clip
-    from edsam_online.optim import build_optimizer, clip_gradients
-    from edsam_online.streaming import Receiver, StreamConfig
+    from edsam_online.config import load_config
+    from edsam_online.runtime import free_port
+    from edsam_online.trainer import Trainer
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     stop = mp.Event()
     feeder = mp.Process(target=_feeder, args=(endpoint, args.resolution, args.feed_rate, stop), daemon=True)
     feeder.start()
-    buffer = ReplayBuffer(BufferConfig(capacity=1024, min_size_to_sample=64))
-    receiver = Receiver(StreamConfig(endpoints=[endpoint]), buffer).start()
+    run_dir = tempfile.mkdtemp(prefix="bench-trainer-")
+    half = args.batch // 2
+
+    def trainer(batch_size: int, syn_share: float) -> Trainer:
+        """A Trainer as the trainer rank builds it, with this benchmark's model, data and stream."""
+        return Trainer(load_config({
+            "model": {"name": args.model},
+            "data": {"kind": "builtin", "resolution": args.resolution, "length": 10_000},
+            "stream": {"endpoints": [endpoint]},
+            "buffer": {"capacity": 1024, "min_size_to_sample": 64, "samples_per_insert": 0.0},
+            "trainer": {"batch_size": batch_size, "steps": 10_000, "progress": False},
+            "mix": {"syn_share": syn_share, "syn_wait_s": 0.05},
+            "runtime": {"device": "cpu", "num_workers": args.workers},
+            "logging": {"wandb": False, "jsonl": False},
+            "run_dir": run_dir,
+        }))
+
+    modes = {"real": trainer(args.batch, 0.0), "mix": trainer(args.batch - half, half / (args.batch - half))}
+    buffer = modes["mix"].buffer
     deadline = time.monotonic() + 60
     while len(buffer) < 64 and time.monotonic() < deadline:
         time.sleep(0.1)
-
-    torch.manual_seed(0)
-    model, transform, _, tokenizer = create_clip(ClipModelConfig(name=args.model))
-    tcfg = TrainerConfig(batch_size=args.batch, steps=10_000)
-    optimizer = build_optimizer(model, tcfg)
-    loss_fn = EDSAMLoss("clip")
-    data = RealDataConfig(kind="builtin", resolution=args.resolution, length=10_000)
-    half = args.batch // 2
-    modes = {
-        "real": MixedLoader(data, transform, tokenizer, args.batch, num_workers=args.workers),
-        "mix": MixedLoader(data, transform, tokenizer, args.batch - half, half, buffer, 0.05,
-                               num_workers=args.workers),
-    }
-    iters = {name: iter(loader) for name, loader in modes.items()}
+    iters = {name: iter(t.loader) for name, t in modes.items()}
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in modes}
 
     def run(name: str, steps: int):
-        it = iters[name]
+        it, step = iters[name], modes[name].train_step
         wait = syn = 0.0
         start = time.perf_counter()
         for _ in range(steps):
@@ -128,11 +119,7 @@ def main() -> None:
             batch = next(it)
             wait += time.perf_counter() - t0
             syn += batch.num_synthetic / max(1, batch.syn_images.shape[0]) if batch.syn_images.shape[0] else 0.0
-            out, _ = _forward_loss(model, loss_fn, batch, batch.num_synthetic > 0, torch.device("cpu"), "fp32", False)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            clip_gradients(model, 1.0)
-            optimizer.step()
+            step(batch)
         elapsed = time.perf_counter() - start
         return steps * args.batch / elapsed, wait / elapsed, syn / steps
 
@@ -145,9 +132,10 @@ def main() -> None:
                   f"data_wait_frac {results[name][-1][1]:.3f}  synthetic fill {results[name][-1][2]:.2f}", flush=True)
 
     stop.set()
-    receiver.stop()
+    stats = modes["mix"].receiver.stats()
+    for t in modes.values():
+        t.close()
     feeder.join(5)
-    stats = receiver.stats()
     base = statistics.median(r[0] for r in results["real"])
     print(f"\nmodel {args.model}, {args.resolution}px, {args.batch} images/step, {args.steps} steps x "
           f"{args.rounds} rounds, feed {args.feed_rate:g}/s, torch threads {torch.get_num_threads()}, "

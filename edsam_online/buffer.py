@@ -39,22 +39,26 @@ _RATE_WINDOW_S = 10.0
 
 @dataclass
 class BufferConfig:
-    """Replay buffer settings.
+    """Replay buffer settings of one trainer rank (Hydra key ``buffer``).
 
-    ``samples_per_insert = 0`` disables the ratio limiter (only ``min_size_to_sample``
-    gates sampling). ``error_buffer`` is Reverb's: sampling blocks when
+    ``samples_per_insert`` is the average number of uses per inserted sample the
+    limiter allows; 0 disables the ratio limiter (only ``min_size_to_sample`` gates
+    sampling). ``error_buffer`` is Reverb's: sampling blocks when
     ``inserts * samples_per_insert - samples`` would fall below
     ``samples_per_insert * min_size_to_sample - error_buffer``; ``None`` means
-    ``max(1, samples_per_insert)``, the smallest margin that cannot deadlock.
-    ``max_times_sampled = 0`` means unlimited reuse. ``sample_timeout_s`` is the
-    bounded wait of :meth:`ReplayBuffer.sample` when called without a timeout.
+    ``max(1, samples_per_insert)``, the smallest margin that cannot deadlock. A trainer
+    samples in bursts of one synthetic batch per step, so the margin must exceed a few
+    such batches, or the limiter starves every step after its first few samples (hence
+    the default of 512). ``max_times_sampled = 0`` means unlimited reuse.
+    ``sample_timeout_s`` is the bounded wait of :meth:`ReplayBuffer.sample` when called
+    without a timeout.
     """
 
     capacity: int = 4096
-    min_size_to_sample: int = 1
+    min_size_to_sample: int = 64
     max_times_sampled: int = 0
-    samples_per_insert: float = 0.0
-    error_buffer: float | None = None
+    samples_per_insert: float = 4.0
+    error_buffer: float | None = 512.0
     sample_timeout_s: float = 0.05
     seed: int = 0
 

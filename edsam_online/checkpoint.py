@@ -12,22 +12,40 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from edsam_online.runtime import unwrap
+
 _NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+@dataclass
+class CheckpointConfig:
+    """When a trainer writes checkpoints and where it resumes from (Hydra key ``checkpoint``).
+
+    ``every`` > 0 writes one every that many steps; whatever it is, a trainer always writes
+    one when it ends (its last step, ``trainer.stop_at``, or SIGTERM/SIGINT). ``keep``: the
+    newest that many stay (0 = all). ``resume``: ``""`` (start fresh), ``latest`` (the
+    run folder's newest checkpoint, or fresh when there is none) or a checkpoint file.
+    """
+
+    every: int = 0
+    keep: int = 2
+    resume: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("every", "keep"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
 
 
 def save_checkpoint(
@@ -48,7 +66,7 @@ def save_checkpoint(
     tmp = folder / f".{path.name}.tmp{os.getpid()}"
     state = {
         "step": step,
-        "model": _unwrap(model).state_dict(),
+        "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -87,7 +105,7 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not path.is_file():
-        raise ValueError(f"trainer.resume: no checkpoint file at {resume!r}")
+        raise ValueError(f"checkpoint.resume: no checkpoint file at {resume!r}")
     return path
 
 
@@ -105,7 +123,7 @@ def load_checkpoint(
     an untrusted file.
     """
     state = torch.load(path, map_location="cpu", weights_only=False)
-    _unwrap(model).load_state_dict(state["model"])
+    unwrap(model).load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:

@@ -9,18 +9,18 @@ Graph (torchdata.nodes)::
 Every batch is a :class:`MixedBatch` whose real part and synthetic slot stay
 separate tensors, so the loss can form Eq. 11's two terms.
 
-**What a starved step does** (one rule, DESIGN §4 and issue 4 together):
+**What a starved step does** (docs/design.md, 'Replay buffer'):
 
 * Each step's synthetic slot has a fixed size ``syn_batch``. Its items come
   from the local buffer with a bounded wait shared by the whole slot
   (``syn_wait_s`` per batch, not per item, so a dry buffer costs at most that
   much per step). A slot item the buffer cannot serve is filled with a *real*
-  record from a separate fallback stream (DESIGN §4) and flagged
+  record from a separate fallback stream and flagged
   ``syn_is_synthetic=False``. Fixed shapes matter: each loss term all-gathers
   its batch across ranks, which needs equal sizes on every rank.
 * The trainer sums the flags over all ranks each step. When the global slot
   holds no synthetic sample at all (warm-up before ``min_size_to_sample``, every
-  producer down) the step trains on the real term alone (issue 4) and is
+  producer down) the step trains on the real term alone and is
   counted in ``train/steps_without_syn``. A partly starved step keeps the
   synthetic term over its slot, fallback pairs included (counted per sample in
   ``train/syn_fallback_samples``; ``train/syn_share_actual`` reports the true
@@ -51,6 +51,43 @@ from edsam_online.data import DataCounters, RealDataConfig, RealRecord, RealSour
 from edsam_online.wire import SyntheticSample
 
 FALLBACK_EPOCH = 1_000_000  # the fallback stream starts here: same data, an unrelated shuffle
+MIX_MODES = ("add", "replace")
+
+
+@dataclass
+class MixConfig:
+    """How a step combines real and synthetic pairs (Hydra key ``mix``).
+
+    ``syn_share`` sets the synthetic batch size relative to ``trainer.batch_size``.
+    ``mix_mode="add"`` is Eq. 11 as written: ``round(syn_share * batch_size)`` synthetic
+    samples are *added* to the ``batch_size`` real ones. ``mix_mode="replace"`` is the
+    compute-matched ablation: the synthetic part replaces that many real samples, so a
+    step sees ``batch_size`` images in all. ``syn_weight`` is ``w`` in
+    ``L = L_real + w * L_syn``. ``syn_wait_s`` is the bounded wait per step for the
+    synthetic slot (the module docstring says what a starved step does).
+    """
+
+    syn_share: float = 1.0
+    mix_mode: str = "add"
+    syn_weight: float = 1.0
+    syn_wait_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.syn_share <= 1.0:
+            raise ValueError(f"syn_share must be in [0, 1], got {self.syn_share}")
+        if self.mix_mode not in MIX_MODES:
+            raise ValueError(f"mix_mode must be one of {MIX_MODES}, got {self.mix_mode!r}")
+        for name in ("syn_weight", "syn_wait_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def syn_batch_size(self, batch_size: int) -> int:
+        """Synthetic samples per rank per step."""
+        return round(self.syn_share * batch_size)
+
+    def real_batch_size(self, batch_size: int) -> int:
+        """Real samples per rank per step (fewer than ``batch_size`` only in ``replace`` mode)."""
+        return batch_size - (self.syn_batch_size(batch_size) if self.mix_mode == "replace" else 0)
 
 
 @dataclass
@@ -86,7 +123,8 @@ class SyntheticSlotNode(BaseNode):
     """Synthetic slot items from a live ``ReplayBuffer``, real fallback when it cannot serve.
 
     A custom node, not ``IterableWrapper``: a stream cannot be re-iterated to
-    restore state (DESIGN §8). State = the fallback stream's position and counters.
+    restore state by re-iterating from the start, which a live stream cannot do. State =
+    the fallback stream's position and counters.
     Yields ``SyntheticSample`` or ``RealRecord`` items.
     """
 
@@ -247,22 +285,19 @@ class MixedLoader:
         if syn_batch > 0 and buffer is None:
             raise ValueError("buffer is required when syn_batch > 0")
         self.counters = DataCounters()
-        self.real_batch, self.syn_batch = real_batch, syn_batch
         preprocess = Preprocess(transform, tokenizer, data_cfg.resolution, self.counters)
 
         def branch(source: BaseNode, batch: int) -> BaseNode:
             mapped = ParallelMapper(source, preprocess, num_workers=num_workers, in_order=True, method="thread")
             return Batcher(DropInvalid(mapped, self.counters, "data/corrupt_skipped"), batch, drop_last=True)
 
-        self.real_source = RealSourceNode(data_cfg, rank, world_size, self.counters)
-        self.slot_source: SyntheticSlotNode | None = None
+        real_source = RealSourceNode(data_cfg, rank, world_size, self.counters)
         slot = None
         if syn_batch > 0:
             fallback_cfg = dataclasses.replace(data_cfg, epochs=None)  # the fallback never runs dry
             fallback = RealSourceNode(fallback_cfg, rank, world_size, self.counters)
-            self.slot_source = SyntheticSlotNode(buffer, fallback, syn_batch, syn_wait_s)
-            slot = branch(self.slot_source, syn_batch)
-        root = Prefetcher(ZipParts(branch(self.real_source, real_batch), slot, collate), prefetch_factor=prefetch)
+            slot = branch(SyntheticSlotNode(buffer, fallback, syn_batch, syn_wait_s), syn_batch)
+        root = Prefetcher(ZipParts(branch(real_source, real_batch), slot, collate), prefetch_factor=prefetch)
         self._loader = Loader(root, restart_on_stop_iteration=False)
 
     def __iter__(self):

@@ -10,20 +10,49 @@ built on ``torch.optim`` and ``LambdaLR`` (whose state dict checkpoints).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from edsam_online.config import TrainerConfig
+from edsam_online.runtime import unwrap
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, its schedule, gradient clipping and the logit-scale clamp (Hydra key ``optim``).
+
+    The schedule warms up linearly for ``warmup_steps``, then decays by cosine to
+    ``min_lr_ratio * lr`` at ``trainer.steps``. ``grad_clip_norm = 0`` turns clipping off.
+    """
+
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.0
+    grad_clip_norm: float = 1.0
+    logit_scale_max: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "grad_clip_norm", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.logit_scale_max < 1:
+            raise ValueError(f"logit_scale_max must be >= 1, got {self.logit_scale_max}")
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
-def build_optimizer(model: nn.Module, cfg: "TrainerConfig") -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW with two parameter groups (decay / no decay), as open_clip trains CLIP."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -45,10 +74,12 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: floa
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: "TrainerConfig") -> torch.optim.lr_scheduler.LambdaLR:
-    """Warm-up + cosine over ``cfg.steps`` (stepped once per optimizer step)."""
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up + cosine over ``total_steps`` (stepped once per optimizer step)."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     )
 
 
@@ -63,6 +94,4 @@ def clip_gradients(model: nn.Module, max_norm: float) -> float:
 @torch.no_grad()
 def clamp_logit_scale(model: nn.Module, max_scale: float) -> None:
     """Keep ``exp(logit_scale)`` in ``[1, max_scale]`` (CLIP paper: 100)."""
-    model = getattr(model, "module", model)  # DDP
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    model.logit_scale.clamp_(0, math.log(max_scale))
+    unwrap(model).logit_scale.clamp_(0, math.log(max_scale))

@@ -7,7 +7,7 @@
 #       experiment=paper_cc3m data.path=/data/cc3m/{00000..00331}.tar
 #
 # Options (everything else is a Hydra override passed to every role):
-#   --producers N            producer ranks on this node (default 1; 0 = real-only baseline, trainer.syn_share=0)
+#   --producers N            producer ranks on this node (default 1; 0 = real-only baseline, mix.syn_share=0)
 #   --trainers N             trainer ranks on this node (torchrun --nproc-per-node; default 1)
 #   --producer-devices LIST  CUDA devices for producers, one per rank, round-robin (default: none = CPU)
 #   --trainer-devices LIST   CUDA_VISIBLE_DEVICES for the trainers (default: none = CPU)
@@ -16,7 +16,8 @@
 #   --run-dir DIR            where logs, metrics, checkpoints and W&B runs go (default runs/<time>)
 #
 # Each node runs its own producers; its trainers connect to them over loopback.
-# The script stops every child when it exits, when it is signalled, or when any rank fails.
+# The job ends when the trainers end; a producer that exits is logged, and the trainers
+# go on with real data. The script stops every child when it exits or is signalled.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -36,7 +37,7 @@ while [ $# -gt 0 ]; do
     --base-port) base_port="$2"; shift 2 ;;
     --run-dir) run_dir="$2"; shift 2 ;;
     run_dir=*) run_dir="${1#run_dir=}"; shift ;;  # same as --run-dir
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     --*) echo "launch.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) overrides+=("$1"); shift ;;
   esac
@@ -67,17 +68,20 @@ if [ "$producers" -gt 0 ]; then
   done
   common+=("stream.endpoints=[$endpoints]")
 else
-  common+=("trainer.syn_share=0")
+  common+=("mix.syn_share=0")
 fi
 common+=("${overrides[@]}")
 
 pids=()
+# A trainer rank sent SIGTERM finishes its step and writes a checkpoint before it exits;
+# give it this long before SIGKILL (torchrun itself waits 30 s for its workers).
+stop_grace_s="${EDSAM_STOP_GRACE_S:-60}"
 cleanup() {
   trap - EXIT INT TERM
   # Every rank runs in its own session (setsid): signal the whole group, so
   # torchrun's workers and a producer's children go too.
   for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
-  for _ in 1 2 3 4 5 6 7 8 9 10; do
+  for ((tick = 0; tick < 2 * stop_grace_s; tick++)); do
     alive=0
     for pid in "${pids[@]}"; do kill -0 -- "-$pid" 2>/dev/null && alive=1; done
     [ "$alive" -eq 0 ] && break
@@ -94,6 +98,7 @@ trap 'echo "launch.sh: signal received, stopping every rank" >&2; exit 130' INT 
 [ "$producers" -eq 0 ] || python -m producers.prepare "${common[@]}"
 
 IFS=',' read -r -a pdevs <<< "$producer_devices"
+producer_pids=()
 global_producers=$((producers * nnodes))
 for ((i = 0; i < producers; i++)); do
   rank=$((node_rank * producers + i))
@@ -105,6 +110,7 @@ for ((i = 0; i < producers; i++)); do
       "producer.rank=$rank" "producer.num_producers=$global_producers" "producer.endpoint_index=$i" \
       > "$run_dir/logs/producer$rank.log" 2>&1 &
   pids+=($!)
+  producer_pids+=($!)
   echo "producer $rank: pid $! device ${dev:-cpu} -> $run_dir/logs/producer$rank.log"
 done
 
@@ -115,31 +121,34 @@ else
   torchrun_args+=(--standalone)
 fi
 trainer_extra=()
-[ -n "$trainer_devices" ] && trainer_extra+=("trainer.device=cuda")
+[ -n "$trainer_devices" ] && trainer_extra+=("runtime.device=cuda")
 echo "trainers: torchrun ${torchrun_args[*]} -> $run_dir/logs/trainer.log"
 CUDA_VISIBLE_DEVICES="$trainer_devices" setsid torchrun "${torchrun_args[@]}" -m consumers.train \
     "${common[@]}" "${trainer_extra[@]}" > >(tee "$run_dir/logs/trainer.log") 2>&1 &
 trainer_pid=$!
 pids+=("$trainer_pid")
 
-# Stop everything as soon as any rank exits: the trainers finishing is success,
-# a producer dying first is a failure.
+# The job ends when the trainers do (their exit status is the job's; a failed rank
+# makes torchrun stop the others). A producer that exits is logged and left alone:
+# the trainers go on with the real-data fallback, counted in train/steps_without_syn
+# and train/syn_fallback_samples.
 status=0
-while true; do
-  if ! kill -0 "$trainer_pid" 2>/dev/null; then
-    wait "$trainer_pid" || status=$?
-    break
-  fi
-  for pid in "${pids[@]}"; do
-    if [ "$pid" != "$trainer_pid" ] && ! kill -0 "$pid" 2>/dev/null; then
-      wait "$pid" || status=$?
-      echo "launch.sh: producer pid $pid exited (status $status); stopping every rank" >&2
-      [ "$status" -ne 0 ] || status=1
-      break 2
+running=("${producer_pids[@]}")
+while kill -0 "$trainer_pid" 2>/dev/null; do
+  still=()
+  for pid in "${running[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      still+=("$pid")
+    else
+      pstatus=0
+      wait "$pid" || pstatus=$?
+      echo "launch.sh: producer pid $pid exited (status $pstatus); the trainers go on without it" >&2
     fi
   done
+  running=("${still[@]}")
   sleep 1
 done
+wait "$trainer_pid" || status=$?
 
 echo
 echo "run folder:  $run_dir"

@@ -46,7 +46,7 @@ def receiver_main(endpoints: list[str], results, stop) -> None:
     from edsam_online.buffer import BufferConfig, ReplayBuffer
     from edsam_online.streaming import Receiver, StreamConfig
 
-    buf = ReplayBuffer(BufferConfig(capacity=10_000, max_times_sampled=1))
+    buf = ReplayBuffer(BufferConfig(capacity=10_000, max_times_sampled=1, min_size_to_sample=1, samples_per_insert=0))
     receiver = Receiver(StreamConfig(endpoints=endpoints), buf).start()
     try:
         stop.wait(120)

@@ -21,7 +21,7 @@ def drain(buf, limit=100_000):
 
 
 def test_fifo_eviction_at_capacity_counts_never_sampled():
-    buf = ReplayBuffer(BufferConfig(capacity=5))
+    buf = ReplayBuffer(BufferConfig(capacity=5, min_size_to_sample=1, samples_per_insert=0))
     for i in range(5):
         buf.insert(i)
     assert buf.sample(0) is not None
@@ -31,14 +31,14 @@ def test_fifo_eviction_at_capacity_counts_never_sampled():
     assert s["buffer/size"] == 5 and s["buffer/fill"] == 1.0
     assert s["buffer/evicted"] == 7
     assert s["buffer/evicted_never_sampled"] in (6, 7)  # the sampled one may or may not be among the evicted
-    assert set(drain(ReplayBuffer(BufferConfig(capacity=5)))) == set()
+    assert set(drain(ReplayBuffer(BufferConfig(capacity=5, min_size_to_sample=1, samples_per_insert=0)))) == set()
     # What remains are exactly the 5 newest items.
     seen = {buf.sample(0) for _ in range(300)}
     assert seen == {7, 8, 9, 10, 11}
 
 
 def test_min_size_to_sample_gates_sampling():
-    buf = ReplayBuffer(BufferConfig(capacity=100, min_size_to_sample=10))
+    buf = ReplayBuffer(BufferConfig(capacity=100, min_size_to_sample=10, samples_per_insert=0))
     for i in range(9):
         buf.insert(i)
         assert buf.sample(0) is None
@@ -50,7 +50,7 @@ def test_min_size_to_sample_gates_sampling():
 
 def test_max_times_sampled_retires_items_after_k_uses():
     k, n = 3, 40
-    buf = ReplayBuffer(BufferConfig(capacity=100, max_times_sampled=k, seed=1))
+    buf = ReplayBuffer(BufferConfig(capacity=100, max_times_sampled=k, seed=1, min_size_to_sample=1, samples_per_insert=0))
     for i in range(n):
         buf.insert(i)
     served = drain(buf)
@@ -110,7 +110,7 @@ def test_lagging_trainer_cannot_bank_unbounded_reuse():
 
 
 def test_bounded_wait_returns_none_and_an_insert_wakes_a_waiter():
-    buf = ReplayBuffer(BufferConfig(capacity=10, sample_timeout_s=0.05))
+    buf = ReplayBuffer(BufferConfig(capacity=10, sample_timeout_s=0.05, min_size_to_sample=1, samples_per_insert=0))
     t0 = time.monotonic()
     assert buf.sample() is None
     assert time.monotonic() - t0 < 2.0
@@ -126,7 +126,7 @@ def test_bounded_wait_returns_none_and_an_insert_wakes_a_waiter():
 
 
 def test_close_wakes_waiters():
-    buf = ReplayBuffer(BufferConfig(capacity=10))
+    buf = ReplayBuffer(BufferConfig(capacity=10, min_size_to_sample=1, samples_per_insert=0))
     got = []
     waiter = threading.Thread(target=lambda: got.append(buf.sample(timeout_s=30)))
     waiter.start()
@@ -137,7 +137,7 @@ def test_close_wakes_waiters():
 
 
 def test_concurrent_inserts_and_samples_keep_counters_consistent():
-    buf = ReplayBuffer(BufferConfig(capacity=64, max_times_sampled=4, sample_timeout_s=0.0))
+    buf = ReplayBuffer(BufferConfig(capacity=64, max_times_sampled=4, sample_timeout_s=0.0, min_size_to_sample=1, samples_per_insert=0))
     served = []
     lock = threading.Lock()
 
@@ -165,7 +165,7 @@ def test_concurrent_inserts_and_samples_keep_counters_consistent():
 
 
 def test_stats_report_rates_and_ages_in_seconds_and_steps():
-    buf = ReplayBuffer(BufferConfig(capacity=10))
+    buf = ReplayBuffer(BufferConfig(capacity=10, min_size_to_sample=1, samples_per_insert=0))
     buf.set_step(5)
     buf.insert("a")
     buf.set_step(12)
@@ -198,7 +198,7 @@ def test_matches_a_reference_table_under_random_inserts_samples_and_retirements(
     """The slot-column storage (window, holes, compaction) against a plain ordered dict:
     the same items live, the same FIFO evictions, the same counters, after every operation."""
     cap, k_max = 7, 3
-    buf = ReplayBuffer(BufferConfig(capacity=cap, max_times_sampled=k_max, seed=seed))
+    buf = ReplayBuffer(BufferConfig(capacity=cap, max_times_sampled=k_max, seed=seed, min_size_to_sample=1, samples_per_insert=0))
     ref: dict[int, int] = {}  # item -> uses, in insertion order
     counts = {"evicted": 0, "evicted_never_sampled": 0, "retired": 0}
     reuse = [0] * 9
@@ -253,7 +253,7 @@ def test_insert_many_keeps_a_reference_and_serves_its_items():
             return ("item", i)
 
     seq = Seq(5)
-    buf = ReplayBuffer(BufferConfig(capacity=3))
+    buf = ReplayBuffer(BufferConfig(capacity=3, min_size_to_sample=1, samples_per_insert=0))
     buf.insert_many(seq)
     assert seq.built == 0  # nothing is built on insert
     s = buf.stats()

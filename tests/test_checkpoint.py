@@ -4,16 +4,15 @@ import pytest
 import torch
 
 from edsam_online import checkpoint as ckpt
-from edsam_online.config import TrainerConfig
-from edsam_online.optim import build_optimizer, build_scheduler
+from edsam_online.optim import OptimConfig, build_optimizer, build_scheduler
 
 
 def _state(seed=0):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    cfg = TrainerConfig(steps=10, warmup_steps=2)
+    cfg = OptimConfig(warmup_steps=2)
     opt = build_optimizer(model, cfg)
-    sched = build_scheduler(opt, cfg)
+    sched = build_scheduler(opt, cfg, total_steps=10)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     return model, opt, sched, scaler
 
@@ -76,5 +75,5 @@ def test_latest_picks_the_highest_step_and_old_ones_are_pruned(tmp_path):
 def test_resume_values():
     assert ckpt.resolve_resume("", "/nonexistent") is None
     assert ckpt.resolve_resume("latest", "/nonexistent") is None  # a fresh run starts from scratch
-    with pytest.raises(ValueError, match="trainer.resume: no checkpoint file"):
+    with pytest.raises(ValueError, match="checkpoint.resume: no checkpoint file"):
         ckpt.resolve_resume("/nonexistent/step_1.pt", "/tmp")

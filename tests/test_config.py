@@ -22,7 +22,7 @@ from edsam_online.optim import build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-GROUPS = ("data", "diffusion", "buffer", "stream", "producer", "model", "trainer", "eval", "logging", "experiment")
+GROUPS = ("data", "diffusion", "model", "runtime", "experiment")
 # options whose mandatory value (???) is the user's to give
 NEEDS = {("data", "webdataset"): ["data.path='/x/{0..1}.tar'"], ("data", "csv"): ["data.path=/x/d.csv"]}
 
@@ -58,11 +58,11 @@ def test_root_config_is_typed():
     "override,message",
     [
         ("diffusion.rho=-0.5", r"^diffusion\.rho: must be >= 0, got -0\.5$"),
-        ("trainer.syn_share=1.5", r"^trainer\.syn_share: must be in \[0, 1\], got 1\.5$"),
+        ("mix.syn_share=1.5", r"^mix\.syn_share: must be in \[0, 1\], got 1\.5$"),
         ("model.name=ViT-Huge-999", r"^model\.name: unknown open_clip model 'ViT-Huge-999'"),
         ("trainer.batch_size=0", r"^trainer\.batch_size: must be >= 1, got 0$"),
         ("buffer.capacity=0", r"^buffer\.capacity: must be >= 1, got 0$"),
-        ("trainer.mix_mode=swap", r"^trainer\.mix_mode: must be one of"),
+        ("mix.mix_mode=swap", r"^mix\.mix_mode: must be one of"),
         ("trainer.loss=siglip", r"^trainer\.loss: siglip needs .*model\.init_logit_bias"),
     ],
 )
@@ -90,7 +90,7 @@ def test_cpu_demo_is_the_small_cpu_job():
     cfg = load_config(_compose(["experiment=cpu_demo"]))
     assert cfg.data.kind == "builtin" and cfg.data.domain == "flat" and cfg.data.resolution == 32
     assert cfg.diffusion.model == "retrained" and cfg.diffusion.resolution == 32
-    assert cfg.model.name == "edsam-tiny-rn" and cfg.trainer.device == "cpu" and cfg.trainer.precision == "fp32"
+    assert cfg.model.name == "edsam-tiny-rn" and cfg.runtime.device == "cpu" and cfg.runtime.precision == "fp32"
 
 
 def test_paper_config_composes_and_builds_on_cpu_with_tiny_stand_ins(tmp_path):
@@ -100,7 +100,7 @@ def test_paper_config_composes_and_builds_on_cpu_with_tiny_stand_ins(tmp_path):
     assert (paper.diffusion.m, paper.diffusion.rho, paper.diffusion.steps) == (10, 0.5, 10)
     assert paper.producer.num_producers == 8
     assert paper.data.kind == "webdataset" and "cc3m" in str(paper.data.path)
-    assert (paper.trainer.device, paper.trainer.precision) == ("cuda", "bf16")
+    assert (paper.runtime.device, paper.runtime.precision) == ("cuda", "bf16")
 
     # stand-ins: a one-shard "CC3M" written here, the random tiny LDM, CPU devices
     import webdataset as wds
@@ -112,16 +112,18 @@ def test_paper_config_composes_and_builds_on_cpu_with_tiny_stand_ins(tmp_path):
             sink.write({"__key__": f"{i:05d}", "jpg": image, "txt": f"a photo number {i}"})
     cfg = load_config(_compose([
         "experiment=paper_cc3m", f"data.path={shard}", "diffusion.model=tiny-random", "diffusion.device=cpu",
-        "diffusion.dtype=fp32", "diffusion.resolution=32", "trainer.device=cpu", "trainer.batch_size=2",
-        "trainer.num_workers=1",
+        "diffusion.dtype=fp32", "diffusion.resolution=32", "runtime.device=cpu", "trainer.batch_size=2",
+        "runtime.num_workers=1",
     ]))
     model, transform, _, tokenizer = create_clip(cfg.model)  # the real ViT-B-16 architecture
-    loader = MixedLoader(cfg.data, transform, tokenizer, cfg.trainer.real_batch_size, cfg.trainer.syn_batch_size,
-                         ReplayBuffer(cfg.buffer), syn_wait_s=0.0, num_workers=1, prefetch=1)
+    batch_size = cfg.trainer.batch_size
+    loader = MixedLoader(cfg.data, transform, tokenizer, cfg.mix.real_batch_size(batch_size),
+                         cfg.mix.syn_batch_size(batch_size), ReplayBuffer(cfg.buffer), syn_wait_s=0.0, num_workers=1,
+                         prefetch=1)
     batch = next(iter(loader))
     assert batch.real_images.shape == (2, 3, 224, 224) and batch.syn_images.shape == (2, 3, 224, 224)
-    opt = build_optimizer(model, cfg.trainer)
-    build_scheduler(opt, cfg.trainer)
+    opt = build_optimizer(model, cfg.optim)
+    build_scheduler(opt, cfg.optim, cfg.trainer.steps)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         img, txt, scale = model(batch.real_images, batch.real_texts)[:3]
     assert torch.isfinite(EDSAMLoss(cfg.trainer.loss)(img.float(), txt.float(), scale.float())["loss"])

@@ -39,7 +39,7 @@ def _take(loader, n):
 
 
 def test_mixed_batches_keep_real_and_synthetic_parts_apart(clip_io):
-    buffer = ReplayBuffer(BufferConfig(capacity=64))
+    buffer = ReplayBuffer(BufferConfig(capacity=64, min_size_to_sample=1, samples_per_insert=0))
     for i in range(32):
         buffer.insert(_synthetic(i))
     (batch,) = _take(_loader(clip_io, real_batch=4, syn_batch=3, buffer=buffer), 1)
@@ -55,7 +55,7 @@ def test_mixed_batches_keep_real_and_synthetic_parts_apart(clip_io):
 
 def test_starved_slot_falls_back_to_real_data_without_touching_the_real_stream(clip_io):
     reference = [b.real_keys for b in _take(_loader(clip_io, real_batch=4), 4)]
-    buffer = ReplayBuffer(BufferConfig(capacity=8, min_size_to_sample=4))  # never reaches min size
+    buffer = ReplayBuffer(BufferConfig(capacity=8, min_size_to_sample=4, samples_per_insert=0))  # never reaches min size
     batches = _take(_loader(clip_io, real_batch=4, syn_batch=4, buffer=buffer, syn_wait_s=0.01), 4)
     assert [b.real_keys for b in batches] == reference
     for b in batches:
@@ -65,7 +65,7 @@ def test_starved_slot_falls_back_to_real_data_without_touching_the_real_stream(c
 
 
 def test_slot_wait_is_bounded_per_batch_not_per_item(clip_io):
-    buffer = ReplayBuffer(BufferConfig(capacity=8, min_size_to_sample=8))
+    buffer = ReplayBuffer(BufferConfig(capacity=8, min_size_to_sample=8, samples_per_insert=0))
     loader = _loader(clip_io, real_batch=2, syn_batch=16, buffer=buffer, syn_wait_s=0.2)
     it = iter(loader)
     next(it)
@@ -90,7 +90,7 @@ def test_resumed_loader_continues_the_real_stream_exactly(clip_io):
 
 def test_resume_with_synthetic_slot_keeps_real_keys(clip_io):
     def buffer_with(n):
-        buf = ReplayBuffer(BufferConfig(capacity=64))
+        buf = ReplayBuffer(BufferConfig(capacity=64, min_size_to_sample=1, samples_per_insert=0))
         for i in range(n):
             buf.insert(_synthetic(i))
         return buf
@@ -99,7 +99,7 @@ def test_resume_with_synthetic_slot_keeps_real_keys(clip_io):
     first = _loader(clip_io, 4, 2, buffer_with(10))
     it = iter(first)
     head = [next(it).real_keys for _ in range(2)]
-    resumed = _loader(clip_io, 4, 2, ReplayBuffer(BufferConfig(capacity=4)), syn_wait_s=0.0)  # empty buffer now
+    resumed = _loader(clip_io, 4, 2, ReplayBuffer(BufferConfig(capacity=4, min_size_to_sample=1, samples_per_insert=0)), syn_wait_s=0.0)  # empty buffer now
     resumed.load_state_dict(first.state_dict())
     assert head + [b.real_keys for b in _take(resumed, 4)] == full
 

@@ -53,7 +53,7 @@ def collect(buf):
 
 
 def test_samples_carry_provenance_and_forwarded_stats(tiny):
-    buf = ReplayBuffer(BufferConfig(capacity=100, max_times_sampled=1))
+    buf = ReplayBuffer(BufferConfig(capacity=100, max_times_sampled=1, min_size_to_sample=1, samples_per_insert=0))
     pcfg = ProducerConfig(num_samples=8, batch_size=2, m=2, seed=3, stats_every=1)
     thread, endpoint, result, _ = start_producer(tiny, pcfg)
     with Receiver(StreamConfig(endpoints=[endpoint]), buf) as receiver:
@@ -87,7 +87,7 @@ def test_samples_carry_provenance_and_forwarded_stats(tiny):
     (dict(samples_per_message=16, max_message_bytes=12_000, max_header_bytes=4000), 7),  # one 32x32 image fits
 ])
 def test_samples_are_packed_per_message_within_the_limits(tiny, stream_kw, messages):
-    buf = ReplayBuffer(BufferConfig(capacity=100, max_times_sampled=1))
+    buf = ReplayBuffer(BufferConfig(capacity=100, max_times_sampled=1, min_size_to_sample=1, samples_per_insert=0))
     pcfg = ProducerConfig(num_samples=7, batch_size=2, m=2, seed=3)
     stream = StreamConfig(endpoints=["tcp://127.0.0.1:*"], **stream_kw)
     thread, endpoint, result, _ = start_producer(tiny, pcfg, stream)
@@ -118,7 +118,7 @@ def test_a_message_is_split_until_its_header_fits():
 
 
 def test_producer_ranks_read_disjoint_partitions_with_distinct_seeds(tiny):
-    buf = ReplayBuffer(BufferConfig(capacity=100, max_times_sampled=1))
+    buf = ReplayBuffer(BufferConfig(capacity=100, max_times_sampled=1, min_size_to_sample=1, samples_per_insert=0))
     stream = StreamConfig(endpoints=["tcp://127.0.0.1:*"] * 2)
     started = [start_producer(tiny, ProducerConfig(rank=r, num_producers=2, num_samples=6, m=1, seed=0), stream)
                for r in range(2)]
@@ -151,7 +151,7 @@ def test_producer_never_waits_on_missing_trainers(tiny):
 def test_metrics_go_to_the_metric_logger(tiny, tmp_path):
     from edsam_online.metrics import LoggingConfig
 
-    buf = ReplayBuffer(BufferConfig(capacity=100))
+    buf = ReplayBuffer(BufferConfig(capacity=100, min_size_to_sample=1, samples_per_insert=0))
     pcfg = ProducerConfig(num_samples=2, m=1, log_every_s=0)
     thread, endpoint, _, _ = start_producer(tiny, pcfg, logging_cfg=LoggingConfig(wandb=False), run_dir=str(tmp_path))
     with Receiver(StreamConfig(endpoints=[endpoint]), buf):

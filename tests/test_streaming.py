@@ -64,7 +64,7 @@ def u8(value):
 def test_hostile_input_is_dropped_by_reason_and_valid_messages_still_arrive(ctx):
     limit = 100_000
     cfg = StreamConfig(max_message_bytes=limit, max_header_bytes=16_384, max_caption_chars=1000)
-    buf = ReplayBuffer(BufferConfig(capacity=100))
+    buf = ReplayBuffer(BufferConfig(capacity=100, min_size_to_sample=1, samples_per_insert=0))
     client, endpoint = push_bound(ctx)
     good = valid_frames(0)
     jpeg = raw(valid_frames(0, "jpeg"))
@@ -119,7 +119,7 @@ def test_hostile_input_is_dropped_by_reason_and_valid_messages_still_arrive(ctx)
 
 
 def test_a_message_of_many_samples_counts_each_sample(ctx):
-    buf = ReplayBuffer(BufferConfig(capacity=100))
+    buf = ReplayBuffer(BufferConfig(capacity=100, min_size_to_sample=1, samples_per_insert=0))
     client, endpoint = push_bound(ctx)
 
     def message(seq, k):
@@ -157,7 +157,7 @@ def test_curve_accepts_allowed_keys_only(ctx, tmp_path):
     # The right server key, but a key pair that is not on the allow-list.
     unknown, ep_unknown = push_bound(ctx, lambda s: make_curve_client(s, stranger["producer:producer-x"], keys["receiver"]))
     plain, ep_plain = push_bound(ctx)  # no CURVE at all
-    buf = ReplayBuffer(BufferConfig(capacity=100))
+    buf = ReplayBuffer(BufferConfig(capacity=100, min_size_to_sample=1, samples_per_insert=0))
     with Receiver(cfg, buf, endpoints=[ep_allowed, ep_unknown, ep_plain]) as receiver:
         for seq in range(3):
             assert send_bounded(allowed, valid_frames(seq, producer_id="allowed"), 10.0)[0]
@@ -180,7 +180,7 @@ def test_curve_accepts_allowed_keys_only(ctx, tmp_path):
 def test_receivers_bind_mode_stats_endpoint_and_monitor(ctx, tmp_path, capsys):
     cfg = StreamConfig(endpoints=["tcp://127.0.0.1:*"], producers_bind=False,
                        stats_endpoint="tcp://127.0.0.1:*")
-    buf = ReplayBuffer(BufferConfig(capacity=10, min_size_to_sample=2))
+    buf = ReplayBuffer(BufferConfig(capacity=10, min_size_to_sample=2, samples_per_insert=0))
     with Receiver(cfg, buf) as receiver:
         producer_cfg = StreamConfig(endpoints=receiver.bound_endpoints, producers_bind=False, encoding="jpeg")
         sock = open_producer_socket(ctx, producer_cfg, 0)
@@ -221,7 +221,7 @@ def test_stats_requests_are_answered_while_messages_flow(ctx):
             client.send_multipart(raw(valid_frames(seq)))
             seq += 1
 
-    with Receiver(cfg, ReplayBuffer(BufferConfig(capacity=100)), endpoints=[endpoint]) as receiver:
+    with Receiver(cfg, ReplayBuffer(BufferConfig(capacity=100, min_size_to_sample=1, samples_per_insert=0)), endpoints=[endpoint]) as receiver:
         sender = threading.Thread(target=flood)
         sender.start()
         try:
@@ -275,7 +275,7 @@ def test_two_producer_processes_into_two_receiver_processes():
 
 def test_killed_producer_then_restart_is_received_again_and_sigterm_exits_cleanly():
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    buf = ReplayBuffer(BufferConfig(capacity=1000))
+    buf = ReplayBuffer(BufferConfig(capacity=1000, min_size_to_sample=1, samples_per_insert=0))
     procs = []
     with Receiver(StreamConfig(endpoints=[endpoint]), buf) as receiver:
         try:
@@ -315,7 +315,7 @@ def test_killed_producer_then_restart_is_received_again_and_sigterm_exits_cleanl
 
 
 def test_receiver_stops_promptly_and_validates_config():
-    buf = ReplayBuffer(BufferConfig())
+    buf = ReplayBuffer(BufferConfig(min_size_to_sample=1, samples_per_insert=0))
     receiver = Receiver(StreamConfig(endpoints=[f"tcp://127.0.0.1:{free_port()}"], poll_timeout_ms=50), buf).start()
     t0 = time.monotonic()
     receiver.stop()

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from edsam_online.config import load_config
 from edsam_online.loader import MixedLoader
 from edsam_online.metrics import read_jsonl
 from edsam_online.models import create_clip
+from edsam_online.runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -27,22 +27,16 @@ COMMON = [
     "logging.wandb=false",
     "logging.log_every=2",
     "trainer.progress=false",
-    "trainer.num_workers=1",
-    "trainer.prefetch=1",
-    "trainer.warmup_steps=2",
-    "trainer.lr=5e-4",
+    "runtime.num_workers=1",
+    "runtime.prefetch=1",
+    "optim.warmup_steps=2",
+    "optim.lr=5e-4",
     "eval.samples_per_class=2",
     "eval.linear_probe=false",
     "eval.domains=[flat]",
     "data.length=512",
     "diffusion=tiny_random",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env():
@@ -94,18 +88,33 @@ def _train_logs(run_dir: Path, rank: int) -> list[dict]:
 
 
 def _keys(run_dir: Path, rank: int) -> dict[int, list[str]]:
-    lines = (run_dir / "keys" / f"trainer{rank}.jsonl").read_text().splitlines()
+    path = run_dir / "keys" / f"trainer{rank}.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
     return {r["step"]: r["real"] for r in map(json.loads, lines)}
 
 
+def _uninterrupted_keys(args: list[str], steps: int, world: int) -> list[dict[int, list[str]]]:
+    """Each rank's real-data keys of ``steps`` steps, read from the same config's loader without a stop."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = load_config(compose("config", overrides=[*COMMON, *args]))
+    _, transform, _, tokenizer = create_clip(cfg.model)
+    real, syn = cfg.mix.real_batch_size(cfg.trainer.batch_size), cfg.mix.syn_batch_size(cfg.trainer.batch_size)
+    out = []
+    for rank in range(world):
+        loader = MixedLoader(cfg.data, transform, tokenizer, real, syn, ReplayBuffer(cfg.buffer), 0.0, rank, world, 1, 1)
+        it = iter(loader)
+        out.append({step: next(it).real_keys for step in range(1, steps + 1)})
+    return out
+
+
 def test_two_ranks_learn_from_real_and_streamed_synthetic_data(tmp_path):
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     run_dir = tmp_path / "run"
     producer = _producer(endpoint, run_dir, tmp_path / "producer.log")
     trainer = None
     try:
         trainer = _trainer(2, [f"run_dir={run_dir}", f"stream.endpoints=[{endpoint}]", "trainer.steps=30",
-                               "trainer.batch_size=8", "trainer.syn_share=0.5", "trainer.syn_wait_s=0.5",
+                               "trainer.batch_size=8", "mix.syn_share=0.5", "mix.syn_wait_s=0.5",
                                "buffer.min_size_to_sample=2", "buffer.samples_per_insert=0"],
                            tmp_path / "trainer.log")
         _wait(trainer, 240, tmp_path / "trainer.log")
@@ -128,28 +137,58 @@ def test_two_ranks_learn_from_real_and_streamed_synthetic_data(tmp_path):
 
 
 def test_resume_continues_the_real_data_stream_exactly(tmp_path):
-    dead = f"tcp://127.0.0.1:{_free_port()}"  # no producer: the synthetic slot falls back to real data
-    args = [f"stream.endpoints=[{dead}]", "trainer.steps=8", "trainer.batch_size=4", "trainer.syn_share=0.5",
-            "trainer.syn_wait_s=0", "trainer.record_keys=true", "eval.every_steps=0", f"run_dir={tmp_path / 'run'}"]
+    dead = f"tcp://127.0.0.1:{free_port()}"  # no producer: the synthetic slot falls back to real data
+    args = [f"stream.endpoints=[{dead}]", "trainer.steps=8", "trainer.batch_size=4", "mix.syn_share=0.5",
+            "mix.syn_wait_s=0", "trainer.record_keys=true", "eval.every_steps=0", f"run_dir={tmp_path / 'run'}"]
     _wait(_trainer(2, [*args, "trainer.stop_at=4"], tmp_path / "a.log"), 180, tmp_path / "a.log")
     assert sorted(_keys(tmp_path / "run", 0)) == [1, 2, 3, 4]
-    _wait(_trainer(2, [*args, "trainer.resume=latest"], tmp_path / "b.log"), 180, tmp_path / "b.log")
+    _wait(_trainer(2, [*args, "checkpoint.resume=latest"], tmp_path / "b.log"), 180, tmp_path / "b.log")
     assert "resumed from" in (tmp_path / "b.log").read_text()
-
-    # the uninterrupted stream: the same config's loader, read for 8 steps without a stop
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        cfg = load_config(compose("config", overrides=[*COMMON, *args]))
-    _, transform, _, tokenizer = create_clip(cfg.model)
-    for rank in (0, 1):
-        loader = MixedLoader(cfg.data, transform, tokenizer, 4, 2, ReplayBuffer(cfg.buffer), 0.0, rank, 2, 1, 1)
-        it = iter(loader)
-        assert _keys(tmp_path / "run", rank) == {step: next(it).real_keys for step in range(1, 9)}
+    for rank, keys in enumerate(_uninterrupted_keys(args, 8, 2)):
+        assert _keys(tmp_path / "run", rank) == keys
     assert not set(sum(_keys(tmp_path / "run", 0).values(), [])) & set(sum(_keys(tmp_path / "run", 1).values(), []))
     assert _train_logs(tmp_path / "run", 0)[-1]["train/steps_without_syn"] == 8  # counted across the resume
 
 
+def test_sigterm_leaves_a_checkpoint_at_the_current_step_and_resume_matches_an_uninterrupted_run(tmp_path):
+    """A preempted job (SIGTERM to every process, as launch.sh or SLURM send it): both ranks
+    finish their step, agree on it, checkpoint there and exit 0; resuming reaches the last step
+    with exactly the real-data keys of a run that was never stopped."""
+    from edsam_online.checkpoint import list_checkpoints
+
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    run_dir = tmp_path / "run"
+    steps = 60
+    args = [f"stream.endpoints=[{dead}]", f"trainer.steps={steps}", "trainer.batch_size=4", "mix.syn_share=0.5",
+            "mix.syn_wait_s=0", "trainer.record_keys=true", "eval.every_steps=0", f"run_dir={run_dir}"]
+    log = tmp_path / "a.log"
+    proc = _trainer(2, args, log)
+    try:
+        deadline = time.monotonic() + 180
+        while len(_keys(run_dir, 0)) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        os.killpg(os.getpgid(proc.pid), signal.SIGTERM)
+        proc.wait(120)  # torchrun itself exits 1 when signalled; its workers end cleanly
+    finally:
+        _stop(proc, signal.SIGKILL)
+    stopped = max(_keys(run_dir, 0))
+    assert 3 <= stopped < steps, "the run ended before the signal could interrupt it"
+    assert max(_keys(run_dir, 1)) == stopped  # every rank stopped after the same step
+    assert [p.name for p in list_checkpoints(run_dir)][-1] == f"step_{stopped:08d}.pt"
+    text = log.read_text()
+    assert all(f"rank {r} stopped at step {stopped} of {steps}" in text for r in (0, 1)), text[-4000:]
+    # the only traceback is torchrun's own SignalException: no worker failed
+    assert text.count("Traceback (most recent call last)") == text.count("SignalException: Process"), text[-4000:]
+
+    _wait(_trainer(2, [*args, "checkpoint.resume=latest"], tmp_path / "b.log"), 180, tmp_path / "b.log")
+    assert f"at step {stopped}" in (tmp_path / "b.log").read_text()
+    for rank, keys in enumerate(_uninterrupted_keys(args, steps, 2)):
+        assert _keys(run_dir, rank) == keys
+    assert _train_logs(run_dir, 0)[-1]["step"] == steps
+
+
 def test_training_survives_a_producer_crash_and_uses_a_restarted_one(tmp_path):
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     run_dir = tmp_path / "run"
     procs = {"p1": _producer(endpoint, run_dir, tmp_path / "p1.log")}
     log = tmp_path / "trainer.log"
@@ -170,8 +209,8 @@ def test_training_survives_a_producer_crash_and_uses_a_restarted_one(tmp_path):
 
     try:
         procs["trainer"] = _trainer(1, [f"run_dir={run_dir}", f"stream.endpoints=[{endpoint}]",
-                                        "trainer.steps=100000", "trainer.batch_size=4", "trainer.syn_share=0.5",
-                                        "trainer.syn_wait_s=0.05", "logging.log_every=1",
+                                        "trainer.steps=100000", "trainer.batch_size=4", "mix.syn_share=0.5",
+                                        "mix.syn_wait_s=0.05", "logging.log_every=1",
                                         "buffer.min_size_to_sample=1", "buffer.max_times_sampled=1",
                                         "buffer.samples_per_insert=0"], log)
         before = wait_until(lambda r: r["train/syn_samples"] > 0, "synthetic samples")

@@ -359,9 +359,6 @@ class RealSourceNode(BaseNode[RealRecord]):
     def get_state(self) -> dict[str, Any]:
         return {"epoch": self._epoch, "position": self._position, **self._identity()}
 
-    def stats(self) -> dict[str, float]:
-        return self.counters.snapshot()
-
 
 def iter_real_samples(cfg: RealDataConfig, rank: int = 0, world_size: int = 1,
                       counters: DataCounters | None = None) -> Iterator[RealSample]:

@@ -1,0 +1,434 @@
+"""The trainer rank as a library component: :class:`Trainer` with ``train_step`` and ``train``.
+
+A trainer rank owns a CLIP from open_clip under DDP (gloo on CPU, NCCL on GPU), a
+local :class:`~edsam_online.buffer.ReplayBuffer` fed by a ZeroMQ
+:class:`~edsam_online.streaming.Receiver`, the :class:`~edsam_online.loader.MixedLoader`,
+the optimizer and schedule, Eq. 11's loss and its checkpoints. ``train_step(batch)`` is
+one Eq. 11 step; ``train()`` runs the loop, logs, evaluates and checkpoints, and always
+tears down what it started. ``consumers/train.py`` is the Hydra entry point
+(``torchrun -m consumers.train``, the ``edsam-train`` console script).
+
+**Preemption.** While ``train()`` runs, SIGTERM or SIGINT make the rank finish its
+current step and stop: every rank's stop request travels in the step's one collective,
+so all ranks stop after the same step, write a checkpoint at it, and ``train()`` returns
+normally (the process exits 0). ``checkpoint.resume=latest`` continues the run, with the
+real-data stream exactly where it stopped.
+
+**Augmentation hook.** A method that changes what a step trains on implements
+:class:`Augmentation`: it receives the loader's :class:`~edsam_online.loader.MixedBatch`
+and may transform the real part or supply the extra batch (the synthetic slot of Eq.
+11's second term), before the step decides whether that term runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from edsam_online.buffer import ReplayBuffer
+from edsam_online.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from edsam_online.eval import evaluate, format_eval_table
+from edsam_online.loader import MixedBatch, MixedLoader
+from edsam_online.losses import LOSS_KINDS, EDSAMLoss
+from edsam_online.metrics import MetricLogger
+from edsam_online.models import create_clip
+from edsam_online.optim import build_optimizer, build_scheduler, clamp_logit_scale, clip_gradients
+from edsam_online.runtime import autocast, init_distributed, unwrap
+from edsam_online.streaming import Receiver
+
+if TYPE_CHECKING:
+    from edsam_online.config import Config
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop of one trainer rank (Hydra key ``trainer``; sizes are per rank).
+
+    ``batch_size`` real pairs per step (``mix`` sets the synthetic part). ``steps`` sets
+    the schedule's length; ``stop_at`` (0 = off) ends the run early at that step with a
+    checkpoint, as a preemption would, so ``checkpoint.resume=latest`` continues it.
+    ``loss``: ``clip`` (InfoNCE) or ``siglip``. ``record_keys`` writes every step's sample
+    keys to ``<run_dir>/keys/trainer<rank>.jsonl`` (an audit trail of what each step
+    trained on). ``progress``: a tqdm bar on rank 0.
+    """
+
+    steps: int = 200
+    stop_at: int = 0
+    batch_size: int = 32
+    loss: str = "clip"
+    progress: bool = True
+    record_keys: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.stop_at < 0:
+            raise ValueError(f"stop_at must be >= 0, got {self.stop_at}")
+        if self.loss not in LOSS_KINDS:
+            raise ValueError(f"loss must be one of {LOSS_KINDS}, got {self.loss!r}")
+
+
+class Augmentation:
+    """What a method does to a step's batch before the step runs. The base class keeps the
+    batch as the loader made it: ED-SAM's synthetic slot, filled from the replay buffer.
+
+    A subclass may return the batch with its real part transformed, or with its
+    synthetic slot (``syn_images``, ``syn_texts``, ``syn_keys``, ``syn_is_synthetic``,
+    ``syn_alpha``) supplied by the method; rows flagged ``syn_is_synthetic`` count as
+    synthetic. It runs on every rank, inside ``train_step``, with the ``Trainer`` at hand
+    (its model, loss and device), and must keep the slot's size equal on every rank,
+    since each loss term gathers its batch across ranks.
+    """
+
+    def __call__(self, batch: MixedBatch, trainer: Trainer) -> MixedBatch:
+        return batch
+
+
+@dataclass
+class StepOutput:
+    """What one ``train_step`` did. Losses are this rank's (detached); counts are global."""
+
+    loss: torch.Tensor
+    loss_real: torch.Tensor
+    loss_syn: torch.Tensor
+    logit_scale: torch.Tensor
+    num_real: int
+    num_synthetic: int
+    used_syn: bool
+    stop_requested: bool  # some rank was asked to stop: every rank stops after this step
+
+
+class _Window:
+    """Sums over the steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = self.syn_steps = 0
+        self.time = self.wait = 0.0
+        self.images = self.real = self.syn = 0.0
+        self.loss = self.loss_real = self.loss_syn = 0.0
+
+    def add(self, out: StepOutput, images: int, seconds: float, wait: float) -> None:
+        self.steps += 1
+        self.syn_steps += int(out.used_syn)
+        self.time += seconds
+        self.wait += wait
+        self.images += images
+        self.real += out.num_real
+        self.syn += out.num_synthetic
+        self.loss += out.loss.item()
+        self.loss_real += out.loss_real.item()
+        self.loss_syn += out.loss_syn.item()
+
+
+class _StopOnSignal:
+    """SIGTERM/SIGINT set a flag instead of killing the process (main thread only);
+    the previous handlers come back on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.requested:
+            print(f"[trainer] {signal.Signals(signum).name} received: finishing the step, then a checkpoint",
+                  file=sys.stderr, flush=True)
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """One trainer rank, built from the root config.
+
+    ``resolved`` (the resolved config as a plain dict) goes to W&B as the run config.
+    ``augmentation`` is the method's hook (:class:`Augmentation`; default: the batch as
+    the loader made it). The buffer and receiver exist only when the step has a
+    synthetic slot (``mix.syn_share > 0``). ``close()`` (also run by ``train()`` and
+    ``with Trainer(...)``) stops the receiver and closes the logger and files; it leaves
+    the process group to the caller (:func:`edsam_online.runtime.end_rank`).
+    """
+
+    def __init__(self, cfg: Config, resolved: dict | None = None, augmentation: Augmentation | None = None):
+        self.cfg = cfg
+        self.augmentation = augmentation or Augmentation()
+        rt, tcfg = cfg.runtime, cfg.trainer
+        dist_info = init_distributed(rt.device)
+        self.rank, self.world, self.device = dist_info.rank, dist_info.world_size, dist_info.device
+        self.run_dir = self._shared_run_dir(cfg.run_dir)
+        if rt.threads > 0:
+            torch.set_num_threads(rt.threads)
+        torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+
+        model, preprocess_train, self.preprocess_val, self.tokenizer = create_clip(cfg.model, str(self.device))
+        if rt.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model  # the bare module: optimizer, clamp, checkpoints and evaluation use it
+        self.ddp = DDP(torch.compile(model) if rt.compile else model,
+                       device_ids=[dist_info.local_rank] if self.device.type == "cuda" else None)
+
+        self.syn_batch = cfg.mix.syn_batch_size(tcfg.batch_size)
+        self.real_batch = cfg.mix.real_batch_size(tcfg.batch_size)
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, tcfg.steps)
+        self.scaler = torch.amp.GradScaler(self.device.type) if rt.precision == "fp16" else None
+        self.loss_fn = EDSAMLoss(tcfg.loss, cfg.mix.syn_weight, self.rank, self.world)
+        self.step = 0
+        self.totals = {"steps_without_syn": 0, "syn_samples": 0, "syn_fallback_samples": 0}
+        self.buffer: ReplayBuffer | None = None
+        self.receiver: Receiver | None = None
+        self.keys_file = None
+        with contextlib.ExitStack() as stack:  # on a failure below, what was started is stopped
+            if self.syn_batch > 0:
+                self.buffer = ReplayBuffer(dataclasses.replace(cfg.buffer, seed=cfg.buffer.seed + self.rank))
+                stack.callback(self.buffer.close)
+                self.receiver = Receiver(cfg.stream, self.buffer, rank=self.rank).start()
+                stack.callback(self.receiver.stop)
+            self.loader = MixedLoader(
+                cfg.data, preprocess_train, self.tokenizer, real_batch=self.real_batch, syn_batch=self.syn_batch,
+                buffer=self.buffer, syn_wait_s=cfg.mix.syn_wait_s, rank=self.rank, world_size=self.world,
+                num_workers=rt.num_workers, prefetch=rt.prefetch,
+            )
+            self._resume()
+            self.logger = MetricLogger(cfg.logging, self.run_dir, "trainer", self.rank, config=resolved)
+            stack.callback(self.logger.close)
+            if tcfg.record_keys:
+                (Path(self.run_dir) / "keys").mkdir(parents=True, exist_ok=True)
+                self.keys_file = open(Path(self.run_dir) / "keys" / f"trainer{self.rank}.jsonl", "a", buffering=1,
+                                      encoding="utf-8")
+                stack.callback(self.keys_file.close)
+            self._teardown = stack.pop_all()
+
+    # ------------------------------------------------------------------ setup
+
+    def _shared_run_dir(self, run_dir: str) -> str:
+        """Every rank uses rank 0's run_dir (``${now:...}`` may differ across ranks)."""
+        holder = [os.path.abspath(run_dir)]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def _resume(self) -> None:
+        ckpt = resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
+        if ckpt is None:
+            return
+        state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.scaler)
+        self.step = state["step"]
+        self.totals.update(state["extra"].get("totals", {}))
+        loader_states = state["loader_states"] or []
+        if len(loader_states) == self.world:
+            self.loader.load_state_dict(loader_states[self.rank])
+        elif self.rank == 0:
+            print(f"[trainer] checkpoint has {len(loader_states)} loader states for world size {self.world}: "
+                  "the real-data stream restarts", file=sys.stderr)
+        if self.rank == 0:
+            print(f"[trainer] resumed from {ckpt} at step {self.step}", file=sys.stderr)
+
+    # ------------------------------------------------------------------ one step
+
+    def forward_loss(self, batch: MixedBatch, use_syn: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Eq. 11 on ``batch`` (the synthetic term only if ``use_syn``): the loss dict of
+        :class:`~edsam_online.losses.EDSAMLoss` and the logit scale. Both terms go through
+        the model in one forward pass; each is contrastive within its own rows."""
+        rt = self.cfg.runtime
+        real_n = batch.real_images.shape[0]
+        images, texts = batch.real_images, batch.real_texts
+        if use_syn:
+            images = torch.cat([images, batch.syn_images])
+            texts = torch.cat([texts, batch.syn_texts])
+        images = images.to(self.device, non_blocking=True)
+        texts = texts.to(self.device, non_blocking=True)
+        if rt.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, rt.precision):
+            out = self.ddp(images, texts)
+        image_f, text_f, logit_scale = out[0].float(), out[1].float(), out[2].float()
+        losses = self.loss_fn(
+            image_f[:real_n],
+            text_f[:real_n],
+            logit_scale,
+            image_f[real_n:] if use_syn else None,
+            text_f[real_n:] if use_syn else None,
+            logit_bias=out[3].float() if len(out) > 3 else None,
+            use_syn=use_syn,
+        )
+        return losses, logit_scale
+
+    def train_step(self, batch: MixedBatch, stop_requested: bool = False) -> StepOutput:
+        """One optimizer step of Eq. 11 on this rank's ``batch`` (a collective: every rank calls it).
+
+        The ranks agree, in one all-reduce, on the global real and synthetic counts
+        and on whether any rank asked to stop (``stop_requested``). A step whose global
+        synthetic slot holds no synthetic sample trains on the real term alone.
+        """
+        optim = self.cfg.optim
+        batch = self.augmentation(batch, self)
+        if self.buffer is not None:
+            self.buffer.set_step(self.step)
+        agreed = torch.tensor([batch.num_synthetic, batch.real_images.shape[0], float(stop_requested)],
+                              dtype=torch.float64)
+        dist.all_reduce(agreed)
+        n_syn, n_real, stops = (int(v) for v in agreed.tolist())
+        use_syn = n_syn > 0
+        losses, logit_scale = self.forward_loss(batch, use_syn)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(losses["loss"]).backward()
+            self.scaler.unscale_(self.optimizer)
+            clip_gradients(self.model, optim.grad_clip_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            losses["loss"].backward()
+            clip_gradients(self.model, optim.grad_clip_norm)
+            self.optimizer.step()
+        self.scheduler.step()
+        clamp_logit_scale(self.model, optim.logit_scale_max)
+        self.step += 1
+        self.totals["steps_without_syn"] += int(not use_syn)
+        self.totals["syn_samples"] += n_syn
+        self.totals["syn_fallback_samples"] += self.world * self.syn_batch - n_syn
+        if self.keys_file is not None:
+            record = {"step": self.step, "real": batch.real_keys, "syn": batch.syn_keys,
+                      "syn_is_synthetic": batch.syn_is_synthetic.tolist(), "used_syn": use_syn}
+            self.keys_file.write(json.dumps(record) + "\n")
+        return StepOutput(
+            loss=losses["loss"].detach(), loss_real=losses["loss_real"].detach(),
+            loss_syn=losses["loss_syn"].detach(), logit_scale=logit_scale.detach(),
+            num_real=n_real, num_synthetic=n_syn, used_syn=use_syn, stop_requested=stops > 0,
+        )
+
+    # ------------------------------------------------------------------ the loop
+
+    def save(self) -> None:
+        """A checkpoint at the current step (a collective: every rank's loader state goes in)."""
+        states = [None] * self.world
+        dist.all_gather_object(states, self.loader.state_dict())
+        if self.rank == 0:
+            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler, states,
+                            extra={"totals": self.totals}, keep_last=self.cfg.checkpoint.keep)
+        dist.barrier()
+
+    def evaluate(self) -> dict[str, float]:
+        """Zero-shot and linear-probe metrics on rank 0 (logged; ``{}`` on other ranks)."""
+        metrics = {}
+        if self.rank == 0:
+            metrics = evaluate(self.model, self.tokenizer, self.preprocess_val, self.cfg.eval, device=str(self.device))
+            self.logger.log(metrics, step=self.step)
+        dist.barrier()
+        return metrics
+
+    def _log(self, window: _Window, out: StepOutput) -> None:
+        losses = torch.tensor([window.loss, window.loss_real, window.loss_syn], dtype=torch.float64)
+        dist.all_reduce(losses)
+        losses /= self.world * window.steps
+        span = max(window.time, 1e-9)
+        metrics = {
+            "train/loss": losses[0].item(),
+            "train/loss_real": losses[1].item(),
+            "train/loss_syn": (losses[2].item() * window.steps / window.syn_steps) if window.syn_steps else 0.0,
+            "train/logit_scale": out.logit_scale.item(),
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/samples_per_s": window.images / span,
+            "train/data_wait_frac": window.wait / span,
+            "train/syn_share_actual": window.syn / max(window.real, 1.0),
+            **{f"train/{name}": value for name, value in self.totals.items()},
+            "train/step_time_s": window.time / window.steps,
+            **self.loader.stats(),
+        }
+        if self.receiver is not None:
+            metrics.update(self.receiver.stats())
+            metrics.update(self.receiver.producer_stats())
+        self.logger.log(metrics, step=self.step)
+        self._bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", syn=f"{metrics['train/syn_share_actual']:.2f}")
+
+    def train(self) -> dict[str, float]:
+        """Train to ``trainer.steps`` (or ``stop_at``, the end of a finite data set, or a
+        stop signal), write the final checkpoint, evaluate after the last step, and tear
+        down. Returns the final evaluation metrics (``{}`` when it stopped early or on
+        ranks other than 0)."""
+        tcfg, cfg = self.cfg.trainer, self.cfg
+        end = min(tcfg.stop_at or tcfg.steps, tcfg.steps)
+        metrics: dict[str, float] = {}
+        try:
+            with _StopOnSignal() as stop:
+                self._bar = tqdm(total=end, initial=self.step, desc="train",
+                                 disable=self.rank != 0 or not tcfg.progress, dynamic_ncols=True)
+                self._teardown.callback(self._bar.close)
+                window = _Window()
+                data_iter = iter(self.loader)
+                self.ddp.train()
+                last = time.perf_counter()
+                while self.step < end:
+                    t0 = time.perf_counter()
+                    try:
+                        batch = next(data_iter)
+                    except StopIteration:  # a finite data.epochs ran out
+                        break
+                    t_data = time.perf_counter() - t0
+                    out = self.train_step(batch, stop.requested)
+                    self._bar.update(1)
+                    now = time.perf_counter()
+                    window.add(out, out.num_real + (self.world * self.syn_batch if out.used_syn else 0), now - last,
+                               t_data)
+                    last = now
+                    if self.step % cfg.logging.log_every == 0 or self.step == end or out.stop_requested:
+                        self._log(window, out)
+                        window.reset()
+                        last = time.perf_counter()
+                    if out.stop_requested:
+                        break
+                    if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < end:
+                        self.save()
+                    if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < tcfg.steps:
+                        self.evaluate()
+                        last = time.perf_counter()
+                self._bar.close()
+                self.save()  # always a final model, and what resume=latest continues from
+                if self.step >= tcfg.steps:
+                    metrics = self.evaluate()
+                    if self.rank == 0:
+                        print(f"\nzero-shot / linear-probe top-1 after {self.step} steps\n"
+                              + format_eval_table(metrics), flush=True)
+                else:
+                    print(f"[trainer] rank {self.rank} stopped at step {self.step} of {tcfg.steps}; "
+                          "checkpoint.resume=latest continues it", file=sys.stderr, flush=True)
+        finally:
+            self.close()
+        if self.rank == 0:
+            print(f"[trainer] run folder: {self.run_dir}", flush=True)
+        return metrics
+
+    def close(self) -> None:
+        """Stop the receiver, close the buffer, the logger and the keys file (idempotent)."""
+        self._teardown.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,193 @@
+"""The repository's structure holds: one home for every default, no import cycle in the library,
+and a library that never imports its processes."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from edsam_online.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+LIBRARY = ROOT / "edsam_online"
+
+#: (group/option, key) pairs that may restate a dataclass default: an option names what it selects.
+INTENTIONAL = {
+    ("data/builtin", "data.kind"),
+    ("diffusion/retrained", "diffusion.model"),
+    ("model/tiny", "model.name"),
+}
+
+
+def _leaves(node: dict, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _default(key: str):
+    """The dataclass default at a dotted key of ``Config`` (a KeyError when there is none)."""
+    value = Config()
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(value) or part not in {f.name for f in dataclasses.fields(value)}:
+            raise KeyError(key)
+        value = getattr(value, part)
+    return value
+
+
+def restated_defaults(group: str, option: str, path: Path) -> list[str]:
+    """Keys a group option's YAML sets to the value its dataclass already has by default.
+
+    A group option's keys live under the group's name; an experiment (``@package
+    _global_``) sets keys of the whole tree. The ``defaults`` list is not a value."""
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    node.pop("defaults", None)
+    tree = node if group == "experiment" else {group: node}
+    found = []
+    for key, value in _leaves(tree):
+        if (f"{group}/{option}", key) in INTENTIONAL:
+            continue
+        try:
+            default = _default(key)
+        except KeyError:
+            continue  # not a default anyone could restate (composing the real configs rejects unknown keys)
+        if value == default:
+            found.append(key)
+    return found
+
+
+def _options():
+    for group_dir in sorted(p for p in CONFIGS.iterdir() if p.is_dir()):
+        for path in sorted(group_dir.glob("*.yaml")):
+            yield group_dir.name, path.stem, path
+
+
+@pytest.mark.parametrize("group,option,path", list(_options()), ids=lambda v: str(v) if isinstance(v, str) else "")
+def test_no_config_option_restates_a_dataclass_default(group, option, path):
+    assert restated_defaults(group, option, path) == []
+
+
+def test_the_defaults_check_catches_a_restated_default(tmp_path):
+    option = tmp_path / "big.yaml"
+    option.write_text("capacity: 4096\nmin_size_to_sample: 8\n")
+    assert restated_defaults("buffer", "big", option) == ["buffer.capacity"]
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text("# @package _global_\ndefaults:\n  - override /model: tiny_rn\n"
+                          "trainer:\n  steps: 200\n  batch_size: 48\noptim:\n  lr: 5.0e-4\n")
+    assert restated_defaults("experiment", "exp", experiment) == ["trainer.steps", "optim.lr"]
+
+
+def test_the_root_config_file_sets_no_component_default():
+    node = OmegaConf.to_container(OmegaConf.load(CONFIGS / "config.yaml"), resolve=False)
+    assert set(node) == {"defaults", "run_dir", "hydra"}
+
+
+# ----------------------------------------------------------------------------- imports
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports at run time (function-level imports too; not
+    ``if TYPE_CHECKING:`` blocks), with the packages whose ``__init__`` that runs."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # submodules, when they are modules
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), str(path)))
+    return found
+
+
+def _library_graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in LIBRARY.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+        for target in _imports(path):
+            if target in modules and target != name:
+                edges.add(target)
+            parts = target.split(".")
+            for i in range(2, len(parts)):  # packages whose __init__ runs first, unless already running
+                prefix = ".".join(parts[:i])
+                if prefix in modules and prefix != name and prefix not in ancestors:
+                    edges.add(prefix)
+        graph[name] = edges
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := dfs(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := dfs(node)):
+            return cycle
+    return None
+
+
+def test_the_library_has_no_import_cycle():
+    assert _find_cycle(_library_graph()) is None, " -> ".join(_find_cycle(_library_graph()))
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+
+
+def test_the_library_never_imports_its_processes():
+    offenders = {
+        _module_name(p): sorted(t for t in _imports(p) if t.split(".")[0] in ("producers", "consumers"))
+        for p in LIBRARY.rglob("*.py")
+    }
+    assert {m: t for m, t in offenders.items() if t} == {}
+
+
+def test_no_benchmark_imports_the_processes():
+    offenders = {p.name: sorted(t for t in _imports(p) if t.split(".")[0] in ("producers", "consumers"))
+                 for p in (ROOT / "bench").glob("*.py")}
+    assert {m: t for m, t in offenders.items() if t} == {}
