@@ -5,7 +5,7 @@
 ``ClipLoss(gather_with_grad=True, local_loss=True)``: each rank scores its own
 rows against the gathered global batch, so the mean of the per-rank losses is
 the single-process loss on the global batch and DDP's gradient averaging gives
-its gradient (DESIGN §8). SigLIP uses ``SigLipLoss(dist_impl="gather")``.
+its gradient (docs/design.md, 'Known pitfalls'). SigLIP uses ``SigLipLoss(dist_impl="gather")``.
 
 A step whose global synthetic slot holds no synthetic sample trains on the real
 term alone (``use_syn=False``); the caller decides that collectively (every

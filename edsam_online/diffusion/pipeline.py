@@ -39,7 +39,8 @@ from diffusers import (
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from edsam_online.runtime import PRECISION_DTYPES as DTYPES
+
 # folder layout name -> (vae subfolder, text encoder subfolder)
 LAYOUTS = {"sd": ("vae", "text_encoder"), "compvis": ("vqvae", "bert")}
 _VAE_CLASSES = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}

@@ -1,0 +1,99 @@
+"""The library Trainer in one process: its step under the GPU switches, its hook, its teardown."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from edsam_online.config import load_config
+from edsam_online.loader import MixedBatch
+from edsam_online.runtime import free_port
+from edsam_online.trainer import Augmentation, Trainer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _process_group():
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _trainer(tmp_path, augmentation=None, **groups) -> Trainer:
+    tree = {
+        "stream": {"endpoints": [f"tcp://127.0.0.1:{free_port()}"]},  # no producer
+        "trainer": {"batch_size": 4, "steps": 10, "progress": False},
+        "mix": {"syn_share": 0.5, "syn_wait_s": 0.0},
+        "runtime": {"device": "cpu", "num_workers": 1, "prefetch": 1},
+        "data": {"length": 64},
+        "eval": {"domains": ["flat"], "samples_per_class": 2, "linear_probe": False},
+        "logging": {"wandb": False},
+        "run_dir": str(tmp_path / "run"),
+    }
+    for group, values in groups.items():
+        tree.setdefault(group, {}).update(values)
+    return Trainer(load_config(tree), augmentation=augmentation)
+
+
+def _batch(trainer: Trainer) -> MixedBatch:
+    texts = trainer.tokenizer([f"a small shape number {i}" for i in range(6)])
+    return MixedBatch(torch.rand(4, 3, 32, 32), texts[:4], list("abcd"), torch.rand(2, 3, 32, 32), texts[4:],
+                      ["e", "f"], torch.tensor([True, False]), torch.tensor([0.1, float("nan")]))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_step_under_autocast_and_channels_last_is_finite_and_trains_both_terms(tmp_path, precision):
+    with _trainer(tmp_path, runtime={"precision": precision, "channels_last": True}) as trainer:
+        assert (trainer.scaler is not None) == (precision == "fp16")
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        out = trainer.train_step(_batch(trainer))
+        assert torch.isfinite(out.loss) and out.loss_syn > 0 and out.used_syn
+        assert (out.num_real, out.num_synthetic, trainer.step) == (4, 1, 1)
+        after = list(trainer.model.parameters())
+        assert all(torch.isfinite(p).all() for p in after)
+        assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+class _Flip(Augmentation):
+    """A method that supplies the extra batch itself: horizontally flipped real images."""
+
+    def __call__(self, batch: MixedBatch, trainer: Trainer) -> MixedBatch:
+        n = batch.syn_images.shape[0]
+        batch.syn_images = batch.real_images[:n].flip(-1)
+        batch.syn_texts = batch.real_texts[:n]
+        batch.syn_is_synthetic = torch.ones(n, dtype=torch.bool)
+        return batch
+
+
+def test_an_augmentation_supplies_the_extra_batch_of_a_step(tmp_path):
+    with _trainer(tmp_path, augmentation=_Flip()) as trainer:
+        batch = _batch(trainer)
+        batch.syn_is_synthetic[:] = False  # as the loader makes it when the buffer is dry
+        assert trainer.train_step(batch).num_synthetic == 2
+    with _trainer(tmp_path) as trainer:
+        batch = _batch(trainer)
+        batch.syn_is_synthetic[:] = False
+        out = trainer.train_step(batch)
+        assert (out.num_synthetic, out.used_syn, float(out.loss_syn)) == (0, False, 0.0)  # the real term alone
+
+
+def test_teardown_runs_when_training_fails(tmp_path):
+    class _Broken(Augmentation):
+        def __call__(self, batch, trainer):
+            raise RuntimeError("boom")
+
+    trainer = _trainer(tmp_path, augmentation=_Broken(), buffer={"min_size_to_sample": 1})
+    trainer.buffer.insert("an item")
+    assert trainer.receiver.is_alive()
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    assert not trainer.receiver.is_alive()
+    assert trainer.buffer.sample(0) is None  # closed: it no longer serves its item
+    assert trainer.logger._file is None  # the metrics file is closed
+
+
+def test_a_real_only_trainer_has_no_stream(tmp_path):
+    with _trainer(tmp_path, mix={"syn_share": 0.0}) as trainer:
+        assert trainer.buffer is None and trainer.receiver is None and trainer.syn_batch == 0
+        metrics = trainer.train()
+    assert metrics["eval/zeroshot_top1/flat"] >= 0 and trainer.step == 10
