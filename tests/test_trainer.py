@@ -83,12 +83,12 @@ def test_teardown_runs_when_training_fails(tmp_path):
             raise RuntimeError("boom")
 
     trainer = _trainer(tmp_path, augmentation=_Broken(), buffer={"min_size_to_sample": 1})
-    trainer.buffer.insert("an item")
     assert trainer.receiver.is_alive()
     with pytest.raises(RuntimeError, match="boom"):
         trainer.train()
     assert not trainer.receiver.is_alive()
-    assert trainer.buffer.sample(0) is None  # closed: it no longer serves its item
+    trainer.buffer.insert("an item")
+    assert trainer.buffer.sample(0) is None  # closed: an open buffer would serve it (min size 1)
     assert trainer.logger._file is None  # the metrics file is closed
 
 
