@@ -9,15 +9,13 @@ the key), 1 for any other failure.
 
 from __future__ import annotations
 
-import os
-import sys
 import traceback
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from edsam_online.config import load_config
+from edsam_online.config import load_config_or_exit
 from edsam_online.runtime import end_rank
 from edsam_online.trainer import Trainer
 
@@ -26,11 +24,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
 def main(dictcfg: DictConfig) -> None:
-    try:
-        cfg = load_config(dictcfg)
-    except ValueError as err:  # a bad value stops here, naming the key
-        print(f"config error: {err}", file=sys.stderr, flush=True)
-        os._exit(2)
+    cfg = load_config_or_exit(dictcfg)
     code = 0
     try:
         Trainer(cfg, OmegaConf.to_container(dictcfg, resolve=True)).train()

@@ -12,7 +12,9 @@ the component dataclasses with ``OmegaConf.to_object``, which runs each
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import typing
 from dataclasses import dataclass, field, fields
 
@@ -97,3 +99,13 @@ def load_config(dictcfg: DictConfig | dict) -> Config:
     cfg = Config(**values)
     _check_cross(cfg)
     return cfg
+
+
+def load_config_or_exit(dictcfg: DictConfig) -> Config:
+    """:func:`load_config` for a process entry point: a bad value prints
+    ``config error: <key>: <why>`` and ends the process with exit code 2."""
+    try:
+        return load_config(dictcfg)
+    except ValueError as err:
+        print(f"config error: {err}", file=sys.stderr, flush=True)
+        os._exit(2)  # before any rank or socket exists: nothing to tear down

@@ -10,13 +10,12 @@ value exits 2 naming the key.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from edsam_online.config import load_config  # also registers the typed schema "edsam_config"
+from edsam_online.config import load_config_or_exit  # also registers the typed schema "edsam_config"
 
 _CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -26,11 +25,7 @@ def main(dictcfg: DictConfig) -> None:
     from edsam_online.diffusion import build_sampler
     from edsam_online.producer import Producer
 
-    try:
-        cfg = load_config(dictcfg)
-    except ValueError as err:  # a bad value stops here, naming the key
-        print(f"config error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    cfg = load_config_or_exit(dictcfg)
     logging.getLogger(__name__).info(
         "producer %d/%d (%s) -> %s", cfg.producer.rank, cfg.producer.num_producers, cfg.diffusion.model,
         cfg.stream.endpoints,

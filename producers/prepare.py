@@ -1,4 +1,4 @@
-"""``python -m producers.prepare <hydra overrides>``: get the generator ready before ranks start.
+"""``python -m producers.prepare <hydra overrides>`` (``edsam-prepare``): get the generator ready before ranks start.
 
 With ``diffusion.model=retrained`` (the default on machines without downloaded
 weights) this trains the small LDM on the built-in source domain once and caches
@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from edsam_online.config import load_config
+from edsam_online.config import load_config_or_exit
 
 _CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def main(dictcfg: DictConfig) -> None:
     from edsam_online.diffusion.registry import load_sampler_ldm
 
-    cfg = load_config(dictcfg)
+    cfg = load_config_or_exit(dictcfg)
     start = time.monotonic()
     ldm = load_sampler_ldm(cfg.diffusion)
     log.info("generator %s ready in %.0f s", ldm.model_id, time.monotonic() - start)
