@@ -5,14 +5,13 @@ For each image size (64, 256), encoding (raw, jpeg) and samples per message K
 (``--samples-per-message``, default 1, 16 and 64, the ``stream`` default; capped, as a
 producer caps it, to what fits in ``stream.max_message_bytes``), in the same run:
 
-* **edsam**: a sender process builds every message as a producer does
-  (``edsam_online.producer.message_fields`` from the sampler's per-sample provenance,
-  built once beforehand as generation's output, then
-  ``wire.encode_message`` over K images of one contiguous batch, JPEG encoded per
-  sample) and sends it with ``producer.send_bounded`` from a socket made by
-  ``open_producer_socket``; the main process runs a ``Receiver`` thread (full
-  validation, JPEG decode) that inserts every sample into a ``ReplayBuffer``.
-  Timed until the last sample is in the buffer.
+* **edsam**: a sender process builds every message as a producer does (the K rows
+  of a ``GeneratedBatch``, the sampler's columnar output built once beforehand as
+  generation's output, sliced with ``GeneratedBatch.rows`` and passed to
+  ``wire.encode_message``, JPEG encoded per sample) and sends it with
+  ``producer.send_bounded`` from a socket made by ``open_producer_socket``; the main
+  process runs a ``Receiver`` thread (full validation, JPEG decode) that inserts every
+  sample into a ``ReplayBuffer``. Timed until the last sample is in the buffer.
 * **bare**: a sender process sends the same bytes (one pre-built header + payload of
   K images) with ``send_multipart(copy=False)`` to a plain PULL socket that receives
   and discards them (``recv_multipart(copy=False)``). The target's baseline.
@@ -73,11 +72,15 @@ def batch(size: int, k: int) -> np.ndarray:
     return np.stack([images[i % len(images)] for i in range(k)])
 
 
-def provenance(k: int) -> list[dict]:
-    """What the sampler reports for a batch of K samples, M = 10 per source image (see ``EDSAMSampler.generate``)."""
-    return [dict(source_key=f"flat-0-{i // 10:08d}", caption="a small red star on a light background",
-                 alpha=0.1 * (i % 10) - 0.45, rho=0.5, seed=i // 10, sample_index=i % 10,
-                 model_id="bench", mode="transport", steps=10, inversion_steps=10, guidance=3.0) for i in range(k)]
+def generated(size: int, k: int):
+    """What the sampler returns for K samples, M = 10 per source image (see ``EDSAMSampler.generate``)."""
+    from edsam_online.diffusion import GeneratedBatch
+
+    rows, sources = np.arange(k), -(-k // 10)
+    return GeneratedBatch(images=batch(size, k), source_keys=[f"flat-0-{j:08d}" for j in range(sources)],
+                          captions=["a small red star on a light background"] * sources, source=rows // 10,
+                          alpha=0.1 * (rows % 10) - 0.45, seed=rows // 10, sample_index=rows % 10, rho=0.5,
+                          model_id="bench", mode="transport", steps=10, inversion_steps=10, guidance=3.0)
 
 
 def cpu_s() -> float:
@@ -87,20 +90,18 @@ def cpu_s() -> float:
 
 
 def edsam_sender(endpoint_q, go, size: int, encoding: str, k: int, n: int) -> None:
-    from edsam_online.producer import message_fields, open_producer_socket, send_bounded
+    from edsam_online.producer import open_producer_socket, send_bounded
     from edsam_online.wire import encode_message
 
-    images = batch(size, k)
     cfg = StreamConfig(endpoints=["tcp://127.0.0.1:*"], encoding=encoding, samples_per_message=k)
     ctx = zmq.Context()
     sock = open_producer_socket(ctx, cfg, 0)
     endpoint_q.put(sock.last_endpoint.decode())
-    prov = provenance(k)
+    output = generated(size, k)
     go.wait(60)
     start = cpu_s()
     for seq in range(0, n, k):
-        fields = message_fields("bench", 1, seq, prov)
-        ok, _ = send_bounded(sock, encode_message(images, fields, encoding), 30.0)
+        ok, _ = send_bounded(sock, encode_message(output.rows(0, k), "bench", 1, seq, encoding=encoding), 30.0)
         assert ok
     sock.close(linger=30_000)
     ctx.term()
@@ -188,8 +189,8 @@ def main() -> None:
 
         assert tune_malloc(), "mallopt failed"
     print(f"malloc tuned: {args.tune}; {len(os.sched_getaffinity(0))} CPU cores", flush=True)
+    from edsam_online.producer import samples_per_message
     from edsam_online.wire import encode_message
-    from edsam_online.producer import message_fields, samples_per_message
 
     scale = 0.25 if args.quick else 1.0
     counts = {(64, "raw"): 200000, (64, "jpeg"): 4000, (256, "raw"): 24000, (256, "jpeg"): 1000}  # samples
@@ -201,7 +202,7 @@ def main() -> None:
                                                size * size * 3) for k in args.samples_per_message)
         for k in ks:
             n_k = max(100, int(n * scale)) // k * k
-            frames = encode_message(batch(size, k), message_fields("bench", 1, 0, provenance(k)), encoding)
+            frames = encode_message(generated(size, k), "bench", 1, 0, encoding=encoding)
             frames = [bytes(f.buffer) if isinstance(f, zmq.Frame) else bytes(f) for f in frames]
             nbytes = sum(len(f) for f in frames)
             edsam, bare, keep = [], [], []

@@ -224,9 +224,7 @@ class Preprocess:
 
     def __call__(self, item: RealRecord | SyntheticSample) -> Example | None:
         if isinstance(item, SyntheticSample):
-            array, caption, synthetic = item.image, item.caption, True
-            key = str(item.header.get("source_key", ""))
-            alpha = float(item.header.get("alpha", float("nan")))
+            array, caption, key, synthetic, alpha = item.image, item.caption, item.source_key, True, item.alpha
         else:
             sample = decode_record(item, self.resolution, self.counters)
             if sample is None:

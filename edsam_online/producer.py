@@ -11,7 +11,6 @@ sent and flushed, then sockets close and :meth:`Producer.run` returns (the CLI e
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import math
@@ -21,8 +20,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from operator import itemgetter
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import zmq
@@ -34,9 +32,11 @@ from edsam_online.metrics import LoggingConfig, MetricLogger
 from edsam_online.streaming import StreamConfig
 from edsam_online.wire import encode_message
 
+if TYPE_CHECKING:  # annotations only: the sampler is passed in, this module needs no diffusion stack
+    from edsam_online.diffusion import GeneratedBatch
+
 log = logging.getLogger(__name__)
 
-_MESSAGE_PROVENANCE = ("mode", "steps", "inversion_steps", "guidance")  # one sampler config per batch
 _SEND_SLICE_S = 0.2  # a blocked send re-checks the stop flag this often
 
 
@@ -145,32 +145,6 @@ def send_bounded(sock: zmq.Socket, frames: list, timeout_s: float) -> tuple[bool
 # ----------------------------------------------------------------------------- messages
 
 
-def message_fields(
-    producer_id: str, session: int, seq: int, provenance: list[dict], stats: dict[str, float] | None = None
-) -> dict[str, Any]:
-    """Header fields (:mod:`edsam_online.wire`) for the samples of one message, from the
-    sampler's provenance; the numeric sample fields as numpy arrays (the wire's columns).
-    ``stats``: the producer's metrics to forward, if any."""
-    first, k = provenance[0], len(provenance)
-    fields: dict[str, Any] = {
-        "producer_id": producer_id,
-        "session": session,
-        "seq": seq,
-        "rho": float(first["rho"]),
-        "model_id": str(first["model_id"]),
-        "source_key": list(map(itemgetter("source_key"), provenance)),
-        "caption": list(map(itemgetter("caption"), provenance)),
-        "alpha": np.fromiter(map(itemgetter("alpha"), provenance), np.float64, k),
-        "seed": np.fromiter(map(itemgetter("seed"), provenance), np.int64, k),
-    }
-    fields.update({k: first[k] for k in _MESSAGE_PROVENANCE if k in first})
-    if "sample_index" in first:
-        fields["sample_index"] = np.fromiter(map(itemgetter("sample_index"), provenance), np.int64, k)
-    if stats is not None:
-        fields["stats"] = stats
-    return fields
-
-
 def samples_per_message(stream_cfg: StreamConfig, sample_nbytes: int) -> int:
     """K for samples of ``sample_nbytes`` raw bytes: ``stream.samples_per_message``, or
     fewer when that many would not fit in ``max_message_bytes`` beside the header."""
@@ -179,15 +153,15 @@ def samples_per_message(stream_cfg: StreamConfig, sample_nbytes: int) -> int:
 
 
 def _encode_fitting(
-    images: np.ndarray, provenance: list[dict], first: int, last: int, stream_cfg: StreamConfig,
-    fields: Callable[[list[dict]], dict[str, Any]],
+    generated: GeneratedBatch, first: int, last: int, stream_cfg: StreamConfig, producer_id: str, session: int,
+    seq: int, stats: dict[str, float] | None = None,
 ) -> tuple[int, list | None]:
-    """Encode samples ``first:last``, halving the message until its header fits
-    ``max_header_bytes`` (K long captions can outgrow it, and a receiver would drop
-    the message). Returns (end of the samples encoded, frames); frames is None when a
-    single sample's header does not fit."""
+    """Encode rows ``first:last`` of ``generated`` as message ``seq``, halving the message
+    until its header fits ``max_header_bytes`` (K long captions can outgrow it, and a
+    receiver would drop the message). Returns (end of the rows encoded, frames); frames is
+    None when a single sample's header does not fit."""
     while True:
-        frames = encode_message(images[first:last], fields(provenance[first:last]), stream_cfg.encoding,
+        frames = encode_message(generated.rows(first, last), producer_id, session, seq, stats, stream_cfg.encoding,
                                 stream_cfg.quality)
         if len(frames[0]) <= stream_cfg.max_header_bytes:
             return last, frames
@@ -314,20 +288,18 @@ class Producer:
                     seed=batch_seed(pcfg.seed, pcfg.rank, batch_index),
                 )
                 state["unet_calls"] += generated.unet_calls
-                images, provenance = generated.images, generated.provenance
-                per_message = samples_per_message(stream_cfg, images[0].nbytes)
+                per_message = samples_per_message(stream_cfg, generated.images[0].nbytes)
                 first = 0
-                while first < len(images):
+                while first < len(generated):
                     if self._stop.is_set() or (limit and state["sent"] >= limit):
                         break
-                    last = min(first + per_message, len(images),
-                               first + limit - state["sent"] if limit else len(images))
+                    last = min(first + per_message, len(generated),
+                               first + limit - state["sent"] if limit else len(generated))
                     # Random, not every N-th: behind a round-robin PUSH a fixed stride could
                     # keep some trainers from ever seeing producer stats.
                     forward = state["sent"] == 0 or stats_rng.random() < 1.0 / pcfg.stats_every
-                    fields = functools.partial(message_fields, pcfg.name, session, state["sent"],
-                                               stats=self.metrics() if forward else None)
-                    last, frames = _encode_fitting(images, provenance, first, last, stream_cfg, fields)
+                    last, frames = _encode_fitting(generated, first, last, stream_cfg, pcfg.name, session, state["sent"],
+                                                   self.metrics() if forward else None)
                     chunk = last - first
                     first = last
                     state["generated"] += chunk

@@ -7,7 +7,7 @@ message is checked before anything reaches the model; a bad message raises
 :class:`WireError` whose ``reason`` is one of :data:`DROP_REASONS`, which the
 receiver counts (per message) as ``buffer/dropped/<reason>``.
 
-Why K samples per message (DESIGN §3 has one): a producer's batch shares one
+Why K samples per message: a producer's batch shares one
 inversion per source image and comes out of the decoder as one contiguous
 ``[K, H, W, 3]`` array. Sending it as one message costs one header encode, one
 validation and one ZeroMQ message for K samples, where per-sample messages spend
@@ -17,9 +17,10 @@ more Python time per sample than ZeroMQ spends moving a 64x64 image (measured in
 Why binary columns and a source table (schema 3; schema 2 sent msgpack lists): the
 numbers of K samples travel as K little-endian values in one msgpack ``bin`` each,
 validated with one numpy call and kept as one array, and the M samples generated from
-one source image (DESIGN §1) share one ``source_key``/``caption`` entry. A received
-message is then a few dozen Python objects instead of ~6 per sample, which is what a
-receiver spends its time creating, checking and (on eviction) freeing.
+one source image share one ``source_key``/``caption`` entry. A received message is then
+a few dozen Python objects instead of ~6 per sample, which is what a receiver spends its
+time creating, checking and (on eviction) freeing. The sender writes the sampler's own
+columns (:class:`~edsam_online.diffusion.GeneratedBatch`) as they are.
 
 Header schema (version :data:`SCHEMA_VERSION`). Message fields, one value each:
 
@@ -37,7 +38,7 @@ Header schema (version :data:`SCHEMA_VERSION`). Message fields, one value each:
 ``created_at``   float    producer wall clock (unix seconds) when encoded
 ===============  =======  ===================================================
 
-Source table, U entries (1 <= U <= K), one per distinct (source_key, caption):
+Source table, U entries (1 <= U <= K), one per source image:
 
 ===============  =======  ===================================================
 ``source_key``   [str]    key of the real sample the images were generated from
@@ -53,12 +54,14 @@ Sample columns, K little-endian values packed in one ``bin`` each (sample i is e
 ``nbytes``       <u8      payload length of this sample in bytes
 ===============  =======  ===================================================
 
-Optional: message fields ``mode`` (str), ``steps``, ``inversion_steps`` (int),
-``guidance`` (float) from the sampler's provenance; the sample column
-``sample_index`` (<i8); and ``stats`` (map ``"producer/<name>" -> number``), the
-producer's own metrics forwarded now and then. A received sample's ``header`` is the
-message fields plus its own source entry and column values (Python scalars), with
-``seq`` its own number.
+Optional (a receiver accepts a message without them; :func:`encode_message` writes all
+but ``stats``): message fields ``mode`` (str), ``steps``, ``inversion_steps`` (int),
+``guidance`` (float) from the sampler's settings; the sample column ``sample_index``
+(<i8); and ``stats`` (map ``"producer/<name>" -> number``), the producer's own metrics
+forwarded now and then. A received sample (:class:`SyntheticSample`) holds what training
+reads (image, caption, source key, alpha); its full ``header`` (the message fields plus
+its own source entry and column values as Python scalars, ``seq`` its own number) is
+built when asked for.
 """
 
 from __future__ import annotations
@@ -66,13 +69,16 @@ from __future__ import annotations
 import io
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
 
 import msgpack
 import numpy as np
 import zmq
 from PIL import Image
+
+if TYPE_CHECKING:  # the sender's type only: receivers never import the diffusion stack
+    from edsam_online.diffusion import GeneratedBatch
 
 SCHEMA_VERSION = 3
 ENCODINGS = ("raw", "jpeg", "webp")
@@ -124,10 +130,8 @@ _COLUMN_DTYPES: dict[str, np.dtype] = {
 }
 _OPTIONAL_COLUMN_DTYPES: dict[str, np.dtype] = {"sample_index": np.dtype("<i8")}
 _ALL_COLUMNS = {**_COLUMN_DTYPES, **_OPTIONAL_COLUMN_DTYPES}
-#: What a caller passes per sample to :func:`encode_message` (K values each), and the
-#: numpy kinds each accepts: ints are floats, bools are neither.
-_SAMPLE_INPUTS: dict[str, str] = {"source_key": "U", "caption": "U", "alpha": "fiu", "seed": "iu"}
-_OPTIONAL_SAMPLE_INPUTS: dict[str, str] = {"sample_index": "iu"}
+#: The numpy kinds :func:`encode_message` accepts for each column: ints are floats, bools are neither.
+_COLUMN_KINDS: dict[str, str] = {"source": "iu", "alpha": "fiu", "seed": "iu", "sample_index": "iu"}
 # Exact types: bool is not an int here, and msgpack yields only these.
 _KIND_TYPES = {_INT: frozenset((int,)), _FLOAT: frozenset((int, float)), _STR: frozenset((str,))}
 #: (name, kind, accepted exact types, required) for every top-level header field but ``v``.
@@ -177,13 +181,22 @@ class WireLimits:
 
 @dataclass(slots=True)
 class SyntheticSample:
-    """One validated sample. ``image`` is uint8 HxWx3 and read-only (it may share the
-    received ZeroMQ frame's memory); copy it before modifying in place."""
+    """One validated sample: what the loader reads (``image``, ``caption``, ``source_key``,
+    ``alpha``) and where it came from (sample ``index`` of ``batch``). ``image`` is uint8
+    HxWx3 and read-only (it may share the received ZeroMQ frame's memory); copy it before
+    modifying in place."""
 
     image: np.ndarray
     caption: str
-    header: dict[str, Any]
-    received_at: float = field(default_factory=time.time)
+    source_key: str
+    alpha: float
+    batch: SampleBatch
+    index: int
+
+    @property
+    def header(self) -> dict[str, Any]:
+        """Its full provenance (:meth:`SampleBatch.sample_header`), built on each access: for audits."""
+        return self.batch.sample_header(self.index)
 
 
 class SampleBatch:
@@ -194,7 +207,7 @@ class SampleBatch:
     A sequence of :class:`SyntheticSample`, built on access: a receiver creates no
     Python object per sample, so inserting a message into the
     :class:`~edsam_online.buffer.ReplayBuffer` costs the same for 1 or 256 samples;
-    only samples that are drawn get their own header dict.
+    a drawn sample is four fields and a reference back here.
     """
 
     __slots__ = ("header", "images", "received_at")
@@ -207,11 +220,23 @@ class SampleBatch:
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> SyntheticSample:
+    def _index(self, i: int) -> int:
         k = len(self.images)
         if not -k <= i < k:
             raise IndexError(f"sample {i} of {k}")
-        i %= k
+        return i % k
+
+    def __getitem__(self, i: int) -> SyntheticSample:
+        i = self._index(i)
+        header = self.header
+        source = header["source"][i]
+        return SyntheticSample(self.images[i], header["caption"][source], header["source_key"][source],
+                               float(header["alpha"][i]), self, i)
+
+    def sample_header(self, i: int) -> dict[str, Any]:
+        """Sample ``i``'s header: the message fields, its source entry and its column values
+        (Python scalars), with ``seq`` its own number."""
+        i = self._index(i)
         header = self.header
         sample_header = {name: value for name, value in header.items() if name not in _NOT_PER_SAMPLE}
         source = int(header["source"][i])
@@ -221,7 +246,7 @@ class SampleBatch:
             if name in header and name != "source":
                 sample_header[name] = header[name][i].item()
         sample_header["seq"] = header["seq"] + i
-        return SyntheticSample(self.images[i], sample_header["caption"], sample_header, self.received_at)
+        return sample_header
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -241,40 +266,45 @@ def encode_image(image: np.ndarray, encoding: str = "raw", quality: int = 90) ->
 
 
 def encode_message(
-    images: np.ndarray, header_fields: dict[str, Any], encoding: str = "raw", quality: int = 90
+    batch: GeneratedBatch, producer_id: str, session: int, seq: int, stats: dict[str, float] | None = None,
+    encoding: str = "raw", quality: int = 90,
 ) -> list[bytes | zmq.Frame]:
     """Build ``[header, payload]`` for ``socket.send_multipart(frames, copy=False)``.
 
-    ``images``: one image ``[H, W, 3]`` or K images ``[K, H, W, 3]``, uint8.
-    ``header_fields``: the message fields of the schema (all but ``v``, ``shape``,
-    ``dtype``, ``encoding``, ``created_at``, which are filled in here) and, per sample,
-    ``source_key``, ``caption``, ``alpha``, ``seed`` and optionally ``sample_index`` as
-    K values each (a list or an array); for a single ``[H, W, 3]`` image they may be
-    plain values. Samples with equal (source_key, caption) share a source-table entry.
-    A raw payload is a :class:`zmq.Frame` over the images' memory: pyzmq sends it
-    zero-copy above its copy threshold (64 KB) and copies below it. The caller must
-    not modify ``images`` until the message is sent.
+    ``batch``: the K samples, as the sampler returns them (a
+    :class:`~edsam_online.diffusion.GeneratedBatch` or a slice of one; a message of one
+    sample: ``GeneratedBatch.single``). Its source table and columns become the header's
+    as they are; ``producer_id``, ``session``, ``seq`` (the first sample's number) and the
+    optional forwarded ``stats`` are the message's own fields. A raw payload is a
+    :class:`zmq.Frame` over the images' memory: pyzmq sends it zero-copy above its copy
+    threshold (64 KB) and copies below it. The caller must not modify the images until
+    the message is sent. Raises ValueError naming a field of the wrong type or length.
     """
-    images = _check_images(images)
+    images = _check_images(batch.images)
     k = len(images)
-    header = {name: value for name, value in header_fields.items()
-              if name not in _SAMPLE_INPUTS and name not in _OPTIONAL_SAMPLE_INPUTS}
-    columns: dict[str, Any] = {}
-    for name, kinds in (*_SAMPLE_INPUTS.items(), *_OPTIONAL_SAMPLE_INPUTS.items()):
-        if name not in header_fields:
-            if name in _SAMPLE_INPUTS:
-                raise ValueError(f"header_fields is missing {name!r}")
-            continue
-        columns[name] = _input_column(name, header_fields[name], kinds, k)
-    pairs = list(zip(columns.pop("source_key"), columns.pop("caption")))
-    table = dict.fromkeys(pairs)  # distinct (key, caption) pairs, in first-seen order
-    for i, pair in enumerate(table):
-        table[pair] = i
-    header["source_key"] = [key for key, _ in table]
-    header["caption"] = [caption for _, caption in table]
-    header["source"] = np.fromiter(map(table.__getitem__, pairs), _COLUMN_DTYPES["source"], k).tobytes()
-    for name, values in columns.items():
-        header[name] = values.astype(_ALL_COLUMNS[name], copy=False).tobytes()
+    header: dict[str, Any] = {
+        "producer_id": producer_id, "session": session, "seq": seq, "rho": batch.rho, "model_id": batch.model_id,
+        "mode": batch.mode, "steps": batch.steps, "inversion_steps": batch.inversion_steps, "guidance": batch.guidance,
+    }
+    for name, kind, types, _ in _FIELD_CHECKS:
+        if name in header and type(header[name]) not in types:
+            raise ValueError(f"header field {name} must be {kind}, got {type(header[name]).__name__}")
+    if stats is not None:
+        header["stats"] = stats
+    u = len(batch.source_keys)
+    for name, values in (("source_keys", batch.source_keys), ("captions", batch.captions)):
+        if (not isinstance(values, (list, tuple)) or len(values) != u or not 1 <= u <= k
+                or not _KIND_TYPES[_STR].issuperset(map(type, values))):
+            raise ValueError(f"{name} must be 1 to {k} str values, one per source (as many keys as captions)")
+    header["source_key"], header["caption"] = batch.source_keys, batch.captions
+    columns = {name: np.asarray(getattr(batch, name)) for name in _COLUMN_KINDS}
+    for name, kinds in _COLUMN_KINDS.items():
+        if columns[name].shape != (k,) or columns[name].dtype.kind not in kinds:
+            raise ValueError(f"{name} must be {k} numbers ({'float' if 'f' in kinds else 'int'}), one per image")
+    if columns["source"].min() < 0 or columns["source"].max() >= u:
+        raise ValueError(f"source must index the {u} source_keys")
+    for name, column in columns.items():
+        header[name] = column.astype(_ALL_COLUMNS[name], copy=False).tobytes()
     if encoding == "raw":
         payload = encode_image(images, "raw")
         sizes = np.full(k, len(payload) // k, _COLUMN_DTYPES["nbytes"])
@@ -285,38 +315,14 @@ def encode_message(
     header["nbytes"] = sizes.tobytes()
     header.update(v=SCHEMA_VERSION, shape=[int(s) for s in images.shape[1:]], dtype="uint8", encoding=encoding,
                   created_at=time.time())
-    for name, kind in _MESSAGE_FIELDS.items():
-        if name not in header:
-            raise ValueError(f"header_fields is missing {name!r}")
-        if type(header[name]) not in _KIND_TYPES[kind]:
-            raise ValueError(f"header field {name} must be {kind}, got {type(header[name]).__name__}")
     return [msgpack.packb(header, use_bin_type=True), zmq.Frame(payload, copy=None)]
-
-
-def _input_column(name: str, value: Any, kinds: str, k: int) -> Any:
-    """One per-sample input of :func:`encode_message` as K values: a list of str for the
-    source table, a numpy array for a numeric column. Raises ValueError naming the field."""
-    if not isinstance(value, (list, tuple, np.ndarray)):
-        if k != 1:
-            raise ValueError(f"header field {name} must be a list of {k} values for {k} images")
-        value = [value]
-    if kinds == "U":
-        if len(value) != k or not _KIND_TYPES[_STR].issuperset(map(type, value)):
-            raise ValueError(f"header field {name} must be {k} str values")
-        return value
-    array = value if isinstance(value, np.ndarray) else np.asarray(value)
-    if array.shape != (k,) or array.dtype.kind not in kinds:
-        raise ValueError(f"header field {name} must be {k} numbers ({'float' if 'f' in kinds else 'int'})")
-    return array
 
 
 def _check_images(images: Any) -> np.ndarray:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         raise ValueError(f"images must be a uint8 numpy array, got {type(images).__name__} {getattr(images, 'dtype', '')}")
-    if images.ndim == 3:
-        images = images[None]
     if images.ndim != 4 or images.shape[3] != 3 or min(images.shape) < 1:
-        raise ValueError(f"images must have shape [H, W, 3] or [K, H, W, 3], got {list(images.shape)}")
+        raise ValueError(f"images must have shape [K, H, W, 3], got {list(images.shape)}")
     return images
 
 

@@ -47,7 +47,7 @@ def main(argv=None):
         for j in range(a.m):
             k = i * a.m + j
             axes[i, j + 1].imshow(out.images[k])
-            axes[i, j + 1].set_title(f"α={out.provenance[k]['alpha']:+.2f}", fontsize=7)
+            axes[i, j + 1].set_title(f"α={out.alpha[k]:+.2f}", fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

@@ -63,16 +63,14 @@ def receiver_main(endpoints: list[str], results, stop) -> None:
     results.put((ids, receiver.stats(), receiver.producer_stats()))
 
 
-def sample_fields(seq: int, producer_id: str = "raw-client", session: int = 1, **over) -> dict:
-    base = dict(producer_id=producer_id, session=session, seq=seq, source_key=f"k{seq}",
-                caption="a small red star on a light background", alpha=0.1, rho=0.5, seed=seq, model_id="test")
-    base.update(over)
-    return base
+def valid_frames(seq: int, encoding: str = "raw", producer_id: str = "raw-client", session: int = 1) -> list:
+    """A one-sample message numbered ``seq``, as a producer sends it."""
+    from edsam_online.diffusion import GeneratedBatch  # here: spawned receivers need no diffusion stack
 
-
-def valid_frames(seq: int, encoding: str = "raw", **over) -> list:
     img = np.random.default_rng(seq).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    return encode_message(img, sample_fields(seq, **over), encoding)
+    sample = GeneratedBatch.single(img, f"k{seq}", "a small red star on a light background", alpha=0.1, seed=seq,
+                                   model_id="test", rho=0.5)
+    return encode_message(sample, producer_id, session, seq, encoding=encoding)
 
 
 def wait_for(predicate, timeout_s: float = 20.0, interval_s: float = 0.02) -> bool:

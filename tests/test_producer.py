@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import threading
 import time
@@ -12,7 +11,7 @@ import pytest
 
 from _streaming_helpers import tiny_configs, wait_for
 from edsam_online.buffer import BufferConfig, ReplayBuffer
-from edsam_online.producer import Producer, ProducerConfig, _encode_fitting, batch_seed, message_fields
+from edsam_online.producer import Producer, ProducerConfig, _encode_fitting, batch_seed
 from edsam_online.streaming import Receiver, StreamConfig
 
 
@@ -64,6 +63,7 @@ def test_samples_carry_provenance_and_forwarded_stats(tiny):
     assert sorted(s.header["seq"] for s in items) == list(range(8))
     for s in items:
         h = s.header
+        assert (s.source_key, s.caption, s.alpha) == (h["source_key"], h["caption"], h["alpha"])
         assert h["producer_id"] == "producer-0" and h["source_key"].startswith("flat-")
         assert s.caption and h["model_id"].startswith("tiny-random")
         assert abs(h["alpha"]) <= h["rho"] == 0.5
@@ -101,20 +101,23 @@ def test_samples_are_packed_per_message_within_the_limits(tiny, stream_kw, messa
 
 
 def test_a_message_is_split_until_its_header_fits():
-    k = 8  # 8 distinct 1000-character captions: 4 do not fit in a 4096-byte header, 3 do
-    images = np.zeros((k, 8, 8, 3), np.uint8)
-    prov = [dict(source_key=f"s{i}", caption=f"{i} " + "x" * 1000, alpha=0.1, rho=0.5, seed=i, model_id="m")
-            for i in range(k)]
-    fields = functools.partial(message_fields, "p", 1, 0)
+    from edsam_online.diffusion import GeneratedBatch
+
+    k = 8  # 8 sources with 1000-character captions: 4 do not fit in a 4096-byte header, 3 do
+    generated = GeneratedBatch(
+        images=np.zeros((k, 8, 8, 3), np.uint8), source_keys=[f"s{i}" for i in range(k)],
+        captions=[f"{i} " + "x" * 1000 for i in range(k)], source=np.arange(k), alpha=np.full(k, 0.1),
+        seed=np.arange(k), sample_index=np.zeros(k, np.int64), rho=0.5, model_id="m", mode="transport", steps=5,
+        inversion_steps=5, guidance=1.0)
     cfg = StreamConfig(max_header_bytes=4096)
     first, ends = 0, []
     while first < k:
-        first, frames = _encode_fitting(images, prov, first, k, cfg, fields)
+        first, frames = _encode_fitting(generated, first, k, cfg, "p", 1, 0)
         assert frames is not None and len(frames[0]) <= 4096
         ends.append(first)
     assert ends == [2, 5, 8]  # 8 -> 4 -> 2 samples fit; then the 6 left -> 3, and the last 3
     # A single sample whose header cannot fit is reported, not sent.
-    assert _encode_fitting(images, prov, 0, k, StreamConfig(max_header_bytes=512), fields) == (1, None)
+    assert _encode_fitting(generated, 0, k, StreamConfig(max_header_bytes=512), "p", 1, 0) == (1, None)
 
 
 def test_producer_ranks_read_disjoint_partitions_with_distinct_seeds(tiny):

@@ -29,17 +29,17 @@ def _cfg(**kw):
 def test_generate_shapes_provenance_and_cost(ldm):
     s = EDSAMSampler(ldm, _cfg())
     out = s.generate(_imgs(), CAPS, KEYS, seed=10)
-    assert out.images.shape == (12, 32, 32, 3) and out.images.dtype == np.uint8
-    assert len(out.provenance) == 12
-    for n, p in enumerate(out.provenance):
-        i, j = divmod(n, 4)
-        assert p["source_key"] == KEYS[i] and p["caption"] == CAPS[i]
-        assert p["seed"] == 10 + i and p["sample_index"] == j
-        assert abs(p["alpha"]) <= 0.5 and p["rho"] == 0.5
-        assert p["mode"] == "transport" and p["steps"] == 3 and p["guidance"] == 2.0
-        assert p["model_id"] == ldm.model_id
+    assert out.images.shape == (12, 32, 32, 3) and out.images.dtype == np.uint8 and len(out) == 12
+    # each source once; row n comes from source n // M
+    assert out.source_keys == KEYS and out.captions == CAPS
+    rows = np.arange(12)
+    assert out.source.tolist() == (rows // 4).tolist() and out.sample_index.tolist() == (rows % 4).tolist()
+    assert out.seed.tolist() == (10 + rows // 4).tolist()
+    assert out.alpha.dtype == np.float64 and (np.abs(out.alpha) <= 0.5).all()
+    assert (out.rho, out.mode, out.steps, out.inversion_steps, out.guidance) == (0.5, "transport", 3, 2, 2.0)
+    assert out.model_id == ldm.model_id
     # M samples of one image differ (different alpha and noise)
-    assert len({p["alpha"] for p in out.provenance}) == 12
+    assert len(set(out.alpha.tolist())) == 12
     assert not np.array_equal(out.images[0], out.images[1])
     # one inversion per real image (B * S_inv) + guided sampling (2 rows per latent per step)
     assert out.unet_calls == 3 * 2 + 12 * 3 * 2
@@ -57,24 +57,38 @@ def test_batch_size_chunks_without_changing_cost_or_alpha(ldm):
     a = EDSAMSampler(ldm, _cfg()).generate(_imgs(), CAPS, KEYS, seed=2)
     b = EDSAMSampler(ldm, _cfg(batch_size=5)).generate(_imgs(), CAPS, KEYS, seed=2)
     assert a.unet_calls == b.unet_calls
-    assert [p["alpha"] for p in a.provenance] == [p["alpha"] for p in b.provenance]
+    assert a.alpha.tolist() == b.alpha.tolist()
     assert np.abs(a.images.astype(int) - b.images.astype(int)).max() <= 2
 
 
 def test_image_seed_regenerates_its_samples_alone(ldm):
     s = EDSAMSampler(ldm, _cfg())
     out = s.generate(_imgs(), CAPS, KEYS, seed=7)
-    alone = s.generate(_imgs()[1:2], CAPS[1:2], KEYS[1:2], seed=out.provenance[4]["seed"])
-    assert [p["alpha"] for p in alone.provenance] == [p["alpha"] for p in out.provenance[4:8]]
+    alone = s.generate(_imgs()[1:2], CAPS[1:2], KEYS[1:2], seed=int(out.seed[4]))
+    assert alone.alpha.tolist() == out.alpha[4:8].tolist()
     assert np.abs(alone.images.astype(int) - out.images[4:8].astype(int)).max() <= 2
+
+
+def test_rows_slice_the_samples_with_only_the_sources_they_use(ldm):
+    out = EDSAMSampler(ldm, _cfg(m=2)).generate(_imgs(), CAPS, KEYS, seed=5)  # sources 0 0 1 1 2 2
+    part = out.rows(1, 4)
+    assert part.source_keys == KEYS[:2] and part.captions == CAPS[:2] and part.source.tolist() == [0, 1, 1]
+    assert np.array_equal(part.images, out.images[1:4]) and np.shares_memory(part.images, out.images)
+    for name in ("alpha", "seed", "sample_index"):
+        assert getattr(part, name).tolist() == getattr(out, name)[1:4].tolist()
+    assert (part.model_id, part.rho, part.steps, part.unet_calls) == (out.model_id, out.rho, out.steps, 0)
+    assert out.rows(2, 4).source_keys == [KEYS[1]]
+    for first, last in ((2, 2), (0, 7), (-1, 3)):
+        with pytest.raises(IndexError):
+            out.rows(first, last)
 
 
 def test_random_mode_skips_inversion_and_identity_has_zero_alpha(ldm):
     r = EDSAMSampler(ldm, _cfg(mode="random", rho=0.3)).generate(_imgs(), CAPS, KEYS)
-    assert all(p["alpha"] == pytest.approx(0.3) for p in r.provenance)
+    assert r.alpha.tolist() == pytest.approx([0.3] * 12)
     assert r.unet_calls == 12 * 3 * 2
     i = EDSAMSampler(ldm, _cfg(mode="identity", guidance=1.0, m=2)).generate(_imgs(), CAPS, KEYS)
-    assert all(p["alpha"] == 0 for p in i.provenance)
+    assert (i.alpha == 0).all()
     assert i.unet_calls == 3 * 2 + 6 * 3  # no guidance: one row per latent per step
     assert np.array_equal(i.images[0], i.images[1])  # no transport: the M samples coincide
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edsam_online.diffusion import GeneratedBatch
 from edsam_online.wire import (
     DROP_REASONS,
     SCHEMA_VERSION,
@@ -19,24 +20,29 @@ from edsam_online.wire import (
 LIMITS = WireLimits(max_message_bytes=1 << 20, max_header_bytes=4096, max_side=512, max_caption_chars=200)
 
 
-def fields(**over):
-    base = dict(
-        producer_id="producer-0",
-        session=7,
-        seq=3,
-        source_key="flat-0-001",
-        caption="a small red star on a light background",
-        alpha=-0.25,
-        rho=0.5,
-        seed=1234,
-        model_id="tiny",
-        mode="transport",
-        steps=10,
-        sample_index=2,
-        guidance=3.0,
-    )
-    base.update(over)
-    return base
+def one(img=None, **over):
+    """A one-sample batch."""
+    fields = dict(source_key="flat-0-001", caption="a small red star on a light background", alpha=-0.25, seed=1234,
+                  model_id="tiny", rho=0.5, mode="transport", steps=10, inversion_steps=4, sample_index=2, guidance=3.0)
+    fields.update(over)
+    return GeneratedBatch.single(image() if img is None else img, **fields)
+
+
+def many(k, per_source=2, **over):
+    """K samples, ``per_source`` consecutive rows per source image, as the sampler lays them out."""
+    u = -(-k // per_source)
+    fields = dict(images=np.stack([image(seed=i) for i in range(k)]), source_keys=[f"src-{j}" for j in range(u)],
+                  captions=[f"a small red star number {j}" for j in range(u)], source=np.arange(k) // per_source,
+                  alpha=np.array([i / 10 - 0.2 for i in range(k)]), seed=100 + np.arange(k) // per_source,
+                  sample_index=np.arange(k) % per_source, rho=0.5, model_id="tiny", mode="transport", steps=10,
+                  inversion_steps=10, guidance=3.0)
+    fields.update(over)
+    return GeneratedBatch(**fields)
+
+
+def encode(batch, encoding="raw", **kw):
+    """As producer-0 of session 7 sends its message starting at sample 3."""
+    return encode_message(batch, "producer-0", 7, 3, encoding=encoding, **kw)
 
 
 def image(h=24, w=40, seed=0):
@@ -82,13 +88,17 @@ def reason(frames, limits=LIMITS):
 
 def test_raw_round_trip_is_exact_and_carries_provenance():
     img = image()
-    header, (sample,) = decode_message(encode_message(img, fields(), "raw"), LIMITS)
+    header, (sample,) = decode_message(encode(one(img)), LIMITS)
     np.testing.assert_array_equal(sample.image, img)
-    assert sample.caption == fields()["caption"]
-    h = sample.header
+    assert (sample.caption, sample.source_key, sample.alpha) == ("a small red star on a light background",
+                                                                 "flat-0-001", -0.25)
+    assert type(sample.alpha) is float and sample.index == 0
+    h = sample.header  # the full provenance, on demand
     assert h["v"] == SCHEMA_VERSION and h["shape"] == [24, 40, 3] and h["encoding"] == "raw"
     assert (h["producer_id"], h["session"], h["seq"], h["seed"], h["alpha"]) == ("producer-0", 7, 3, 1234, -0.25)
-    assert (h["source_key"], h["sample_index"], h["mode"]) == ("flat-0-001", 2, "transport")
+    assert (h["source_key"], h["caption"], h["sample_index"], h["mode"]) == (
+        "flat-0-001", sample.caption, 2, "transport")
+    assert (h["steps"], h["inversion_steps"], h["guidance"], h["rho"], h["model_id"]) == (10, 4, 3.0, 0.5, "tiny")
     assert h["nbytes"] == img.nbytes and h["created_at"] > 0
     assert all(type(h[name]) is int for name in ("seed", "nbytes", "sample_index")) and type(h["alpha"]) is float
     assert "source" not in h and "stats" not in h
@@ -96,23 +106,22 @@ def test_raw_round_trip_is_exact_and_carries_provenance():
     assert not sample.image.flags.writeable  # shares the frame's memory
 
 
-def batch_fields(k, **over):
-    columns = dict(source_key=[f"src-{i // 2}" for i in range(k)], caption=[f"a small red star number {i}" for i in range(k)],
-                   alpha=[i / 10 - 0.2 for i in range(k)], seed=[100 + i // 2 for i in range(k)],
-                   sample_index=[i % 2 for i in range(k)])
-    return fields(**{**columns, **over})
+def test_forwarded_stats_travel_in_the_message_header_only():
+    header, (sample,) = decode_message(encode(one(), stats={"producer/samples_per_s": 2.5}), LIMITS)
+    assert header["stats"] == {"producer/samples_per_s": 2.5} and "stats" not in sample.header
 
 
 def test_many_samples_in_one_message_each_keep_their_own_fields():
-    imgs = np.stack([image(seed=i) for i in range(5)])
-    header, samples = decode_message(encode_message(imgs, batch_fields(5), "raw"), LIMITS)
-    assert len(samples) == 5 and header["seq"] == 3 and header["nbytes"].tolist() == [imgs[0].nbytes] * 5
+    batch = many(5)
+    header, samples = decode_message(encode(batch), LIMITS)
+    assert len(samples) == 5 and header["seq"] == 3 and header["nbytes"].tolist() == [batch.images[0].nbytes] * 5
+    assert header["source_key"] == ["src-0", "src-1", "src-2"]  # each source once
     for i, s in enumerate(samples):
-        np.testing.assert_array_equal(s.image, imgs[i])
-        assert s.caption == f"a small red star number {i}" == s.header["caption"]
+        np.testing.assert_array_equal(s.image, batch.images[i])
+        assert (s.caption, s.source_key, s.alpha) == (f"a small red star number {i // 2}", f"src-{i // 2}", i / 10 - 0.2)
         h = s.header
-        assert (h["seq"], h["alpha"], h["seed"], h["sample_index"], h["source_key"]) == (
-            3 + i, i / 10 - 0.2, 100 + i // 2, i % 2, f"src-{i // 2}")
+        assert (h["seq"], h["alpha"], h["seed"], h["sample_index"], h["source_key"], h["caption"]) == (
+            3 + i, s.alpha, 100 + i // 2, i % 2, s.source_key, s.caption)
         assert (h["producer_id"], h["session"], h["rho"], h["model_id"]) == ("producer-0", 7, 0.5, "tiny")
         assert "stats" not in h
     assert samples[-1].header["seq"] == 7 and samples[-5].header["seq"] == 3
@@ -122,25 +131,24 @@ def test_many_samples_in_one_message_each_keep_their_own_fields():
         samples[-6]
 
 
-def test_samples_of_one_source_share_one_table_entry():
-    k = 6
-    frames = encode_message(np.stack([image(seed=i) for i in range(k)]),
-                            batch_fields(k, caption=[f"caption of source {i // 3}" for i in range(k)]), "raw")
+def test_a_slice_of_rows_sends_only_the_sources_it_uses():
+    batch = many(7, per_source=3)  # sources 0 0 0 1 1 1 2
+    frames = encode(batch.rows(2, 5))
     header = header_of(frames)
-    # Entries are distinct (key, caption) pairs: src-1 appears with two captions.
-    assert header["source_key"] == ["src-0", "src-1", "src-1", "src-2"]
-    assert header["caption"] == ["caption of source 0", "caption of source 0", "caption of source 1", "caption of source 1"]
-    assert np.frombuffer(header["source"], "<u4").tolist() == [0, 0, 1, 2, 3, 3]
+    assert header["source_key"] == ["src-0", "src-1"] and header["caption"] == batch.captions[:2]
+    assert np.frombuffer(header["source"], "<u4").tolist() == [0, 1, 1]
     _, samples = decode_message(frames, LIMITS)
-    assert [(s.header["source_key"], s.caption) for s in samples] == [
-        (f"src-{i // 2}", f"caption of source {i // 3}") for i in range(k)]
+    assert [(s.source_key, s.caption, s.alpha, s.header["seed"], s.header["sample_index"]) for s in samples] == [
+        (f"src-{i // 3}", f"a small red star number {i // 3}", batch.alpha[i], 100 + i // 3, i % 3) for i in range(2, 5)]
+    assert header_of(encode(batch.rows(3, 6)))["source_key"] == ["src-1"]
 
 
-def test_columns_accept_numpy_arrays():
+def test_columns_accept_lists_and_any_int_or_float_dtype():
     k = 3
-    fields = batch_fields(k, alpha=np.linspace(-0.5, 0.5, k), seed=np.arange(k), sample_index=np.arange(k, dtype=np.int32))
-    _, samples = decode_message(encode_message(np.stack([image(seed=i) for i in range(k)]), fields), LIMITS)
-    assert [s.header["alpha"] for s in samples] == [-0.5, 0.0, 0.5]
+    batch = many(k, per_source=1, alpha=[-0.5, 0, 0.5], seed=np.arange(k, dtype=np.uint16),
+                 sample_index=np.arange(k, dtype=np.int32), source=np.arange(k, dtype=np.uint8))
+    _, samples = decode_message(encode(batch), LIMITS)
+    assert [s.alpha for s in samples] == [-0.5, 0.0, 0.5]
     assert [s.header["seed"] for s in samples] == [0, 1, 2] == [s.header["sample_index"] for s in samples]
 
 
@@ -149,7 +157,7 @@ def test_compressed_round_trip_is_close(encoding):
     imgs = np.full((3, 32, 32, 3), 120, np.uint8)
     for i in range(3):
         imgs[i, 8:24, 8 + i:20 + i] = (200, 30 * i, 30)
-    frames = encode_message(imgs, batch_fields(3), encoding, quality=95)
+    frames = encode(many(3, images=imgs), encoding, quality=95)
     assert len(as_bytes(frames)[1]) < imgs.nbytes
     _, samples = decode_message(frames, LIMITS)
     assert len(samples) == 3
@@ -159,38 +167,41 @@ def test_compressed_round_trip_is_close(encoding):
 
 
 def test_large_raw_payload_is_zero_copy():
-    imgs = np.stack([image(256, 256, seed=i) for i in range(2)])
-    frames = encode_message(imgs, batch_fields(2), "raw")
-    payload = frames[1]
-    assert payload.buffer.obj is not None  # a view over the images, not a copy
-    assert np.shares_memory(np.frombuffer(payload.buffer, np.uint8), imgs)
+    imgs = np.stack([image(256, 256, seed=i) for i in range(3)])
+    for batch in (many(3, images=imgs), many(3, images=imgs).rows(1, 3)):  # a slice of rows too
+        payload = encode(batch)[1]
+        assert payload.buffer.obj is not None  # a view over the images, not a copy
+        assert np.shares_memory(np.frombuffer(payload.buffer, np.uint8), imgs)
 
 
 def test_encode_rejects_bad_arguments_naming_them():
-    with pytest.raises(ValueError, match="image"):
-        encode_message(np.zeros((4, 4), np.uint8), fields())
-    with pytest.raises(ValueError, match="image"):
-        encode_message(np.zeros((4, 4, 3), np.float32), fields())
+    cases = [
+        (one(np.zeros((4, 4), np.uint8)), "image"),
+        (one(np.zeros((4, 4, 3), np.float32)), "image"),
+        (many(4, captions=["one caption"]), "captions"),  # two sources
+        (many(2, per_source=1, source_keys=["a", "b", "c"], captions=["x", "y", "z"]), "source_keys"),  # > K sources
+        (many(2, alpha=[0.1]), "alpha"),
+        (many(2, sample_index=[0, 1, 2]), "sample_index"),
+        (many(2, per_source=1, source=[0, 2]), "source"),  # past the table
+        (one(alpha="0.5"), "alpha"),
+        (one(seed=True), "seed"),
+        (one(seed=1.5), "seed"),
+        (one(caption=b"bytes"), "caption"),
+        (one(source_key=3), "source_key"),
+        (one(rho="0.5"), "rho"),
+        (one(model_id=None), "model_id"),
+        (one(steps=10.0), "steps"),
+        (one(guidance=np.float64(3.0)), "guidance"),  # msgpack packs only Python scalars
+    ]
+    for batch, name in cases:
+        with pytest.raises(ValueError, match=name):
+            encode(batch)
     with pytest.raises(ValueError, match="encoding"):
-        encode_message(image(), fields(), "png")
-    with pytest.raises(ValueError, match="caption"):
-        encode_message(image(), {k: v for k, v in fields().items() if k != "caption"})
+        encode(one(), "png")
     with pytest.raises(ValueError, match="seq"):
-        encode_message(image(), fields(seq="3"))
-    with pytest.raises(ValueError, match="source_key must be a list of 2 values"):  # one per image
-        encode_message(np.stack([image(), image()]), fields())
-    with pytest.raises(ValueError, match="alpha"):
-        encode_message(np.stack([image(), image()]), batch_fields(2, alpha=[0.1]))
-    with pytest.raises(ValueError, match="sample_index"):
-        encode_message(np.stack([image(), image()]), batch_fields(2, sample_index=[0, 1, 2]))
-    with pytest.raises(ValueError, match="alpha"):
-        encode_message(image(), fields(alpha="0.5"))
-    with pytest.raises(ValueError, match="seed"):
-        encode_message(image(), fields(seed=True))
-    with pytest.raises(ValueError, match="seed"):
-        encode_message(image(), fields(seed=1.5))
-    with pytest.raises(ValueError, match="caption"):
-        encode_message(image(), fields(caption=b"bytes"))
+        encode_message(one(), "producer-0", 7, "3")
+    with pytest.raises(ValueError, match="producer_id"):
+        encode_message(one(), 0, 7, 3)
     with pytest.raises(ValueError, match="max_side"):
         WireLimits(max_side=0)
     with pytest.raises(ValueError, match="max_samples_per_message"):
@@ -198,9 +209,9 @@ def test_encode_rejects_bad_arguments_naming_them():
 
 
 def test_every_defect_kind_has_its_reason():
-    good = encode_message(image(), fields(), "raw")
+    good = encode(one())
     raw = as_bytes(good)
-    jpeg = as_bytes(encode_message(image(), fields(), "jpeg"))
+    jpeg = as_bytes(encode(one(), "jpeg"))
     cases = {
         "frame_count": [raw[0]],
         "not_msgpack": [b"\xc1\xc1 not msgpack", raw[1]],
@@ -227,7 +238,7 @@ def test_every_defect_kind_has_its_reason():
 
 
 def test_more_hostile_values():
-    good = encode_message(image(), fields(), "raw")
+    good = encode(one())
     assert reason(with_header(good, seq=True)) == "wrong_type"  # bool is not an int
     assert reason(with_header(good, seq=-1)) == "bad_value"
     assert reason(with_header(good, source=np.asarray([1], "<u4").tobytes())) == "bad_value"  # past the table
@@ -262,7 +273,7 @@ def test_compressed_payload_declaring_a_different_size_is_refused_before_decodin
     # A small file that would decode to a big image (decompression bomb) never gets decoded.
     big = io.BytesIO()
     Image.new("RGB", (500, 500)).save(big, format="JPEG")
-    frames = encode_message(image(), fields(), "jpeg")
+    frames = encode(one(), "jpeg")
     h = header_of(frames)
     h["nbytes"] = u8([len(big.getvalue())])
     assert reason([msgpack.packb(h), big.getvalue()]) == "undecodable"
@@ -273,8 +284,7 @@ def test_compressed_payload_declaring_a_different_size_is_refused_before_decodin
 
 
 def test_one_bad_sample_drops_the_whole_message():
-    imgs = np.stack([image(seed=i) for i in range(4)])
-    good = encode_message(imgs, batch_fields(4), "raw")
+    good = encode(many(4, per_source=1))  # 4 sources: one bad table entry among good ones
     assert reason(with_header(good, alpha=f8([0.1, 0.2, float("inf"), 0.3]))) == "bad_value"
     assert reason(with_header(good, caption=["a", "b", "", "d"])) == "bad_value"
     assert reason(with_header(good, caption=["a", "b", "x" * 201, "d"])) == "caption_too_long"
@@ -282,7 +292,7 @@ def test_one_bad_sample_drops_the_whole_message():
     assert reason(with_header(good, source_key=["a", "b", "k" * 300, "d"])) == "bad_value"
     nb = np.frombuffer(header_of(good)["nbytes"], "<u8").astype(int)
     assert reason(with_header(good, nbytes=u8(nb + [1, -1, 0, 0]))) == "size_mismatch"
-    jpeg = encode_message(imgs, batch_fields(4), "jpeg")
+    jpeg = encode(many(4, per_source=1), "jpeg")
     h, payload = header_of(jpeg), as_bytes(jpeg)[1]
     nb = np.frombuffer(h["nbytes"], "<u8").astype(int)
     h["nbytes"] = u8(nb + [7, -7, 0, 0])  # splits inside files

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -66,9 +66,60 @@ class SamplerConfig:
 
 @dataclass
 class GeneratedBatch:
-    images: np.ndarray  # uint8 [B*M, H, W, 3]; rows i*M .. i*M+M-1 come from source image i
-    provenance: list[dict]
-    unet_calls: int
+    """Generated samples with their provenance as columns: what :meth:`EDSAMSampler.generate`
+    returns and what :func:`edsam_online.wire.encode_message` sends as it is, so a sample's
+    metadata never becomes a dict of its own on the way to the wire.
+
+    Row ``r`` is ``images[r]`` (uint8 ``[K, H, W, 3]``), generated from source ``source[r]``
+    (``source_keys``/``captions`` hold each source once) with transport shift ``alpha[r]``,
+    noise seed ``seed[r]`` and ``sample_index[r]``, its place among its source's samples. The
+    rows of one source are consecutive (``generate`` puts source ``i`` on rows
+    ``i*M .. i*M+M-1``), so :meth:`rows` cuts the source table by position. ``rho`` ..
+    ``guidance`` hold for every row. ``unet_calls``: UNet evaluations that generated the rows
+    (0 in a slice: the cost is counted once, on the generated batch).
+    """
+
+    images: np.ndarray
+    source_keys: list[str]
+    captions: list[str]
+    source: np.ndarray  # int64 [K]
+    alpha: np.ndarray  # float64 [K]
+    seed: np.ndarray  # int64 [K]
+    sample_index: np.ndarray  # int64 [K]
+    rho: float
+    model_id: str
+    mode: str
+    steps: int
+    inversion_steps: int
+    guidance: float
+    unet_calls: int = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def rows(self, first: int, last: int) -> GeneratedBatch:
+        """Rows ``first:last`` with only the sources they use (images and columns are views;
+        ``source`` is renumbered into the shorter table)."""
+        if not 0 <= first < last <= len(self):
+            raise IndexError(f"rows {first}:{last} of {len(self)}")
+        lo, hi = int(self.source[first]), int(self.source[last - 1]) + 1
+        return replace(self, images=self.images[first:last], source_keys=self.source_keys[lo:hi],
+                       captions=self.captions[lo:hi], source=self.source[first:last] - lo,
+                       alpha=self.alpha[first:last], seed=self.seed[first:last],
+                       sample_index=self.sample_index[first:last], unet_calls=0)
+
+    @classmethod
+    def single(cls, image: np.ndarray, source_key: str, caption: str, *, alpha: float, seed: int, model_id: str,
+               sample_index: int = 0, rho: float = SamplerConfig.rho, mode: str = SamplerConfig.mode,
+               steps: int = SamplerConfig.steps, inversion_steps: int = SamplerConfig.inversion_steps,
+               guidance: float = SamplerConfig.guidance) -> GeneratedBatch:
+        """One sample (``image`` uint8 ``[H, W, 3]``), e.g. to build a one-sample message in a
+        test or benchmark; the settings default to :class:`SamplerConfig`'s. Values keep their
+        Python types (no conversion), so ``encode_message`` refuses a wrong one by name."""
+        return cls(images=image[None], source_keys=[source_key], captions=[caption], source=np.zeros(1, np.int64),
+                   alpha=np.asarray([alpha]), seed=np.asarray([seed]), sample_index=np.asarray([sample_index]),
+                   rho=rho, model_id=model_id, mode=mode, steps=steps, inversion_steps=inversion_steps,
+                   guidance=guidance)
 
 
 class EDSAMSampler:
@@ -76,7 +127,7 @@ class EDSAMSampler:
     transported samples.
 
     Image ``i`` of a batch generated with ``seed=s`` draws its transport noise from a generator
-    seeded with ``s + i`` (recorded as its provenance ``seed``), so a sample can be regenerated
+    seeded with ``s + i`` (recorded in the batch's ``seed`` column), so a sample can be regenerated
     from its source image, caption, seed and ``sample_index``.
     """
 
@@ -139,10 +190,11 @@ class EDSAMSampler:
         for i in range(0, len(z_t), bs):
             cond = ldm.embed(rep_captions[i:i + bs])
             out.append(ldm.decode(ldm.sample(z_t[i:i + bs], cond, cfg.steps, cfg.guidance)))
-        prov = [
-            dict(source_key=str(keys[i]), caption=captions[i], alpha=float(alphas[i * m + j]), rho=float(cfg.rho),
-                 seed=int(seed + i), sample_index=j, model_id=ldm.model_id, mode=cfg.mode, steps=cfg.steps,
-                 inversion_steps=cfg.inversion_steps, guidance=float(cfg.guidance))
-            for i in range(len(images)) for j in range(m)
-        ]
-        return GeneratedBatch(images=np.concatenate(out), provenance=prov, unet_calls=ldm.unet_calls - calls0)
+        b = len(images)
+        return GeneratedBatch(
+            images=np.concatenate(out), source_keys=[str(k) for k in keys], captions=list(captions),
+            source=np.repeat(np.arange(b, dtype=np.int64), m), alpha=alphas.double().cpu().numpy(),
+            seed=np.repeat(seed + np.arange(b, dtype=np.int64), m), sample_index=np.tile(np.arange(m, dtype=np.int64), b),
+            rho=float(cfg.rho), model_id=ldm.model_id, mode=cfg.mode, steps=int(cfg.steps),
+            inversion_steps=int(cfg.inversion_steps), guidance=float(cfg.guidance),
+            unet_calls=ldm.unet_calls - calls0)
