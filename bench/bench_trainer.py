@@ -27,7 +27,6 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 
@@ -36,6 +35,7 @@ def _feeder(endpoint: str, resolution: int, rate: float, stop) -> None:
     import zmq
 
     from edsam_online.data import render_sample
+    from edsam_online.diffusion import GeneratedBatch
     from edsam_online.wire import encode_message
 
     samples = [render_sample(i, "flat", resolution, seed=7) for i in range(256)]
@@ -51,10 +51,9 @@ def _feeder(endpoint: str, resolution: int, rate: float, stop) -> None:
         if ahead > 0:
             time.sleep(ahead)
         s = samples[seq % len(samples)]
-        header = {"producer_id": "bench", "session": 1, "seq": seq, "source_key": s.key, "caption": s.caption,
-                  "alpha": 0.1, "rho": 0.5, "seed": seq, "model_id": "bench-replay"}
+        sample = GeneratedBatch.single(s.image, s.key, s.caption, alpha=0.1, seed=seq, model_id="bench-replay")
         try:
-            sock.send_multipart(encode_message(s.image, header), copy=False, flags=zmq.NOBLOCK)
+            sock.send_multipart(encode_message(sample, "bench", 1, seq), copy=False, flags=zmq.NOBLOCK)
             seq += 1
         except zmq.Again:
             time.sleep(0.001)

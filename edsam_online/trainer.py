@@ -47,7 +47,7 @@ from edsam_online.losses import LOSS_KINDS, EDSAMLoss
 from edsam_online.metrics import MetricLogger
 from edsam_online.models import create_clip
 from edsam_online.optim import build_optimizer, build_scheduler, clamp_logit_scale, clip_gradients
-from edsam_online.runtime import autocast, init_distributed, unwrap
+from edsam_online.runtime import autocast, init_distributed
 from edsam_online.streaming import Receiver
 
 if TYPE_CHECKING:

@@ -11,7 +11,8 @@ from edsam_online.buffer import BufferConfig, ReplayBuffer
 from edsam_online.data import RealDataConfig
 from edsam_online.loader import MixedLoader
 from edsam_online.models import ClipModelConfig, create_clip
-from edsam_online.wire import SyntheticSample
+from edsam_online.diffusion import GeneratedBatch
+from edsam_online.wire import SyntheticSample, WireLimits, decode_message, encode_message
 
 RES = 32
 
@@ -23,8 +24,10 @@ def clip_io():
 
 
 def _synthetic(i: int) -> SyntheticSample:
+    """A sample as a trainer receives it: encoded by a producer, validated by a receiver."""
     image = np.full((RES, RES, 3), i % 255, dtype=np.uint8)
-    return SyntheticSample(image=image, caption=f"a synthetic shape {i}", header={"source_key": f"src{i}", "alpha": i / 100})
+    batch = GeneratedBatch.single(image, f"src{i}", f"a synthetic shape {i}", alpha=i / 100, seed=i, model_id="test")
+    return decode_message(encode_message(batch, "test", 0, i), WireLimits())[1][0]
 
 
 def _loader(clip_io, real_batch=4, syn_batch=0, buffer=None, data=None, **kw):
@@ -99,7 +102,8 @@ def test_resume_with_synthetic_slot_keeps_real_keys(clip_io):
     first = _loader(clip_io, 4, 2, buffer_with(10))
     it = iter(first)
     head = [next(it).real_keys for _ in range(2)]
-    resumed = _loader(clip_io, 4, 2, ReplayBuffer(BufferConfig(capacity=4, min_size_to_sample=1, samples_per_insert=0)), syn_wait_s=0.0)  # empty buffer now
+    empty = ReplayBuffer(BufferConfig(capacity=4, min_size_to_sample=1, samples_per_insert=0))
+    resumed = _loader(clip_io, 4, 2, empty, syn_wait_s=0.0)  # the buffer is empty now
     resumed.load_state_dict(first.state_dict())
     assert head + [b.real_keys for b in _take(resumed, 4)] == full
 

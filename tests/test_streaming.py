@@ -17,8 +17,9 @@ import zmq
 from _streaming_helpers import free_port, producer_main, receiver_main, valid_frames, wait_for
 from edsam_online import monitor
 from edsam_online.buffer import BufferConfig, ReplayBuffer
-from edsam_online.security import generate_keys, make_curve_client
+from edsam_online.diffusion import GeneratedBatch
 from edsam_online.producer import open_producer_socket, send_bounded
+from edsam_online.security import generate_keys, make_curve_client
 from edsam_online.streaming import Receiver, StreamConfig
 from edsam_online.wire import encode_message
 
@@ -124,10 +125,11 @@ def test_a_message_of_many_samples_counts_each_sample(ctx):
 
     def message(seq, k):
         imgs = np.stack([np.full((8, 8, 3), seq + i, np.uint8) for i in range(k)])
-        fields = dict(producer_id="p", session=9, seq=seq, rho=0.5, model_id="m", source_key=[f"k{seq}"] * k,
-                      caption=[f"a ring {seq + i}" for i in range(k)], alpha=[0.1 * i for i in range(k)],
-                      seed=[seq] * k)
-        return raw(encode_message(imgs, fields, "raw"))
+        batch = GeneratedBatch(images=imgs, source_keys=[f"k{seq}"] * k,
+                               captions=[f"a ring {seq + i}" for i in range(k)], source=np.arange(k), alpha=0.1 * np.arange(k), seed=np.full(k, seq),
+                               sample_index=np.zeros(k, np.int64), rho=0.5, model_id="m", mode="transport", steps=5,
+                               inversion_steps=5, guidance=1.0)
+        return raw(encode_message(batch, "p", 9, seq))
 
     with Receiver(StreamConfig(), buf, endpoints=[endpoint]) as receiver:
         client.send_multipart(message(0, 4))  # samples 0..3
@@ -186,9 +188,9 @@ def test_receivers_bind_mode_stats_endpoint_and_monitor(ctx, tmp_path, capsys):
         sock = open_producer_socket(ctx, producer_cfg, 0)
         img = np.full((16, 16, 3), 90, np.uint8)
         for seq in (0, 1, 4):  # seq 2, 3 lost
-            fields = dict(producer_id="p", session=5, seq=seq, source_key="k", caption="a ring", alpha=0.0,
-                          rho=0.5, seed=1, model_id="m", stats={"producer/samples_per_s": 2.5})
-            assert send_bounded(sock, encode_message(img, fields, "jpeg"), 10.0)[0]
+            sample = GeneratedBatch.single(img, "k", "a ring", alpha=0.0, seed=1, model_id="m", rho=0.5)
+            frames = encode_message(sample, "p", 5, seq, {"producer/samples_per_s": 2.5}, "jpeg")
+            assert send_bounded(sock, frames, 10.0)[0]
         assert wait_for(lambda: receiver.stats()["buffer/accepted"] == 3)
         assert receiver.stats()["buffer/seq_gaps"] == 2
         assert receiver.producer_stats() == {"producer/samples_per_s": 2.5, "producer/active": 1}
