@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,9 +49,6 @@ from edsam_online.models import create_clip
 from edsam_online.optim import build_optimizer, build_scheduler, clamp_logit_scale, clip_gradients
 from edsam_online.runtime import autocast, init_distributed
 from edsam_online.streaming import Receiver
-
-if TYPE_CHECKING:
-    from edsam_online.config import Config
 
 
 @dataclass
@@ -164,7 +161,8 @@ class _StopOnSignal:
 
 
 class Trainer:
-    """One trainer rank, built from the root config.
+    """One trainer rank, built from the root config (``cfg``: an :class:`edsam_online.config.Config`;
+    not imported here, since that module composes this one's ``TrainerConfig``).
 
     ``resolved`` (the resolved config as a plain dict) goes to W&B as the run config.
     ``augmentation`` is the method's hook (:class:`Augmentation`; default: the batch as
@@ -174,7 +172,7 @@ class Trainer:
     the process group to the caller (:func:`edsam_online.runtime.end_rank`).
     """
 
-    def __init__(self, cfg: Config, resolved: dict | None = None, augmentation: Augmentation | None = None):
+    def __init__(self, cfg: Any, resolved: dict | None = None, augmentation: Augmentation | None = None):
         self.cfg = cfg
         self.augmentation = augmentation or Augmentation()
         rt, tcfg = cfg.runtime, cfg.trainer
