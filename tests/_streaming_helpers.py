@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import numpy as np
 
 from edsam_online.wire import encode_message
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_configs(m: int = 2, batch_size: int = 2):

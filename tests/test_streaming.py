@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import zmq
 
-from _streaming_helpers import free_port, producer_main, receiver_main, valid_frames, wait_for
+from _streaming_helpers import producer_main, receiver_main, valid_frames, wait_for
 from edsam_online import monitor
 from edsam_online.buffer import BufferConfig, ReplayBuffer
 from edsam_online.diffusion import GeneratedBatch
 from edsam_online.producer import open_producer_socket, send_bounded
+from edsam_online.runtime import free_port
 from edsam_online.security import generate_keys, make_curve_client
 from edsam_online.streaming import Receiver, StreamConfig
 from edsam_online.wire import encode_message
