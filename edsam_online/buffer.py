@@ -26,7 +26,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Generic, Sequence, TypeVar
+from typing import Any, Callable, Collection, Generic, Sequence, TypeVar
 
 import numpy as np
 
@@ -35,6 +35,7 @@ T = TypeVar("T")
 _REUSE_BINS = 8  # buffer/reuse_hist/0 .. /7, then /ge8
 _AGE_WINDOW = 1024  # sampled-item ages kept for the age statistics
 _RATE_WINDOW_S = 10.0
+_EXCLUDE_TRIES = 64  # draws a sample(exclude=...) makes before it reports that it cannot serve
 
 
 @dataclass
@@ -51,7 +52,9 @@ class BufferConfig:
     such batches, or the limiter starves every step after its first few samples (hence
     the default of 512). ``max_times_sampled = 0`` means unlimited reuse.
     ``sample_timeout_s`` is the bounded wait of :meth:`ReplayBuffer.sample` when called
-    without a timeout.
+    without a timeout. ``distinct_sources``: the trainer's synthetic slot takes at most one
+    sample per source key (the M samples of one source image share its caption: two of
+    them in one contrastive batch are false negatives of each other).
     """
 
     capacity: int = 4096
@@ -60,6 +63,7 @@ class BufferConfig:
     samples_per_insert: float = 4.0
     error_buffer: float | None = 512.0
     sample_timeout_s: float = 0.05
+    distinct_sources: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -100,8 +104,9 @@ class ReplayBuffer(Generic[T]):
     slice writes, whatever its size; its sample objects are built when sampled.
     """
 
-    def __init__(self, cfg: BufferConfig) -> None:
+    def __init__(self, cfg: BufferConfig, key: Callable[[T], str] | None = None) -> None:
         self.cfg = cfg
+        self._key = key  # an item's source key, for sample(exclude=...)
         self._cond = threading.Condition(threading.Lock())
         self._rng = random.Random(cfg.seed)
         window = 2 * cfg.capacity
@@ -128,6 +133,8 @@ class ReplayBuffer(Generic[T]):
         self._starved = 0
         self._starved_min_size = 0
         self._starved_rate = 0
+        self._excluded_draws = 0
+        self._starved_exclude = 0
         self._reuse_hist = np.zeros(_REUSE_BINS + 1, np.int64)
         self._ages_s: collections.deque[float] = collections.deque(maxlen=_AGE_WINDOW)
         self._ages_steps: collections.deque[int] = collections.deque(maxlen=_AGE_WINDOW)
@@ -198,12 +205,18 @@ class ReplayBuffer(Generic[T]):
         self._size += k
         self._count_inserts(k)
 
-    def sample(self, timeout_s: float | None = None) -> T | None:
+    def sample(self, timeout_s: float | None = None, exclude: Collection[str] | None = None) -> T | None:
         """One item drawn uniformly, or ``None`` after waiting at most ``timeout_s``
-        (``cfg.sample_timeout_s`` when None; 0 = do not wait)."""
+        (``cfg.sample_timeout_s`` when None; 0 = do not wait).
+
+        ``exclude``: source keys the item must not have (needs the buffer's ``key``): the
+        draw is uniform over the other items, by rejection; when ``_EXCLUDE_TRIES`` draws
+        all hit excluded keys it returns ``None`` at once (``buffer/starved_exclude``)."""
         timeout = self.cfg.sample_timeout_s if timeout_s is None else timeout_s
         if timeout < 0:
             raise ValueError(f"timeout_s must be >= 0, got {timeout}")
+        if exclude and self._key is None:
+            raise ValueError("sample(exclude=...) needs a buffer built with a key function")
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -221,7 +234,11 @@ class ReplayBuffer(Generic[T]):
                         self._starved_rate += 1
                     return None
                 self._cond.wait(remaining)
-            pos = self._pick()
+            pos = self._pick_excluding(exclude) if exclude else self._pick()
+            if pos is None:
+                self._starved += 1
+                self._starved_exclude += 1
+                return None
             uses = int(self._uses[pos]) + 1
             self._uses[pos] = uses
             value = self._seqs[pos][int(self._index[pos])]
@@ -246,6 +263,15 @@ class ReplayBuffer(Generic[T]):
                     return pos
             self._compact()
         return self._head + self._rng.randrange(self._size)
+
+    def _pick_excluding(self, exclude: Collection[str]) -> int | None:
+        """A live slot whose item's key is not in ``exclude``, or None after ``_EXCLUDE_TRIES`` misses."""
+        for _ in range(_EXCLUDE_TRIES):
+            pos = self._pick()
+            if self._key(self._seqs[pos][int(self._index[pos])]) not in exclude:
+                return pos
+            self._excluded_draws += 1
+        return None
 
     def _evict_oldest(self, n: int) -> None:
         head, tail = self._head, self._tail
@@ -329,6 +355,8 @@ class ReplayBuffer(Generic[T]):
                 "buffer/starved": self._starved,
                 "buffer/starved_min_size": self._starved_min_size,
                 "buffer/starved_rate_limited": self._starved_rate,
+                "buffer/starved_exclude": self._starved_exclude,
+                "buffer/excluded_draws": self._excluded_draws,
                 "buffer/credit_forgiven": self._forgiven,
                 "buffer/samples_per_insert": self._samples / self._inserts if self._inserts else 0.0,
                 "buffer/live_uses_mean": self._live_uses_sum() / size if size else 0.0,

@@ -27,6 +27,7 @@ from edsam_online.data import RealDataConfig
 from edsam_online.diffusion import SamplerConfig
 from edsam_online.eval import EvalConfig
 from edsam_online.loader import MixConfig
+from edsam_online.methods import MethodConfig
 from edsam_online.metrics import LoggingConfig
 from edsam_online.models import ClipModelConfig
 from edsam_online.optim import OptimConfig
@@ -46,6 +47,7 @@ class Config:
     stream: StreamConfig = field(default_factory=StreamConfig)
     producer: ProducerConfig = field(default_factory=ProducerConfig)
     model: ClipModelConfig = field(default_factory=ClipModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mix: MixConfig = field(default_factory=MixConfig)
@@ -74,6 +76,10 @@ def _with_key(group: str, component_type: type, err: Exception) -> ValueError:
 
 def _check_cross(cfg: Config) -> None:
     """Constraints between components, named by the key to change."""
+    mode = cfg.method.generator_mode
+    if mode is not None and cfg.diffusion.mode != mode:
+        raise ValueError(f"diffusion.mode: method={cfg.method.name} generates with mode {mode!r}, got "
+                         f"{cfg.diffusion.mode!r} (choose the method instead: method=random, method=identity, ...)")
     if cfg.mix.mix_mode == "replace" and cfg.mix.syn_batch_size(cfg.trainer.batch_size) >= cfg.trainer.batch_size:
         raise ValueError(f"mix.syn_share: must leave at least one real sample in mix_mode=replace, "
                          f"got {cfg.mix.syn_share}")

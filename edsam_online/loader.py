@@ -3,11 +3,15 @@
 Graph (torchdata.nodes)::
 
     RealSourceNode ─> ParallelMapper(decode, preprocess, tokenize) ─> DropInvalid ─> Batcher(real_batch) ─┐
-                                                                                                          ├─> ZipParts ─> Prefetcher
-    SyntheticSlotNode(buffer, fallback RealSourceNode) ─> ParallelMapper(...) ─> DropInvalid ─> Batcher(syn_batch) ┘
+                                                                                        ZipParts(slot) ─┴─> Prefetcher
+    slot source ─> ParallelMapper(...) ─> DropInvalid ──────────────────────────────────────┘
 
-Every batch is a :class:`MixedBatch` whose real part and synthetic slot stay
-separate tensors, so the loss can form Eq. 11's two terms.
+Every batch is a :class:`MixedBatch` whose real part and slot (the extra batch of Eq.
+11's second term) stay separate tensors, so the loss can form the two terms. The slot
+source is the method's (:mod:`edsam_online.methods`): ``extra="stream"`` draws synthetic
+samples from the replay buffer (:class:`SyntheticSlotNode`); ``extra="real"`` (the
+``real2x`` control) reads a second real stream, and :class:`ZipParts` keeps its keys
+disjoint from the step's real batch and from each other.
 
 **What a starved step does** (docs/design.md, 'Replay buffer'):
 
@@ -28,7 +32,11 @@ separate tensors, so the loss can form Eq. 11's two terms.
 * The fallback stream is a second ``RealSourceNode`` over the same data and
   partition, started at a far-away epoch (another shuffle of the same set), so
   the main real stream never depends on buffer timing: a resumed run sees
-  exactly the real keys an uninterrupted one would.
+  exactly the real keys an uninterrupted one would. ``real2x``'s stream is built the
+  same way, from another far-away epoch.
+* ``distinct_sources`` (``buffer.distinct_sources``): a slot takes at most one sample
+  per source key. The M samples of one source image share its caption, so two of them in
+  one InfoNCE batch are false negatives of each other.
 
 Synthetic samples are ephemeral: a checkpoint keeps the real and fallback
 stream positions and the slot counters, not buffer contents.
@@ -51,6 +59,8 @@ from edsam_online.data import DataCounters, RealDataConfig, RealRecord, RealSour
 from edsam_online.wire import SyntheticSample
 
 FALLBACK_EPOCH = 1_000_000  # the fallback stream starts here: same data, an unrelated shuffle
+EXTRA_EPOCH = 2_000_000  # real2x's second stream starts here
+EXTRAS = ("stream", "real")
 MIX_MODES = ("add", "replace")
 
 
@@ -111,7 +121,7 @@ class MixedBatch:
     syn_images: torch.Tensor
     syn_texts: torch.Tensor
     syn_keys: list[str]
-    syn_is_synthetic: torch.Tensor  # bool [syn_batch]; False = real fallback
+    syn_is_synthetic: torch.Tensor  # bool [syn_batch]; True = an extra-batch pair, False = real fallback
     syn_alpha: torch.Tensor  # float [syn_batch]; NaN for fallback rows
 
     @property
@@ -119,16 +129,40 @@ class MixedBatch:
         return int(self.syn_is_synthetic.sum())
 
 
+class FromEpoch(BaseNode):
+    """A real stream that, started fresh, begins at ``epoch`` (a shuffle of the same data
+    unrelated to the main stream's) and never runs dry; resumed, it continues its state."""
+
+    def __init__(self, source: RealSourceNode, epoch: int):
+        super().__init__()
+        self.source, self.epoch = source, epoch
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        if initial_state is None:
+            self.source.reset({**self.source.get_state(), "epoch": self.epoch, "position": 0})
+        else:
+            self.source.reset(initial_state["source"])
+
+    def next(self) -> RealRecord:
+        return next(self.source)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"source": self.source.state_dict()}
+
+
 class SyntheticSlotNode(BaseNode):
     """Synthetic slot items from a live ``ReplayBuffer``, real fallback when it cannot serve.
 
-    A custom node, not ``IterableWrapper``: a stream cannot be re-iterated to
-    restore state by re-iterating from the start, which a live stream cannot do. State =
-    the fallback stream's position and counters.
-    Yields ``SyntheticSample`` or ``RealRecord`` items.
+    A custom node, not ``IterableWrapper``: ``IterableWrapper`` restores state by
+    re-iterating from the start, which a live stream cannot do. State = the fallback
+    stream's position, the counters and the current slot's progress. With
+    ``distinct_sources`` a slot takes at most one sample per source key (the buffer
+    skips the others). Yields ``SyntheticSample`` or ``RealRecord`` items.
     """
 
-    def __init__(self, buffer: ReplayBuffer, fallback: RealSourceNode, slot_size: int, wait_s: float):
+    def __init__(self, buffer: ReplayBuffer, fallback: BaseNode, slot_size: int, wait_s: float,
+                 distinct_sources: bool = False):
         super().__init__()
         if slot_size < 1:
             raise ValueError(f"slot_size must be >= 1, got {slot_size}")
@@ -136,28 +170,34 @@ class SyntheticSlotNode(BaseNode):
         self.fallback = fallback
         self.slot_size = slot_size
         self.wait_s = wait_s
+        self.distinct_sources = distinct_sources
         self._pos = 0
         self._deadline = 0.0
+        self._keys: set[str] = set()  # source keys in the current slot (distinct_sources)
         self.served = 0
         self.fell_back = 0
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
+        self.fallback.reset(initial_state["fallback"] if initial_state is not None else None)
         if initial_state is None:
-            self.fallback.reset({**self.fallback.get_state(), "epoch": FALLBACK_EPOCH, "position": 0})
             self.served = self.fell_back = self._pos = 0
+            self._keys = set()
         else:
-            self.fallback.reset(initial_state["fallback"])
             self.served, self.fell_back = initial_state["served"], initial_state["fell_back"]
-            self._pos = initial_state["pos"]
+            self._pos, self._keys = initial_state["pos"], set(initial_state.get("keys", ()))
 
     def next(self) -> SyntheticSample | RealRecord:
         if self._pos == 0:
             self._deadline = time.monotonic() + self.wait_s
+            self._keys = set()
         self._pos = (self._pos + 1) % self.slot_size
-        sample = self.buffer.sample(max(0.0, self._deadline - time.monotonic()))
+        exclude = self._keys if self.distinct_sources else None
+        sample = self.buffer.sample(max(0.0, self._deadline - time.monotonic()), exclude=exclude)
         if sample is not None:
             self.served += 1
+            if exclude is not None:
+                self._keys.add(sample.source_key)
             return sample
         self.fell_back += 1
         return next(self.fallback)
@@ -168,6 +208,7 @@ class SyntheticSlotNode(BaseNode):
             "served": self.served,
             "fell_back": self.fell_back,
             "pos": self._pos,
+            "keys": sorted(self._keys),
         }
 
 
@@ -194,11 +235,18 @@ class DropInvalid(BaseNode):
 
 
 class ZipParts(BaseNode):
-    """One real batch and one synthetic-slot batch per step, collated into a MixedBatch."""
+    """One real batch and a slot of ``slot_size`` items per step, collated into a MixedBatch.
 
-    def __init__(self, real: BaseNode, slot: BaseNode | None, collate: Callable[[list, list], MixedBatch]):
+    ``distinct``: slot items whose key is in the step's real batch or already in the slot
+    are skipped (and counted as ``data/extra_duplicates_skipped``), so a step never holds
+    one pair twice (``real2x``: its stream reshuffles the same data)."""
+
+    def __init__(self, real: BaseNode, slot: BaseNode | None, slot_size: int,
+                 collate: Callable[[list, list], MixedBatch], distinct: bool = False,
+                 counters: DataCounters | None = None):
         super().__init__()
-        self.real, self.slot, self.collate = real, slot, collate
+        self.real, self.slot, self.slot_size, self.collate = real, slot, slot_size, collate
+        self.distinct, self.counters = distinct, counters
 
     def reset(self, initial_state: dict | None = None) -> None:
         super().reset(initial_state)
@@ -208,7 +256,17 @@ class ZipParts(BaseNode):
 
     def next(self) -> MixedBatch:
         real = next(self.real)
-        slot = next(self.slot) if self.slot is not None else []
+        slot: list[Example] = []
+        taken = {e.key for e in real} if self.distinct else None
+        while self.slot is not None and len(slot) < self.slot_size:
+            item = next(self.slot)
+            if taken is not None:
+                if item.key in taken:
+                    if self.counters is not None:
+                        self.counters.inc("data/extra_duplicates_skipped")
+                    continue
+                taken.add(item.key)
+            slot.append(item)
         return self.collate(real, slot)
 
     def get_state(self) -> dict[str, Any]:
@@ -216,11 +274,16 @@ class ZipParts(BaseNode):
 
 
 class Preprocess:
-    """Decode (real records), open_clip image transform, tokenize. Returns None for a corrupt image."""
+    """Decode (real records), open_clip image transform, tokenize. Returns None for a corrupt image.
 
-    def __init__(self, transform: Callable, tokenizer: Callable, resolution: int | None, counters: DataCounters):
+    ``real_is_extra``: real records are genuine extra-batch pairs (``real2x``), flagged as
+    such, rather than the fallback of a starved synthetic slot."""
+
+    def __init__(self, transform: Callable, tokenizer: Callable, resolution: int | None, counters: DataCounters,
+                 real_is_extra: bool = False):
         self.transform, self.tokenizer = transform, tokenizer
         self.resolution, self.counters = resolution, counters
+        self.real_is_extra = real_is_extra
 
     def __call__(self, item: RealRecord | SyntheticSample) -> Example | None:
         if isinstance(item, SyntheticSample):
@@ -229,7 +292,8 @@ class Preprocess:
             sample = decode_record(item, self.resolution, self.counters)
             if sample is None:
                 return None
-            array, caption, key, synthetic, alpha = sample.image, sample.caption, sample.key, False, float("nan")
+            array, caption, key, alpha = sample.image, sample.caption, sample.key, float("nan")
+            synthetic = self.real_is_extra
         image = self.transform(Image.fromarray(np.asarray(array)))
         return Example(image, self.tokenizer([caption])[0], key, synthetic, alpha)
 
@@ -257,9 +321,12 @@ def collate(real: list[Example], slot: list[Example]) -> MixedBatch:
 class MixedLoader:
     """Stateful iterable of :class:`MixedBatch` for one trainer rank.
 
-    ``syn_batch = 0`` (or ``buffer=None``) gives real-only batches with an
-    empty slot. ``state_dict()`` / ``load_state_dict()`` (before iterating) make
-    a resumed run continue its real-data stream exactly.
+    ``syn_batch = 0`` gives real-only batches with an empty slot. ``extra`` is where the
+    slot's items come from: ``"stream"`` (the replay ``buffer``, with a real fallback;
+    ``distinct_sources``: at most one sample per source key in a slot) or ``"real"`` (a
+    second real stream, disjoint within each step). ``state_dict()`` /
+    ``load_state_dict()`` (before iterating) make a resumed run continue its real-data
+    stream exactly.
     """
 
     def __init__(
@@ -275,27 +342,40 @@ class MixedLoader:
         world_size: int = 1,
         num_workers: int = 2,
         prefetch: int = 2,
+        extra: str = "stream",
+        distinct_sources: bool = False,
     ):
         if real_batch < 1:
             raise ValueError(f"real_batch must be >= 1, got {real_batch}")
         if syn_batch < 0:
             raise ValueError(f"syn_batch must be >= 0, got {syn_batch}")
-        if syn_batch > 0 and buffer is None:
-            raise ValueError("buffer is required when syn_batch > 0")
+        if extra not in EXTRAS:
+            raise ValueError(f"extra must be one of {EXTRAS}, got {extra!r}")
+        if syn_batch > 0 and extra == "stream" and buffer is None:
+            raise ValueError("buffer is required when syn_batch > 0 and extra='stream'")
         self.counters = DataCounters()
+
+        def mapped(source: BaseNode, preprocess: Preprocess) -> BaseNode:
+            items = ParallelMapper(source, preprocess, num_workers=num_workers, in_order=True, method="thread")
+            return DropInvalid(items, self.counters, "data/corrupt_skipped")
+
+        def another_stream(epoch: int) -> FromEpoch:  # same data and partition, never runs dry
+            return FromEpoch(RealSourceNode(dataclasses.replace(data_cfg, epochs=None), rank, world_size,
+                                            self.counters), epoch)
+
         preprocess = Preprocess(transform, tokenizer, data_cfg.resolution, self.counters)
-
-        def branch(source: BaseNode, batch: int) -> BaseNode:
-            mapped = ParallelMapper(source, preprocess, num_workers=num_workers, in_order=True, method="thread")
-            return Batcher(DropInvalid(mapped, self.counters, "data/corrupt_skipped"), batch, drop_last=True)
-
-        real_source = RealSourceNode(data_cfg, rank, world_size, self.counters)
+        real = Batcher(mapped(RealSourceNode(data_cfg, rank, world_size, self.counters), preprocess), real_batch,
+                       drop_last=True)
         slot = None
-        if syn_batch > 0:
-            fallback_cfg = dataclasses.replace(data_cfg, epochs=None)  # the fallback never runs dry
-            fallback = RealSourceNode(fallback_cfg, rank, world_size, self.counters)
-            slot = branch(SyntheticSlotNode(buffer, fallback, syn_batch, syn_wait_s), syn_batch)
-        root = Prefetcher(ZipParts(branch(real_source, real_batch), slot, collate), prefetch_factor=prefetch)
+        if syn_batch > 0 and extra == "stream":
+            source = SyntheticSlotNode(buffer, another_stream(FALLBACK_EPOCH), syn_batch, syn_wait_s,
+                                       distinct_sources)
+            slot = mapped(source, preprocess)
+        elif syn_batch > 0:
+            extra_preprocess = Preprocess(transform, tokenizer, data_cfg.resolution, self.counters, real_is_extra=True)
+            slot = mapped(another_stream(EXTRA_EPOCH), extra_preprocess)
+        zipped = ZipParts(real, slot, syn_batch, collate, distinct=extra == "real", counters=self.counters)
+        root = Prefetcher(zipped, prefetch_factor=prefetch)
         self._loader = Loader(root, restart_on_stop_iteration=False)
 
     def __iter__(self):

@@ -22,9 +22,11 @@ and may transform the real part or supply the extra batch (the synthetic slot of
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
+import operator
 import os
 import signal
 import sys
@@ -108,6 +110,14 @@ class StepOutput:
     num_synthetic: int
     used_syn: bool
     stop_requested: bool  # some rank was asked to stop: every rank stops after this step
+    sibling_pairs: int = 0  # pairs of extra-batch rows that share a source key, summed over ranks
+
+
+def _sibling_pairs(batch: MixedBatch) -> int:
+    """Pairs of extra-batch pairs in ``batch`` generated from one source image (they share
+    its caption, so each is a false negative of the other in that term's InfoNCE)."""
+    keys = [k for k, flag in zip(batch.syn_keys, batch.syn_is_synthetic.tolist()) if flag]
+    return sum(n * (n - 1) // 2 for n in collections.Counter(keys).values())
 
 
 class _Window:
@@ -121,6 +131,7 @@ class _Window:
         self.time = self.wait = 0.0
         self.images = self.real = self.syn = 0.0
         self.loss = self.loss_real = self.loss_syn = 0.0
+        self.sibling_pairs = 0
 
     def add(self, out: StepOutput, images: int, seconds: float, wait: float) -> None:
         self.steps += 1
@@ -133,6 +144,7 @@ class _Window:
         self.loss += out.loss.item()
         self.loss_real += out.loss_real.item()
         self.loss_syn += out.loss_syn.item()
+        self.sibling_pairs += out.sibling_pairs
 
 
 class _StopOnSignal:
@@ -190,8 +202,9 @@ class Trainer:
         self.ddp = DDP(torch.compile(model) if rt.compile else model,
                        device_ids=[dist_info.local_rank] if self.device.type == "cuda" else None)
 
-        self.syn_batch = cfg.mix.syn_batch_size(tcfg.batch_size)
-        self.real_batch = cfg.mix.real_batch_size(tcfg.batch_size)
+        extra = cfg.method.extra_batch
+        self.syn_batch = cfg.mix.syn_batch_size(tcfg.batch_size) if extra != "none" else 0
+        self.real_batch = cfg.mix.real_batch_size(tcfg.batch_size) if extra != "none" else tcfg.batch_size
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, tcfg.steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if rt.precision == "fp16" else None
@@ -202,15 +215,17 @@ class Trainer:
         self.receiver: Receiver | None = None
         self.keys_file = None
         with contextlib.ExitStack() as stack:  # on a failure below, what was started is stopped
-            if self.syn_batch > 0:
-                self.buffer = ReplayBuffer(dataclasses.replace(cfg.buffer, seed=cfg.buffer.seed + self.rank))
+            if self.syn_batch > 0 and extra == "stream":
+                self.buffer = ReplayBuffer(dataclasses.replace(cfg.buffer, seed=cfg.buffer.seed + self.rank),
+                                           key=operator.attrgetter("source_key"))
                 stack.callback(self.buffer.close)
                 self.receiver = Receiver(cfg.stream, self.buffer, rank=self.rank).start()
                 stack.callback(self.receiver.stop)
             self.loader = MixedLoader(
                 cfg.data, preprocess_train, self.tokenizer, real_batch=self.real_batch, syn_batch=self.syn_batch,
                 buffer=self.buffer, syn_wait_s=cfg.mix.syn_wait_s, rank=self.rank, world_size=self.world,
-                num_workers=rt.num_workers, prefetch=rt.prefetch,
+                num_workers=rt.num_workers, prefetch=rt.prefetch, extra="real" if extra == "real" else "stream",
+                distinct_sources=cfg.buffer.distinct_sources,
             )
             self._resume()
             self.logger = MetricLogger(cfg.logging, self.run_dir, "trainer", self.rank, config=resolved)
@@ -287,10 +302,10 @@ class Trainer:
         batch = self.augmentation(batch, self)
         if self.buffer is not None:
             self.buffer.set_step(self.step)
-        agreed = torch.tensor([batch.num_synthetic, batch.real_images.shape[0], float(stop_requested)],
-                              dtype=torch.float64)
+        agreed = torch.tensor([batch.num_synthetic, batch.real_images.shape[0], float(stop_requested),
+                               _sibling_pairs(batch)], dtype=torch.float64)
         dist.all_reduce(agreed)
-        n_syn, n_real, stops = (int(v) for v in agreed.tolist())
+        n_syn, n_real, stops, siblings = (int(v) for v in agreed.tolist())
         use_syn = n_syn > 0
         losses, logit_scale = self.forward_loss(batch, use_syn)
         self.optimizer.zero_grad(set_to_none=True)
@@ -318,6 +333,7 @@ class Trainer:
             loss=losses["loss"].detach(), loss_real=losses["loss_real"].detach(),
             loss_syn=losses["loss_syn"].detach(), logit_scale=logit_scale.detach(),
             num_real=n_real, num_synthetic=n_syn, used_syn=use_syn, stop_requested=stops > 0,
+            sibling_pairs=siblings,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -354,6 +370,7 @@ class Trainer:
             "train/samples_per_s": window.images / span,
             "train/data_wait_frac": window.wait / span,
             "train/syn_share_actual": window.syn / max(window.real, 1.0),
+            "train/syn_sibling_pairs": window.sibling_pairs / window.steps,
             **{f"train/{name}": value for name, value in self.totals.items()},
             "train/step_time_s": window.time / window.steps,
             **self.loader.stats(),

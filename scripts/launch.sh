@@ -7,7 +7,8 @@
 #       experiment=paper_cc3m data.path=/data/cc3m/{00000..00331}.tar
 #
 # Options (everything else is a Hydra override passed to every role):
-#   --producers N            producer ranks on this node (default 1; 0 = real-only baseline, mix.syn_share=0)
+#   --producers N            producer ranks on this node (default 1; 0 = real-only baseline, method=none;
+#                            methods without a generator, none and real2x, start none)
 #   --trainers N             trainer ranks on this node (torchrun --nproc-per-node; default 1)
 #   --producer-devices LIST  CUDA devices for producers, one per rank, round-robin (default: none = CPU)
 #   --trainer-devices LIST   CUDA_VISIBLE_DEVICES for the trainers (default: none = CPU)
@@ -37,7 +38,7 @@ while [ $# -gt 0 ]; do
     --base-port) base_port="$2"; shift 2 ;;
     --run-dir) run_dir="$2"; shift 2 ;;
     run_dir=*) run_dir="${1#run_dir=}"; shift ;;  # same as --run-dir
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     --*) echo "launch.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) overrides+=("$1"); shift ;;
   esac
@@ -58,6 +59,18 @@ run_dir="${run_dir:-runs/$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$run_dir/logs"
 run_dir="$(cd "$run_dir" && pwd)"
 
+# --producers 0 is the real-only baseline (method=none) unless a method is named.
+named_method=0
+for o in "${overrides[@]}"; do [[ "$o" == method=* ]] && named_method=1; done
+if [ "$producers" -eq 0 ] && [ "$named_method" -eq 0 ]; then
+  overrides=("method=none" "${overrides[@]}")
+fi
+# A method that generates nothing (method=none, method=real2x) starts no producer.
+if [ "$producers" -gt 0 ] && [ "$(python -m producers.plan "${overrides[@]}" | tail -1)" = "no" ]; then
+  echo "launch.sh: the method uses no generator; starting no producer" >&2
+  producers=0
+fi
+
 # Launch-wired values first, the user's overrides after them, so an explicit
 # stream.endpoints (cross-host producers) wins.
 common=("run_dir=$run_dir")
@@ -67,8 +80,6 @@ if [ "$producers" -gt 0 ]; then
     endpoints+="${endpoints:+,}'tcp://127.0.0.1:$((base_port + i))'"
   done
   common+=("stream.endpoints=[$endpoints]")
-else
-  common+=("mix.syn_share=0")
 fi
 common+=("${overrides[@]}")
 

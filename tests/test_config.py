@@ -22,7 +22,7 @@ from edsam_online.optim import build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-GROUPS = ("data", "diffusion", "model", "runtime", "experiment")
+GROUPS = ("data", "diffusion", "model", "runtime", "method", "experiment")
 # options whose mandatory value (???) is the user's to give
 NEEDS = {("data", "webdataset"): ["data.path='/x/{0..1}.tar'"], ("data", "csv"): ["data.path=/x/d.csv"]}
 

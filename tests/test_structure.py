@@ -21,6 +21,7 @@ INTENTIONAL = {
     ("data/builtin", "data.kind"),
     ("diffusion/retrained", "diffusion.model"),
     ("model/tiny", "model.name"),
+    ("method/edsam", "method.name"),
 }
 
 
@@ -45,11 +46,12 @@ def _default(key: str):
 def restated_defaults(group: str, option: str, path: Path) -> list[str]:
     """Keys a group option's YAML sets to the value its dataclass already has by default.
 
-    A group option's keys live under the group's name; an experiment (``@package
-    _global_``) sets keys of the whole tree. The ``defaults`` list is not a value."""
+    A group option's keys live under the group's name; an option in ``@package _global_``
+    (experiments, methods) sets keys of the whole tree. The ``defaults`` list is not a value."""
     node = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
     node.pop("defaults", None)
-    tree = node if group == "experiment" else {group: node}
+    is_global = "# @package _global_" in Path(path).read_text().splitlines()[:3]
+    tree = node if is_global else {group: node}
     found = []
     for key, value in _leaves(tree):
         if (f"{group}/{option}", key) in INTENTIONAL:

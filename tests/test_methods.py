@@ -1,0 +1,162 @@
+"""The methods of Eq. 11's second term: their configs, real2x's disjoint stream, sibling-free draws."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from operator import attrgetter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from hydra import compose, initialize_config_dir
+
+from edsam_online.buffer import BufferConfig, ReplayBuffer
+from edsam_online.config import load_config
+from edsam_online.data import RealDataConfig
+from edsam_online.loader import FromEpoch, MixedLoader, SyntheticSlotNode
+from edsam_online.methods import GENERATOR_MODES
+from edsam_online.models import ClipModelConfig, create_clip
+from edsam_online.runtime import free_port
+from edsam_online.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        return load_config(compose("config", overrides=list(overrides)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _process_group():
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", list(GENERATOR_MODES))
+def test_every_method_composes_with_its_generator_mode(name):
+    cfg = _compose([f"method={name}"])
+    assert cfg.method.name == name
+    assert cfg.method.generator_mode in (None, cfg.diffusion.mode)
+
+
+def test_a_generator_mode_that_disagrees_with_the_method_stops_at_start():
+    with pytest.raises(ValueError, match=r"^diffusion\.mode: method=edsam generates with mode 'transport'"):
+        _compose(["diffusion.mode=random"])
+    with pytest.raises(ValueError, match=r"^diffusion\.mode: method=random"):
+        _compose(["method=random", "diffusion.mode=transport"])
+
+
+@pytest.mark.parametrize("overrides,answer", [(["method=real2x"], "no"), (["method=none"], "no"),
+                                              (["method=identity"], "yes"), ([], "yes")])
+def test_launch_plans_producers_only_for_methods_that_generate(overrides, answer):
+    out = subprocess.run([sys.executable, "-m", "producers.plan", *overrides], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == answer
+
+
+@pytest.fixture(scope="module")
+def clip_io():
+    _, transform, _, tokenizer = create_clip(ClipModelConfig(name="edsam-tiny"))
+    return transform, tokenizer
+
+
+def test_real2x_draws_no_key_twice_within_a_step(clip_io):
+    transform, tokenizer = clip_io
+    data = RealDataConfig(length=48, seed=5)  # small: the two streams meet often
+    loader = MixedLoader(data, transform, tokenizer, 8, 8, extra="real", num_workers=1, prefetch=1)
+    it = iter(loader)
+    for _ in range(12):
+        batch = next(it)
+        keys = batch.real_keys + batch.syn_keys
+        assert len(keys) == len(set(keys)) == 16
+        assert batch.syn_is_synthetic.all()  # every extra row counts in the second term
+    assert loader.stats()["data/extra_duplicates_skipped"] > 0  # collisions happened and were skipped
+
+
+def _siblings_buffer(distinct: bool) -> ReplayBuffer:
+    buffer = ReplayBuffer(BufferConfig(capacity=64, min_size_to_sample=1, samples_per_insert=0, seed=3,
+                                       distinct_sources=distinct), key=attrgetter("source_key"))
+    buffer.insert_many([SimpleNamespace(source_key=f"src{i // 4}", m=i % 4) for i in range(32)])  # 8 keys x M=4
+    return buffer
+
+
+class _NoFallback:
+    """A fallback that must not be needed."""
+
+    def reset(self, initial_state=None):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def __next__(self):
+        raise AssertionError("the buffer could not serve a distinct sample")
+
+
+@pytest.mark.parametrize("distinct", [True, False])
+def test_the_sibling_free_draw_takes_one_sample_per_source_key_in_a_slot(distinct):
+    buffer = _siblings_buffer(distinct)
+    node = SyntheticSlotNode(buffer, _NoFallback(), slot_size=4, wait_s=0.0, distinct_sources=distinct)
+    node.reset()
+    slots = [[next(node).source_key for _ in range(4)] for _ in range(50)]
+    with_siblings = sum(len(set(slot)) < len(slot) for slot in slots)
+    if distinct:
+        assert with_siblings == 0
+        assert buffer.stats()["buffer/excluded_draws"] > 0
+    else:
+        assert with_siblings > 10  # uniform draws put siblings together often
+
+
+def test_the_fallback_stream_starts_at_its_own_epoch():
+    from edsam_online.data import RealSourceNode
+
+    cfg = RealDataConfig(length=32, seed=1)
+    main, other = RealSourceNode(cfg), FromEpoch(RealSourceNode(cfg), 7)
+    main.reset()
+    other.reset()
+    assert [next(main).key for _ in range(32)] != [next(other).key for _ in range(32)]
+    assert other.state_dict()["source"]["epoch"] == 7  # it read epoch 7, not epoch 0
+
+
+def _trainer(tmp_path, method: str, **groups) -> Trainer:
+    tree = {"method": {"name": method}, "stream": {"endpoints": [f"tcp://127.0.0.1:{free_port()}"]},
+            "trainer": {"batch_size": 4, "steps": 6, "progress": False}, "mix": {"syn_share": 1.0, "syn_wait_s": 0.0},
+            "runtime": {"device": "cpu", "num_workers": 1, "prefetch": 1}, "data": {"length": 64},
+            "eval": {"domains": ["flat"], "samples_per_class": 2, "linear_probe": False},
+            "logging": {"wandb": False, "log_every": 3}, "run_dir": str(tmp_path / method)}
+    for group, values in groups.items():
+        tree.setdefault(group, {}).update(values)
+    return Trainer(load_config(tree))
+
+
+def test_method_none_trains_the_real_term_alone_and_real2x_trains_both(tmp_path):
+    from edsam_online.metrics import read_jsonl
+
+    none = _trainer(tmp_path, "none")
+    assert none.syn_batch == 0 and none.buffer is None and none.receiver is None
+    none.train()
+    real2x = _trainer(tmp_path, "real2x")
+    assert real2x.syn_batch == 4 and real2x.buffer is None and real2x.receiver is None
+    real2x.train()
+    logs = {m: [r for r in read_jsonl(tmp_path / m / "metrics" / "trainer0.jsonl") if "train/loss" in r]
+            for m in ("none", "real2x")}
+    assert logs["none"][-1]["train/syn_samples"] == 0 and logs["none"][-1]["train/steps_without_syn"] == 6
+    assert logs["real2x"][-1]["train/syn_samples"] == 24 and logs["real2x"][-1]["train/steps_without_syn"] == 0
+    assert all(r["train/loss_syn"] > 0 for r in logs["real2x"])
+    assert logs["real2x"][-1]["train/syn_sibling_pairs"] == 0  # disjoint keys
+
+
+def test_a_step_counts_the_sibling_pairs_of_its_extra_batch(tmp_path):
+    from edsam_online.loader import MixedBatch
+
+    with _trainer(tmp_path, "edsam") as trainer:
+        texts = trainer.tokenizer(["a shape"] * 8)
+        batch = MixedBatch(torch.rand(4, 3, 32, 32), texts[:4], list("abcd"), torch.rand(4, 3, 32, 32), texts[4:],
+                           ["s1", "s1", "s1", "s2"], torch.tensor([True, True, True, True]), torch.zeros(4))
+        assert trainer.train_step(batch).sibling_pairs == 3  # s1 three times: 3 pairs
