@@ -15,7 +15,7 @@ normally (the process exits 0). ``checkpoint.resume=latest`` continues the run, 
 real-data stream exactly where it stopped.
 
 **Augmentation hook.** A method that changes what a step trains on implements
-:class:`Augmentation`: it receives the loader's :class:`~edsam_online.loader.MixedBatch`
+:class:`edsam_online.methods.Augmentation`: it receives the loader's :class:`~edsam_online.loader.MixedBatch`
 and may transform the real part or supply the extra batch (the synthetic slot of Eq.
 11's second term), before the step decides whether that term runs.
 """
@@ -46,6 +46,7 @@ from edsam_online.checkpoint import load_checkpoint, resolve_resume, save_checkp
 from edsam_online.eval import evaluate, format_eval_table
 from edsam_online.loader import MixedBatch, MixedLoader
 from edsam_online.losses import LOSS_KINDS, EDSAMLoss
+from edsam_online.methods import Augmentation, build_augmentation
 from edsam_online.metrics import MetricLogger
 from edsam_online.models import create_clip
 from edsam_online.optim import build_optimizer, build_scheduler, clamp_logit_scale, clip_gradients
@@ -80,22 +81,6 @@ class TrainerConfig:
             raise ValueError(f"stop_at must be >= 0, got {self.stop_at}")
         if self.loss not in LOSS_KINDS:
             raise ValueError(f"loss must be one of {LOSS_KINDS}, got {self.loss!r}")
-
-
-class Augmentation:
-    """What a method does to a step's batch before the step runs. The base class keeps the
-    batch as the loader made it: ED-SAM's synthetic slot, filled from the replay buffer.
-
-    A subclass may return the batch with its real part transformed, or with its
-    synthetic slot (``syn_images``, ``syn_texts``, ``syn_keys``, ``syn_is_synthetic``,
-    ``syn_alpha``) supplied by the method; rows flagged ``syn_is_synthetic`` count as
-    synthetic. It runs on every rank, inside ``train_step``, with the ``Trainer`` at hand
-    (its model, loss and device), and must keep the slot's size equal on every rank,
-    since each loss term gathers its batch across ranks.
-    """
-
-    def __call__(self, batch: MixedBatch, trainer: Trainer) -> MixedBatch:
-        return batch
 
 
 @dataclass
@@ -177,16 +162,16 @@ class Trainer:
     not imported here, since that module composes this one's ``TrainerConfig``).
 
     ``resolved`` (the resolved config as a plain dict) goes to W&B as the run config.
-    ``augmentation`` is the method's hook (:class:`Augmentation`; default: the batch as
-    the loader made it). The buffer and receiver exist only when the step has a
-    synthetic slot (``mix.syn_share > 0``). ``close()`` (also run by ``train()`` and
+    ``augmentation`` is the method's hook (:class:`Augmentation`; default: the one
+    ``cfg.method`` names, :func:`~edsam_online.methods.build_augmentation`). ``syn_batch``
+    is the extra batch's size (0 for ``method=none``); the buffer and receiver exist only
+    for methods whose extra batch streams from producers. ``close()`` (also run by ``train()`` and
     ``with Trainer(...)``) stops the receiver and closes the logger and files; it leaves
     the process group to the caller (:func:`edsam_online.runtime.end_rank`).
     """
 
     def __init__(self, cfg: Any, resolved: dict | None = None, augmentation: Augmentation | None = None):
         self.cfg = cfg
-        self.augmentation = augmentation or Augmentation()
         rt, tcfg = cfg.runtime, cfg.trainer
         dist_info = init_distributed(rt.device)
         self.rank, self.world, self.device = dist_info.rank, dist_info.world_size, dist_info.device
@@ -205,6 +190,7 @@ class Trainer:
         extra = cfg.method.extra_batch
         self.syn_batch = cfg.mix.syn_batch_size(tcfg.batch_size) if extra != "none" else 0
         self.real_batch = cfg.mix.real_batch_size(tcfg.batch_size) if extra != "none" else tcfg.batch_size
+        self.augmentation = augmentation or build_augmentation(cfg.method, model, cfg.seed + self.rank)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, tcfg.steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if rt.precision == "fp16" else None
@@ -222,7 +208,8 @@ class Trainer:
                 self.receiver = Receiver(cfg.stream, self.buffer, rank=self.rank).start()
                 stack.callback(self.receiver.stop)
             self.loader = MixedLoader(
-                cfg.data, preprocess_train, self.tokenizer, real_batch=self.real_batch, syn_batch=self.syn_batch,
+                cfg.data, preprocess_train, self.tokenizer, real_batch=self.real_batch,
+                syn_batch=self.syn_batch if extra in ("stream", "real") else 0,  # "augment": the hook makes it
                 buffer=self.buffer, syn_wait_s=cfg.mix.syn_wait_s, rank=self.rank, world_size=self.world,
                 num_workers=rt.num_workers, prefetch=rt.prefetch, extra="real" if extra == "real" else "stream",
                 distinct_sources=cfg.buffer.distinct_sources,

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from edsam_online.buffer import BufferConfig, ReplayBuffer
 from edsam_online.config import load_config
 from edsam_online.data import RealDataConfig
-from edsam_online.loader import FromEpoch, MixedLoader, SyntheticSlotNode
+from edsam_online.loader import FromEpoch, MixedBatch, MixedLoader, SyntheticSlotNode
 from edsam_online.methods import GENERATOR_MODES
 from edsam_online.models import ClipModelConfig, create_clip
 from edsam_online.runtime import free_port
@@ -124,12 +124,12 @@ def test_the_fallback_stream_starts_at_its_own_epoch():
     assert other.state_dict()["source"]["epoch"] == 7  # it read epoch 7, not epoch 0
 
 
-def _trainer(tmp_path, method: str, **groups) -> Trainer:
-    tree = {"method": {"name": method}, "stream": {"endpoints": [f"tcp://127.0.0.1:{free_port()}"]},
+def _trainer(tmp_path, name: str, **groups) -> Trainer:
+    tree = {"method": {"name": name}, "stream": {"endpoints": [f"tcp://127.0.0.1:{free_port()}"]},
             "trainer": {"batch_size": 4, "steps": 6, "progress": False}, "mix": {"syn_share": 1.0, "syn_wait_s": 0.0},
             "runtime": {"device": "cpu", "num_workers": 1, "prefetch": 1}, "data": {"length": 64},
             "eval": {"domains": ["flat"], "samples_per_class": 2, "linear_probe": False},
-            "logging": {"wandb": False, "log_every": 3}, "run_dir": str(tmp_path / method)}
+            "logging": {"wandb": False, "log_every": 3}, "run_dir": str(tmp_path / name)}
     for group, values in groups.items():
         tree.setdefault(group, {}).update(values)
     return Trainer(load_config(tree))
@@ -153,10 +153,40 @@ def test_method_none_trains_the_real_term_alone_and_real2x_trains_both(tmp_path)
 
 
 def test_a_step_counts_the_sibling_pairs_of_its_extra_batch(tmp_path):
-    from edsam_online.loader import MixedBatch
-
     with _trainer(tmp_path, "edsam") as trainer:
         texts = trainer.tokenizer(["a shape"] * 8)
         batch = MixedBatch(torch.rand(4, 3, 32, 32), texts[:4], list("abcd"), torch.rand(4, 3, 32, 32), texts[4:],
                            ["s1", "s1", "s1", "s2"], torch.tensor([True, True, True, True]), torch.zeros(4))
         assert trainer.train_step(batch).sibling_pairs == 3  # s1 three times: 3 pairs
+
+
+@pytest.mark.parametrize("ratio,block", [(0.5, 4), (0.75, 8), (0.25, 3)])
+def test_masking_masks_the_configured_fraction_of_every_image(ratio, block):
+    from edsam_online.methods import BlockMasking
+
+    mask = BlockMasking(ratio, block, seed=0).mask(16, 32, 32)
+    rows = -(-32 // block)
+    expected_blocks = round(ratio * rows * rows)
+    for m in mask[:, 0]:
+        grid = m[::block, ::block]  # one pixel per block: blocks are all or nothing
+        assert int(grid.sum()) == expected_blocks
+        assert torch.equal(m, grid.repeat_interleave(block, 0).repeat_interleave(block, 1)[:32, :32])
+    assert not torch.equal(mask[0], mask[1])  # each image its own blocks
+
+
+def test_a_masking_trainer_trains_on_masked_copies_of_its_real_images(tmp_path):
+    with _trainer(tmp_path, "masking", model={"name": "edsam-tiny"}, method={"mask_block": 2}) as trainer:
+        assert trainer.buffer is None and trainer.syn_batch == 4
+        assert trainer.augmentation.block == 4  # the tiny ViT's patch size, not mask_block
+        texts = trainer.tokenizer(["a shape"] * 4)
+        real = torch.rand(4, 3, 32, 32) + 0.5  # no pixel is 0 before masking
+        empty = torch.empty(0, 3, 32, 32)
+        batch = MixedBatch(real.clone(), texts, list("abcd"), empty, texts[:0], [], torch.zeros(0, dtype=torch.bool),
+                           torch.zeros(0))
+        out = trainer.train_step(batch)
+        assert out.used_syn and out.num_synthetic == 4 and out.loss_syn > 0
+        assert batch.syn_keys == list("abcd") and torch.equal(batch.real_images, real)  # the real term is untouched
+        masked = (batch.syn_images == 0).all(dim=1).float().mean().item()
+        assert masked == pytest.approx(0.5)
+        kept = batch.syn_images != 0
+        assert torch.equal(batch.syn_images[kept], real[kept])

@@ -9,7 +9,8 @@ import torch.distributed as dist
 from edsam_online.config import load_config
 from edsam_online.loader import MixedBatch
 from edsam_online.runtime import free_port
-from edsam_online.trainer import Augmentation, Trainer
+from edsam_online.methods import Augmentation
+from edsam_online.trainer import Trainer
 
 
 @pytest.fixture(scope="module", autouse=True)
