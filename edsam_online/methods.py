@@ -13,6 +13,10 @@ contrastive term, so methods are compared at the same images per step:
 ``identity``  alpha = 0: a reconstruction through the same LDM, which          producer
               separates the generator's own artefacts from the shift
 ``masking``   FLIP-style masking: masked copies of the step's real images      augment
+``ada``       Volpi et al. (2018): real images moved by gradient ascent on     augment
+              the current CLIP loss, with a feature-distance penalty
+``advstyle``  Zhong et al. (2022): real images restyled by per-channel mean    augment
+              and std moved by gradient ascent on the current CLIP loss
 ============  ===============================================================  =========
 
 A method with a producer sets the generator's ``diffusion.mode``; the config check
@@ -40,9 +44,11 @@ GENERATOR_MODES: dict[str, str | None] = {
     "random": "random",
     "identity": "identity",
     "masking": None,
+    "ada": None,
+    "advstyle": None,
 }
 #: Methods whose extra batch an :class:`Augmentation` makes from the step's real batch.
-AUGMENTING = ("masking",)
+AUGMENTING = ("masking", "ada", "advstyle")
 
 
 @dataclass
@@ -50,20 +56,31 @@ class MethodConfig:
     """Which method fills Eq. 11's second term (the module docstring lists them).
 
     ``masking``: ``mask_ratio`` of each image is masked, in square blocks of ``mask_block``
-    pixels; a ViT's blocks are its patches whatever ``mask_block`` says.
+    pixels; a ViT's blocks are its patches whatever ``mask_block`` says. ``ada`` and
+    ``advstyle``: ``adv_steps`` signed-gradient ascent steps of size ``adv_lr`` (in
+    normalised pixel units for ``ada``, in normalised mean/std units for ``advstyle``);
+    ``ada_gamma`` weighs ADA's penalty on the squared distance of the perturbed images'
+    embeddings from the originals'.
     """
 
     name: str = "edsam"
     mask_ratio: float = 0.5
     mask_block: int = 4
+    adv_steps: int = 2
+    adv_lr: float = 0.05
+    ada_gamma: float = 1.0
 
     def __post_init__(self) -> None:
         if self.name not in GENERATOR_MODES:
             raise ValueError(f"name must be one of {tuple(GENERATOR_MODES)}, got {self.name!r}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        if self.mask_block < 1:
-            raise ValueError(f"mask_block must be >= 1, got {self.mask_block}")
+        for name in ("mask_block", "adv_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("adv_lr", "ada_gamma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def generator_mode(self) -> str | None:
@@ -124,14 +141,104 @@ class BlockMasking(Augmentation):
         return grid.repeat_interleave(self.block, 2).repeat_interleave(self.block, 3)[:, :, :height, :width]
 
     def __call__(self, batch: MixedBatch, trainer: Any) -> MixedBatch:
+        images = batch.real_images[:trainer.syn_batch]
+        return _fill_slot(batch, images.masked_fill(self.mask(len(images), images.shape[-2], images.shape[-1]), 0.0))
+
+
+def _fill_slot(batch: MixedBatch, images: torch.Tensor) -> MixedBatch:
+    """The slot becomes ``images``, made from the first rows of the real batch (their captions)."""
+    n = images.shape[0]
+    batch.syn_images = images
+    batch.syn_texts = batch.real_texts[:n]
+    batch.syn_keys = list(batch.real_keys[:n])
+    batch.syn_is_synthetic = torch.ones(n, dtype=torch.bool)
+    batch.syn_alpha = torch.full((n,), float("nan"))
+    return batch
+
+
+class _GradientAscent(Augmentation):
+    """Shared by ADA and AdvStyle: ``steps`` signed-gradient ascent steps on the current
+    model's contrastive loss of a batch (this rank's rows only: no collective, and the
+    parameters' gradients are left untouched). The model runs in eval mode meanwhile, so
+    the ascent's forwards do not move BatchNorm statistics. Written by hand: neither
+    open_clip nor torch ships these domain-generalisation baselines."""
+
+    def __init__(self, steps: int, lr: float):
+        from open_clip.loss import ClipLoss
+
+        self.steps, self.lr = steps, lr
+        self.loss = ClipLoss()
+
+    def objective(self, model: nn.Module, images: torch.Tensor, text_features: torch.Tensor,
+                  scale: torch.Tensor) -> torch.Tensor:
+        image_features = model.encode_image(images, normalize=True)
+        return self.loss(image_features, text_features, scale)
+
+    def ascend(self, model: nn.Module, images: torch.Tensor, texts: torch.Tensor, device: torch.device,
+               make: Any, params: list[torch.Tensor], penalty: Any = None) -> torch.Tensor:
+        """Move ``params`` up the loss of ``make(*params)`` (the images); returns the last images."""
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                text_features = model.encode_text(texts.to(device), normalize=True)
+                scale = model.logit_scale.exp()
+            for _ in range(self.steps):
+                for p in params:
+                    p.requires_grad_(True)
+                x = make(*params)
+                objective = self.objective(model, x, text_features, scale)
+                if penalty is not None:
+                    objective = objective - penalty(model, x)
+                grads = torch.autograd.grad(objective, params)
+                with torch.no_grad():
+                    params = [(p + self.lr * g.sign()).detach() for p, g in zip(params, grads)]
+            with torch.no_grad():
+                return make(*params).detach()
+        finally:
+            model.train(was_training)
+
+
+class ADA(_GradientAscent):
+    """``ada`` (Volpi et al., 2018): the extra batch is the step's first ``syn_batch`` real
+    images after ``steps`` ascent steps on ``L_clip(x', c) - gamma * ||f(x') - f(x)||^2``,
+    ``f`` the normalised image embedding: images the current model finds hard that keep
+    their meaning."""
+
+    def __init__(self, steps: int, lr: float, gamma: float):
+        super().__init__(steps, lr)
+        self.gamma = gamma
+
+    def __call__(self, batch: MixedBatch, trainer: Any) -> MixedBatch:
+        model, device = trainer.model, trainer.device
         n = trainer.syn_batch
-        images = batch.real_images[:n]
-        batch.syn_images = images.masked_fill(self.mask(n, images.shape[-2], images.shape[-1]), 0.0)
-        batch.syn_texts = batch.real_texts[:n]
-        batch.syn_keys = list(batch.real_keys[:n])
-        batch.syn_is_synthetic = torch.ones(n, dtype=torch.bool)
-        batch.syn_alpha = torch.full((n,), float("nan"))
-        return batch
+        images = batch.real_images[:n].to(device)
+        with torch.no_grad():
+            reference = model.encode_image(images, normalize=True)
+
+        def penalty(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return self.gamma * (m.encode_image(x, normalize=True) - reference).pow(2).sum(dim=1).mean()
+
+        moved = self.ascend(model, images, batch.real_texts[:n], device, lambda x: x, [images.clone()], penalty)
+        return _fill_slot(batch, moved.cpu())
+
+
+class AdvStyle(_GradientAscent):
+    """``advstyle`` (Zhong et al., 2022): the extra batch is the step's first ``syn_batch``
+    real images re-styled: each image's per-channel mean and std become learnable,
+    start at their own values and take ``steps`` ascent steps on the contrastive loss;
+    the normalised image content is kept."""
+
+    def __call__(self, batch: MixedBatch, trainer: Any) -> MixedBatch:
+        model, device = trainer.model, trainer.device
+        n = trainer.syn_batch
+        images = batch.real_images[:n].to(device)
+        mean = images.mean(dim=(2, 3), keepdim=True)
+        std = images.std(dim=(2, 3), keepdim=True) + 1e-5
+        content = (images - mean) / std
+        moved = self.ascend(model, images, batch.real_texts[:n], device, lambda mu, sigma: content * sigma + mu,
+                            [mean.clone(), std.clone()])
+        return _fill_slot(batch, moved.cpu())
 
 
 def build_augmentation(cfg: MethodConfig, model: nn.Module, seed: int = 0) -> Augmentation:
@@ -140,4 +247,8 @@ def build_augmentation(cfg: MethodConfig, model: nn.Module, seed: int = 0) -> Au
         patch = getattr(model.visual, "patch_size", None)  # open_clip's VisionTransformer
         block = (patch[0] if isinstance(patch, tuple) else patch) if patch is not None else cfg.mask_block
         return BlockMasking(cfg.mask_ratio, int(block), seed)
+    if cfg.name == "ada":
+        return ADA(cfg.adv_steps, cfg.adv_lr, cfg.ada_gamma)
+    if cfg.name == "advstyle":
+        return AdvStyle(cfg.adv_steps, cfg.adv_lr)
     return Augmentation()

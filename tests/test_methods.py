@@ -190,3 +190,53 @@ def test_a_masking_trainer_trains_on_masked_copies_of_its_real_images(tmp_path):
         assert masked == pytest.approx(0.5)
         kept = batch.syn_images != 0
         assert torch.equal(batch.syn_images[kept], real[kept])
+
+
+def _real_batch(trainer: Trainer, n: int = 4) -> MixedBatch:
+    torch.manual_seed(1)
+    texts = trainer.tokenizer([f"a {size} shape number {i}" for i, size in enumerate(["small", "large"] * (n // 2))])
+    empty = torch.empty(0, 3, 32, 32)
+    return MixedBatch(torch.randn(n, 3, 32, 32), texts, [f"k{i}" for i in range(n)], empty, texts[:0], [],
+                      torch.zeros(0, dtype=torch.bool), torch.zeros(0))
+
+
+def _clip_loss(trainer: Trainer, images: torch.Tensor, texts: torch.Tensor) -> float:
+    from open_clip.loss import ClipLoss
+
+    model = trainer.model.eval()
+    with torch.no_grad():
+        loss = ClipLoss()(model.encode_image(images, normalize=True), model.encode_text(texts, normalize=True),
+                          model.logit_scale.exp())
+    model.train()
+    return float(loss)
+
+
+def test_ada_perturbs_the_real_images_so_that_the_clip_loss_rises(tmp_path):
+    with _trainer(tmp_path, "ada", method={"adv_steps": 3, "adv_lr": 0.05, "ada_gamma": 0.1}) as trainer:
+        batch = _real_batch(trainer)
+        real = batch.real_images.clone()
+        trainer.augmentation(batch, trainer)
+        assert batch.syn_images.shape == real.shape and batch.syn_keys == batch.real_keys
+        assert (batch.syn_images - real).abs().max() <= 3 * 0.05 + 1e-6  # 3 signed steps of 0.05
+        assert _clip_loss(trainer, batch.syn_images, batch.syn_texts) > _clip_loss(trainer, real, batch.real_texts)
+        assert all(p.grad is None for p in trainer.model.parameters())  # the ascent leaves no gradient behind
+        assert trainer.model.training
+        out = trainer.train_step(_real_batch(trainer))
+        assert out.used_syn and out.num_synthetic == 4
+
+
+def test_advstyle_moves_the_channel_statistics_and_keeps_the_content(tmp_path):
+    with _trainer(tmp_path, "advstyle", method={"adv_steps": 2, "adv_lr": 0.1}) as trainer:
+        batch = _real_batch(trainer)
+        real = batch.real_images.clone()
+        trainer.augmentation(batch, trainer)
+        styled = batch.syn_images
+
+        def stats(x):
+            return x.mean(dim=(2, 3)), x.std(dim=(2, 3))
+
+        (m0, s0), (m1, s1) = stats(real), stats(styled)
+        assert (m1 - m0).abs().mean() > 0.1 and (s1 - s0).abs().mean() > 0.1  # 2 steps of 0.1: channels restyled
+        assert torch.allclose((styled - m1[..., None, None]) / s1[..., None, None],
+                              (real - m0[..., None, None]) / s0[..., None, None], atol=1e-3)
+        assert _clip_loss(trainer, styled, batch.syn_texts) > _clip_loss(trainer, real, batch.real_texts)
