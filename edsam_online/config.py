@@ -77,7 +77,7 @@ def _with_key(group: str, component_type: type, err: Exception) -> ValueError:
 def _check_cross(cfg: Config) -> None:
     """Constraints between components, named by the key to change."""
     mode = cfg.method.generator_mode
-    if mode is not None and cfg.diffusion.mode != mode:
+    if cfg.method.extra_batch == "stream" and cfg.diffusion.mode != mode:
         raise ValueError(f"diffusion.mode: method={cfg.method.name} generates with mode {mode!r}, got "
                          f"{cfg.diffusion.mode!r} (choose the method instead: method=random, method=identity, ...)")
     if cfg.mix.mix_mode == "replace" and cfg.mix.syn_batch_size(cfg.trainer.batch_size) >= cfg.trainer.batch_size:

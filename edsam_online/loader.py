@@ -60,7 +60,7 @@ from edsam_online.wire import SyntheticSample
 
 FALLBACK_EPOCH = 1_000_000  # the fallback stream starts here: same data, an unrelated shuffle
 EXTRA_EPOCH = 2_000_000  # real2x's second stream starts here
-EXTRAS = ("stream", "real")
+EXTRAS = ("stream", "real", "shards")
 MIX_MODES = ("add", "replace")
 
 
@@ -294,6 +294,8 @@ class Preprocess:
                 return None
             array, caption, key, alpha = sample.image, sample.caption, sample.key, float("nan")
             synthetic = self.real_is_extra
+            if synthetic and "source_key" in sample.meta:  # an offline sample: its provenance
+                key, alpha = str(sample.meta["source_key"]), float(sample.meta.get("alpha", alpha))
         image = self.transform(Image.fromarray(np.asarray(array)))
         return Example(image, self.tokenizer([caption])[0], key, synthetic, alpha)
 
@@ -324,7 +326,8 @@ class MixedLoader:
     ``syn_batch = 0`` gives real-only batches with an empty slot. ``extra`` is where the
     slot's items come from: ``"stream"`` (the replay ``buffer``, with a real fallback;
     ``distinct_sources``: at most one sample per source key in a slot) or ``"real"`` (a
-    second real stream, disjoint within each step). ``state_dict()`` /
+    second real stream, disjoint within each step) or ``"shards"`` (generated samples a
+    producer wrote to ``shards``, read as a webdataset source). ``state_dict()`` /
     ``load_state_dict()`` (before iterating) make a resumed run continue its real-data
     stream exactly.
     """
@@ -344,6 +347,7 @@ class MixedLoader:
         prefetch: int = 2,
         extra: str = "stream",
         distinct_sources: bool = False,
+        shards: str | list[str] = "",
     ):
         if real_batch < 1:
             raise ValueError(f"real_batch must be >= 1, got {real_batch}")
@@ -373,7 +377,14 @@ class MixedLoader:
             slot = mapped(source, preprocess)
         elif syn_batch > 0:
             extra_preprocess = Preprocess(transform, tokenizer, data_cfg.resolution, self.counters, real_is_extra=True)
-            slot = mapped(another_stream(EXTRA_EPOCH), extra_preprocess)
+            if extra == "real":
+                source: BaseNode = another_stream(EXTRA_EPOCH)
+            else:  # offline shards a producer wrote: a webdataset source of their own
+                shard_cfg = RealDataConfig(kind="webdataset", path=shards, resolution=data_cfg.resolution,
+                                           seed=data_cfg.seed, shuffle=data_cfg.shuffle,
+                                           shuffle_buffer=data_cfg.shuffle_buffer)
+                source = RealSourceNode(shard_cfg, rank, world_size, self.counters)
+            slot = mapped(source, extra_preprocess)
         zipped = ZipParts(real, slot, syn_batch, collate, distinct=extra == "real", counters=self.counters)
         root = Prefetcher(zipped, prefetch_factor=prefetch)
         self._loader = Loader(root, restart_on_stop_iteration=False)

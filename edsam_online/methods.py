@@ -60,10 +60,14 @@ class MethodConfig:
     ``advstyle``: ``adv_steps`` signed-gradient ascent steps of size ``adv_lr`` (in
     normalised pixel units for ``ada``, in normalised mean/std units for ``advstyle``);
     ``ada_gamma`` weighs ADA's penalty on the squared distance of the perturbed images'
-    embeddings from the originals'.
+    embeddings from the originals'. ``offline_shards`` (a generating method only): read
+    the extra batch from shards a producer wrote with ``producer.sink=shards`` (a brace
+    pattern, list or folder of ``*.tar``), the paper's generate-then-train pipeline, instead
+    of the online stream; the run then needs no producer.
     """
 
     name: str = "edsam"
+    offline_shards: str = ""
     mask_ratio: float = 0.5
     mask_block: int = 4
     adv_steps: int = 2
@@ -75,6 +79,8 @@ class MethodConfig:
             raise ValueError(f"name must be one of {tuple(GENERATOR_MODES)}, got {self.name!r}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.offline_shards and GENERATOR_MODES[self.name] is None:
+            raise ValueError(f"offline_shards: method {self.name} generates nothing to read from shards")
         for name in ("mask_block", "adv_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -89,12 +95,15 @@ class MethodConfig:
 
     @property
     def extra_batch(self) -> str:
-        """Where the second term's pairs come from: ``"none"``, ``"real"`` or ``"stream"``."""
+        """Where the second term's pairs come from: ``"none"``, ``"real"``, ``"stream"`` (the
+        producers), ``"shards"`` (``offline_shards``) or ``"augment"`` (the step's hook)."""
         if self.name == "none":
             return "none"
         if self.name in AUGMENTING:
             return "augment"
-        return "stream" if self.generator_mode is not None else "real"
+        if self.generator_mode is None:
+            return "real"
+        return "shards" if self.offline_shards else "stream"
 
 
 class Augmentation:

@@ -11,9 +11,12 @@ sent and flushed, then sockets close and :meth:`Producer.run` returns (the CLI e
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import logging
 import math
+import os
 import random
 import secrets
 import signal
@@ -23,7 +26,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+import webdataset as wds
 import zmq
+from PIL import Image
 from tqdm import tqdm
 
 from edsam_online import security
@@ -38,6 +43,8 @@ if TYPE_CHECKING:  # annotations only: the sampler is passed in, this module nee
 log = logging.getLogger(__name__)
 
 _SEND_SLICE_S = 0.2  # a blocked send re-checks the stop flag this often
+SINKS = ("stream", "shards")
+_SHARD_EXTENSIONS = {"raw": "png", "jpeg": "jpg", "webp": "webp"}
 
 
 @dataclass
@@ -55,6 +62,12 @@ class ProducerConfig:
     behind the round-robin PUSH gets them). ``threads`` > 0 sets torch's intra-op
     threads (0: torch's default); on a small CPU box shared with a trainer, 1 avoids
     oversubscribed OpenMP spinning.
+
+    ``sink="shards"`` is the paper's offline pipeline: instead of streaming, the producer
+    writes its samples to webdataset shards in the img2dataset layout under ``shard_dir``
+    (``<name>-<session>-NNNNNN.tar``, ``shard_samples`` samples each; ``key.png`` for raw
+    ``stream.encoding``, else ``key.jpg``/``key.webp``, ``key.txt`` the caption,
+    ``key.json`` the sample's provenance), for a trainer to read with ``method.offline_shards``.
     """
 
     rank: int = 0
@@ -70,6 +83,9 @@ class ProducerConfig:
     stats_every: int = 20
     log_every_s: float = 10.0
     threads: int = 0
+    sink: str = "stream"
+    shard_dir: str = ""
+    shard_samples: int = 1000
 
     @property
     def name(self) -> str:
@@ -92,6 +108,12 @@ class ProducerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.m is not None and self.m < 1:
             raise ValueError(f"m must be >= 1 or null, got {self.m}")
+        if self.sink not in SINKS:
+            raise ValueError(f"sink must be one of {SINKS}, got {self.sink!r}")
+        if self.sink == "shards" and not self.shard_dir:
+            raise ValueError("shard_dir must be set when producer.sink is shards")
+        if self.shard_samples < 1:
+            raise ValueError(f"shard_samples must be >= 1, got {self.shard_samples}")
         for name in ("send_timeout_s", "stop_grace_s", "log_every_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -260,11 +282,18 @@ class Producer:
         metric_logger = None
         if self.logging_cfg is not None and self.run_dir is not None:
             metric_logger = MetricLogger(self.logging_cfg, self.run_dir, role="producer", rank=pcfg.rank)
-        ctx = zmq.Context()
-        sock = open_producer_socket(ctx, stream_cfg, pcfg.rank if pcfg.endpoint_index is None else pcfg.endpoint_index)
-        if self.on_bound is not None and stream_cfg.producers_bind:
-            self.on_bound(sock.last_endpoint.decode())
+        ctx = sock = writer = None
         session = secrets.randbits(62)
+        if pcfg.sink == "shards":
+            os.makedirs(pcfg.shard_dir, exist_ok=True)
+            pattern = os.path.join(pcfg.shard_dir, f"{pcfg.name}-{session:016x}-%06d.tar")
+            writer = wds.ShardWriter(pattern, maxcount=pcfg.shard_samples, verbose=0)
+        else:
+            ctx = zmq.Context()
+            sock = open_producer_socket(ctx, stream_cfg,
+                                        pcfg.rank if pcfg.endpoint_index is None else pcfg.endpoint_index)
+            if self.on_bound is not None and stream_cfg.producers_bind:
+                self.on_bound(sock.last_endpoint.decode())
         stats_rng = random.Random(session)
         data = iter_real_samples(self.data_cfg, pcfg.rank, pcfg.num_producers, self.counters)
         state = self.state
@@ -288,6 +317,9 @@ class Producer:
                     seed=batch_seed(pcfg.seed, pcfg.rank, batch_index),
                 )
                 state["unet_calls"] += generated.unet_calls
+                if writer is not None:
+                    self._write(writer, generated, session, limit, bar)
+                    continue
                 per_message = samples_per_message(stream_cfg, generated.images[0].nbytes)
                 first = 0
                 while first < len(generated):
@@ -320,9 +352,11 @@ class Producer:
         finally:
             bar.close()
             final = self.metrics()
-            # Give queued messages up to stop_grace_s to reach a trainer, then drop them.
-            sock.close(linger=int(pcfg.stop_grace_s * 1000))
-            ctx.term()
+            if writer is not None:
+                writer.close()
+            else:  # give queued messages up to stop_grace_s to reach a trainer, then drop them
+                sock.close(linger=int(pcfg.stop_grace_s * 1000))
+                ctx.term()
             stop.restore()
             if metric_logger is not None:
                 metric_logger.log(final, step=state["sent"])
@@ -330,6 +364,34 @@ class Producer:
         log.info("producer %s: sent %d samples (%d dropped unsent)", pcfg.name, state["sent"],
                  state["dropped_unsent"])
         return final
+
+    def _write(self, writer: Any, generated: GeneratedBatch, session: int, limit: int, bar: Any) -> None:
+        """Write the rows of ``generated`` (up to ``limit`` samples in all) as shard samples."""
+        pcfg, state = self.cfg, self.state
+        encoding = self.stream_cfg.encoding
+        fmt = "png" if encoding == "raw" else encoding
+        rows = len(generated) if not limit else min(len(generated), limit - state["sent"])
+        for r in range(rows):
+            source = int(generated.source[r])
+            provenance = {
+                "producer_id": pcfg.name, "session": session, "seq": state["sent"],
+                "source_key": generated.source_keys[source], "caption": generated.captions[source],
+                "alpha": float(generated.alpha[r]), "seed": int(generated.seed[r]),
+                "sample_index": int(generated.sample_index[r]), "rho": generated.rho, "model_id": generated.model_id,
+                "mode": generated.mode, "steps": generated.steps, "inversion_steps": generated.inversion_steps,
+                "guidance": generated.guidance,
+            }
+            buf = io.BytesIO()
+            Image.fromarray(generated.images[r]).save(buf, format=fmt.upper(), quality=self.stream_cfg.quality)
+            writer.write({
+                "__key__": f"{pcfg.name}-{session:016x}-{state['sent']:09d}",
+                _SHARD_EXTENSIONS[encoding]: buf.getvalue(),
+                "txt": generated.captions[source],
+                "json": json.dumps(provenance).encode(),
+            })
+            state["generated"] += 1
+            state["sent"] += 1
+            bar.update(1)
 
     def _send(self, sock: zmq.Socket, frames: list) -> bool:
         """Bounded send; once a stop is requested the message gets at most ``stop_grace_s`` more."""

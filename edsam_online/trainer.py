@@ -209,10 +209,11 @@ class Trainer:
                 stack.callback(self.receiver.stop)
             self.loader = MixedLoader(
                 cfg.data, preprocess_train, self.tokenizer, real_batch=self.real_batch,
-                syn_batch=self.syn_batch if extra in ("stream", "real") else 0,  # "augment": the hook makes it
+                syn_batch=self.syn_batch if extra != "augment" else 0,  # "augment": the hook makes it
                 buffer=self.buffer, syn_wait_s=cfg.mix.syn_wait_s, rank=self.rank, world_size=self.world,
-                num_workers=rt.num_workers, prefetch=rt.prefetch, extra="real" if extra == "real" else "stream",
-                distinct_sources=cfg.buffer.distinct_sources,
+                num_workers=rt.num_workers, prefetch=rt.prefetch,
+                extra=extra if extra in ("real", "shards") else "stream",
+                distinct_sources=cfg.buffer.distinct_sources, shards=cfg.method.offline_shards,
             )
             self._resume()
             self.logger = MetricLogger(cfg.logging, self.run_dir, "trainer", self.rank, config=resolved)

@@ -52,7 +52,8 @@ def test_a_generator_mode_that_disagrees_with_the_method_stops_at_start():
 
 
 @pytest.mark.parametrize("overrides,answer", [(["method=real2x"], "no"), (["method=none"], "no"),
-                                              (["method=identity"], "yes"), ([], "yes")])
+                                              (["method=identity"], "yes"), ([], "yes"),
+                                              (["method.offline_shards=/data/syn"], "no")])
 def test_launch_plans_producers_only_for_methods_that_generate(overrides, answer):
     out = subprocess.run([sys.executable, "-m", "producers.plan", *overrides], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
@@ -240,3 +241,49 @@ def test_advstyle_moves_the_channel_statistics_and_keeps_the_content(tmp_path):
         assert torch.allclose((styled - m1[..., None, None]) / s1[..., None, None],
                               (real - m0[..., None, None]) / s0[..., None, None], atol=1e-3)
         assert _clip_loss(trainer, styled, batch.syn_texts) > _clip_loss(trainer, real, batch.real_texts)
+
+
+def test_offline_shards_round_trip_from_a_producer_into_the_trainer(tmp_path, clip_io):
+    """The paper's pipeline: a producer writes its samples to shards, a trainer reads them
+    as its synthetic source with the same loss."""
+    import json
+    import tarfile
+
+    from _streaming_helpers import tiny_configs
+    from edsam_online.diffusion import build_sampler
+    from edsam_online.producer import Producer, ProducerConfig
+    from edsam_online.streaming import StreamConfig
+
+    data, sampler_cfg = tiny_configs()
+    shards = tmp_path / "shards"
+    pcfg = ProducerConfig(num_samples=10, batch_size=2, m=2, seed=4, sink="shards", shard_dir=str(shards),
+                          shard_samples=4)
+    result = Producer(StreamConfig(), pcfg, data, build_sampler(sampler_cfg), install_signal_handlers=False).run()
+    assert result["producer/sent"] == 10
+    tars = sorted(shards.glob("*.tar"))
+    assert len(tars) == 3  # 4 + 4 + 2 samples
+    members = [m.name for t in tars for m in tarfile.open(t).getmembers()]
+    assert sorted({m.rsplit(".", 1)[1] for m in members}) == ["json", "png", "txt"] and len(members) == 30
+    provenance = [json.loads(tarfile.open(t).extractfile(m).read()) for t in tars
+                  for m in tarfile.open(t).getmembers() if m.name.endswith(".json")]
+    assert sorted(p["seq"] for p in provenance) == list(range(10))
+    assert {p["mode"] for p in provenance} == {"transport"} and all("alpha" in p for p in provenance)
+
+    transform, tokenizer = clip_io
+    loader = MixedLoader(RealDataConfig(length=64), transform, tokenizer, 4, 4, extra="shards", shards=str(shards),
+                         num_workers=1, prefetch=1)
+    batch = next(iter(loader))
+    assert batch.syn_is_synthetic.all() and batch.syn_images.shape == (4, 3, 32, 32)
+    sources = {p["source_key"] for p in provenance}
+    assert set(batch.syn_keys) <= sources  # keyed by their source image, as online samples are
+    assert torch.isfinite(batch.syn_alpha).all()  # alpha read from the provenance
+
+    with _trainer(tmp_path, "edsam", method={"offline_shards": str(shards)}) as trainer:
+        assert trainer.buffer is None and trainer.receiver is None and trainer.syn_batch == 4
+        out = trainer.train_step(next(iter(trainer.loader)))
+        assert out.used_syn and out.num_synthetic == 4 and out.loss_syn > 0
+
+
+def test_offline_shards_need_a_generating_method():
+    with pytest.raises(ValueError, match=r"^method\.offline_shards: method real2x generates nothing"):
+        _compose(["method=real2x", "method.offline_shards=/tmp/x"])
