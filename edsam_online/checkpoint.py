@@ -11,6 +11,7 @@ stream exactly.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,11 +119,15 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore the given objects in place; returns ``{"step", "loader_states", "extra"}``.
 
-    ``weights_only=False``: the file also holds loader states (plain Python and
-    numpy RNG state) and is one this project wrote itself; never point it at
-    an untrusted file.
+    Loaded with ``weights_only=True``: nothing in a checkpoint is unpickled as code (the
+    loader states are plain dicts, lists, numbers and strings), so a file that smuggles
+    in an arbitrary object is refused with ``ValueError`` rather than run.
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: not a plain checkpoint (it holds objects weights_only loading refuses): "
+                         f"{str(err).splitlines()[0]}") from None
     unwrap(model).load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])

@@ -77,3 +77,21 @@ def test_resume_values():
     assert ckpt.resolve_resume("latest", "/nonexistent") is None  # a fresh run starts from scratch
     with pytest.raises(ValueError, match="checkpoint.resume: no checkpoint file"):
         ckpt.resolve_resume("/nonexistent/step_1.pt", "/tmp")
+
+
+class _Payload:
+    """An object whose unpickling would run code."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading a checkpoint",))
+
+
+def test_a_checkpoint_that_smuggles_in_an_object_is_refused_not_run(tmp_path, capsys):
+    model, opt, sched, scaler = _state()
+    path = ckpt.save_checkpoint(tmp_path, 1, model, opt, sched, scaler, [{"epoch": 0}])
+    state = torch.load(path, weights_only=True)
+    state["extra"]["payload"] = _Payload()
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="not a plain checkpoint"):
+        ckpt.load_checkpoint(path, model)
+    assert "this ran" not in capsys.readouterr().out
