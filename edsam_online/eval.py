@@ -19,6 +19,7 @@ and the probe trains on seed+1, so nothing evaluated was trained on.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -34,7 +35,7 @@ from .data.shapes import CLASSES, SIZES, render_sample
 
 logger = logging.getLogger(__name__)
 
-ZS_PREFIX, LP_PREFIX = "eval/zeroshot_top1", "eval/linear_probe"
+ZS_PREFIX, ZS5_PREFIX, LP_PREFIX = "eval/zeroshot_top1", "eval/zeroshot_top5", "eval/linear_probe"
 _SUMMARY = ("source", "target_mean")
 
 # "shapes": the wording of the built-in captions ("a {size} {color} {class}"),
@@ -57,7 +58,9 @@ class EvalConfig:
     a torchvision ImageFolder tree (class folders named by class; from Hydra:
     `+eval.imagefolders.pacs_sketch=/data/pacs/sketch`); zero-shot uses the folder names
     as class names, the probe applies only when all of them are built-in classes.
-    templates: a key of TEMPLATE_SETS. probe_weight_decays: L2 strengths to choose from.
+    templates: a key of TEMPLATE_SETS, or a text file with one template per line, each
+    holding "{}" where the class name goes. top5: also report zero-shot top-5
+    (`eval/zeroshot_top5/...`). probe_weight_decays: L2 strengths to choose from.
     every_steps: how often the trainer evaluates (0: only at the end).
     """
 
@@ -67,6 +70,7 @@ class EvalConfig:
     batch_size: int = 128
     seed: int = 1000
     templates: str = "shapes"
+    top5: bool = False
     linear_probe: bool = True
     probe_train_per_class: int = 50
     probe_steps: int = 100
@@ -90,8 +94,7 @@ class EvalConfig:
             raise ValueError(f"resolution must be >= 8, got {self.resolution}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.templates not in TEMPLATE_SETS:
-            raise ValueError(f"templates must be one of {list(TEMPLATE_SETS)}, got {self.templates!r}")
+        self.template_list()  # a bad set name or file fails here, naming the field
         if not self.probe_weight_decays or min(self.probe_weight_decays) < 0:
             raise ValueError(f"probe_weight_decays must be a non-empty list of values >= 0, "
                              f"got {self.probe_weight_decays}")
@@ -100,6 +103,18 @@ class EvalConfig:
         clash = [n for n in self.imagefolders if n in DOMAINS or n in _SUMMARY or "/" in n]
         if clash:
             raise ValueError(f"imagefolders: names {clash} clash with built-in domains, {_SUMMARY} or contain '/'")
+
+    def template_list(self) -> tuple[str, ...]:
+        """The prompt templates: a named set, or the lines of a file (blank lines skipped)."""
+        if self.templates in TEMPLATE_SETS:
+            return TEMPLATE_SETS[self.templates]
+        if not os.path.isfile(self.templates):
+            raise ValueError(f"templates must be one of {list(TEMPLATE_SETS)} or a file, got {self.templates!r}")
+        with open(self.templates, encoding="utf-8") as f:
+            lines = tuple(line.strip() for line in f if line.strip())
+        if not lines or any("{}" not in t for t in lines):
+            raise ValueError(f"templates: every line of {self.templates} must hold '{{}}' for the class name")
+        return lines
 
 
 @dataclass
@@ -188,20 +203,24 @@ def _with_summary(prefix: str, per_set: dict[str, float]) -> dict[str, float]:
 
 def zero_shot_eval(model, tokenizer, preprocess: Callable, cfg: EvalConfig, device="cpu",
                    sets: dict[str, EvalSet] | None = None) -> dict[str, float]:
-    """Zero-shot top-1 per domain: `eval/zeroshot_top1/<domain>`, `.../source`, `.../target_mean`."""
+    """Zero-shot top-1 per domain: `eval/zeroshot_top1/<domain>`, `.../source`, `.../target_mean`
+    (and top-5 under `eval/zeroshot_top5/` with `cfg.top5`)."""
     sets = sets if sets is not None else compute_eval_sets(model, preprocess, cfg, device)
-    templates = TEMPLATE_SETS[cfg.templates]
+    templates = cfg.template_list()
     classifiers: dict[tuple[str, ...], torch.Tensor] = {}
-    accuracy = {}
+    accuracy, top5 = {}, {}
     with _EvalMode(model):
         for name, s in sets.items():
             key = tuple(s.classnames)
             if key not in classifiers:
                 classifiers[key] = open_clip.build_zero_shot_classifier(
                     model, tokenizer, s.classnames, templates, device=device).float().cpu()
-            pred = (s.features @ classifiers[key]).argmax(dim=1)
-            accuracy[name] = (pred == s.labels).float().mean().item()
-    return _with_summary(ZS_PREFIX, accuracy)
+            logits = s.features @ classifiers[key]
+            accuracy[name] = (logits.argmax(dim=1) == s.labels).float().mean().item()
+            if cfg.top5:
+                best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                top5[name] = (best == s.labels[:, None]).any(dim=1).float().mean().item()
+    return {**_with_summary(ZS_PREFIX, accuracy), **(_with_summary(ZS5_PREFIX, top5) if top5 else {})}
 
 
 def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -278,7 +297,8 @@ def evaluate(model, tokenizer, preprocess: Callable, cfg: EvalConfig, device="cp
 
 def format_eval_table(metrics: dict[str, Any]) -> str:
     """A markdown table: one row per domain (source first, target mean last), top-1 in %."""
-    columns = ((ZS_PREFIX, "zero-shot top-1 (%)"), (LP_PREFIX, "linear probe top-1 (%)"))
+    columns = ((ZS_PREFIX, "zero-shot top-1 (%)"), (ZS5_PREFIX, "zero-shot top-5 (%)"),
+               (LP_PREFIX, "linear probe top-1 (%)"))
     names: list[str] = []
     for key in metrics:
         for prefix, _ in columns:

@@ -1,0 +1,107 @@
+"""edsam-eval: a checkpoint or an open_clip model on built-in domains and ImageFolder trees."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from edsam_online.eval import EvalConfig, EvalSet, zero_shot_eval
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+SMALL_EVAL = ["eval.domains=[flat]", "eval.samples_per_class=2", "eval.linear_probe=false"]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env={**ENV, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+
+
+def _image_tree(root: Path) -> Path:
+    """An ImageFolder tree drawn here with PIL, with class names no built-in data uses."""
+    for name, colour in (("red_apple", (200, 30, 30)), ("green_pear", (40, 180, 60)), ("blue_plum", (40, 60, 200))):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            image = Image.new("RGB", (48, 40), (235, 235, 235))
+            ImageDraw.Draw(image).ellipse((6 + i, 5, 40 - i, 35), fill=colour)
+            image.save(root / name / f"{i}.png")
+    return root
+
+
+def test_edsam_eval_scores_a_trained_run_on_an_image_folder_it_did_not_write(tmp_path):
+    run = tmp_path / "run"
+    train = _run(["consumers.train", f"run_dir={run}", "method=none", "trainer.steps=2", "trainer.batch_size=4",
+                  "trainer.progress=false", "logging.wandb=false", "runtime.num_workers=1", "data.length=64",
+                  *SMALL_EVAL], ROOT)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    tree = _image_tree(tmp_path / "fruit")
+    out = _run(["consumers.evaluate", f"checkpoint={run}", f"+eval.imagefolders.fruit={tree}", *SMALL_EVAL],
+               tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "step_00000002.pt" in out.stdout and "| fruit |" in out.stdout
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert 0 <= metrics["eval/zeroshot_top1/fruit"] <= 1 and metrics["eval/zeroshot_top5/fruit"] == 1.0  # 3 classes
+    rows = list(csv.DictReader(open(run / "eval" / "metrics.csv")))
+    assert {"metric": "eval/zeroshot_top1", "set": "fruit", "value": str(metrics["eval/zeroshot_top1/fruit"])} in rows
+
+
+def test_edsam_eval_scores_an_open_clip_model_by_name(tmp_path):
+    out = _run(["consumers.evaluate", "model.name=RN50", "eval.resolution=224", "eval.templates=simple",
+                f"out_dir={tmp_path / 'out'}", "eval.samples_per_class=1", "eval.domains=[flat,sketch]",
+                "eval.linear_probe=false"], tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "RN50 (random weights)" in out.stdout
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert set(metrics) >= {"eval/zeroshot_top1/flat", "eval/zeroshot_top1/target_mean", "eval/zeroshot_top5/sketch"}
+
+
+def test_edsam_eval_names_a_missing_checkpoint(tmp_path):
+    out = _run(["consumers.evaluate", f"checkpoint={tmp_path / 'nothing'}"], tmp_path)
+    assert out.returncode == 2 and "config error: checkpoint: no run folder or checkpoint file" in out.stdout
+
+
+class _OneHotText:
+    """A text tower whose embedding of a prompt is the one-hot vector of the class it names."""
+
+    classes = ["ant", "bee", "cat", "dog", "eel", "fox"]
+
+    def encode_text(self, tokens, normalize=False):
+        return F.one_hot(tokens, len(self.classes)).float()
+
+    def tokenize(self, texts):
+        return torch.tensor([next(i for i, c in enumerate(self.classes) if c in t.rstrip(".").split())
+                             for t in texts])
+
+
+def test_zero_shot_top1_and_top5_are_exact_on_a_constructed_case(tmp_path):
+    """With one-hot class embeddings the classifier is the identity: an image's logits are its
+    features, so the answer is known: top-1 hits images 0-2, top-5 misses only image 3."""
+    text = _OneHotText()
+    model = torch.nn.Module()
+    model.encode_text = text.encode_text
+    scores = torch.tensor([[6, 5, 4, 3, 2, 1], [1, 6, 5, 4, 3, 2], [2, 1, 6, 5, 4, 3],
+                           [3, 2, 1, 6, 5, 4], [4, 3, 2, 1, 6, 5], [5, 4, 3, 2, 1, 6]], dtype=torch.float)
+    labels = torch.tensor([0, 1, 2, 2, 5, 0])  # 3: its lowest class; 4, 5: their second best
+    sets = {"zoo": EvalSet(F.normalize(scores, dim=1), labels, text.classes)}
+    cfg = EvalConfig(domains=[], imagefolders={"zoo": str(tmp_path)}, templates="simple", top5=True)
+    metrics = zero_shot_eval(model, text.tokenize, None, cfg, sets=sets)
+    assert metrics["eval/zeroshot_top1/zoo"] == pytest.approx(3 / 6)
+    assert metrics["eval/zeroshot_top5/zoo"] == pytest.approx(5 / 6)
+
+
+def test_templates_can_come_from_a_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a drawing of a {}\n\nthe {} itself\n")
+    assert EvalConfig(templates=str(path)).template_list() == ("a drawing of a {}", "the {} itself")
+    path.write_text("no placeholder\n")
+    with pytest.raises(ValueError, match="templates: every line"):
+        EvalConfig(templates=str(path))
