@@ -11,7 +11,8 @@ mean over the built-in target domains) and writes ``metrics.json`` and ``metrics
 ``out_dir`` (default: ``<run folder>/eval``, or ``eval-<model name>`` without one). A run
 folder's model is the one its ``hydra/config.yaml`` names; a bare checkpoint file needs
 ``model.*`` to describe it. Checkpoints load with ``weights_only=True``. The linear probe
-is fit on the built-in source domain and applies to sets whose classes are built-in.
+is fit on the built-in source domain, or on the ImageFolder tree ``eval.probe_train``,
+and scores the sets whose classes it knows.
 """
 
 from __future__ import annotations

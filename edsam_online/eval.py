@@ -58,6 +58,9 @@ class EvalConfig:
     a torchvision ImageFolder tree (class folders named by class; from Hydra:
     `+eval.imagefolders.pacs_sketch=/data/pacs/sketch`); zero-shot uses the folder names
     as class names, the probe applies only when all of them are built-in classes.
+    probe_train: an ImageFolder tree to fit the linear probe on (its folder names are the
+    probe's classes) instead of the built-in source domain; the probe then scores every set
+    whose classes are among them.
     templates: a key of TEMPLATE_SETS, or a text file with one template per line, each
     holding "{}" where the class name goes. top5: also report zero-shot top-5
     (`eval/zeroshot_top5/...`). probe_weight_decays: L2 strengths to choose from.
@@ -76,6 +79,7 @@ class EvalConfig:
     probe_steps: int = 100
     probe_weight_decays: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
     imagefolders: dict[str, str] = field(default_factory=dict)
+    probe_train: str = ""
     every_steps: int = 0
 
     def __post_init__(self) -> None:
@@ -269,20 +273,25 @@ def select_weight_decay(features: torch.Tensor, labels: torch.Tensor, num_classe
 
 def linear_probe_eval(model, preprocess: Callable, cfg: EvalConfig, device="cpu",
                       sets: dict[str, EvalSet] | None = None) -> dict[str, float]:
-    """Probe fit on source-domain training features; top-1 per domain: `eval/linear_probe/<domain>`."""
+    """Probe fit on training features (the built-in source domain, or ``cfg.probe_train``);
+    top-1 per set whose classes the probe knows: `eval/linear_probe/<set>`."""
     sets = sets if sets is not None else compute_eval_sets(model, preprocess, cfg, device)
     with _EvalMode(model):
-        train = _builtin_set(model, preprocess, SOURCE_DOMAIN, cfg, device, split="probe_train")
-    wd = select_weight_decay(train.features, train.labels, len(CLASSES), cfg.probe_weight_decays, cfg.probe_steps)
-    probe = fit_linear_probe(train.features, train.labels, len(CLASSES), cfg.probe_steps, wd)
+        if cfg.probe_train:
+            train = _imagefolder_set(model, preprocess, cfg.probe_train, cfg, device)
+        else:
+            train = _builtin_set(model, preprocess, SOURCE_DOMAIN, cfg, device, split="probe_train")
+    classes = train.classnames
+    wd = select_weight_decay(train.features, train.labels, len(classes), cfg.probe_weight_decays, cfg.probe_steps)
+    probe = fit_linear_probe(train.features, train.labels, len(classes), cfg.probe_steps, wd)
     accuracy = {}
     for name, s in sets.items():
-        if not set(s.classnames) <= set(CLASSES):
-            logger.info("linear probe skips %s: its classes are not built-in classes", name)
+        if not set(s.classnames) <= set(classes):
+            logger.info("linear probe skips %s: its classes are not all among the probe's", name)
             continue
-        to_builtin = torch.tensor([CLASSES.index(c) for c in s.classnames])
+        to_probe = torch.tensor([classes.index(c) for c in s.classnames])
         pred = probe(s.features).argmax(dim=1)
-        accuracy[name] = (pred == to_builtin[s.labels]).float().mean().item()
+        accuracy[name] = (pred == to_probe[s.labels]).float().mean().item()
     return _with_summary(LP_PREFIX, accuracy)
 
 

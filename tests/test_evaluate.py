@@ -105,3 +105,25 @@ def test_templates_can_come_from_a_file(tmp_path):
     path.write_text("no placeholder\n")
     with pytest.raises(ValueError, match="templates: every line"):
         EvalConfig(templates=str(path))
+
+
+def test_the_linear_probe_learns_a_class_list_of_its_own(tmp_path):
+    """A probe fit on an ImageFolder tree of non-built-in classes scores a held-out tree of
+    them (colours an untrained image tower still separates) and skips sets it cannot."""
+    from edsam_online.eval import linear_probe_eval
+    from edsam_online.models import ClipModelConfig, create_clip
+
+    def tree(root: Path, shift: int) -> Path:
+        for name, colour in (("red_apple", (210, 20, 20)), ("green_pear", (20, 190, 40)), ("blue_plum", (20, 40, 210))):
+            (root / name).mkdir(parents=True)
+            for i in range(10):
+                Image.new("RGB", (32, 32), tuple(max(0, c - 3 * i - shift) for c in colour)).save(root / name / f"{i}.png")
+        return root
+
+    torch.manual_seed(0)
+    model, _, preprocess, _ = create_clip(ClipModelConfig(name="edsam-tiny"))
+    cfg = EvalConfig(domains=["flat"], samples_per_class=1, imagefolders={"fruit": str(tree(tmp_path / "test", 1))},
+                     probe_train=str(tree(tmp_path / "train", 0)))
+    metrics = linear_probe_eval(model, preprocess, cfg)
+    assert metrics["eval/linear_probe/fruit"] == 1.0
+    assert "eval/linear_probe/flat" not in metrics  # its classes are not the probe's
