@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""The domain-generalisation study: methods x seeds at equal steps, images per step and model.
+
+    python scripts/dg_study.py                         # every method, 3 seeds (5 for none, real2x, edsam)
+    python scripts/dg_study.py --quick                 # one seed of none, real2x, edsam (a smoke check)
+    python scripts/dg_study.py --sweep diffusion.rho=0.2,0.5,1.0 --methods edsam   # Table 1 in kind
+    python scripts/dg_study.py --imagefolder pacs_sketch=/data/pacs/sketch trainer.steps=300
+
+Each run is ``scripts/launch.sh --run-dir <out>/runs/<sweep>/<method>/seed<S> experiment=cpu_demo
+method=<method> seed=S data.seed=S producer.seed=S eval.samples_per_class=<n> <overrides>``:
+the same experiment for every method, so the same steps, model, real batch and images per
+step. Evaluation uses ``--eval-per-class`` images per class (1000 per domain by default: the
+sampling error of a domain's accuracy stays near 1.6 points). A run whose ``result.json``
+exists is skipped, so an interrupted study continues where it stopped. Each result records
+the final zero-shot and linear-probe top-1 per set, the wall time, the trainer's mean step
+time and the producer's samples/s.
+
+Writes ``<out>/table.md`` (mean ± std over seeds per method, per set and target mean, for
+zero-shot and linear probe), ``<out>/table.csv`` and ``<out>/bars.png``. Trailing arguments
+are Hydra overrides for every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("none", "real2x", "edsam", "random", "identity", "masking", "ada", "advstyle")
+CORE = ("none", "real2x", "edsam")  # the comparison that matters gets more seeds
+PREFIXES = {"zero-shot": "eval/zeroshot_top1/", "linear probe": "eval/linear_probe/"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method")
+    p.add_argument("--core-seeds", type=int, default=5, help=f"seeds for {', '.join(CORE)}")
+    p.add_argument("--eval-per-class", type=int, default=100, help="evaluation images per class and domain")
+    p.add_argument("--imagefolder", action="append", default=[], metavar="NAME=PATH",
+                   help="an extra ImageFolder evaluation set (repeatable)")
+    p.add_argument("--sweep", default="", metavar="KEY=V1,V2", help="one override swept over values")
+    p.add_argument("--out", default=str(ROOT / "results" / "dg_study"))
+    p.add_argument("--launcher", default=str(ROOT / "scripts" / "launch.sh"), help=argparse.SUPPRESS)
+    p.add_argument("--quick", action="store_true", help="one seed of none, real2x and edsam")
+    args, overrides = p.parse_known_args(argv)
+    args.overrides = overrides
+    args.methods = list(CORE) if args.quick else [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"--methods: unknown {unknown}, choose from {list(METHODS)}")
+    return args
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, int, list[str]]]:
+    """(sweep label, method, seed, overrides) of every run, in order."""
+    sweep: list[tuple[str, list[str]]] = [("base", [])]
+    if args.sweep:
+        key, _, values = args.sweep.partition("=")
+        sweep = [(f"{key}={v}", [f"{key}={v}"]) for v in values.split(",") if v]
+    runs = []
+    for label, extra in sweep:
+        for method in args.methods:
+            seeds = 1 if args.quick else (args.core_seeds if method in CORE else args.seeds)
+            for seed in range(seeds):
+                runs.append((label, method, seed, extra))
+    return runs
+
+
+def final_record(metrics_file: Path) -> dict[str, float]:
+    """The last values of every key in a trainer's JSONL (evaluation and training)."""
+    last: dict[str, float] = {}
+    step_times = []
+    for line in metrics_file.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        last.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
+        if "train/step_time_s" in record:
+            step_times.append(record["train/step_time_s"])
+    last["train/step_time_s_mean"] = statistics.fmean(step_times) if step_times else float("nan")
+    return last
+
+
+def run_one(args: argparse.Namespace, label: str, method: str, seed: int, extra: list[str]) -> dict:
+    run_dir = Path(args.out) / "runs" / label / method / f"seed{seed}"
+    result_file = run_dir / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    folders = [f"+eval.imagefolders.{spec.partition('=')[0]}={spec.partition('=')[2]}" for spec in args.imagefolder]
+    cmd = ["bash", args.launcher, "--run-dir", str(run_dir), "experiment=cpu_demo", f"method={method}",
+           f"seed={seed}", f"data.seed={seed}", f"producer.seed={seed}",
+           f"eval.samples_per_class={args.eval_per_class}", *folders, *extra, *args.overrides]
+    print(f"[dg_study] {label} {method} seed {seed}: {' '.join(cmd)}", flush=True)
+    start = time.monotonic()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    record = final_record(run_dir / "metrics" / "trainer0.jsonl")
+    result = {
+        "sweep": label, "method": method, "seed": seed, "wall_s": time.monotonic() - start,
+        "step_time_s": record["train/step_time_s_mean"],
+        "producer_samples_per_s": record.get("producer/samples_per_s", 0.0),
+        "metrics": {k: v for k, v in record.items() if k.startswith(tuple(PREFIXES.values()))},
+    }
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(results: list[dict]) -> list[dict]:
+    """One row per (sweep, method, measure, set): mean and std over seeds, in %."""
+    rows = []
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["sweep"], r["method"]), []).append(r)
+    for (label, method), runs in groups.items():
+        for measure, prefix in PREFIXES.items():
+            names = sorted({k[len(prefix):] for r in runs for k in r["metrics"] if k.startswith(prefix)})
+            for name in names:
+                values = [100 * r["metrics"][prefix + name] for r in runs if prefix + name in r["metrics"]]
+                mean, std = _mean_std(values)
+                rows.append({"sweep": label, "method": method, "measure": measure, "set": name,
+                             "mean": mean, "std": std, "seeds": len(values)})
+        mean, std = _mean_std([r["step_time_s"] for r in runs])
+        rows.append({"sweep": label, "method": method, "measure": "step time (s)", "set": "-",
+                     "mean": mean, "std": std, "seeds": len(runs)})
+    return rows
+
+
+def write_outputs(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "table.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["sweep", "method", "measure", "set", "mean", "std", "seeds"])
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = []
+    for label in dict.fromkeys(r["sweep"] for r in rows):
+        for measure in (*PREFIXES, "step time (s)"):
+            sel = [r for r in rows if r["sweep"] == label and r["measure"] == measure]
+            if not sel:
+                continue
+            sets = list(dict.fromkeys(r["set"] for r in sel))
+            methods = list(dict.fromkeys(r["method"] for r in sel))
+            cell = {(r["method"], r["set"]): f"{r['mean']:.1f} ± {r['std']:.1f} (n={r['seeds']})" for r in sel}
+            lines += [f"### {measure}, {label}", "", "| method | " + " | ".join(sets) + " |",
+                      "|---|" + "---:|" * len(sets)]
+            lines += ["| " + m + " | " + " | ".join(cell.get((m, s), "-") for s in sets) + " |" for m in methods]
+            lines.append("")
+    (out / "table.md").write_text("\n".join(lines))
+    _plot(rows, out / "bars.png")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in rows if r["set"] == "target_mean"]
+    labels = list(dict.fromkeys(f"{r['method']}\n{r['sweep']}" if r["sweep"] != "base" else r["method"]
+                                for r in sel))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4))
+    width = 0.4
+    for i, measure in enumerate(PREFIXES):
+        values = {(f"{r['method']}\n{r['sweep']}" if r["sweep"] != "base" else r["method"]): r
+                  for r in sel if r["measure"] == measure}
+        xs = [j + (i - 0.5) * width for j in range(len(labels))]
+        ax.bar(xs, [values[k]["mean"] if k in values else 0 for k in labels], width,
+               yerr=[values[k]["std"] if k in values else 0 for k in labels], capsize=3, label=measure)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("target-mean top-1 (%), mean ± std over seeds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    results = [run_one(args, *run) for run in plan(args)]
+    rows = aggregate(results)
+    write_outputs(rows, Path(args.out))
+    print((Path(args.out) / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""scripts/dg_study.py: the run plan, resuming, and the tables, with a stand-in launcher."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("dg_study", ROOT / "scripts" / "dg_study.py")
+dg_study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(dg_study)
+
+# Writes what a trainer's metrics file would hold: accuracies that depend on method and seed.
+FAKE_LAUNCH = r'''
+run_dir=$2; method=${4#method=}; seed=${5#seed=}
+echo "$@" >> "$(dirname "$0")/calls.log"
+mkdir -p "$run_dir/metrics"
+case $method in none) base=20;; *) base=30;; esac
+python3 - "$run_dir" "$base" "$seed" <<'PY'
+import json, sys
+run, base, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+acc = (base + 2 * seed) / 100
+records = [{"step": 1, "train/step_time_s": 0.5, "train/loss": 1.0},
+           {"step": 2, "eval/zeroshot_top1/flat": acc + 0.3, "eval/zeroshot_top1/target_mean": acc,
+            "eval/linear_probe/target_mean": acc + 0.1, "producer/samples_per_s": 12.0}]
+open(f"{run}/metrics/trainer0.jsonl", "w").write("\n".join(map(json.dumps, records)))
+PY
+'''
+
+
+def test_the_study_runs_every_method_and_seed_once_and_tabulates_mean_and_spread(tmp_path):
+    launcher = tmp_path / "launch.sh"
+    launcher.write_text(FAKE_LAUNCH)
+    out = tmp_path / "study"
+    argv = ["--methods", "none,edsam", "--seeds", "2", "--core-seeds", "3", "--out", str(out),
+            "--launcher", str(launcher), "trainer.steps=10"]
+    dg_study.main(argv)
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert len(calls) == 6  # none and edsam are core methods: 3 seeds each
+    assert all("experiment=cpu_demo" in c and "trainer.steps=10" in c and "eval.samples_per_class=100" in c
+               for c in calls)
+    rows = list(csv.DictReader(open(out / "table.csv")))
+    edsam = next(r for r in rows if r["method"] == "edsam" and r["measure"] == "zero-shot" and r["set"] == "target_mean")
+    assert (float(edsam["mean"]), float(edsam["std"]), edsam["seeds"]) == (32.0, 2.0, "3")  # 30, 32, 34
+    assert "| edsam | 62.0 ± 2.0 (n=3) | 32.0 ± 2.0 (n=3) |" in (out / "table.md").read_text()
+    assert (out / "bars.png").stat().st_size > 0
+    result = json.loads((out / "runs" / "base" / "none" / "seed1" / "result.json").read_text())
+    assert result["step_time_s"] == 0.5 and result["producer_samples_per_s"] == 12.0
+
+    dg_study.main(argv)  # resumed: every run is finished, none is started again
+    assert len((tmp_path / "calls.log").read_text().splitlines()) == 6
+
+
+def test_quick_and_sweep_plans():
+    quick = dg_study.plan(dg_study.parse_args(["--quick"]))
+    assert [(m, s) for _, m, s, _ in quick] == [("none", 0), ("real2x", 0), ("edsam", 0)]
+    sweep = dg_study.plan(dg_study.parse_args(["--methods", "edsam", "--core-seeds", "1",
+                                               "--sweep", "diffusion.rho=0.2,1.0"]))
+    assert [(label, extra) for label, _, _, extra in sweep] == [
+        ("diffusion.rho=0.2", ["diffusion.rho=0.2"]), ("diffusion.rho=1.0", ["diffusion.rho=1.0"])]
