@@ -148,7 +148,7 @@ def write_outputs(rows: list[dict], out: Path) -> None:
             sel = [r for r in rows if r["sweep"] == label and r["measure"] == measure]
             if not sel:
                 continue
-            sets = list(dict.fromkeys(r["set"] for r in sel))
+            sets = sorted(dict.fromkeys(r["set"] for r in sel if r["set"] != "source"), key=_set_order)
             methods = list(dict.fromkeys(r["method"] for r in sel))
             cell = {(r["method"], r["set"]): f"{r['mean']:.1f} ± {r['std']:.1f} (n={r['seeds']})" for r in sel}
             lines += [f"### {measure}, {label}", "", "| method | " + " | ".join(sets) + " |",
@@ -157,6 +157,14 @@ def write_outputs(rows: list[dict], out: Path) -> None:
             lines.append("")
     (out / "table.md").write_text("\n".join(lines))
     _plot(rows, out / "bars.png")
+
+
+def _set_order(name: str) -> tuple[int, str]:
+    """Columns: the source domain, the other sets by name, the target mean last ("source"
+    itself is left out: it repeats the source domain's column)."""
+    from edsam_online.data import SOURCE_DOMAIN
+
+    return (0 if name == SOURCE_DOMAIN else 2 if name == "target_mean" else 1, name)
 
 
 def _plot(rows: list[dict], path: Path) -> None:
