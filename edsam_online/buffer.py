@@ -234,14 +234,17 @@ class ReplayBuffer(Generic[T]):
                         self._starved_rate += 1
                     return None
                 self._cond.wait(remaining)
-            pos = self._pick_excluding(exclude) if exclude else self._pick()
-            if pos is None:
-                self._starved += 1
-                self._starved_exclude += 1
-                return None
+            if exclude:
+                pos, value = self._pick_excluding(exclude)
+                if pos is None:
+                    self._starved += 1
+                    self._starved_exclude += 1
+                    return None
+            else:
+                pos = self._pick()
+                value = self._seqs[pos][int(self._index[pos])]
             uses = int(self._uses[pos]) + 1
             self._uses[pos] = uses
-            value = self._seqs[pos][int(self._index[pos])]
             self._samples += 1
             now = time.monotonic()
             self._ages_s.append(now - float(self._inserted_at[pos]))
@@ -264,14 +267,16 @@ class ReplayBuffer(Generic[T]):
             self._compact()
         return self._head + self._rng.randrange(self._size)
 
-    def _pick_excluding(self, exclude: Collection[str]) -> int | None:
-        """A live slot whose item's key is not in ``exclude``, or None after ``_EXCLUDE_TRIES`` misses."""
+    def _pick_excluding(self, exclude: Collection[str]) -> tuple[int, T] | tuple[None, None]:
+        """A live slot whose item's key is not in ``exclude`` and that item, or
+        ``(None, None)`` after ``_EXCLUDE_TRIES`` misses."""
         for _ in range(_EXCLUDE_TRIES):
             pos = self._pick()
-            if self._key(self._seqs[pos][int(self._index[pos])]) not in exclude:
-                return pos
+            value = self._seqs[pos][int(self._index[pos])]
+            if self._key(value) not in exclude:
+                return pos, value
             self._excluded_draws += 1
-        return None
+        return None, None
 
     def _evict_oldest(self, n: int) -> None:
         head, tail = self._head, self._tail

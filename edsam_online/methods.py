@@ -183,8 +183,8 @@ class _GradientAscent(Augmentation):
         image_features = model.encode_image(images, normalize=True)
         return self.loss(image_features, text_features, scale)
 
-    def ascend(self, model: nn.Module, images: torch.Tensor, texts: torch.Tensor, device: torch.device,
-               make: Any, params: list[torch.Tensor], penalty: Any = None) -> torch.Tensor:
+    def ascend(self, model: nn.Module, texts: torch.Tensor, device: torch.device, make: Any,
+               params: list[torch.Tensor], penalty: Any = None) -> torch.Tensor:
         """Move ``params`` up the loss of ``make(*params)`` (the images); returns the last images."""
         was_training = model.training
         model.eval()
@@ -228,7 +228,7 @@ class ADA(_GradientAscent):
         def penalty(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return self.gamma * (m.encode_image(x, normalize=True) - reference).pow(2).sum(dim=1).mean()
 
-        moved = self.ascend(model, images, batch.real_texts[:n], device, lambda x: x, [images.clone()], penalty)
+        moved = self.ascend(model, batch.real_texts[:n], device, lambda x: x, [images.clone()], penalty)
         return _fill_slot(batch, moved.cpu())
 
 
@@ -245,7 +245,7 @@ class AdvStyle(_GradientAscent):
         mean = images.mean(dim=(2, 3), keepdim=True)
         std = images.std(dim=(2, 3), keepdim=True) + 1e-5
         content = (images - mean) / std
-        moved = self.ascend(model, images, batch.real_texts[:n], device, lambda mu, sigma: content * sigma + mu,
+        moved = self.ascend(model, batch.real_texts[:n], device, lambda mu, sigma: content * sigma + mu,
                             [mean.clone(), std.clone()])
         return _fill_slot(batch, moved.cpu())
 

@@ -19,7 +19,6 @@ import math
 import os
 import random
 import secrets
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -34,8 +33,9 @@ from tqdm import tqdm
 from edsam_online import security
 from edsam_online.data import DataCounters, RealDataConfig, iter_real_samples
 from edsam_online.metrics import LoggingConfig, MetricLogger
+from edsam_online.runtime import StopOnSignal
 from edsam_online.streaming import StreamConfig
-from edsam_online.wire import encode_message
+from edsam_online.wire import encode_image, encode_message
 
 if TYPE_CHECKING:  # annotations only: the sampler is passed in, this module needs no diffusion stack
     from edsam_online.diffusion import GeneratedBatch
@@ -201,23 +201,13 @@ def batch_seed(seed: int, rank: int, batch_index: int) -> int:
 # ----------------------------------------------------------------------------- the loop
 
 
-class _StopFlag:
-    """Set by SIGINT/SIGTERM (or by the caller); restores the previous handlers on exit."""
-
-    def __init__(self, event: threading.Event, install: bool) -> None:
-        self.event = event
-        self._previous: dict[int, Any] = {}
-        if install and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        log.info("producer: %s received, stopping after the message in flight", signal.Signals(signum).name)
-        self.event.set()
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+def _image_file(image: np.ndarray, encoding: str, quality: int) -> bytes:
+    """A shard's image file: the wire's JPEG/WebP encoding, or lossless PNG for ``raw``."""
+    if encoding != "raw":
+        return encode_image(image, encoding, quality)
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
 
 
 class Producer:
@@ -278,7 +268,8 @@ class Producer:
             import torch
 
             torch.set_num_threads(pcfg.threads)
-        stop = _StopFlag(self._stop, self.install_signal_handlers)
+        stop = StopOnSignal(self._stop, f"producer {pcfg.name} stops after the message in flight",
+                            self.install_signal_handlers)
         metric_logger = None
         if self.logging_cfg is not None and self.run_dir is not None:
             metric_logger = MetricLogger(self.logging_cfg, self.run_dir, role="producer", rank=pcfg.rank)
@@ -369,7 +360,6 @@ class Producer:
         """Write the rows of ``generated`` (up to ``limit`` samples in all) as shard samples."""
         pcfg, state = self.cfg, self.state
         encoding = self.stream_cfg.encoding
-        fmt = "png" if encoding == "raw" else encoding
         rows = len(generated) if not limit else min(len(generated), limit - state["sent"])
         for r in range(rows):
             source = int(generated.source[r])
@@ -381,11 +371,9 @@ class Producer:
                 "mode": generated.mode, "steps": generated.steps, "inversion_steps": generated.inversion_steps,
                 "guidance": generated.guidance,
             }
-            buf = io.BytesIO()
-            Image.fromarray(generated.images[r]).save(buf, format=fmt.upper(), quality=self.stream_cfg.quality)
             writer.write({
                 "__key__": f"{pcfg.name}-{session:016x}-{state['sent']:09d}",
-                _SHARD_EXTENSIONS[encoding]: buf.getvalue(),
+                _SHARD_EXTENSIONS[encoding]: _image_file(generated.images[r], encoding, self.stream_cfg.quality),
                 "txt": generated.captions[source],
                 "json": json.dumps(provenance).encode(),
             })

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -117,3 +119,33 @@ def end_rank(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM set ``event`` instead of ending the process, so a loop can stop at
+    a point of its choosing (a producer after its message in flight, a trainer after its
+    step). Handlers are installed only from the main thread and when ``install``; the
+    previous ones come back on :meth:`restore` (or on leaving a ``with`` block)."""
+
+    def __init__(self, event: threading.Event, message: str, install: bool = True) -> None:
+        self.event, self.message = event, message
+        self._previous: dict[int, Any] = {}
+        if install and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.event.is_set():
+            print(f"{signal.Signals(signum).name} received: {self.message}", file=sys.stderr, flush=True)
+        self.event.set()
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __enter__(self) -> StopOnSignal:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()

@@ -28,7 +28,6 @@ import dataclasses
 import json
 import operator
 import os
-import signal
 import sys
 import threading
 import time
@@ -50,7 +49,7 @@ from edsam_online.methods import Augmentation, build_augmentation
 from edsam_online.metrics import MetricLogger
 from edsam_online.models import create_clip
 from edsam_online.optim import build_optimizer, build_scheduler, clamp_logit_scale, clip_gradients
-from edsam_online.runtime import autocast, init_distributed
+from edsam_online.runtime import StopOnSignal, autocast, init_distributed
 from edsam_online.streaming import Receiver
 
 
@@ -130,31 +129,6 @@ class _Window:
         self.loss_real += out.loss_real.item()
         self.loss_syn += out.loss_syn.item()
         self.sibling_pairs += out.sibling_pairs
-
-
-class _StopOnSignal:
-    """SIGTERM/SIGINT set a flag instead of killing the process (main thread only);
-    the previous handlers come back on exit."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if not self.requested:
-            print(f"[trainer] {signal.Signals(signum).name} received: finishing the step, then a checkpoint",
-                  file=sys.stderr, flush=True)
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -378,7 +352,8 @@ class Trainer:
         end = min(tcfg.stop_at or tcfg.steps, tcfg.steps)
         metrics: dict[str, float] = {}
         try:
-            with _StopOnSignal() as stop:
+            message = "the trainer finishes its step, then writes a checkpoint"
+            with StopOnSignal(threading.Event(), message) as stop:
                 self._bar = tqdm(total=end, initial=self.step, desc="train",
                                  disable=self.rank != 0 or not tcfg.progress, dynamic_ncols=True)
                 self._teardown.callback(self._bar.close)
@@ -393,7 +368,7 @@ class Trainer:
                     except StopIteration:  # a finite data.epochs ran out
                         break
                     t_data = time.perf_counter() - t0
-                    out = self.train_step(batch, stop.requested)
+                    out = self.train_step(batch, stop.event.is_set())
                     self._bar.update(1)
                     now = time.perf_counter()
                     window.add(out, out.num_real + (self.world * self.syn_batch if out.used_syn else 0), now - last,
