@@ -16,8 +16,9 @@ the final zero-shot and linear-probe top-1 per set, the wall time, the trainer's
 time and the producer's samples/s.
 
 Writes ``<out>/table.md`` (mean ± std over seeds per method, per set and target mean, for
-zero-shot and linear probe), ``<out>/table.csv`` and ``<out>/bars.png``. Trailing arguments
-are Hydra overrides for every run.
+zero-shot and linear probe, and each method's per-seed target-mean difference to ``none`` and
+``real2x``), ``<out>/table.csv`` and ``<out>/bars.png``, over every finished run in ``<out>``.
+Trailing arguments are Hydra overrides for every run.
 """
 
 from __future__ import annotations
@@ -64,13 +65,12 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int, list[str]]]:
     if args.sweep:
         key, _, values = args.sweep.partition("=")
         sweep = [(f"{key}={v}", [f"{key}={v}"]) for v in values.split(",") if v]
-    runs = []
-    for label, extra in sweep:
-        for method in args.methods:
-            seeds = 1 if args.quick else (args.core_seeds if method in CORE else args.seeds)
-            for seed in range(seeds):
-                runs.append((label, method, seed, extra))
-    return runs
+    seeds = {m: 1 if args.quick else (args.core_seeds if m in CORE else args.seeds) for m in args.methods}
+    # Seed-major order: an interrupted study has every method at the same number of seeds.
+    return [(label, method, seed, extra)
+            for label, extra in sweep
+            for seed in range(max(seeds.values(), default=0))
+            for method in args.methods if seed < seeds[method]]
 
 
 def final_record(metrics_file: Path) -> dict[str, float]:
@@ -136,7 +136,7 @@ def aggregate(results: list[dict]) -> list[dict]:
     return rows
 
 
-def write_outputs(rows: list[dict], out: Path) -> None:
+def write_outputs(rows: list[dict], diffs: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "table.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["sweep", "method", "measure", "set", "mean", "std", "seeds"])
@@ -155,6 +155,16 @@ def write_outputs(rows: list[dict], out: Path) -> None:
                       "|---|" + "---:|" * len(sets)]
             lines += ["| " + m + " | " + " | ".join(cell.get((m, s), "-") for s in sets) + " |" for m in methods]
             lines.append("")
+    if diffs:
+        lines += ["### target mean, method − control, paired by seed (points)", "",
+                  "| method | control | zero-shot | linear probe |", "|---|---|---:|---:|"]
+        cell = {(d["sweep"], d["method"], d["control"], d["measure"]):
+                f"{d['mean']:+.1f} ± {d['std']:.1f} ({d['wins']}/{d['seeds']} seeds > 0)" for d in diffs}
+        for label, method, control in dict.fromkeys((d["sweep"], d["method"], d["control"]) for d in diffs):
+            name = method if label == "base" else f"{method} ({label})"
+            lines.append(f"| {name} | {control} | "
+                         + " | ".join(cell.get((label, method, control, m), "-") for m in PREFIXES) + " |")
+        lines.append("")
     (out / "table.md").write_text("\n".join(lines))
     _plot(rows, out / "bars.png")
 
@@ -192,11 +202,42 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def finished_results(out: Path) -> list[dict]:
+    """Every finished run in the study folder, this invocation's and earlier ones' (a later
+    sweep adds its rows to the table instead of replacing it), in plan order."""
+    results = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*/*/seed*/result.json"))]
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(results, key=lambda r: (r["sweep"] != "base", r["sweep"], order[r["method"]], r["seed"]))
+
+
+def paired_differences(results: list[dict], controls: tuple[str, ...] = ("none", "real2x")) -> list[dict]:
+    """Per-seed differences of target-mean top-1 against each control of the base study, in
+    points. Runs of one seed share the data seed, so the pairing removes the between-seed
+    variance that both methods share."""
+    by = {(r["sweep"], r["method"], r["seed"]): r for r in results}
+    rows = []
+    for label, method in dict.fromkeys((r["sweep"], r["method"]) for r in results):
+        for control in controls:
+            if (label, method) == ("base", control):
+                continue
+            for measure, prefix in PREFIXES.items():
+                key = prefix + "target_mean"
+                diffs = [100 * (r["metrics"][key] - c["metrics"][key])
+                         for (lab, m, seed), r in by.items() if (lab, m) == (label, method)
+                         for c in [by.get(("base", control, seed))] if c and key in r["metrics"] and key in c["metrics"]]
+                if diffs:
+                    mean, std = _mean_std(diffs)
+                    rows.append({"sweep": label, "method": method, "control": control, "measure": measure,
+                                 "mean": mean, "std": std, "seeds": len(diffs), "wins": sum(d > 0 for d in diffs)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    results = [run_one(args, *run) for run in plan(args)]
-    rows = aggregate(results)
-    write_outputs(rows, Path(args.out))
+    for run in plan(args):
+        run_one(args, *run)
+    results = finished_results(Path(args.out))
+    write_outputs(aggregate(results), paired_differences(results), Path(args.out))
     print((Path(args.out) / "table.md").read_text())
 
 

@@ -49,13 +49,26 @@ def test_the_study_runs_every_method_and_seed_once_and_tabulates_mean_and_spread
     result = json.loads((out / "runs" / "base" / "none" / "seed1" / "result.json").read_text())
     assert result["step_time_s"] == 0.5 and result["producer_samples_per_s"] == 12.0
 
+    assert "| edsam | none | +10.0 ± 0.0 (3/3 seeds > 0) | +10.0 ± 0.0 (3/3 seeds > 0) |" in (out / "table.md").read_text()
+
     dg_study.main(argv)  # resumed: every run is finished, none is started again
     assert len((tmp_path / "calls.log").read_text().splitlines()) == 6
+
+    # A later sweep adds its rows to the same table; the base study's rows stay.
+    dg_study.main(["--methods", "edsam", "--core-seeds", "1", "--sweep", "buffer.distinct_sources=true",
+                   "--out", str(out), "--launcher", str(launcher)])
+    table = (out / "table.md").read_text()
+    assert "| edsam | 62.0 ± 2.0 (n=3) | 32.0 ± 2.0 (n=3) |" in table
+    assert "### zero-shot, buffer.distinct_sources=true" in table
+    assert "| edsam (buffer.distinct_sources=true) | none | +10.0 ± 0.0 (1/1 seeds > 0) |" in table
 
 
 def test_quick_and_sweep_plans():
     quick = dg_study.plan(dg_study.parse_args(["--quick"]))
     assert [(m, s) for _, m, s, _ in quick] == [("none", 0), ("real2x", 0), ("edsam", 0)]
+    full = dg_study.plan(dg_study.parse_args(["--methods", "none,masking", "--seeds", "2", "--core-seeds", "3"]))
+    assert [(m, s) for _, m, s, _ in full] == [  # seed-major: an interrupted study stays balanced
+        ("none", 0), ("masking", 0), ("none", 1), ("masking", 1), ("none", 2)]
     sweep = dg_study.plan(dg_study.parse_args(["--methods", "edsam", "--core-seeds", "1",
                                                "--sweep", "diffusion.rho=0.2,1.0"]))
     assert [(label, extra) for label, _, _, extra in sweep] == [
