@@ -1,18 +1,23 @@
 """``edsam-eval`` (``python -m consumers.evaluate``): zero-shot and linear-probe accuracy of
-a trained CLIP, or of any open_clip model, on the built-in domains and ImageFolder trees.
+a trained CLIP, or of any open_clip model, on the built-in domains, ImageFolder trees and
+labelled webdatasets.
 
     edsam-eval checkpoint=runs/<time>                        # a run folder: its newest checkpoint and model
     edsam-eval checkpoint=runs/<time>/checkpoints/step_00000600.pt model.name=edsam-tiny-rn
     edsam-eval model.name=ViT-B-32 model.pretrained=openai eval.templates=openai eval.resolution=224
     edsam-eval checkpoint=runs/<time> +eval.imagefolders.pacs_sketch=/data/pacs/sketch eval.domains=[flat]
+    edsam-eval model.name=ViT-B-32 model.pretrained=openai eval.domains=[] eval.resolution=224 \
+        eval.templates=openai +eval.imagefolders.imagenet_r=/data/imagenet-r      # wnid folders: ImageNet names
+    edsam-eval checkpoint=runs/<time> +eval.webdatasets.test='/data/t/{0000..0009}.tar' \
+        +eval.classnames.test=names.txt eval.probe_train='/data/tr/{0000..0099}.tar' +eval.classnames.probe_train=names.txt
 
 Prints a markdown table (zero-shot top-1 and top-5, linear probe top-1, per set and the
 mean over the built-in target domains) and writes ``metrics.json`` and ``metrics.csv`` to
 ``out_dir`` (default: ``<run folder>/eval``, or ``eval-<model name>`` without one). A run
 folder's model is the one its ``hydra/config.yaml`` names; a bare checkpoint file needs
 ``model.*`` to describe it. Checkpoints load with ``weights_only=True``. The linear probe
-is fit on the built-in source domain, or on the ImageFolder tree ``eval.probe_train``,
-and scores the sets whose classes it knows.
+is fit on the built-in source domain, or on ``eval.probe_train`` (an ImageFolder tree or
+webdataset shards), and scores the sets whose classes it knows.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Evaluation under domain shift: zero-shot top-1 and a linear probe, per domain.
 
 The ED-SAM question is how a CLIP trained on the source domain alone holds up on
-shifted targets. For every built-in domain (and any ImageFolder tree the user
-points at) this reports
+shifted targets. For every built-in domain (and any ImageFolder tree or labelled
+webdataset the user points at) this reports
 
 * zero-shot top-1: open_clip's `build_zero_shot_classifier` over a template list
   (see `TEMPLATE_SETS`), cosine similarity to the image embedding, argmax;
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -55,12 +56,18 @@ class EvalConfig:
     """What to evaluate.
 
     domains: built-in domains (source and targets). imagefolders: extra name -> root of
-    a torchvision ImageFolder tree (class folders named by class; from Hydra:
-    `+eval.imagefolders.pacs_sketch=/data/pacs/sketch`); zero-shot uses the folder names
-    as class names, the probe applies only when all of them are built-in classes.
-    probe_train: an ImageFolder tree to fit the linear probe on (its folder names are the
-    probe's classes) instead of the built-in source domain; the probe then scores every set
-    whose classes are among them.
+    a torchvision ImageFolder tree (one folder per class; from Hydra:
+    `+eval.imagefolders.pacs_sketch=/data/pacs/sketch`). webdatasets: extra name -> shard
+    URL or brace pattern of a webdataset whose samples hold an image (`wds_image_key`) and
+    an integer label (`wds_label_key`). Class names (see `class_names`): a file in
+    `classnames[name]` (one name per line, line i is label i; for ImageFolder, label i is
+    the i-th folder in sorted order); else, for ImageFolder, the folder names, or
+    open_clip's ImageNet class names when every folder is an ImageNet wnid (n01440764 …,
+    also for subsets such as ImageNet-R); a webdataset needs the file.
+    probe_train: an ImageFolder tree or webdataset shards (a path that is not a folder) to
+    fit the linear probe on, instead of the built-in source domain (its class names come
+    the same way, `classnames.probe_train` for a file); the probe then scores every set
+    whose classes are among its own.
     templates: a key of TEMPLATE_SETS, or a text file with one template per line, each
     holding "{}" where the class name goes. top5: also report zero-shot top-5
     (`eval/zeroshot_top5/...`). probe_weight_decays: L2 strengths to choose from.
@@ -79,18 +86,24 @@ class EvalConfig:
     probe_steps: int = 100
     probe_weight_decays: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
     imagefolders: dict[str, str] = field(default_factory=dict)
+    webdatasets: dict[str, str] = field(default_factory=dict)
+    wds_image_key: str = "jpg;jpeg;png;webp"
+    wds_label_key: str = "cls"
+    classnames: dict[str, str] = field(default_factory=dict)
     probe_train: str = ""
     every_steps: int = 0
 
     def __post_init__(self) -> None:
         self.domains = list(self.domains)
         self.imagefolders = dict(self.imagefolders)
+        self.webdatasets = dict(self.webdatasets)
+        self.classnames = dict(self.classnames)
         self.probe_weight_decays = [float(w) for w in self.probe_weight_decays]
         unknown = [d for d in self.domains if d not in DOMAINS]
         if unknown:
             raise ValueError(f"domains: unknown {unknown}, choose from {list(DOMAINS)}")
-        if not self.domains and not self.imagefolders:
-            raise ValueError("domains: nothing to evaluate (no domains and no imagefolders)")
+        if not self.domains and not self.imagefolders and not self.webdatasets:
+            raise ValueError("domains: nothing to evaluate (no domains, imagefolders or webdatasets)")
         for name in ("samples_per_class", "batch_size", "probe_train_per_class", "probe_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -104,9 +117,22 @@ class EvalConfig:
                              f"got {self.probe_weight_decays}")
         if self.every_steps < 0:
             raise ValueError(f"every_steps must be >= 0, got {self.every_steps}")
-        clash = [n for n in self.imagefolders if n in DOMAINS or n in _SUMMARY or "/" in n]
+        extra = [*self.imagefolders, *self.webdatasets]
+        clash = [n for n in extra if n in DOMAINS or n in _SUMMARY or "/" in n or extra.count(n) > 1]
         if clash:
-            raise ValueError(f"imagefolders: names {clash} clash with built-in domains, {_SUMMARY} or contain '/'")
+            raise ValueError(f"imagefolders/webdatasets: names {clash} clash with built-in domains, {_SUMMARY}, "
+                             f"each other, or contain '/'")
+        for name, path in self.classnames.items():
+            if name not in extra and name != "probe_train":
+                raise ValueError(f"classnames.{name}: no imagefolders/webdatasets entry (or probe_train) of that name")
+            if not os.path.isfile(path):
+                raise ValueError(f"classnames.{name}: no class-names file at {path!r}")
+        needs_file = [n for n in self.webdatasets if n not in self.classnames]
+        if self.probe_train and not os.path.isdir(self.probe_train) and "probe_train" not in self.classnames:
+            needs_file.append("probe_train")
+        if needs_file:
+            raise ValueError(f"classnames: webdataset sets {needs_file} need a class-names file "
+                             f"(+eval.classnames.NAME=FILE, one class name per line, line i is label i)")
 
     def template_list(self) -> tuple[str, ...]:
         """The prompt templates: a named set, or the lines of a file (blank lines skipped)."""
@@ -160,13 +186,93 @@ def _builtin_set(model, preprocess, domain, cfg, device, split="eval") -> EvalSe
     return EvalSet(_encode(model, batches, device), labels, list(CLASSES))
 
 
-def _imagefolder_set(model, preprocess, root, cfg, device) -> EvalSet:
+_WNID = re.compile(r"n\d{8}")
+
+
+def read_classnames(path: str) -> list[str]:
+    """A class-names file: one name per line (blank lines skipped), line i names label i."""
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names:
+        raise ValueError(f"classnames: {path} holds no class names")
+    return names
+
+
+def class_names(folders: list[str], names_file: str = "") -> list[str]:
+    """The class names of an ImageFolder tree's (sorted) class folders: the file's lines if
+    given; open_clip's ImageNet names if every folder is an ImageNet wnid (looked up in
+    timm's ImageNet synset list, which open_clip already depends on; a subset such as
+    ImageNet-R keeps its own wnids' names); else the folder names, '_' read as a space."""
+    if names_file:
+        names = read_classnames(names_file)
+        if len(names) != len(folders):
+            raise ValueError(f"classnames: {names_file} names {len(names)} classes, the tree has {len(folders)}")
+        return names
+    if folders and all(_WNID.fullmatch(f) for f in folders):
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        index = {info.index_to_label_name(i): i for i in range(info.num_classes())}
+        if all(f in index for f in folders):
+            return [open_clip.IMAGENET_CLASSNAMES[index[f]] for f in folders]
+    return [f.replace("_", " ") for f in folders]
+
+
+def _imagefolder_set(model, preprocess, root, cfg, device, names_file="") -> EvalSet:
     from torchvision.datasets import ImageFolder
 
     data = ImageFolder(root, transform=preprocess)
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=False, num_workers=0)
     feats = _encode(model, (x for x, _ in loader), device)
-    return EvalSet(feats, torch.tensor(data.targets), [c.replace("_", " ") for c in data.classes])
+    return EvalSet(feats, torch.tensor(data.targets), class_names(data.classes, names_file))
+
+
+def _webdataset_set(model, preprocess, urls, cfg, device, names_file) -> EvalSet:
+    """A labelled webdataset, read in order. A sample that fails to decode, lacks a key or
+    has a label outside the class list is logged and skipped (the count is logged once)."""
+    import webdataset as wds
+
+    names = read_classnames(names_file)
+    skipped = []
+
+    def skip(exn: Exception) -> bool:
+        skipped.append(exn)
+        logger.warning("webdataset %s: skipped a sample (%s)", urls, exn)
+        return True
+
+    def label(value) -> int:
+        value = int(value)
+        if not 0 <= value < len(names):
+            raise ValueError(f"label {value} outside the {len(names)} classes of {names_file}")
+        return value
+
+    data = (wds.WebDataset(urls, shardshuffle=False, handler=skip, empty_check=False)
+            .decode("pil", handler=skip)
+            .to_tuple(cfg.wds_image_key, cfg.wds_label_key, handler=skip)
+            .map_tuple(preprocess, label, handler=skip)
+            .batched(cfg.batch_size, partial=True))
+    labels = []
+
+    def images():
+        for x, y in data:
+            labels.append(torch.as_tensor(y))
+            yield x
+
+    feats = _encode(model, images(), device)
+    if not labels:
+        raise ValueError(f"webdatasets: no readable samples in {urls} (keys {cfg.wds_image_key!r}, "
+                         f"{cfg.wds_label_key!r})")
+    if skipped:
+        logger.warning("webdataset %s: %d samples skipped", urls, len(skipped))
+    return EvalSet(feats, torch.cat(labels), names)
+
+
+def _external_set(model, preprocess, name, path, cfg, device) -> EvalSet:
+    """An ImageFolder tree (a folder) or webdataset shards (anything else)."""
+    names_file = cfg.classnames.get(name, "")
+    if os.path.isdir(path):
+        return _imagefolder_set(model, preprocess, path, cfg, device, names_file)
+    return _webdataset_set(model, preprocess, path, cfg, device, names_file)
 
 
 class _EvalMode:
@@ -183,13 +289,14 @@ class _EvalMode:
 
 
 def compute_eval_sets(model, preprocess: Callable, cfg: EvalConfig, device="cpu") -> dict[str, EvalSet]:
-    """Image features of every configured domain and ImageFolder tree (computed once, shared)."""
+    """Image features of every configured domain, ImageFolder tree and webdataset (computed
+    once, shared)."""
     sets: dict[str, EvalSet] = {}
-    names = [*cfg.domains, *cfg.imagefolders]
+    extra = {**cfg.imagefolders, **cfg.webdatasets}
     with _EvalMode(model):
-        for name in tqdm(names, desc="eval features", leave=False, disable=None):
-            if name in cfg.imagefolders:
-                sets[name] = _imagefolder_set(model, preprocess, cfg.imagefolders[name], cfg, device)
+        for name in tqdm([*cfg.domains, *extra], desc="eval features", leave=False, disable=None):
+            if name in extra:
+                sets[name] = _external_set(model, preprocess, name, extra[name], cfg, device)
             else:
                 sets[name] = _builtin_set(model, preprocess, name, cfg, device)
     return sets
@@ -278,7 +385,7 @@ def linear_probe_eval(model, preprocess: Callable, cfg: EvalConfig, device="cpu"
     sets = sets if sets is not None else compute_eval_sets(model, preprocess, cfg, device)
     with _EvalMode(model):
         if cfg.probe_train:
-            train = _imagefolder_set(model, preprocess, cfg.probe_train, cfg, device)
+            train = _external_set(model, preprocess, "probe_train", cfg.probe_train, cfg, device)
         else:
             train = _builtin_set(model, preprocess, SOURCE_DOMAIN, cfg, device, split="probe_train")
     classes = train.classnames

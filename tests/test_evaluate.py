@@ -127,3 +127,58 @@ def test_the_linear_probe_learns_a_class_list_of_its_own(tmp_path):
     metrics = linear_probe_eval(model, preprocess, cfg)
     assert metrics["eval/linear_probe/fruit"] == 1.0
     assert "eval/linear_probe/flat" not in metrics  # its classes are not the probe's
+
+
+def _write_shards(path: Path, colours: list[tuple[int, int, int]], per_class: int, corrupt: int = 0) -> str:
+    """A labelled webdataset (img2dataset layout, ``.jpg`` + ``.cls``), with ``corrupt``
+    samples whose JPEG bytes are garbage."""
+    import io
+
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as sink:
+        for label, colour in enumerate(colours):
+            for i in range(per_class):
+                buf = io.BytesIO()
+                Image.new("RGB", (32, 32), tuple(max(0, c - 3 * i) for c in colour)).save(buf, "JPEG", quality=95)
+                sink.write({"__key__": f"{label:02d}{i:04d}", "jpg": buf.getvalue(), "cls": str(label).encode()})
+        for i in range(corrupt):
+            sink.write({"__key__": f"bad{i:04d}", "jpg": b"not a jpeg", "cls": b"0"})
+    return str(path)
+
+
+def test_webdataset_shards_with_a_label_key_and_a_class_names_file(tmp_path, caplog):
+    """A webdataset test set and a webdataset probe train split, class names from files; a
+    corrupt JPEG is skipped and counted, not fatal; a set without a names file stops at start."""
+    from edsam_online.eval import evaluate
+    from edsam_online.models import ClipModelConfig, create_clip
+
+    colours = [(210, 20, 20), (20, 190, 40), (20, 40, 210)]
+    names = tmp_path / "names.txt"
+    names.write_text("red apple\ngreen pear\nblue plum\n")
+    test = _write_shards(tmp_path / "test.tar", colours, 4, corrupt=2)
+    train = _write_shards(tmp_path / "train.tar", colours, 10)
+    torch.manual_seed(0)
+    model, _, preprocess, tokenizer = create_clip(ClipModelConfig(name="edsam-tiny"))
+    cfg = EvalConfig(domains=[], webdatasets={"fruit": test}, probe_train=train,
+                     classnames={"fruit": str(names), "probe_train": str(names)})
+    with caplog.at_level("WARNING", logger="edsam_online.eval"):
+        metrics = evaluate(model, tokenizer, preprocess, cfg)
+    assert f"webdataset {test}: 2 samples skipped" in caplog.text
+    assert metrics["eval/linear_probe/fruit"] == 1.0
+    assert 0 <= metrics["eval/zeroshot_top1/fruit"] <= 1
+    with pytest.raises(ValueError, match=r"classnames: webdataset sets \['fruit'\] need a class-names file"):
+        EvalConfig(domains=[], webdatasets={"fruit": test})
+
+
+def test_imagefolder_class_names_from_imagenet_wnids_or_a_file(tmp_path):
+    from edsam_online.eval import class_names
+
+    assert class_names(["n01440764", "n01443537"]) == ["tench", "goldfish"]  # ImageNet indices 0 and 1
+    assert class_names(["n01443537", "n99999999"]) == ["n01443537", "n99999999"]  # not all ImageNet wnids
+    assert class_names(["red_apple", "blue_plum"]) == ["red apple", "blue plum"]
+    names = tmp_path / "names.txt"
+    names.write_text("pomme\nprune\n")
+    assert class_names(["a", "b"], str(names)) == ["pomme", "prune"]
+    with pytest.raises(ValueError, match="names 2 classes, the tree has 3"):
+        class_names(["a", "b", "c"], str(names))
