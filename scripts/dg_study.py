@@ -3,6 +3,7 @@
 
     python scripts/dg_study.py                         # every method, 3 seeds (5 for none, real2x, edsam)
     python scripts/dg_study.py --quick                 # one seed of none, real2x, edsam (a smoke check)
+    python scripts/dg_study.py --tables-only           # the tables of the runs finished so far
     python scripts/dg_study.py --sweep diffusion.rho=0.2,0.5,1.0 --methods edsam   # Table 1 in kind
     python scripts/dg_study.py --imagefolder pacs_sketch=/data/pacs/sketch trainer.steps=300
 
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "results" / "dg_study"))
     p.add_argument("--launcher", default=str(ROOT / "scripts" / "launch.sh"), help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="one seed of none, real2x and edsam")
+    p.add_argument("--tables-only", action="store_true", help="write the tables from the finished runs, start none")
     args, overrides = p.parse_known_args(argv)
     args.overrides = overrides
     args.methods = list(CORE) if args.quick else [m for m in args.methods.split(",") if m]
@@ -234,7 +236,7 @@ def paired_differences(results: list[dict], controls: tuple[str, ...] = ("none",
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    for run in plan(args):
+    for run in [] if args.tables_only else plan(args):
         run_one(args, *run)
     results = finished_results(Path(args.out))
     write_outputs(aggregate(results), paired_differences(results), Path(args.out))

@@ -52,6 +52,7 @@ def test_the_study_runs_every_method_and_seed_once_and_tabulates_mean_and_spread
     assert "| edsam | none | +10.0 ± 0.0 (3/3 seeds > 0) | +10.0 ± 0.0 (3/3 seeds > 0) |" in (out / "table.md").read_text()
 
     dg_study.main(argv)  # resumed: every run is finished, none is started again
+    dg_study.main(["--tables-only", "--out", str(out), "--launcher", str(launcher)])
     assert len((tmp_path / "calls.log").read_text().splitlines()) == 6
 
     # A later sweep adds its rows to the same table; the base study's rows stay.
