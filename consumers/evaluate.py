@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from edsam_online.checkpoint import list_checkpoints, load_checkpoint
+from edsam_online.config import or_exit
 from edsam_online.eval import EvalConfig, evaluate, format_eval_table
 from edsam_online.models import ClipModelConfig, create_clip
 
@@ -86,12 +86,8 @@ def write_results(metrics: dict[str, float], out: Path) -> None:
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="evaluate")
 def main(dictcfg: DictConfig) -> None:
-    try:
-        cfg: EvaluateConfig = OmegaConf.to_object(dictcfg)
-        model_cfg, ckpt, out = resolve(cfg)
-    except ValueError as err:  # a bad value stops here, naming the key
-        print(f"config error: {err}", flush=True)
-        os._exit(2)
+    cfg: EvaluateConfig = or_exit(lambda: OmegaConf.to_object(dictcfg))
+    model_cfg, ckpt, out = or_exit(lambda: resolve(cfg))
     model, _, preprocess_val, tokenizer = create_clip(model_cfg, device=cfg.device)
     if ckpt is not None:
         load_checkpoint(ckpt, model)

@@ -17,6 +17,7 @@ import re
 import sys
 import typing
 from dataclasses import dataclass, field, fields
+from typing import Callable, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -107,11 +108,19 @@ def load_config(dictcfg: DictConfig | dict) -> Config:
     return cfg
 
 
-def load_config_or_exit(dictcfg: DictConfig) -> Config:
-    """:func:`load_config` for a process entry point: a bad value prints
-    ``config error: <key>: <why>`` and ends the process with exit code 2."""
+T = TypeVar("T")
+
+
+def or_exit(build: Callable[[], T]) -> T:
+    """``build()`` for a process entry point: a bad value (a ``ValueError`` naming its key)
+    prints ``config error: <key>: <why>`` to stderr and ends the process with exit code 2."""
     try:
-        return load_config(dictcfg)
+        return build()
     except ValueError as err:
         print(f"config error: {err}", file=sys.stderr, flush=True)
         os._exit(2)  # before any rank or socket exists: nothing to tear down
+
+
+def load_config_or_exit(dictcfg: DictConfig) -> Config:
+    """:func:`load_config` for a process entry point (see :func:`or_exit`)."""
+    return or_exit(lambda: load_config(dictcfg))

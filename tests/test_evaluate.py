@@ -66,7 +66,7 @@ def test_edsam_eval_scores_an_open_clip_model_by_name(tmp_path):
 
 def test_edsam_eval_names_a_missing_checkpoint(tmp_path):
     out = _run(["consumers.evaluate", f"checkpoint={tmp_path / 'nothing'}"], tmp_path)
-    assert out.returncode == 2 and "config error: checkpoint: no run folder or checkpoint file" in out.stdout
+    assert out.returncode == 2 and "config error: checkpoint: no run folder or checkpoint file" in out.stderr
 
 
 class _OneHotText:
