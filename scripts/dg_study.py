@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("none", "real2x", "edsam", "random", "identity", "masking", "ada", "advstyle")
 CORE = ("none", "real2x", "edsam")  # the comparison that matters gets more seeds
 PREFIXES = {"zero-shot": "eval/zeroshot_top1/", "linear probe": "eval/linear_probe/"}
+COSTS = {"trainer s/step": "step_time_s", "run wall (s)": "wall_s", "producer samples/s": "producer_samples_per_s"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,9 +133,10 @@ def aggregate(results: list[dict]) -> list[dict]:
                 mean, std = _mean_std(values)
                 rows.append({"sweep": label, "method": method, "measure": measure, "set": name,
                              "mean": mean, "std": std, "seeds": len(values)})
-        mean, std = _mean_std([r["step_time_s"] for r in runs])
-        rows.append({"sweep": label, "method": method, "measure": "step time (s)", "set": "-",
-                     "mean": mean, "std": std, "seeds": len(runs)})
+        for measure, key in COSTS.items():
+            mean, std = _mean_std([r[key] for r in runs])
+            rows.append({"sweep": label, "method": method, "measure": measure, "set": "-",
+                         "mean": mean, "std": std, "seeds": len(runs)})
     return rows
 
 
@@ -146,17 +148,23 @@ def write_outputs(rows: list[dict], diffs: list[dict], out: Path) -> None:
         writer.writerows(rows)
     lines = []
     for label in dict.fromkeys(r["sweep"] for r in rows):
-        for measure in (*PREFIXES, "step time (s)"):
+        for measure in PREFIXES:
             sel = [r for r in rows if r["sweep"] == label and r["measure"] == measure]
             if not sel:
                 continue
             sets = sorted(dict.fromkeys(r["set"] for r in sel if r["set"] != "source"), key=_set_order)
             methods = list(dict.fromkeys(r["method"] for r in sel))
             cell = {(r["method"], r["set"]): f"{r['mean']:.1f} ± {r['std']:.1f} (n={r['seeds']})" for r in sel}
-            lines += [f"### {measure}, {label}", "", "| method | " + " | ".join(sets) + " |",
+            lines += [f"### {measure} top-1 (%), {label}", "", "| method | " + " | ".join(sets) + " |",
                       "|---|" + "---:|" * len(sets)]
             lines += ["| " + m + " | " + " | ".join(cell.get((m, s), "-") for s in sets) + " |" for m in methods]
             lines.append("")
+        sel = [r for r in rows if r["sweep"] == label and r["measure"] in COSTS]
+        cell = {(r["method"], r["measure"]): f"{r['mean']:.3g} ± {r['std']:.2g}" for r in sel}
+        lines += [f"### cost, {label}", "", "| method | " + " | ".join(COSTS) + " |", "|---|" + "---:|" * len(COSTS)]
+        lines += ["| " + m + " | " + " | ".join(cell.get((m, c), "-") for c in COSTS) + " |"
+                  for m in dict.fromkeys(r["method"] for r in sel)]
+        lines.append("")
     if diffs:
         lines += ["### target mean, method − control, paired by seed (points)", "",
                   "| method | control | zero-shot | linear probe |", "|---|---|---:|---:|"]
@@ -220,8 +228,8 @@ def paired_differences(results: list[dict], controls: tuple[str, ...] = ("none",
     rows = []
     for label, method in dict.fromkeys((r["sweep"], r["method"]) for r in results):
         for control in controls:
-            if (label, method) == ("base", control):
-                continue
+            if label == "base" and method in controls and controls.index(method) <= controls.index(control):
+                continue  # a control against itself, or against a later control (the reverse row is there)
             for measure, prefix in PREFIXES.items():
                 key = prefix + "target_mean"
                 diffs = [100 * (r["metrics"][key] - c["metrics"][key])

@@ -45,6 +45,7 @@ def test_the_study_runs_every_method_and_seed_once_and_tabulates_mean_and_spread
     edsam = next(r for r in rows if r["method"] == "edsam" and r["measure"] == "zero-shot" and r["set"] == "target_mean")
     assert (float(edsam["mean"]), float(edsam["std"]), edsam["seeds"]) == (32.0, 2.0, "3")  # 30, 32, 34
     assert "| edsam | 62.0 ± 2.0 (n=3) | 32.0 ± 2.0 (n=3) |" in (out / "table.md").read_text()
+    assert "| edsam | 0.5 ± 0 |" in (out / "table.md").read_text()  # trainer s/step, then wall and samples/s
     assert (out / "bars.png").stat().st_size > 0
     result = json.loads((out / "runs" / "base" / "none" / "seed1" / "result.json").read_text())
     assert result["step_time_s"] == 0.5 and result["producer_samples_per_s"] == 12.0
@@ -60,7 +61,7 @@ def test_the_study_runs_every_method_and_seed_once_and_tabulates_mean_and_spread
                    "--out", str(out), "--launcher", str(launcher)])
     table = (out / "table.md").read_text()
     assert "| edsam | 62.0 ± 2.0 (n=3) | 32.0 ± 2.0 (n=3) |" in table
-    assert "### zero-shot, buffer.distinct_sources=true" in table
+    assert "### zero-shot top-1 (%), buffer.distinct_sources=true" in table
     assert "| edsam (buffer.distinct_sources=true) | none | +10.0 ± 0.0 (1/1 seeds > 0) |" in table
 
 
