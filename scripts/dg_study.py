@@ -92,8 +92,13 @@ def final_record(metrics_file: Path) -> dict[str, float]:
     return last
 
 
+def run_folder(out: Path, label: str = "*", method: str = "*", seed: int | str = "*") -> Path:
+    """A run's folder in the study (with the defaults: the glob of every run's folder)."""
+    return out / "runs" / label / method / f"seed{seed}"
+
+
 def run_one(args: argparse.Namespace, label: str, method: str, seed: int, extra: list[str]) -> dict:
-    run_dir = Path(args.out) / "runs" / label / method / f"seed{seed}"
+    run_dir = run_folder(Path(args.out), label, method, seed)
     result_file = run_dir / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
@@ -215,7 +220,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 def finished_results(out: Path) -> list[dict]:
     """Every finished run in the study folder, this invocation's and earlier ones' (a later
     sweep adds its rows to the table instead of replacing it), in plan order."""
-    results = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*/*/seed*/result.json"))]
+    results = [json.loads(f.read_text()) for f in sorted(out.glob(str(run_folder(Path()) / "result.json")))]
     order = {m: i for i, m in enumerate(METHODS)}
     return sorted(results, key=lambda r: (r["sweep"] != "base", r["sweep"], order[r["method"]], r["seed"]))
 
@@ -224,17 +229,19 @@ def paired_differences(results: list[dict], controls: tuple[str, ...] = ("none",
     """Per-seed differences of target-mean top-1 against each control of the base study, in
     points. Runs of one seed share the data seed, so the pairing removes the between-seed
     variance that both methods share."""
-    by = {(r["sweep"], r["method"], r["seed"]): r for r in results}
+    base = {(r["method"], r["seed"]): r["metrics"] for r in results if r["sweep"] == "base"}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["sweep"], r["method"]), []).append(r)
     rows = []
-    for label, method in dict.fromkeys((r["sweep"], r["method"]) for r in results):
+    for (label, method), runs in groups.items():
         for control in controls:
             if label == "base" and method in controls and controls.index(method) <= controls.index(control):
                 continue  # a control against itself, or against a later control (the reverse row is there)
             for measure, prefix in PREFIXES.items():
                 key = prefix + "target_mean"
-                diffs = [100 * (r["metrics"][key] - c["metrics"][key])
-                         for (lab, m, seed), r in by.items() if (lab, m) == (label, method)
-                         for c in [by.get(("base", control, seed))] if c and key in r["metrics"] and key in c["metrics"]]
+                pairs = [(r["metrics"], base.get((control, r["seed"]), {})) for r in runs]
+                diffs = [100 * (m[key] - c[key]) for m, c in pairs if key in m and key in c]
                 if diffs:
                     mean, std = _mean_std(diffs)
                     rows.append({"sweep": label, "method": method, "control": control, "measure": measure,
