@@ -93,8 +93,10 @@ def final_record(metrics_file: Path) -> dict[str, float]:
 
 
 def run_folder(out: Path, label: str = "*", method: str = "*", seed: int | str = "*") -> Path:
-    """A run's folder in the study (with the defaults: the glob of every run's folder)."""
-    return out / "runs" / label / method / f"seed{seed}"
+    """A run's folder in the study (with the defaults: the glob of every run's folder). A sweep
+    label's ``=`` becomes ``_`` in the folder name: launch.sh passes the folder to Hydra as
+    ``run_dir=...``, whose override grammar refuses a second unquoted ``=``."""
+    return out / "runs" / label.replace("=", "_") / method / f"seed{seed}"
 
 
 def run_one(args: argparse.Namespace, label: str, method: str, seed: int, extra: list[str]) -> dict:
