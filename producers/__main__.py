@@ -23,7 +23,6 @@ _CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
 @hydra.main(config_path=_CONFIGS, config_name="config", version_base=None)
 def main(dictcfg: DictConfig) -> None:
     from edsam_online.diffusion import build_sampler
-    from edsam_online.diffusion.registry import default_cache_dir
     from edsam_online.diffusion.scoring import build_scorer
     from edsam_online.producer import Producer
 
@@ -32,12 +31,8 @@ def main(dictcfg: DictConfig) -> None:
         "producer %d/%d (%s) -> %s", cfg.producer.rank, cfg.producer.num_producers, cfg.diffusion.model,
         cfg.stream.endpoints,
     )
-    pcfg, dcfg = cfg.producer, cfg.diffusion
-    scorer = build_scorer(pcfg.scorer, model=pcfg.scorer_model, pretrained=pcfg.scorer_pretrained,
-                          cache_dir=dcfg.cache_dir or default_cache_dir(), resolution=dcfg.resolution,
-                          device=dcfg.device)
-    producer = Producer(cfg.stream, pcfg, cfg.data, build_sampler(dcfg), logging_cfg=cfg.logging,
-                        run_dir=cfg.run_dir, scorer=scorer)
+    producer = Producer(cfg.stream, cfg.producer, cfg.data, build_sampler(cfg.diffusion), logging_cfg=cfg.logging,
+                        run_dir=cfg.run_dir, scorer=build_scorer(cfg.producer, cfg.diffusion))
     producer.run()
 
 

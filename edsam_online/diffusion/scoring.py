@@ -12,13 +12,18 @@ drops samples below ``producer.min_score`` (:class:`edsam_online.producer.Produc
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from edsam_online.diffusion.registry import default_cache_dir
 from edsam_online.models import ClipModelConfig, create_clip
+
+if TYPE_CHECKING:
+    from edsam_online.diffusion.sampler import SamplerConfig
+    from edsam_online.producer import ProducerConfig
 
 Scorer = Callable[[np.ndarray, list[str]], np.ndarray]
 
@@ -46,16 +51,16 @@ class ClipScorer:
         return torch.cat(scores).numpy()
 
 
-def build_scorer(kind: str, *, model: str = "", pretrained: str = "", cache_dir: str, resolution: int,
-                 device: str = "cpu") -> Scorer | None:
-    """The scorer ``producer.scorer`` names (None for ``none``). ``attributes`` fits its
-    measurers on first use and caches them under ``cache_dir``."""
-    if kind == "none":
+def build_scorer(producer: ProducerConfig, sampler: SamplerConfig) -> Scorer | None:
+    """The scorer ``producer.scorer`` names (None for ``none``), on the generator's device.
+    ``attributes`` fits its measurers at the generator's resolution on first use and caches
+    them in the generator's cache folder."""
+    if producer.scorer == "none":
         return None
-    if kind == "attributes":
+    if producer.scorer == "attributes":
         from edsam_online.diffusion.fidelity import load_attribute_scorer
 
-        return load_attribute_scorer(cache_dir, resolution)[0]
-    if kind == "clip":
-        return ClipScorer(model, pretrained or None, device)
-    raise ValueError(f"scorer must be none, attributes or clip, got {kind!r}")
+        return load_attribute_scorer(sampler.cache_dir or default_cache_dir(), sampler.resolution)[0]
+    if producer.scorer == "clip":
+        return ClipScorer(producer.scorer_model, producer.scorer_pretrained or None, sampler.device)
+    raise ValueError(f"scorer must be none, attributes or clip, got {producer.scorer!r}")
