@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from edsam_online.diffusion import SamplerConfig, build_sampler
-from edsam_online.diffusion.registry import default_cache_dir, retrained_model_dir
+from edsam_online.diffusion.registry import default_cache_dir, retrained_model_dir, retrained_model_id
 from edsam_online.diffusion.train_ldm import TrainLDMConfig, train_ldm
 
 
@@ -16,7 +16,7 @@ def test_train_ldm_saves_sd_layout_loadable_as_retrained(tmp_path, monkeypatch):
         assert (out / sub).is_dir()
     # "retrained" finds the cached model instead of training again
     sampler = build_sampler(SamplerConfig(model="retrained", steps=2, inversion_steps=2, m=2))
-    assert sampler.ldm.model_id == "retrained-ldm-32px"
+    assert sampler.ldm.model_id == out.name == retrained_model_id(32)
     res = sampler.generate(np.zeros((1, 32, 32, 3), np.uint8), ["a small red star"], ["k"])
     assert res.images.shape == (2, 32, 32, 3)
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -62,6 +63,10 @@ from edsam_online.diffusion.pipeline import save_components
 from edsam_online.diffusion.tiny import offline_clip_tokenizer
 
 log = logging.getLogger(__name__)
+
+#: Bumped whenever this module's code changes what a config trains, so that the recipe version
+#: (:func:`recipe_version`) changes with the code as well as with the settings.
+RECIPE_REVISION = 1
 
 
 @dataclass
@@ -100,6 +105,15 @@ class TrainLDMConfig:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def recipe_version(cfg: TrainLDMConfig) -> str:
+    """A short hash of everything that determines the trained weights: the settings (not the
+    output folder) and :data:`RECIPE_REVISION`. The retrained LDM's cache folder is named by
+    it, so a changed recipe trains a new model instead of loading the old one."""
+    settings = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}
+    blob = json.dumps({"revision": RECIPE_REVISION, **settings}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]
 
 
 def build_components(resolution: int = 32, latent_channels: int = 4) -> dict:
@@ -242,7 +256,9 @@ def train_ldm(cfg: TrainLDMConfig) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         save_components(c, tmp, "sd")
         settings = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}  # the folder may move
-        (tmp / "train_ldm_config.json").write_text(json.dumps({**settings, "scaling_factor": scale}, indent=1))
+        (tmp / "train_ldm_config.json").write_text(json.dumps(
+            {**settings, "revision": RECIPE_REVISION, "version": recipe_version(cfg), "scaling_factor": scale},
+            indent=1))
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
@@ -256,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = {f.name: f.default for f in fields(TrainLDMConfig)}
     p.add_argument("--out", required=True,
-                   help="output folder; diffusion.model=retrained loads <cache_dir>/retrained-ldm-<res>px")
+                   help="output folder; diffusion.model=retrained loads <cache_dir>/retrained-ldm-<res>px-<version>")
     p.add_argument("--resolution", type=int, default=d["resolution"])
     p.add_argument("--vae-steps", type=int, default=d["vae_steps"])
     p.add_argument("--unet-steps", type=int, default=d["unet_steps"])
