@@ -104,3 +104,17 @@ def test_clip_scorer_loads_a_checkpoint_file_and_scores_cosines_in_unit_range(tm
     clip = build_scorer(ProducerConfig(scorer="clip", scorer_model="edsam-tiny-rn",
                                        scorer_pretrained=str(tmp_path / "clip.pt")), SamplerConfig())
     np.testing.assert_allclose(clip(images, captions), scores, atol=1e-6)
+
+
+def test_fidelity_report_has_every_setting_and_attribute(measurer):
+    from edsam_online.diffusion import SamplerConfig
+    from edsam_online.diffusion.fidelity import measure_fidelity
+    from edsam_online.diffusion.registry import load_sampler_ldm
+
+    cfg = SamplerConfig(model="tiny-random", steps=1, inversion_steps=1, batch_size=4)
+    scorer = AttributeScorer(FixedClassifier(np.zeros(8, int)), measurer)
+    res = measure_fidelity(load_sampler_ldm(cfg), scorer, cfg, rhos=(0.0, 0.5), n=8)
+    assert list(res) == ["vae", "rho=0", "rho=0.5", "pure"]
+    for setting, row in res.items():
+        assert set(row) == {"class", "colour", "size", "all"} | ({"change"} if setting != "pure" else set())
+        assert all(0.0 <= v <= 1.0 for v in row.values()) and row["all"] <= min(row["class"], row["colour"])
