@@ -1,6 +1,6 @@
 """Retrain a small text-conditional LDM on the built-in source domain (the paper's "Retrained-LDM").
 
-    python -m edsam_online.diffusion.train_ldm --out DIR [--vae-steps N] [--unet-steps N]
+    python -m edsam_online.diffusion.train_ldm --out DIR [--vae-steps N] [--unet-steps N] [--<any setting> V]
 
 Two stages on CPU, sized for a 15-minute budget on 2 cores at 32 px:
 
@@ -270,21 +270,14 @@ def train_ldm(cfg: TrainLDMConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    d = {f.name: f.default for f in fields(TrainLDMConfig)}
     p.add_argument("--out", required=True,
                    help="output folder; diffusion.model=retrained loads <cache_dir>/retrained-ldm-<res>px-<version>")
-    p.add_argument("--resolution", type=int, default=d["resolution"])
-    p.add_argument("--vae-steps", type=int, default=d["vae_steps"])
-    p.add_argument("--unet-steps", type=int, default=d["unet_steps"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="VAE-stage batch size")
-    p.add_argument("--unet-batch-size", type=int, default=d["unet_batch_size"])
-    p.add_argument("--num-threads", type=int, default=d["num_threads"])
-    p.add_argument("--seed", type=int, default=d["seed"])
-    a = p.parse_args(argv)
+    for f in fields(TrainLDMConfig):  # every recipe setting, --vae-steps for vae_steps (defaults: the dataclass's)
+        if f.name != "out_dir":
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    a = vars(p.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    out = train_ldm(TrainLDMConfig(out_dir=a.out, resolution=a.resolution, vae_steps=a.vae_steps,
-                                   unet_steps=a.unet_steps, batch_size=a.batch_size,
-                                   unet_batch_size=a.unet_batch_size, num_threads=a.num_threads, seed=a.seed))
+    out = train_ldm(TrainLDMConfig(out_dir=a.pop("out"), **a))
     print(out)
 
 
