@@ -236,10 +236,9 @@ class Producer:
     ``logging_cfg`` + ``run_dir``: metrics also go to a ``MetricLogger``
     (``<run_dir>/metrics/producer<rank>.jsonl``). ``on_bound`` is called with the
     resolved endpoint after a bind (useful with ``tcp://host:*``). ``scorer``: the fidelity
-    scorer ``cfg.scorer`` names (:func:`edsam_online.diffusion.scoring.build_scorer`), None
-    for none. :meth:`stop` (from
-    any thread) stops it as a signal does; ``install_signal_handlers`` makes
-    SIGINT/SIGTERM do so while :meth:`run` runs in the main thread.
+    scorer ``cfg.scorer`` names (:func:`edsam_online.diffusion.scoring.build_scorer`; None for
+    ``none``). :meth:`stop` (from any thread) stops it as a signal does;
+    ``install_signal_handlers`` makes SIGINT/SIGTERM do so while :meth:`run` runs in the main thread.
     """
 
     def __init__(
