@@ -93,8 +93,10 @@ def final_record(metrics_file: Path) -> dict[str, float]:
 
 
 def run_folder(out: Path, label: str = "*", method: str = "*", seed: int | str = "*") -> Path:
-    """A run's folder in the study (with the defaults: the glob of every run's folder)."""
-    return out / "runs" / label / method / f"seed{seed}"
+    """A run's folder in the study (with the defaults: the glob of every run's folder). A sweep
+    label's ``=`` becomes ``_`` in the folder name: launch.sh passes the folder to Hydra as
+    ``run_dir=...``, whose override grammar refuses a second unquoted ``=``."""
+    return out / "runs" / label.replace("=", "_") / method / f"seed{seed}"
 
 
 def run_one(args: argparse.Namespace, label: str, method: str, seed: int, extra: list[str]) -> dict:
@@ -226,8 +228,9 @@ def finished_results(out: Path) -> list[dict]:
 
 
 def paired_differences(results: list[dict], controls: tuple[str, ...] = ("none", "real2x")) -> list[dict]:
-    """Per-seed differences of target-mean top-1 against each control of the base study, in
-    points. Runs of one seed share the data seed, so the pairing removes the between-seed
+    """Per-seed differences of target-mean top-1 against each control of the base study (and,
+    for a sweep's runs, against the same method's base runs: what the swept setting changed),
+    in points. Runs of one seed share the data seed, so the pairing removes the between-seed
     variance that both methods share."""
     base = {(r["method"], r["seed"]): r["metrics"] for r in results if r["sweep"] == "base"}
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -235,7 +238,8 @@ def paired_differences(results: list[dict], controls: tuple[str, ...] = ("none",
         groups.setdefault((r["sweep"], r["method"]), []).append(r)
     rows = []
     for (label, method), runs in groups.items():
-        for control in controls:
+        own = (method,) if label != "base" and method not in controls else ()
+        for control in controls + own:
             if label == "base" and method in controls and controls.index(method) <= controls.index(control):
                 continue  # a control against itself, or against a later control (the reverse row is there)
             for measure, prefix in PREFIXES.items():

@@ -63,6 +63,10 @@ def test_the_study_runs_every_method_and_seed_once_and_tabulates_mean_and_spread
     assert "| edsam | 62.0 ± 2.0 (n=3) | 32.0 ± 2.0 (n=3) |" in table
     assert "### zero-shot top-1 (%), buffer.distinct_sources=true" in table
     assert "| edsam (buffer.distinct_sources=true) | none | +10.0 ± 0.0 (1/1 seeds > 0) |" in table
+    assert "| edsam (buffer.distinct_sources=true) | edsam | +0.0 ± 0.0 (0/1 seeds > 0) |" in table  # vs its base
+    run_dirs = [call.split()[1] for call in (tmp_path / "calls.log").read_text().splitlines()]
+    assert run_dirs[-1].endswith("/runs/buffer.distinct_sources_true/edsam/seed0")
+    assert not any("=" in d for d in run_dirs)  # launch.sh hands it to Hydra as run_dir=<folder>
 
 
 def test_quick_and_sweep_plans():
