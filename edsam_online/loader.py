@@ -45,6 +45,7 @@ stream positions and the slot counters, not buffer contents.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -109,6 +110,7 @@ class Example:
     key: str
     synthetic: bool
     alpha: float = float("nan")
+    score: float = float("nan")  # the producer's fidelity score, NaN when it sent none
 
 
 @dataclass
@@ -123,6 +125,7 @@ class MixedBatch:
     syn_keys: list[str]
     syn_is_synthetic: torch.Tensor  # bool [syn_batch]; True = an extra-batch pair, False = real fallback
     syn_alpha: torch.Tensor  # float [syn_batch]; NaN for fallback rows
+    syn_score: torch.Tensor | None = None  # float [syn_batch]; NaN where a row has no score (None: no row has)
 
     @property
     def num_synthetic(self) -> int:
@@ -286,8 +289,11 @@ class Preprocess:
         self.real_is_extra = real_is_extra
 
     def __call__(self, item: RealRecord | SyntheticSample) -> Example | None:
+        score = float("nan")
         if isinstance(item, SyntheticSample):
             array, caption, key, synthetic, alpha = item.image, item.caption, item.source_key, True, item.alpha
+            if item.score is not None:
+                score = item.score
         else:
             sample = decode_record(item, self.resolution, self.counters)
             if sample is None:
@@ -295,9 +301,19 @@ class Preprocess:
             array, caption, key, alpha = sample.image, sample.caption, sample.key, float("nan")
             synthetic = self.real_is_extra
             if synthetic and "source_key" in sample.meta:  # an offline sample: its provenance
-                key, alpha = str(sample.meta["source_key"]), float(sample.meta.get("alpha", alpha))
+                key, alpha = str(sample.meta["source_key"]), _meta_number(sample.meta, "alpha")
+                score = _meta_number(sample.meta, "score", 0.0, 1.0)
         image = self.transform(Image.fromarray(np.asarray(array)))
-        return Example(image, self.tokenizer([caption])[0], key, synthetic, alpha)
+        return Example(image, self.tokenizer([caption])[0], key, synthetic, alpha, score)
+
+
+def _meta_number(meta: dict[str, Any], name: str, lo: float = -math.inf, hi: float = math.inf) -> float:
+    """An offline sample's provenance number, NaN where its JSON lacks it or holds no finite
+    number in [lo, hi] (a shard's JSON is not trusted)."""
+    value = meta.get(name)
+    if type(value) not in (int, float) or not (math.isfinite(value) and lo <= value <= hi):
+        return float("nan")
+    return float(value)
 
 
 def collate(real: list[Example], slot: list[Example]) -> MixedBatch:
@@ -317,6 +333,7 @@ def collate(real: list[Example], slot: list[Example]) -> MixedBatch:
         syn_keys=[e.key for e in slot],
         syn_is_synthetic=torch.tensor([e.synthetic for e in slot], dtype=torch.bool),
         syn_alpha=torch.tensor([e.alpha for e in slot], dtype=torch.float32),
+        syn_score=torch.tensor([e.score for e in slot], dtype=torch.float32),
     )
 
 

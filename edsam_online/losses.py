@@ -10,11 +10,18 @@ its gradient (docs/design.md, 'Known pitfalls'). SigLIP uses ``SigLipLoss(dist_i
 A step whose global synthetic slot holds no synthetic sample trains on the real
 term alone (``use_syn=False``); the caller decides that collectively (every
 rank must agree, since the synthetic term's all_gather is a collective).
+
+``syn_weights`` (InfoNCE only) weights each synthetic row's loss, e.g. by its fidelity
+score: ``L_syn = sum_i w_i l_i / sum_i w_i`` over the global batch, where ``l_i`` is row
+i's mean of its image-to-text and text-to-image cross-entropies. open_clip's losses only
+average, hence the per-row term here; it reuses ``ClipLoss.get_logits`` and its labels.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 from torch import nn
 
@@ -44,6 +51,7 @@ class EDSAMLoss(nn.Module):
             raise ValueError(f"syn_weight must be >= 0, got {syn_weight}")
         self.kind = kind
         self.syn_weight = syn_weight
+        self.world_size = world_size
         self.real_term = build_contrastive_loss(kind, rank, world_size)
         self.syn_term = build_contrastive_loss(kind, rank, world_size)
 
@@ -61,13 +69,37 @@ class EDSAMLoss(nn.Module):
         syn_text_features: torch.Tensor | None = None,
         logit_bias: torch.Tensor | None = None,
         use_syn: bool = True,
+        syn_weights: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Returns ``loss``, ``loss_real`` and ``loss_syn`` (zero when the step has no synthetic term)."""
+        """Returns ``loss``, ``loss_real`` and ``loss_syn`` (zero when the step has no synthetic
+        term). ``syn_weights``: one weight >= 0 per synthetic row (see the module docstring)."""
         loss_real = self._term(self.real_term, real_image_features, real_text_features, logit_scale, logit_bias)
         if use_syn and syn_image_features is not None and syn_image_features.shape[0] > 0:
-            loss_syn = self._term(self.syn_term, syn_image_features, syn_text_features, logit_scale, logit_bias)
+            if syn_weights is not None:
+                loss_syn = self._weighted_syn_term(syn_image_features, syn_text_features, logit_scale, syn_weights)
+            else:
+                loss_syn = self._term(self.syn_term, syn_image_features, syn_text_features, logit_scale, logit_bias)
             loss = loss_real + self.syn_weight * loss_syn
         else:
             loss_syn = torch.zeros_like(loss_real)
             loss = loss_real
         return {"loss": loss, "loss_real": loss_real, "loss_syn": loss_syn}
+
+    def _weighted_syn_term(self, image_f: torch.Tensor, text_f: torch.Tensor, logit_scale: torch.Tensor,
+                           weights: torch.Tensor) -> torch.Tensor:
+        """The synthetic InfoNCE term with per-row weights. Each rank returns its rows' share,
+        normalised by the global mean weight, so the mean over ranks (DDP's gradient average)
+        is the weighted mean over the global batch."""
+        if self.kind != "clip":
+            raise ValueError("syn_weights need the clip loss")
+        if weights.shape != (image_f.shape[0],) or not bool((weights >= 0).all()):
+            raise ValueError(f"syn_weights must be {image_f.shape[0]} values >= 0")
+        logits_image, logits_text = self.syn_term.get_logits(image_f, text_f, logit_scale)
+        labels = self.syn_term.get_ground_truth(image_f.device, logits_image.shape[0])
+        per_row = (F.cross_entropy(logits_image, labels, reduction="none")
+                   + F.cross_entropy(logits_text, labels, reduction="none")) / 2
+        weights = weights.to(per_row)
+        total = torch.stack([weights.sum(), weights.new_tensor(float(len(weights)))])
+        if self.world_size > 1:
+            dist.all_reduce(total)
+        return (per_row * weights).mean() / (total[0] / total[1]).clamp_min(1e-12)

@@ -112,7 +112,7 @@ class Augmentation:
     ``real2x``'s second real stream).
 
     A subclass may return the batch with its real part transformed, or with its slot
-    (``syn_images``, ``syn_texts``, ``syn_keys``, ``syn_is_synthetic``, ``syn_alpha``)
+    (``syn_images``, ``syn_texts``, ``syn_keys``, ``syn_is_synthetic``, ``syn_alpha``, ``syn_score``)
     supplied by the method; rows flagged ``syn_is_synthetic`` count in the second term. It
     runs on every rank, inside ``Trainer.train_step``, with the trainer at hand (its
     model, loss, device and ``syn_batch``), and must give the slot ``trainer.syn_batch``
@@ -162,6 +162,7 @@ def _fill_slot(batch: MixedBatch, images: torch.Tensor) -> MixedBatch:
     batch.syn_keys = list(batch.real_keys[:n])
     batch.syn_is_synthetic = torch.ones(n, dtype=torch.bool)
     batch.syn_alpha = torch.full((n,), float("nan"))
+    batch.syn_score = None
     return batch
 
 

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 _SEND_SLICE_S = 0.2  # a blocked send re-checks the stop flag this often
 SINKS = ("stream", "shards")
+SCORERS = ("none", "attributes", "clip")  # built by edsam_online.diffusion.scoring.build_scorer
 _SHARD_EXTENSIONS = {"raw": "png", "jpeg": "jpg", "webp": "webp"}
 
 
@@ -68,6 +69,12 @@ class ProducerConfig:
     (``<name>-<session>-NNNNNN.tar``, ``shard_samples`` samples each; ``key.png`` for raw
     ``stream.encoding``, else ``key.jpg``/``key.webp``, ``key.txt`` the caption,
     ``key.json`` the sample's provenance), for a trainer to read with ``method.offline_shards``.
+
+    The online fidelity filter: ``scorer`` (``none``, ``attributes``: the built-in domains'
+    class/colour/size measurers, or ``clip``: CLIP score under the open_clip model
+    ``scorer_model`` with weights ``scorer_pretrained``, a tag or checkpoint file) scores every
+    generated sample against its caption in [0, 1] before it is sent; the score travels in the
+    header, and samples below ``min_score`` are dropped and counted (``producer/filtered``).
     """
 
     rank: int = 0
@@ -86,6 +93,10 @@ class ProducerConfig:
     sink: str = "stream"
     shard_dir: str = ""
     shard_samples: int = 1000
+    scorer: str = "none"
+    scorer_model: str = ""
+    scorer_pretrained: str = ""
+    min_score: float = 0.0
 
     @property
     def name(self) -> str:
@@ -114,6 +125,14 @@ class ProducerConfig:
             raise ValueError("shard_dir must be set when producer.sink is shards")
         if self.shard_samples < 1:
             raise ValueError(f"shard_samples must be >= 1, got {self.shard_samples}")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
+        if self.min_score > 0 and self.scorer == "none":
+            raise ValueError("min_score > 0 needs a scorer: set producer.scorer to attributes or clip")
+        if self.scorer == "clip" and not self.scorer_model:
+            raise ValueError("scorer_model must name an open_clip model when producer.scorer is clip")
         for name in ("send_timeout_s", "stop_grace_s", "log_every_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -216,9 +235,10 @@ class Producer:
 
     ``logging_cfg`` + ``run_dir``: metrics also go to a ``MetricLogger``
     (``<run_dir>/metrics/producer<rank>.jsonl``). ``on_bound`` is called with the
-    resolved endpoint after a bind (useful with ``tcp://host:*``). :meth:`stop` (from
-    any thread) stops it as a signal does; ``install_signal_handlers`` makes
-    SIGINT/SIGTERM do so while :meth:`run` runs in the main thread.
+    resolved endpoint after a bind (useful with ``tcp://host:*``). ``scorer``: the fidelity
+    scorer ``cfg.scorer`` names (:func:`edsam_online.diffusion.scoring.build_scorer`; None for
+    ``none``). :meth:`stop` (from any thread) stops it as a signal does;
+    ``install_signal_handlers`` makes SIGINT/SIGTERM do so while :meth:`run` runs in the main thread.
     """
 
     def __init__(
@@ -232,13 +252,17 @@ class Producer:
         run_dir: str | None = None,
         on_bound: Callable[[str], None] | None = None,
         install_signal_handlers: bool = True,
+        scorer: Callable[[np.ndarray, list[str]], np.ndarray] | None = None,
     ) -> None:
+        if (scorer is None) != (cfg.scorer == "none"):
+            raise ValueError(f"producer.scorer={cfg.scorer!r} needs {'no' if cfg.scorer == 'none' else 'a'} scorer")
         self.stream_cfg, self.cfg, self.data_cfg, self.sampler = stream_cfg, cfg, data_cfg, sampler
+        self.scorer = scorer
         self.logging_cfg, self.run_dir, self.on_bound = logging_cfg, run_dir, on_bound
         self.install_signal_handlers = install_signal_handlers
         self._stop = threading.Event()
         self.counters = DataCounters()
-        self.state = dict(sent=0, generated=0, dropped_unsent=0, unet_calls=0, blocked_s=0.0)
+        self.state = dict(sent=0, generated=0, dropped_unsent=0, filtered=0, unet_calls=0, blocked_s=0.0)
         self._start = time.monotonic()
 
     def stop(self) -> None:
@@ -256,6 +280,7 @@ class Producer:
             "producer/sent": state["sent"],
             "producer/generated": state["generated"],
             "producer/dropped_unsent": state["dropped_unsent"],
+            "producer/filtered": state["filtered"],
         }
         out.update({f"producer/{k}": v for k, v in self.counters.snapshot().items()})  # "data/..." keys
         return out
@@ -308,6 +333,9 @@ class Producer:
                     seed=batch_seed(pcfg.seed, pcfg.rank, batch_index),
                 )
                 state["unet_calls"] += generated.unet_calls
+                generated = self._filter(generated)
+                if generated is None:
+                    continue
                 if writer is not None:
                     self._write(writer, generated, session, limit, bar)
                     continue
@@ -356,6 +384,17 @@ class Producer:
                  state["dropped_unsent"])
         return final
 
+    def _filter(self, generated: GeneratedBatch) -> GeneratedBatch | None:
+        """Score ``generated`` and keep the rows at or above ``min_score`` (None: no row is left)."""
+        if self.scorer is None:
+            return generated
+        generated = generated.scored(self.scorer(generated.images, generated.row_captions()))
+        keep = generated.score >= self.cfg.min_score
+        self.state["filtered"] += int((~keep).sum())
+        if keep.all():
+            return generated
+        return generated.select(keep) if keep.any() else None
+
     def _write(self, writer: Any, generated: GeneratedBatch, session: int, limit: int, bar: Any) -> None:
         """Write the rows of ``generated`` (up to ``limit`` samples in all) as shard samples."""
         pcfg, state = self.cfg, self.state
@@ -371,6 +410,8 @@ class Producer:
                 "mode": generated.mode, "steps": generated.steps, "inversion_steps": generated.inversion_steps,
                 "guidance": generated.guidance,
             }
+            if generated.score is not None:
+                provenance["score"] = float(generated.score[r])
             writer.write({
                 "__key__": f"{pcfg.name}-{session:016x}-{state['sent']:09d}",
                 _SHARD_EXTENSIONS[encoding]: _image_file(generated.images[r], encoding, self.stream_cfg.quality),

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -52,6 +53,8 @@ from edsam_online.optim import build_optimizer, build_scheduler, clamp_logit_sca
 from edsam_online.runtime import StopOnSignal, autocast, init_distributed
 from edsam_online.streaming import Receiver
 
+SYN_WEIGHTINGS = ("none", "score")
+
 
 @dataclass
 class TrainerConfig:
@@ -62,7 +65,10 @@ class TrainerConfig:
     checkpoint, as a preemption would, so ``checkpoint.resume=latest`` continues it.
     ``loss``: ``clip`` (InfoNCE) or ``siglip``. ``record_keys`` writes every step's sample
     keys to ``<run_dir>/keys/trainer<rank>.jsonl`` (an audit trail of what each step
-    trained on). ``progress``: a tqdm bar on rank 0.
+    trained on). ``progress``: a tqdm bar on rank 0. ``syn_weighting="score"`` weights each
+    synthetic row of the second term by the fidelity score its producer sent
+    (``producer.scorer``; rows without a score, such as a starved slot's real fallback, weigh
+    1); ``"none"`` weighs every row alike.
     """
 
     steps: int = 200
@@ -71,6 +77,7 @@ class TrainerConfig:
     loss: str = "clip"
     progress: bool = True
     record_keys: bool = False
+    syn_weighting: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
@@ -80,6 +87,10 @@ class TrainerConfig:
             raise ValueError(f"stop_at must be >= 0, got {self.stop_at}")
         if self.loss not in LOSS_KINDS:
             raise ValueError(f"loss must be one of {LOSS_KINDS}, got {self.loss!r}")
+        if self.syn_weighting not in SYN_WEIGHTINGS:
+            raise ValueError(f"syn_weighting must be one of {SYN_WEIGHTINGS}, got {self.syn_weighting!r}")
+        if self.syn_weighting == "score" and self.loss != "clip":
+            raise ValueError("syn_weighting=score needs loss=clip (SigLIP's open_clip loss has no per-row weights)")
 
 
 @dataclass
@@ -95,6 +106,8 @@ class StepOutput:
     used_syn: bool
     stop_requested: bool  # some rank was asked to stop: every rank stops after this step
     sibling_pairs: int = 0  # pairs of extra-batch rows that share a source key, summed over ranks
+    syn_scores: list[float] = dataclasses.field(default_factory=list)  # this rank's trained synthetic rows' scores
+    syn_unscored: int = 0  # this rank's trained synthetic rows without a score
 
 
 def _sibling_pairs(batch: MixedBatch) -> int:
@@ -102,6 +115,18 @@ def _sibling_pairs(batch: MixedBatch) -> int:
     its caption, so each is a false negative of the other in that term's InfoNCE)."""
     keys = [k for k, flag in zip(batch.syn_keys, batch.syn_is_synthetic.tolist()) if flag]
     return sum(n * (n - 1) // 2 for n in collections.Counter(keys).values())
+
+
+def _trained_scores(batch: MixedBatch, used_syn: bool) -> dict[str, Any]:
+    """``syn_scores`` and ``syn_unscored`` of the extra-batch rows a step trained on."""
+    if not used_syn:
+        return {}
+    flags = batch.syn_is_synthetic
+    if batch.syn_score is None:
+        return {"syn_unscored": int(flags.sum())}
+    scores = batch.syn_score[flags]
+    known = ~torch.isnan(scores)
+    return {"syn_scores": scores[known].tolist(), "syn_unscored": int((~known).sum())}
 
 
 class _Window:
@@ -116,6 +141,8 @@ class _Window:
         self.images = self.real = self.syn = 0.0
         self.loss = self.loss_real = self.loss_syn = 0.0
         self.sibling_pairs = 0
+        self.scores: list[float] = []
+        self.unscored = 0
 
     def add(self, out: StepOutput, images: int, seconds: float, wait: float) -> None:
         self.steps += 1
@@ -129,6 +156,19 @@ class _Window:
         self.loss_real += out.loss_real.item()
         self.loss_syn += out.loss_syn.item()
         self.sibling_pairs += out.sibling_pairs
+        self.scores += out.syn_scores
+        self.unscored += out.syn_unscored
+
+    def score_metrics(self) -> dict[str, float]:
+        """``buffer/score_*``: the fidelity scores of the synthetic rows this rank trained on."""
+        if not self.scores and not self.unscored:
+            return {}
+        out = {"buffer/score_missing_share": self.unscored / (len(self.scores) + self.unscored)}
+        if self.scores:
+            scores = np.asarray(self.scores)
+            out["buffer/score_mean"] = float(scores.mean())
+            out.update({f"buffer/score_p{q}": float(np.percentile(scores, q)) for q in (10, 50, 90)})
+        return out
 
 
 class Trainer:
@@ -250,8 +290,18 @@ class Trainer:
             text_f[real_n:] if use_syn else None,
             logit_bias=out[3].float() if len(out) > 3 else None,
             use_syn=use_syn,
+            syn_weights=self._syn_weights(batch) if use_syn else None,
         )
         return losses, logit_scale
+
+    def _syn_weights(self, batch: MixedBatch) -> torch.Tensor | None:
+        """Per synthetic row, its score as the weight (``syn_weighting=score``; 1 without a score)."""
+        if self.cfg.trainer.syn_weighting != "score":
+            return None
+        n = batch.syn_images.shape[0]
+        if batch.syn_score is None:
+            return torch.ones(n, device=self.device)
+        return torch.nan_to_num(batch.syn_score, nan=1.0).to(self.device)
 
     def train_step(self, batch: MixedBatch, stop_requested: bool = False) -> StepOutput:
         """One optimizer step of Eq. 11 on this rank's ``batch`` (a collective: every rank calls it).
@@ -295,7 +345,7 @@ class Trainer:
             loss=losses["loss"].detach(), loss_real=losses["loss_real"].detach(),
             loss_syn=losses["loss_syn"].detach(), logit_scale=logit_scale.detach(),
             num_real=n_real, num_synthetic=n_syn, used_syn=use_syn, stop_requested=stops > 0,
-            sibling_pairs=siblings,
+            sibling_pairs=siblings, **_trained_scores(batch, use_syn),
         )
 
     # ------------------------------------------------------------------ the loop
@@ -336,6 +386,7 @@ class Trainer:
             **{f"train/{name}": value for name, value in self.totals.items()},
             "train/step_time_s": window.time / window.steps,
             **self.loader.stats(),
+            **window.score_metrics(),
         }
         if self.receiver is not None:
             metrics.update(self.receiver.stats())

@@ -55,11 +55,13 @@ Sample columns, K little-endian values packed in one ``bin`` each (sample i is e
 ===============  =======  ===================================================
 
 Optional (a receiver accepts a message without them; :func:`encode_message` writes all
-but ``stats``): message fields ``mode`` (str), ``steps``, ``inversion_steps`` (int),
-``guidance`` (float) from the sampler's settings; the sample column ``sample_index``
-(<i8); and ``stats`` (map ``"producer/<name>" -> number``), the producer's own metrics
-forwarded now and then. A received sample (:class:`SyntheticSample`) holds what training
-reads (image, caption, source key, alpha); its full ``header`` (the message fields plus
+but ``stats``, and ``score`` when the batch has none): message fields ``mode`` (str),
+``steps``, ``inversion_steps`` (int), ``guidance`` (float) from the sampler's settings; the
+sample columns ``sample_index`` (<i8) and ``score`` (<f4, in [0, 1]: the producer's
+fidelity score of the sample against its caption); and ``stats`` (map
+``"producer/<name>" -> number``), the producer's own metrics forwarded now and then. A
+received sample (:class:`SyntheticSample`) holds what training reads (image, caption,
+source key, alpha, score); its full ``header`` (the message fields plus
 its own source entry and column values as Python scalars, ``seq`` its own number) is
 built when asked for.
 """
@@ -94,7 +96,7 @@ DROP_REASONS = (
     "version",  # missing or unsupported schema version
     "missing_field",
     "wrong_type",
-    "bad_value",  # NaN alpha, unknown encoding/dtype, negative seq, empty caption, source out of range ...
+    "bad_value",  # NaN alpha, score outside [0, 1], unknown encoding/dtype, negative seq, empty caption ...
     "bad_shape",  # negative, zero or absurd dimensions, channels != 3
     "bad_count",  # columns of different lengths, none, more than allowed, or a source table longer than K
     "caption_too_long",
@@ -128,10 +130,10 @@ _COLUMN_DTYPES: dict[str, np.dtype] = {
     "alpha": np.dtype("<f8"),
     "seed": np.dtype("<i8"),
 }
-_OPTIONAL_COLUMN_DTYPES: dict[str, np.dtype] = {"sample_index": np.dtype("<i8")}
+_OPTIONAL_COLUMN_DTYPES: dict[str, np.dtype] = {"sample_index": np.dtype("<i8"), "score": np.dtype("<f4")}
 _ALL_COLUMNS = {**_COLUMN_DTYPES, **_OPTIONAL_COLUMN_DTYPES}
 #: The numpy kinds :func:`encode_message` accepts for each column: ints are floats, bools are neither.
-_COLUMN_KINDS: dict[str, str] = {"source": "iu", "alpha": "fiu", "seed": "iu", "sample_index": "iu"}
+_COLUMN_KINDS: dict[str, str] = {"source": "iu", "alpha": "fiu", "seed": "iu", "sample_index": "iu", "score": "fiu"}
 # Exact types: bool is not an int here, and msgpack yields only these.
 _KIND_TYPES = {_INT: frozenset((int,)), _FLOAT: frozenset((int, float)), _STR: frozenset((str,))}
 #: (name, kind, accepted exact types, required) for every top-level header field but ``v``.
@@ -182,14 +184,15 @@ class WireLimits:
 @dataclass(slots=True)
 class SyntheticSample:
     """One validated sample: what the loader reads (``image``, ``caption``, ``source_key``,
-    ``alpha``) and where it came from (sample ``index`` of ``batch``). ``image`` is uint8
-    HxWx3 and read-only (it may share the received ZeroMQ frame's memory); copy it before
-    modifying in place."""
+    ``alpha``, ``score``: None when its producer scores nothing) and where it came from
+    (sample ``index`` of ``batch``). ``image`` is uint8 HxWx3 and read-only (it may share the
+    received ZeroMQ frame's memory); copy it before modifying in place."""
 
     image: np.ndarray
     caption: str
     source_key: str
     alpha: float
+    score: float | None
     batch: SampleBatch
     index: int
 
@@ -230,8 +233,9 @@ class SampleBatch:
         i = self._index(i)
         header = self.header
         source = header["source"][i]
+        score = header.get("score")
         return SyntheticSample(self.images[i], header["caption"][source], header["source_key"][source],
-                               float(header["alpha"][i]), self, i)
+                               float(header["alpha"][i]), None if score is None else float(score[i]), self, i)
 
     def sample_header(self, i: int) -> dict[str, Any]:
         """Sample ``i``'s header: the message fields, its source entry and its column values
@@ -297,12 +301,16 @@ def encode_message(
                 or not _KIND_TYPES[_STR].issuperset(map(type, values))):
             raise ValueError(f"{name} must be 1 to {k} str values, one per source (as many keys as captions)")
     header["source_key"], header["caption"] = batch.source_keys, batch.captions
-    columns = {name: np.asarray(getattr(batch, name)) for name in _COLUMN_KINDS}
-    for name, kinds in _COLUMN_KINDS.items():
-        if columns[name].shape != (k,) or columns[name].dtype.kind not in kinds:
+    columns = {name: np.asarray(getattr(batch, name)) for name in _COLUMN_KINDS
+               if getattr(batch, name) is not None or name in _COLUMN_DTYPES}
+    for name, column in columns.items():
+        kinds = _COLUMN_KINDS[name]
+        if column.shape != (k,) or column.dtype.kind not in kinds:
             raise ValueError(f"{name} must be {k} numbers ({'float' if 'f' in kinds else 'int'}), one per image")
     if columns["source"].min() < 0 or columns["source"].max() >= u:
         raise ValueError(f"source must index the {u} source_keys")
+    if "score" in columns and not ((columns["score"] >= 0) & (columns["score"] <= 1)).all():
+        raise ValueError("score must be in [0, 1] (and not NaN)")
     for name, column in columns.items():
         header[name] = column.astype(_ALL_COLUMNS[name], copy=False).tobytes()
     if encoding == "raw":
@@ -426,6 +434,8 @@ def decode_header(data: memoryview | bytes, limits: WireLimits) -> dict[str, Any
             raise WireError("bad_value", f"{name} is not finite")
     if not np.isfinite(header["alpha"]).all():
         raise WireError("bad_value", "alpha is not finite")
+    if "score" in header and not ((header["score"] >= 0) & (header["score"] <= 1)).all():  # False for NaN
+        raise WireError("bad_value", "score outside [0, 1] or NaN")
     if header["seq"] < 0 or header["rho"] < 0:
         raise WireError("bad_value", "negative seq or rho")
     if header["dtype"] != "uint8":

@@ -23,6 +23,7 @@ _CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
 @hydra.main(config_path=_CONFIGS, config_name="config", version_base=None)
 def main(dictcfg: DictConfig) -> None:
     from edsam_online.diffusion import build_sampler
+    from edsam_online.diffusion.scoring import build_scorer
     from edsam_online.producer import Producer
 
     cfg = load_config_or_exit(dictcfg)
@@ -30,8 +31,8 @@ def main(dictcfg: DictConfig) -> None:
         "producer %d/%d (%s) -> %s", cfg.producer.rank, cfg.producer.num_producers, cfg.diffusion.model,
         cfg.stream.endpoints,
     )
-    producer = Producer(cfg.stream, cfg.producer, cfg.data, build_sampler(cfg.diffusion),
-                        logging_cfg=cfg.logging, run_dir=cfg.run_dir)
+    producer = Producer(cfg.stream, cfg.producer, cfg.data, build_sampler(cfg.diffusion), logging_cfg=cfg.logging,
+                        run_dir=cfg.run_dir, scorer=build_scorer(cfg.producer, cfg.diffusion))
     producer.run()
 
 

@@ -1,10 +1,12 @@
-"""Class fidelity of an LDM's samples at several rho (and pure alpha = 0 sampling).
+"""Fidelity of an LDM's samples to their captions at several rho, and for pure sampling.
 
     python scripts/ldm_fidelity.py [--model retrained] [--n 200] [--guidance 3] [--rhos 0 0.2 0.5 1.0]
 
-Trains (and caches) a small CNN on real source-domain images, then reports the share of
-generated samples it assigns their caption's class. The retrained LDM is trained first if
-it is not cached yet (``python -m edsam_online.diffusion.train_ldm``).
+Fits (and caches) the three measurers of :mod:`edsam_online.diffusion.fidelity` on real
+source-domain images and prints their accuracy on held-out real images, then the share of
+generated samples that keep their caption's class, colour, size and all three, with each
+setting's change from its source image. The retrained LDM is trained first if it is not
+cached yet (``python -m edsam_online.diffusion.train_ldm``).
 """
 
 import argparse
@@ -14,8 +16,8 @@ import time
 
 import torch
 
-from edsam_online.diffusion.fidelity import load_or_train_classifier, measure_fidelity
 from edsam_online.diffusion import SamplerConfig
+from edsam_online.diffusion.fidelity import load_attribute_scorer, measure_fidelity
 from edsam_online.diffusion.registry import default_cache_dir, load_sampler_ldm
 
 
@@ -37,15 +39,19 @@ def main():
     torch.set_num_threads(a.threads)
     cfg = SamplerConfig(model=a.model, guidance=a.guidance, steps=a.steps, inversion_steps=a.inversion_steps,
                         batch_size=a.batch_size)
-    classifier, real_acc = load_or_train_classifier(cfg.cache_dir or default_cache_dir(), cfg.resolution)
+    scorer, accuracy = load_attribute_scorer(cfg.cache_dir or default_cache_dir(), cfg.resolution)
     ldm = load_sampler_ldm(cfg)
     t0 = time.time()
-    res = measure_fidelity(ldm, classifier, cfg, rhos=a.rhos, n=a.n, seed=a.seed)
-    print(f"classifier accuracy on real source images: {real_acc:.3f}")
-    print(f"model={ldm.model_id} steps={cfg.steps} inversion_steps={cfg.inversion_steps} guidance={cfg.guidance}")
-    for k, v in res.items():
-        print(f"  fidelity {k:>8}: {v:.3f}")
-    print(json.dumps({"real_acc": real_acc, **res, "seconds": time.time() - t0}))
+    res = measure_fidelity(ldm, scorer, cfg, rhos=a.rhos, n=a.n, seed=a.seed)
+    print("measurer accuracy on held-out real source images: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
+    print(f"model={ldm.model_id} steps={cfg.steps} inversion_steps={cfg.inversion_steps} guidance={cfg.guidance} "
+          f"n={a.n}")
+    print(f"{'setting':>8} {'class':>6} {'colour':>6} {'size':>6} {'all':>6} {'change':>6}")
+    for setting, row in res.items():
+        change = f"{row['change']:6.3f}" if "change" in row else f"{'':6}"
+        print(f"{setting:>8} {row['class']:6.3f} {row['colour']:6.3f} {row['size']:6.3f} {row['all']:6.3f} {change}")
+    print(json.dumps({"accuracy": accuracy, **res, "seconds": time.time() - t0}))
 
 
 if __name__ == "__main__":

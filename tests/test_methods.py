@@ -8,6 +8,7 @@ from operator import attrgetter
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -257,8 +258,13 @@ def test_offline_shards_round_trip_from_a_producer_into_the_trainer(tmp_path, cl
     data, sampler_cfg = tiny_configs()
     shards = tmp_path / "shards"
     pcfg = ProducerConfig(num_samples=10, batch_size=2, m=2, seed=4, sink="shards", shard_dir=str(shards),
-                          shard_samples=4)
-    result = Producer(StreamConfig(), pcfg, data, build_sampler(sampler_cfg), install_signal_handlers=False).run()
+                          shard_samples=4, scorer="attributes")
+
+    def scorer(images, captions):  # stands in for the attribute scorer: every sample scores 0.75
+        return np.full(len(images), 0.75, np.float32)
+
+    result = Producer(StreamConfig(), pcfg, data, build_sampler(sampler_cfg), install_signal_handlers=False,
+                      scorer=scorer).run()
     assert result["producer/sent"] == 10
     tars = sorted(shards.glob("*.tar"))
     assert len(tars) == 3  # 4 + 4 + 2 samples
@@ -268,6 +274,7 @@ def test_offline_shards_round_trip_from_a_producer_into_the_trainer(tmp_path, cl
                   for m in tarfile.open(t).getmembers() if m.name.endswith(".json")]
     assert sorted(p["seq"] for p in provenance) == list(range(10))
     assert {p["mode"] for p in provenance} == {"transport"} and all("alpha" in p for p in provenance)
+    assert {p["score"] for p in provenance} == {0.75}
 
     transform, tokenizer = clip_io
     loader = MixedLoader(RealDataConfig(length=64), transform, tokenizer, 4, 4, extra="shards", shards=str(shards),
@@ -276,7 +283,8 @@ def test_offline_shards_round_trip_from_a_producer_into_the_trainer(tmp_path, cl
     assert batch.syn_is_synthetic.all() and batch.syn_images.shape == (4, 3, 32, 32)
     sources = {p["source_key"] for p in provenance}
     assert set(batch.syn_keys) <= sources  # keyed by their source image, as online samples are
-    assert torch.isfinite(batch.syn_alpha).all()  # alpha read from the provenance
+    assert torch.isfinite(batch.syn_alpha).all()  # alpha and score read from the provenance
+    assert batch.syn_score.tolist() == [0.75] * 4
 
     with _trainer(tmp_path, "edsam", method={"offline_shards": str(shards)}) as trainer:
         assert trainer.buffer is None and trainer.receiver is None and trainer.syn_batch == 4

@@ -163,6 +163,43 @@ def test_metrics_go_to_the_metric_logger(tiny, tmp_path):
     assert lines[-1]["producer/sent"] == 2 and lines[-1]["role"] == "producer"
 
 
+class KnownScorer:
+    """Scores its first batch 0 everywhere, then each batch of 4 rows [0.1, 0.6, 0.49, 0.5]."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images, captions):
+        assert len(images) == len(captions) == 4 and all(isinstance(c, str) and c for c in captions)
+        self.calls += 1
+        return np.zeros(4, np.float32) if self.calls == 1 else np.array([0.1, 0.6, 0.49, 0.5], np.float32)
+
+
+def test_the_fidelity_filter_drops_and_counts_exactly_the_samples_below_min_score(tiny):
+    buf = ReplayBuffer(BufferConfig(capacity=100, max_times_sampled=1, min_size_to_sample=1, samples_per_insert=0))
+    pcfg = ProducerConfig(num_samples=8, batch_size=2, m=2, seed=3, scorer="attributes", min_score=0.5)
+    scorer = KnownScorer()
+    thread, endpoint, result, _ = start_producer(tiny, pcfg, scorer=scorer)
+    with Receiver(StreamConfig(endpoints=[endpoint]), buf) as receiver:
+        thread.join(60)
+        assert wait_for(lambda: receiver.stats()["buffer/accepted"] == 8)
+        stats = receiver.stats()
+    items = collect(buf)
+    # 5 batches of 4: the first filtered whole, then 2 of each 4 below 0.5 (0.5 itself stays).
+    assert scorer.calls == 5 and result["producer/filtered"] == 4 + 4 * 2
+    assert result["producer/sent"] == 8 and stats["buffer/dropped"] == 0 and stats["buffer/seq_gaps"] == 0
+    assert sorted(s.score for s in items) == [0.5] * 4 + [pytest.approx(0.6)] * 4
+    # rows 1 and 3 of each batch: the second sample of each of its two sources
+    assert all(s.header["sample_index"] == 1 for s in items) and len({s.source_key for s in items}) == 8
+
+
+def test_a_scorer_must_match_the_config():
+    with pytest.raises(ValueError, match="scorer"):
+        Producer(StreamConfig(), ProducerConfig(scorer="attributes"), None, None, scorer=None)
+    with pytest.raises(ValueError, match="scorer"):
+        Producer(StreamConfig(), ProducerConfig(), None, None, scorer=KnownScorer())
+
+
 @pytest.mark.parametrize(
     "kwargs,name",
     [
@@ -173,6 +210,10 @@ def test_metrics_go_to_the_metric_logger(tiny, tmp_path):
         (dict(m=0), "m"),
         (dict(send_timeout_s=-1), "send_timeout_s"),
         (dict(endpoint_index=-1), "endpoint_index"),
+        (dict(scorer="blip"), "scorer"),
+        (dict(scorer="attributes", min_score=1.5), "min_score"),
+        (dict(min_score=0.5), "min_score"),
+        (dict(scorer="clip"), "scorer_model"),
     ],
 )
 def test_producer_config_errors_name_the_field(kwargs, name):

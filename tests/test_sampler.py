@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from edsam_online.diffusion import EDSAMSampler, SamplerConfig, build_sampler, build_tiny_ldm
-from edsam_online.diffusion.registry import retrained_model_dir
+from edsam_online.diffusion.registry import retrained_model_dir, retrained_model_id
 
 CAPS = ["a small red star on a light background", "a big green heart on a plain background",
         "a medium blue ring on a white background"]
@@ -137,5 +137,18 @@ def test_build_sampler_tiny_random():
 def test_retrained_cache_is_edsam_cache_unless_cache_dir_is_set(monkeypatch, tmp_path):
     monkeypatch.setenv("EDSAM_CACHE", str(tmp_path / "env"))
     assert SamplerConfig().cache_dir is None
-    assert retrained_model_dir(None) == tmp_path / "env" / "retrained-ldm-32px"
-    assert retrained_model_dir(str(tmp_path / "own"), 64) == tmp_path / "own" / "retrained-ldm-64px"
+    assert retrained_model_dir(None) == tmp_path / "env" / retrained_model_id(32)
+    assert retrained_model_dir(str(tmp_path / "own"), 64) == tmp_path / "own" / retrained_model_id(64)
+    assert retrained_model_id(32).startswith("retrained-ldm-32px-") and retrained_model_id(64) != retrained_model_id(32)
+
+
+def test_a_changed_recipe_gets_a_new_cache_folder(monkeypatch):
+    from edsam_online.diffusion import train_ldm
+
+    version = train_ldm.recipe_version
+    default = train_ldm.TrainLDMConfig(out_dir="a")
+    assert version(default) == version(train_ldm.TrainLDMConfig(out_dir="b"))  # where it goes is not the recipe
+    assert version(default) != version(train_ldm.TrainLDMConfig(out_dir="a", unet_steps=3200))
+    before = retrained_model_id(32)
+    monkeypatch.setattr(train_ldm, "RECIPE_REVISION", train_ldm.RECIPE_REVISION + 1)  # new training code
+    assert retrained_model_id(32) != before

@@ -25,3 +25,17 @@ def test_same_seed_and_steps_write_identical_folders_and_another_seed_does_not(t
     for w in weights:  # another seed trains other weights in every component
         ta, tc = load_file(a / w), load_file(c / w)
         assert any(not ta[k].equal(tc[k]) for k in ta), w
+
+
+def test_the_command_line_sets_every_recipe_setting_and_records_its_version(tmp_path, capsys):
+    import json
+
+    from edsam_online.diffusion.train_ldm import main, recipe_version
+
+    main(["--out", str(tmp_path / "m"), "--num-train", "32", "--vae-steps", "1", "--unet-steps", "1",
+          "--batch-size", "8", "--unet-batch-size", "8", "--num-threads", "1", "--caption-dropout", "0.2"])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "m")
+    recorded = json.loads((tmp_path / "m" / "train_ldm_config.json").read_text())
+    expected = TrainLDMConfig(out_dir="-", num_train=32, vae_steps=1, unet_steps=1, batch_size=8, unet_batch_size=8,
+                              num_threads=1, caption_dropout=0.2)
+    assert recorded["caption_dropout"] == 0.2 and recorded["version"] == recipe_version(expected)

@@ -98,3 +98,27 @@ def test_a_real_only_trainer_has_no_stream(tmp_path):
         assert trainer.buffer is None and trainer.receiver is None and trainer.syn_batch == 0
         metrics = trainer.train()
     assert metrics["eval/zeroshot_top1/flat"] >= 0 and trainer.step == 10
+
+
+def test_synthetic_rows_weigh_by_their_score_and_the_scores_are_logged(tmp_path):
+    from edsam_online.trainer import _Window
+
+    with _trainer(tmp_path, trainer={"syn_weighting": "score"}) as trainer:
+        batch = _batch(trainer)
+        batch.syn_is_synthetic[:] = True
+        with torch.no_grad():
+            def loss_syn(score):
+                batch.syn_score = score
+                return trainer.forward_loss(batch, True)[0]["loss_syn"]
+
+            plain = loss_syn(None)  # no scores: every row weighs 1
+            torch.testing.assert_close(loss_syn(torch.tensor([0.5, 0.5])), plain)  # equal weights: the plain mean
+            assert not torch.allclose(loss_syn(torch.tensor([0.0, float("nan")])), plain)  # row e drops out
+        out = trainer.train_step(batch)
+    assert (out.syn_scores, out.syn_unscored) == ([0.0], 1)
+    window = _Window()
+    window.add(out, 6, 1.0, 0.0)
+    assert window.score_metrics() == {"buffer/score_missing_share": 0.5, "buffer/score_mean": 0.0,
+                                      "buffer/score_p10": 0.0, "buffer/score_p50": 0.0, "buffer/score_p90": 0.0}
+    with pytest.raises(ValueError, match="syn_weighting"):
+        load_config({"trainer": {"syn_weighting": "score", "loss": "siglip"}})

@@ -1,5 +1,6 @@
 """Wire format: round trips and one rejection per defect kind (unit level, no sockets)."""
 
+import dataclasses
 import io
 
 import msgpack
@@ -300,3 +301,39 @@ def test_one_bad_sample_drops_the_whole_message():
     # Sizes whose unsigned 64-bit sum wraps around to the payload length are refused, not sliced.
     h["nbytes"] = u8([2**64 - 1, len(payload) + 1, 0, 0])
     assert reason([msgpack.packb(h), payload]) == "size_mismatch"
+
+
+def test_fidelity_score_column_round_trips_and_is_optional():
+    scored = many(4).scored(np.array([0.0, 0.25, 1.0, 0.5]))
+    header, batch = decode_message(encode(scored), LIMITS)
+    assert [s.score for s in batch] == [0.0, 0.25, 1.0, 0.5]
+    assert batch[1].header["score"] == 0.25
+    _, unscored = decode_message(encode(many(2)), LIMITS)
+    assert [s.score for s in unscored] == [None, None]  # a producer without a scorer sends no column
+
+
+def test_hostile_score_columns_are_dropped():
+    good = encode(many(2).scored(np.array([0.5, 0.75])))
+    f4 = lambda values: np.asarray(values, "<f4").tobytes()  # noqa: E731
+    assert reason(with_header(good, score=f4([0.5, float("nan")]))) == "bad_value"
+    assert reason(with_header(good, score=f4([0.5, float("inf")]))) == "bad_value"
+    assert reason(with_header(good, score=f4([0.5, 1.5]))) == "bad_value"
+    assert reason(with_header(good, score=f4([-0.1, 0.5]))) == "bad_value"
+    assert reason(with_header(good, score=f4([0.5]))) == "bad_count"  # one score for two samples
+    assert reason(with_header(good, score=f4([0.5, 0.5, 0.5]))) == "bad_count"
+    assert reason(with_header(good, score=[0.5, 0.5])) == "wrong_type"  # a column is bin
+    with pytest.raises(ValueError, match="score"):
+        encode(dataclasses.replace(many(2), score=np.array([0.5, 2.0])))  # a sender checks it too
+
+
+def test_selected_rows_keep_their_sources_scores_and_columns():
+    batch = many(6, per_source=2).scored(np.linspace(0, 1, 6))
+    kept = batch.select(np.array([False, False, True, False, False, True]))
+    assert kept.source_keys == ["src-1", "src-2"] and kept.source.tolist() == [0, 1]
+    assert kept.alpha.tolist() == [batch.alpha[2], batch.alpha[5]] and kept.score.tolist() == [batch.score[2], batch.score[5]]
+    _, received = decode_message(encode(kept), LIMITS)
+    assert [(s.source_key, s.score) for s in received] == [("src-1", kept.score[0]), ("src-2", kept.score[1])]
+    with pytest.raises(ValueError, match="keep"):
+        batch.select(np.zeros(6, bool))
+    with pytest.raises(ValueError, match="score"):
+        batch.scored(np.array([0.5] * 5))

@@ -3,7 +3,9 @@
 ``model`` is a folder or hub id (SD or CompVis LDM layout), :data:`TINY_RANDOM` (a random
 tiny LDM built in memory, for tests) or :data:`RETRAINED` (the small LDM trained on the
 built-in source domain by :mod:`edsam_online.diffusion.train_ldm`, cached under the
-config's ``cache_dir`` and trained there on first use).
+config's ``cache_dir`` and trained there on first use). The cached folder is named by the
+training recipe's version (:func:`~edsam_online.diffusion.train_ldm.recipe_version`), so a
+changed recipe is trained anew, never served from an older cache.
 """
 
 from __future__ import annotations
@@ -24,9 +26,18 @@ def default_cache_dir() -> str:
     return os.environ.get("EDSAM_CACHE") or str(Path("~/.cache/edsam-online").expanduser())
 
 
+def retrained_model_id(resolution: int = 32) -> str:
+    """``retrained-ldm-<res>px-<recipe version>``: the retrained LDM's id and cache folder name."""
+    # Imported here: the package would otherwise load train_ldm before
+    # ``python -m edsam_online.diffusion.train_ldm`` runs it as __main__ (runpy warns).
+    from edsam_online.diffusion.train_ldm import TrainLDMConfig, recipe_version
+
+    return f"retrained-ldm-{resolution}px-{recipe_version(TrainLDMConfig(out_dir='-', resolution=resolution))}"
+
+
 def retrained_model_dir(cache_dir: str | None, resolution: int = 32) -> Path:
     """The folder ``model="retrained"`` loads (``cache_dir=None``: :func:`default_cache_dir`)."""
-    return Path(cache_dir or default_cache_dir()).expanduser() / f"retrained-ldm-{resolution}px"
+    return Path(cache_dir or default_cache_dir()).expanduser() / retrained_model_id(resolution)
 
 
 def ensure_retrained(cache_dir: str | None, resolution: int = 32) -> Path:
@@ -39,9 +50,7 @@ def ensure_retrained(cache_dir: str | None, resolution: int = 32) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not (target / "model_index.json").is_file():
-                # Imported here: the package would otherwise load train_ldm before
-                # ``python -m edsam_online.diffusion.train_ldm`` runs it as __main__ (runpy warns).
-                from edsam_online.diffusion.train_ldm import TrainLDMConfig, train_ldm
+                from edsam_online.diffusion.train_ldm import TrainLDMConfig, train_ldm  # see retrained_model_id
 
                 train_ldm(TrainLDMConfig(out_dir=str(target), resolution=resolution))
         finally:
@@ -55,7 +64,7 @@ def load_sampler_ldm(cfg: SamplerConfig) -> LatentDiffusion:
         return build_tiny_ldm(resolution=cfg.resolution, seed=cfg.seed, **kw)
     if cfg.model == RETRAINED:
         path = ensure_retrained(cfg.cache_dir, cfg.resolution)
-        return load_ldm(path, model_id=f"retrained-ldm-{cfg.resolution}px", **kw)
+        return load_ldm(path, model_id=path.name, **kw)
     return load_ldm(cfg.model, **kw)  # hub ids resolve through the ordinary Hugging Face cache
 
 

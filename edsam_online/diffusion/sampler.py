@@ -76,7 +76,8 @@ class GeneratedBatch:
     rows of one source are consecutive (``generate`` puts source ``i`` on rows
     ``i*M .. i*M+M-1``), so :meth:`rows` cuts the source table by position. ``rho`` ..
     ``guidance`` hold for every row. ``unet_calls``: UNet evaluations that generated the rows
-    (0 in a slice: the cost is counted once, on the generated batch).
+    (0 in a slice: the cost is counted once, on the generated batch). ``score``: each row's
+    fidelity score in [0, 1] once a producer's scorer has set it (:meth:`scored`), else None.
     """
 
     images: np.ndarray
@@ -93,6 +94,7 @@ class GeneratedBatch:
     inversion_steps: int
     guidance: float
     unet_calls: int = 0
+    score: np.ndarray | None = None  # float32 [K]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -106,7 +108,31 @@ class GeneratedBatch:
         return replace(self, images=self.images[first:last], source_keys=self.source_keys[lo:hi],
                        captions=self.captions[lo:hi], source=self.source[first:last] - lo,
                        alpha=self.alpha[first:last], seed=self.seed[first:last],
-                       sample_index=self.sample_index[first:last], unet_calls=0)
+                       sample_index=self.sample_index[first:last], unet_calls=0,
+                       score=None if self.score is None else self.score[first:last])
+
+    def row_captions(self) -> list[str]:
+        """Each row's caption (its source's)."""
+        return [self.captions[s] for s in self.source.tolist()]
+
+    def scored(self, score: np.ndarray) -> GeneratedBatch:
+        """This batch with ``score`` (K values in [0, 1]) as its score column."""
+        score = np.asarray(score, dtype=np.float32)
+        if score.shape != (len(self),) or not ((score >= 0) & (score <= 1)).all():
+            raise ValueError(f"score must be {len(self)} values in [0, 1], got shape {score.shape}")
+        return replace(self, score=score)
+
+    def select(self, keep: np.ndarray) -> GeneratedBatch:
+        """The rows where ``keep`` (bool [K]) is True, in order, with only the sources they use
+        (``source`` renumbered); ``unet_calls`` stays with the batch. ``keep`` must select a row."""
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != (len(self),) or not keep.any():
+            raise ValueError(f"keep must be {len(self)} booleans selecting at least one row")
+        used, source = np.unique(self.source[keep], return_inverse=True)
+        return replace(self, images=self.images[keep], source_keys=[self.source_keys[u] for u in used.tolist()],
+                       captions=[self.captions[u] for u in used.tolist()], source=source.astype(np.int64),
+                       alpha=self.alpha[keep], seed=self.seed[keep], sample_index=self.sample_index[keep],
+                       score=None if self.score is None else self.score[keep])
 
     @classmethod
     def single(cls, image: np.ndarray, source_key: str, caption: str, *, alpha: float, seed: int, model_id: str,

@@ -1,6 +1,6 @@
 """Retrain a small text-conditional LDM on the built-in source domain (the paper's "Retrained-LDM").
 
-    python -m edsam_online.diffusion.train_ldm --out DIR [--vae-steps N] [--unet-steps N]
+    python -m edsam_online.diffusion.train_ldm --out DIR [--vae-steps N] [--unet-steps N] [--<any setting> V]
 
 Two stages on CPU, sized for a 15-minute budget on 2 cores at 32 px:
 
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -62,6 +63,10 @@ from edsam_online.diffusion.pipeline import save_components
 from edsam_online.diffusion.tiny import offline_clip_tokenizer
 
 log = logging.getLogger(__name__)
+
+#: Bumped whenever this module's code changes what a config trains, so that the recipe version
+#: (:func:`recipe_version`) changes with the code as well as with the settings.
+RECIPE_REVISION = 1
 
 
 @dataclass
@@ -100,6 +105,15 @@ class TrainLDMConfig:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def recipe_version(cfg: TrainLDMConfig) -> str:
+    """A short hash of everything that determines the trained weights: the settings (not the
+    output folder) and :data:`RECIPE_REVISION`. The retrained LDM's cache folder is named by
+    it, so a changed recipe trains a new model instead of loading the old one."""
+    settings = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}
+    blob = json.dumps({"revision": RECIPE_REVISION, **settings}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]
 
 
 def build_components(resolution: int = 32, latent_channels: int = 4) -> dict:
@@ -242,7 +256,9 @@ def train_ldm(cfg: TrainLDMConfig) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         save_components(c, tmp, "sd")
         settings = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}  # the folder may move
-        (tmp / "train_ldm_config.json").write_text(json.dumps({**settings, "scaling_factor": scale}, indent=1))
+        (tmp / "train_ldm_config.json").write_text(json.dumps(
+            {**settings, "revision": RECIPE_REVISION, "version": recipe_version(cfg), "scaling_factor": scale},
+            indent=1))
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
@@ -254,21 +270,14 @@ def train_ldm(cfg: TrainLDMConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    d = {f.name: f.default for f in fields(TrainLDMConfig)}
     p.add_argument("--out", required=True,
-                   help="output folder; diffusion.model=retrained loads <cache_dir>/retrained-ldm-<res>px")
-    p.add_argument("--resolution", type=int, default=d["resolution"])
-    p.add_argument("--vae-steps", type=int, default=d["vae_steps"])
-    p.add_argument("--unet-steps", type=int, default=d["unet_steps"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="VAE-stage batch size")
-    p.add_argument("--unet-batch-size", type=int, default=d["unet_batch_size"])
-    p.add_argument("--num-threads", type=int, default=d["num_threads"])
-    p.add_argument("--seed", type=int, default=d["seed"])
-    a = p.parse_args(argv)
+                   help="output folder; diffusion.model=retrained loads <cache_dir>/retrained-ldm-<res>px-<version>")
+    for f in fields(TrainLDMConfig):  # every recipe setting, --vae-steps for vae_steps (defaults: the dataclass's)
+        if f.name != "out_dir":
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    a = vars(p.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    out = train_ldm(TrainLDMConfig(out_dir=a.out, resolution=a.resolution, vae_steps=a.vae_steps,
-                                   unet_steps=a.unet_steps, batch_size=a.batch_size,
-                                   unet_batch_size=a.unet_batch_size, num_threads=a.num_threads, seed=a.seed))
+    out = train_ldm(TrainLDMConfig(out_dir=a.pop("out"), **a))
     print(out)
 
 
