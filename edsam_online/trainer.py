@@ -160,15 +160,14 @@ class _Window:
         self.unscored += out.syn_unscored
 
     def score_metrics(self) -> dict[str, float]:
-        """``buffer/score_*``: the fidelity scores of the synthetic rows this rank trained on."""
-        if not self.scores and not self.unscored:
+        """``buffer/score_*``: the fidelity scores of the synthetic rows this rank trained on
+        (nothing while no row had one, e.g. without a producer scorer or for masking/ADA)."""
+        if not self.scores:
             return {}
-        out = {"buffer/score_missing_share": self.unscored / (len(self.scores) + self.unscored)}
-        if self.scores:
-            scores = np.asarray(self.scores)
-            out["buffer/score_mean"] = float(scores.mean())
-            out.update({f"buffer/score_p{q}": float(np.percentile(scores, q)) for q in (10, 50, 90)})
-        return out
+        scores = np.asarray(self.scores)
+        return {"buffer/score_missing_share": self.unscored / (len(scores) + self.unscored),
+                "buffer/score_mean": float(scores.mean()),
+                **{f"buffer/score_p{q}": float(np.percentile(scores, q)) for q in (10, 50, 90)}}
 
 
 class Trainer:
