@@ -17,6 +17,14 @@ this receiver did not see. With one trainer that is loss; with N trainers each
 receiver sees about 1/N of every producer's stream (by design), so loss is the
 union over receivers. Duplicates (a sequence number at or below the last one
 seen from that session) are dropped as ``buffer/dropped/duplicate``.
+
+The tracker cannot be poisoned by one message. A sequence number more than
+``StreamConfig.seq_window`` past a session's high-water mark does not move it: the
+message is dropped as ``buffer/dropped/seq_out_of_window`` and the stream goes on as
+before. A mark pushed ahead anyway (by in-window jumps) makes the session's real
+messages duplicates; after ``seq_resync_after`` consecutive refused messages the
+tracker re-anchors on the next one and counts ``buffer/seq_resyncs``, so whatever a
+peer sends costs a stream at most that many messages, never the rest of it.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from edsam_online.wire import DROP_REASONS, ENCODINGS, WireError, WireLimits, de
 log = logging.getLogger(__name__)
 
 #: Receiver drop reasons: the wire's, plus replays and bugs caught at the top of the loop.
-RECEIVER_DROP_REASONS = DROP_REASONS + ("duplicate", "internal_error")
+RECEIVER_DROP_REASONS = DROP_REASONS + ("duplicate", "seq_out_of_window", "internal_error")
 _MONITOR_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_CONNECTED
@@ -74,7 +82,9 @@ class StreamConfig:
     ``stats_endpoint`` (optional) is where a receiver answers ``buffer-monitor``
     requests; ``{rank}`` in it is replaced by the receiver's rank. ``tune_malloc``: a
     receiver sets glibc's allocator up for holding received frames before its I/O
-    thread starts (process-wide; see :mod:`edsam_online.allocator`).
+    thread starts (process-wide; see :mod:`edsam_online.allocator`). ``seq_window`` and
+    ``seq_resync_after`` bound what a message's sequence number can do to its session's
+    tracker (module docstring).
     """
 
     endpoints: list[str] = field(default_factory=lambda: ["tcp://127.0.0.1:5555"])
@@ -98,6 +108,8 @@ class StreamConfig:
     curve_client_secret: str = ""
     curve_allow_dir: str = ""
     tune_malloc: bool = True
+    seq_window: int = 1 << 20  # samples a message may jump past its session's high-water mark
+    seq_resync_after: int = 8  # consecutive refused messages of a session before it re-anchors
 
     def __post_init__(self) -> None:
         self.endpoints = list(self.endpoints)
@@ -107,7 +119,8 @@ class StreamConfig:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"quality must be in [1, 100], got {self.quality}")
-        for name in ("sndhwm", "rcvhwm", "poll_timeout_ms", "reconnect_ivl_ms", "samples_per_message"):
+        for name in ("sndhwm", "rcvhwm", "poll_timeout_ms", "reconnect_ivl_ms", "samples_per_message", "seq_window",
+                     "seq_resync_after"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.limits()  # validates the size limits, naming the field
@@ -183,6 +196,7 @@ class Receiver:
                 "received_bytes",
                 "accepted",
                 "seq_gaps",
+                "seq_resyncs",
                 "sessions",
                 "peer_connects",
                 "peer_disconnects",
@@ -194,7 +208,8 @@ class Receiver:
             0,
         )
         self._latency_ema = 0.0
-        self._last_seq: collections.OrderedDict[tuple[str, int], int] = collections.OrderedDict()
+        # (producer_id, session) -> [high-water mark, consecutive refused messages]
+        self._last_seq: collections.OrderedDict[tuple[str, int], list[int]] = collections.OrderedDict()
         self._producer_stats: dict[str, tuple[float, dict[str, float]]] = {}
         self._dropped_connects: dict[str, float] = {}  # endpoint -> when libzmq dropped it
         self._established: set[str] = set()  # endpoints whose handshake succeeded
@@ -362,25 +377,33 @@ class Receiver:
             self._counters["received"] += 1
             self._counters["received_samples"] += k
             self._counters["received_bytes"] += len(frames[0]) + len(frames[1])
-            last = self._last_seq.get(key)
-            if last is not None and seq <= last:
-                duplicate = True
+            tracker = self._last_seq.get(key)
+            last = None if tracker is None else tracker[0]
+            refused = None
+            if tracker is not None and tracker[1] < self.cfg.seq_resync_after:
+                if seq <= last:
+                    refused = "duplicate"
+                elif seq - last > self.cfg.seq_window:
+                    refused = "seq_out_of_window"
+            if refused is not None:
+                tracker[1] += 1
             else:
-                duplicate = False
-                if last is None:
+                if tracker is None:
                     self._counters["sessions"] += 1
                     if len(self._last_seq) >= _MAX_SESSIONS:
                         self._last_seq.popitem(last=False)
+                elif tracker[1] >= self.cfg.seq_resync_after:
+                    self._counters["seq_resyncs"] += 1  # re-anchored here: no gap is counted across it
                 else:
                     self._counters["seq_gaps"] += seq - last - 1
-                self._last_seq[key] = seq + k - 1
+                self._last_seq[key] = [seq + k - 1, 0]
                 self._last_seq.move_to_end(key)
                 if "stats" in header:
                     self._producer_stats[header["producer_id"]] = (time.monotonic(), header["stats"])
                 self._counters["accepted"] += k
                 self._latency_ema += 0.05 * ((now - header["created_at"]) - self._latency_ema)
-        if duplicate:
-            self._drop("duplicate", f"{key} seq {seq} <= {last}")
+        if refused is not None:
+            self._drop(refused, f"{key} seq {seq}, high-water mark {last}")
             return
         self.buffer.insert_many(samples)
 

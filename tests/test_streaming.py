@@ -148,6 +148,34 @@ def test_a_message_of_many_samples_counts_each_sample(ctx):
     assert all(s.caption == f"a ring {q}" and s.image[0, 0, 0] == q for q, s in by_seq.items())
 
 
+def test_no_sequence_number_a_peer_sends_silences_its_session(ctx):
+    """One hostile seq = 2**63 - 1 on a live session, then the valid stream: nothing valid is lost.
+    A mark pushed ahead within the window costs the stream at most seq_resync_after messages."""
+    buf = ReplayBuffer(BufferConfig(capacity=100, min_size_to_sample=1, samples_per_insert=0))
+    client, endpoint = push_bound(ctx)
+    cfg = StreamConfig(seq_window=1000, seq_resync_after=3)
+    with Receiver(cfg, buf, endpoints=[endpoint]) as receiver:
+        client.send_multipart(raw(valid_frames(0)))
+        client.send_multipart(header_with(valid_frames(1), seq=2**63 - 1))  # hostile: far out of window
+        for seq in range(1, 6):
+            client.send_multipart(raw(valid_frames(seq)))
+        assert wait_for(lambda: receiver.stats()["buffer/received"] == 7)
+        stats = receiver.stats()
+        assert stats["buffer/accepted"] == 6 and stats["buffer/dropped/seq_out_of_window"] == 1
+        assert stats["buffer/dropped"] == 1 and stats["buffer/seq_gaps"] == 0 and stats["buffer/seq_resyncs"] == 0
+
+        client.send_multipart(header_with(valid_frames(6), seq=5 + 1000))  # in window: moves the mark to 1005
+        for seq in range(7, 13):  # the valid stream goes on: 3 refused as duplicates, then re-anchored
+            client.send_multipart(raw(valid_frames(seq)))
+        assert wait_for(lambda: receiver.stats()["buffer/received"] == 14)
+        stats = receiver.stats()
+    assert stats["buffer/dropped/duplicate"] == 3 and stats["buffer/seq_resyncs"] == 1
+    assert stats["buffer/accepted"] == 6 + 1 + 3  # seq 10, 11, 12 after the re-anchor
+    # every received message was accepted or dropped under exactly one reason
+    assert stats["buffer/received"] == stats["buffer/accepted"] + stats["buffer/dropped"]
+    assert stats["buffer/dropped"] == sum(v for k, v in stats.items() if k.startswith("buffer/dropped/"))
+
+
 def test_curve_accepts_allowed_keys_only(ctx, tmp_path):
     keys = generate_keys(tmp_path / "keys", ["producer-0"])
     stranger = generate_keys(tmp_path / "stranger", ["producer-x"], allow=False)
