@@ -33,9 +33,25 @@ def test_the_command_line_sets_every_recipe_setting_and_records_its_version(tmp_
     from edsam_online.diffusion.train_ldm import main, recipe_version
 
     main(["--out", str(tmp_path / "m"), "--num-train", "32", "--vae-steps", "1", "--unet-steps", "1",
-          "--batch-size", "8", "--unet-batch-size", "8", "--num-threads", "1", "--caption-dropout", "0.2"])
+          "--batch-size", "8", "--unet-batch-size", "8", "--num-threads", "1", "--caption-dropout", "0.2",
+          "--timestep-spacing", "trailing"])
     assert capsys.readouterr().out.strip() == str(tmp_path / "m")
     recorded = json.loads((tmp_path / "m" / "train_ldm_config.json").read_text())
     expected = TrainLDMConfig(out_dir="-", num_train=32, vae_steps=1, unet_steps=1, batch_size=8, unet_batch_size=8,
-                              num_threads=1, caption_dropout=0.2)
+                              num_threads=1, caption_dropout=0.2, timestep_spacing="trailing")
     assert recorded["caption_dropout"] == 0.2 and recorded["version"] == recipe_version(expected)
+    # the spacing travels in the saved scheduler config, which sampling and inversion both read
+    from edsam_online.diffusion.pipeline import load_ldm
+
+    ldm = load_ldm(tmp_path / "m")
+    ldm.scheduler.set_timesteps(5)
+    ldm.inverse_scheduler.set_timesteps(5)
+    assert ldm.scheduler.timesteps.tolist() == [999, 799, 599, 399, 199]
+    assert ldm.inverse_scheduler.timesteps.tolist() == [199, 399, 599, 799, 999]
+
+
+def test_an_unknown_timestep_spacing_is_refused_by_name():
+    import pytest
+
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        TrainLDMConfig(out_dir="-", timestep_spacing="linspace")

@@ -85,6 +85,10 @@ class TrainLDMConfig:
     latent_channels: int = 4
     grid_steps: int = 10  # the DDIM step count whose timesteps get ``grid_share`` of the training draws
     grid_share: float = 0.5
+    # DDIM's spacing of sampling timesteps, saved in the scheduler config the sampler and its
+    # inversion read: "leading" starts 5 steps at t = 801 (signal coefficient 0.19), so pure
+    # sampling starts from noise the UNet never saw at that level; "trailing" starts at t = 999 (0.07).
+    timestep_spacing: str = "leading"
     kl_weight: float = 1e-6
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
@@ -101,6 +105,8 @@ class TrainLDMConfig:
             raise ValueError(f"resolution must be a multiple of 4, got {self.resolution}")
         if not 0 <= self.grid_share <= 1:
             raise ValueError(f"grid_share must be in [0, 1], got {self.grid_share}")
+        if self.timestep_spacing not in ("leading", "trailing"):
+            raise ValueError(f"timestep_spacing must be 'leading' or 'trailing', got {self.timestep_spacing!r}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:
@@ -116,7 +122,7 @@ def recipe_version(cfg: TrainLDMConfig) -> str:
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
-def build_components(resolution: int = 32, latent_channels: int = 4) -> dict:
+def build_components(resolution: int = 32, latent_channels: int = 4, timestep_spacing: str = "leading") -> dict:
     """Untrained components of the retrained LDM (resolution/2 latents, ``latent_channels`` deep)."""
     vae = AutoencoderKL(
         block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -140,7 +146,8 @@ def build_components(resolution: int = 32, latent_channels: int = 4) -> dict:
         addition_embed_type="text", addition_embed_type_num_heads=4, resnet_time_scale_shift="scale_shift",
     )
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              timestep_spacing=timestep_spacing)
     return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
@@ -244,7 +251,7 @@ def train_ldm(cfg: TrainLDMConfig) -> Path:
     try:
         torch.manual_seed(cfg.seed)
         g = torch.Generator().manual_seed(cfg.seed)
-        c = build_components(cfg.resolution, cfg.latent_channels)
+        c = build_components(cfg.resolution, cfg.latent_channels, cfg.timestep_spacing)
         x, captions = render_source(cfg)
         train_vae(c["vae"], x, cfg, g)
         latents = encode_all(c["vae"], x)
