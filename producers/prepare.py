@@ -1,9 +1,10 @@
 """``python -m producers.prepare <hydra overrides>`` (``edsam-prepare``): get the generator ready before ranks start.
 
 With ``diffusion.model=retrained`` (the default on machines without downloaded
-weights) this trains the small LDM on the built-in source domain once and caches
-it, so that ``scripts/launch.sh`` does not start trainers against producers that
-are still training. Any other model is only loaded once, which turns a missing
+weights) this loads the shipped small LDM, or, for a recipe or resolution that does not
+ship, trains it on the built-in source domain once and caches it, so that
+``scripts/launch.sh`` does not start trainers against producers that are still
+training. Any other model is only loaded once, which turns a missing
 folder or an offline hub id into an error before any rank starts. The fidelity filter's
 scorer (``producer.scorer``) is built the same way: the attribute measurers are fitted and
 cached here, a CLIP scorer's weights loaded once.

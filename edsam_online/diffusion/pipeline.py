@@ -275,10 +275,12 @@ def load_components(path_or_id: str, cache_dir: str | None = None) -> tuple[dict
         vae_cls = _class_of(index, vae_dir, folder, _VAE_CLASSES, AutoencoderKL)
         text_cls = _class_of(index, text_dir, folder, _TEXT_CLASSES,
                              LDMBertModel if layout == "compvis" else CLIPTextModel)
+        # Networks load in float32 whatever dtype their files store (the retrained LDM ships
+        # in fp16); LatentDiffusion lowers precision with autocast only.
         comps = dict(
-            vae=vae_cls.from_pretrained(src, subfolder=vae_dir, **kw),
-            unet=UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw),
-            text_encoder=text_cls.from_pretrained(src, subfolder=text_dir, **kw),
+            vae=vae_cls.from_pretrained(src, subfolder=vae_dir, torch_dtype=torch.float32, **kw),
+            unet=UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=torch.float32, **kw),
+            text_encoder=text_cls.from_pretrained(src, subfolder=text_dir, dtype=torch.float32, **kw),
             tokenizer=AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **kw),
             scheduler=DDIMScheduler.from_pretrained(src, subfolder="scheduler", **kw),
         )

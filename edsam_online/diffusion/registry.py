@@ -2,10 +2,12 @@
 
 ``model`` is a folder or hub id (SD or CompVis LDM layout), :data:`TINY_RANDOM` (a random
 tiny LDM built in memory, for tests) or :data:`RETRAINED` (the small LDM trained on the
-built-in source domain by :mod:`edsam_online.diffusion.train_ldm`, cached under the
-config's ``cache_dir`` and trained there on first use). The cached folder is named by the
-training recipe's version (:func:`~edsam_online.diffusion.train_ldm.recipe_version`), so a
-changed recipe is trained anew, never served from an older cache.
+built-in source domain by :mod:`edsam_online.diffusion.train_ldm`). The 32 px model of the
+current recipe ships with the package under :data:`SHIPPED_DIR`; any other (another
+resolution, a changed recipe) is trained on first use into the config's ``cache_dir``.
+Both folders are named by the training recipe's version
+(:func:`~edsam_online.diffusion.train_ldm.recipe_version`), so a changed recipe is trained
+anew, never served from an older shipped or cached model.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from edsam_online.diffusion.sampler import EDSAMSampler, SamplerConfig
 
 TINY_RANDOM = "tiny-random"
 RETRAINED = "retrained"
+
+
+#: Where the shipped retrained LDM lives: ``<SHIPPED_DIR>/retrained-ldm-32px-<version>/``, written by
+#: ``python -m edsam_online.diffusion.train_ldm --out <that folder>`` (the recipe's defaults).
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
 
 
 def default_cache_dir() -> str:
@@ -41,7 +48,11 @@ def retrained_model_dir(cache_dir: str | None, resolution: int = 32) -> Path:
 
 
 def ensure_retrained(cache_dir: str | None, resolution: int = 32) -> Path:
-    """Path of the cached retrained LDM, training it first if missing (one process trains; others wait)."""
+    """Path of the retrained LDM: the shipped one if it is of this recipe and resolution, else
+    the cached one, trained first if missing (one process trains; others wait)."""
+    shipped = SHIPPED_DIR / retrained_model_id(resolution)
+    if (shipped / "model_index.json").is_file():
+        return shipped
     target = retrained_model_dir(cache_dir, resolution)
     if (target / "model_index.json").is_file():
         return target

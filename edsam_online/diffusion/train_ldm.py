@@ -2,7 +2,9 @@
 
     python -m edsam_online.diffusion.train_ldm --out DIR [--vae-steps N] [--unet-steps N] [--<any setting> V]
 
-Two stages on CPU, sized for a 15-minute budget on 2 cores at 32 px:
+With the defaults this writes the model that ships in ``edsam_online/diffusion/weights/``
+(about 29 minutes on 2 cores; a fixed number of steps from ``seed``, so the same config
+writes the same files however fast the machine is). Two stages on CPU at 32 px:
 
 1. An AutoencoderKL (32 px -> 16x16x4 latents), trained as a deterministic
    autoencoder on the posterior *mean* with a small KL term. Training on posterior
@@ -12,29 +14,27 @@ Two stages on CPU, sized for a 15-minute budget on 2 cores at 32 px:
    A downsampling factor of 2, not SD's 8: at 32 px a 4x-downsampling VAE trained for
    minutes loses the points of a star and the corners of a hexagon (measured: a
    classifier recognised 75% of its reconstructions, 87% at factor 2 after 300 steps).
+   1600 steps: at 400 the decoder turned 13% of colours into others (red, yellow -> orange).
 2. With the VAE frozen and latents cached, a UNet2DConditionModel trained jointly
    with a tiny CLIP text encoder (offline BPE tokenizer) on epsilon prediction,
    dropping 10% of captions for classifier-free guidance, with an EMA of the UNet.
    The caption enters through cross-attention and also, attention-pooled, through the
    time embedding of every ResNet block (diffusers' ``addition_embed_type="text"``
-   with scale-shift). In 800-step trials this scored 0.56 against 0.42 at rho = 0
-   (guidance 1.5); at the full 1600 steps it matched the cross-attention-only UNet at
-   guidance 3 (0.535 vs 0.545) and did better at guidance 1 (0.68 vs 0.63), within
-   noise, with worse pure sampling (0.20 vs 0.32). Tried in 800-step trials and not
-   kept: a text encoder pre-trained to predict class, color and size from the caption
-   (no gain), v-prediction with min-SNR weighting (0.14), all timesteps on the DDIM
-   grid (0.57, within noise), ``torch.compile`` (14% faster steps, 226 s to compile).
-   These trials ran from scratch scripts that are not part of the repository.
-   Half (``grid_share``) of each batch's timesteps are drawn from the 10-step DDIM grid
-   (t = 1, 101, ..., 901, which contains the default 5-step grid t = 1, 201, ..., 801),
-   half uniformly, so the few thousand steps affordable on a CPU go where generation
-   evaluates the UNet while other step counts still work. ``SamplerConfig``'s defaults
-   (5 steps, no guidance) are chosen for this model; BENCHMARKS.md has their measurements.
+   with scale-shift). Half (``grid_share``) of each batch's timesteps are drawn from the
+   10-step DDIM grid (t = 1, 101, ..., 901, which contains the 5-step grid t = 1, 201, ...,
+   801), half uniformly, so the steps affordable on a CPU go where generation evaluates
+   the UNet while other step counts still work.
+   8000 steps: the UNet learns to read the caption with training length. With guidance 3,
+   pure sampling kept the class in 20% of samples after 1600 steps, 56% after 3000 and 85%
+   after 8000 (BENCHMARKS.md has the trials and what else they changed). Tried in
+   800-step trials and not kept: a text encoder pre-trained to predict class, color and
+   size from the caption (no gain), v-prediction with min-SNR weighting, all timesteps on
+   the DDIM grid (within noise), ``torch.compile`` (14% faster steps, 226 s to compile).
 
-Training runs a fixed number of steps from ``seed``, so the same config writes the same
-weights however fast the machine is. The result is saved in the Stable Diffusion layout
-and loads through ``load_ldm``; ``model="retrained"`` trains it into its cache folder on
-first use. Every caption is the full built-in caption (class, color, size), so generation can be
+The weights are saved in fp16 (``storage_dtype``), the Stable Diffusion layout, and load
+through ``load_ldm`` in fp32. ``model="retrained"`` loads the shipped folder when its
+recipe version is the code's, and otherwise trains into its cache folder on first use.
+Every caption is the full built-in caption (class, color, size), so generation can be
 conditioned on all of it.
 """
 
@@ -66,7 +66,9 @@ log = logging.getLogger(__name__)
 
 #: Bumped whenever this module's code changes what a config trains, so that the recipe version
 #: (:func:`recipe_version`) changes with the code as well as with the settings.
-RECIPE_REVISION = 1
+RECIPE_REVISION = 2
+
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 @dataclass
@@ -76,8 +78,8 @@ class TrainLDMConfig:
     num_train: int = 8000  # rendered source-domain images (index 0..num_train-1, seed below)
     data_seed: int = 0
     seed: int = 0
-    vae_steps: int = 400
-    unet_steps: int = 1600
+    vae_steps: int = 1600
+    unet_steps: int = 8000
     batch_size: int = 64  # VAE stage
     unet_batch_size: int = 32
     vae_lr: float = 3e-3
@@ -93,6 +95,9 @@ class TrainLDMConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
     num_threads: int = 2
+    # Dtype of the saved weights. "fp16" halves the folder (the text encoder's 49408-token
+    # embedding is most of it) so the shipped model stays small; loading casts back to fp32.
+    storage_dtype: str = "fp16"
 
     def __post_init__(self):
         if not isinstance(self.out_dir, str) or not self.out_dir:
@@ -107,6 +112,8 @@ class TrainLDMConfig:
             raise ValueError(f"grid_share must be in [0, 1], got {self.grid_share}")
         if self.timestep_spacing not in ("leading", "trailing"):
             raise ValueError(f"timestep_spacing must be 'leading' or 'trailing', got {self.timestep_spacing!r}")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:
@@ -259,6 +266,8 @@ def train_ldm(cfg: TrainLDMConfig) -> Path:
         c["vae"].register_to_config(scaling_factor=scale)
         c["unet"] = train_unet(c, latents * scale, captions, cfg, g)
         c["text_encoder"].eval()
+        for name in ("vae", "unet", "text_encoder"):
+            c[name].to(STORAGE_DTYPES[cfg.storage_dtype])
         tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         save_components(c, tmp, "sd")
