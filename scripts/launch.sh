@@ -2,11 +2,13 @@
 # Start producer ranks and torchrun trainer ranks with one config tree.
 #
 #   scripts/launch.sh                      # the embedded CPU demo (experiment=cpu_demo)
+#   scripts/launch.sh trainer.steps=50     # the demo with an override (it adds to experiment=cpu_demo)
 #   scripts/launch.sh --producers 8 --trainers 8 \
 #       --producer-devices 0,1,2,3,4,5,6,7 --trainer-devices 8,9,10,11,12,13,14,15 \
 #       experiment=paper_cc3m data.path=/data/cc3m/{00000..00331}.tar
 #
-# Options (everything else is a Hydra override passed to every role):
+# Options (everything else is a Hydra override passed to every role, added to the embedded
+# experiment=cpu_demo unless one names experiment=...; ~experiment is the bare base tree):
 #   --producers N            producer ranks on this node (default 1; 0 = real-only baseline, method=none;
 #                            methods without a generator, none and real2x, start none)
 #   --trainers N             trainer ranks on this node (torchrun --nproc-per-node; default 1)
@@ -15,6 +17,7 @@
 #   --nnodes N --node-rank R --rdzv-endpoint HOST:PORT   multi-node torchrun rendezvous
 #   --base-port P            first producer port; producer i binds 127.0.0.1:P+i (default 5555)
 #   --run-dir DIR            where logs, metrics, checkpoints and W&B runs go (default runs/<time>)
+#   --dry-run                print every command it would start, start none
 #
 # Each node runs its own producers; its trainers connect to them over loopback.
 # The job ends when the trainers end; a producer that exits is logged, and the trainers
@@ -24,7 +27,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 
 producers=1 trainers=1 producer_devices="" trainer_devices="" nnodes=1 node_rank=0
-rdzv_endpoint="" base_port=5555 run_dir=""
+rdzv_endpoint="" base_port=5555 run_dir="" dry_run=0
 overrides=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -37,8 +40,9 @@ while [ $# -gt 0 ]; do
     --rdzv-endpoint) rdzv_endpoint="$2"; shift 2 ;;
     --base-port) base_port="$2"; shift 2 ;;
     --run-dir) run_dir="$2"; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
     run_dir=*) run_dir="${1#run_dir=}"; shift ;;  # same as --run-dir
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     --*) echo "launch.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) overrides+=("$1"); shift ;;
   esac
@@ -50,14 +54,39 @@ done
 
 source scripts/env.sh
 
-# The embedded default: with no Hydra overrides, the CPU demo (with overrides,
-# name an experiment yourself, e.g. experiment=cpu_demo trainer.steps=50).
-if [ ${#overrides[@]} -eq 0 ]; then
-  overrides=(experiment=cpu_demo)
+# The embedded default: overrides add to the CPU demo unless they name an experiment.
+experiment=""
+for o in "${overrides[@]}"; do
+  [[ "$o" =~ ^\+{0,2}experiment= ]] && experiment="${o#*experiment=}"
+  [[ "$o" =~ ^~experiment ]] && experiment="none (~experiment: the base tree)"
+done
+if [ -z "$experiment" ]; then
+  experiment=cpu_demo
+  overrides=(experiment=cpu_demo "${overrides[@]}")
+  echo "launch.sh: experiment=cpu_demo (the embedded default; experiment=NAME runs another)" >&2
+else
+  echo "launch.sh: experiment=$experiment" >&2
 fi
 run_dir="${run_dir:-runs/$(date +%Y%m%d-%H%M%S)}"
-mkdir -p "$run_dir/logs"
-run_dir="$(cd "$run_dir" && pwd)"
+if [ "$dry_run" -eq 1 ]; then
+  run_dir="$(realpath -m "$run_dir")"
+else
+  mkdir -p "$run_dir/logs"
+  run_dir="$(cd "$run_dir" && pwd)"
+fi
+
+# Requested CUDA devices must exist before anything starts.
+if [ -n "$producer_devices$trainer_devices" ]; then
+  ndev="$(python -c 'import torch; print(torch.cuda.device_count())')"
+  IFS=',' read -r -a wanted <<< "$producer_devices,$trainer_devices"
+  for d in "${wanted[@]}"; do
+    [ -z "$d" ] && continue
+    if ! [[ "$d" =~ ^[0-9]+$ ]] || [ "$d" -ge "$ndev" ]; then
+      echo "launch.sh: CUDA device '$d' (--producer-devices / --trainer-devices) does not exist here: this machine has $ndev" >&2
+      exit 2
+    fi
+  done
+fi
 
 # --producers 0 is the real-only baseline (method=none) unless a method is named.
 named_method=0
@@ -82,6 +111,36 @@ if [ "$producers" -gt 0 ]; then
   common+=("stream.endpoints=[$endpoints]")
 fi
 common+=("${overrides[@]}")
+
+IFS=',' read -r -a pdevs <<< "$producer_devices"
+global_producers=$((producers * nnodes))
+producer_cmd() {  # producer_cmd I: this node's producer I as cmd, its rank and device in rank, dev
+  rank=$((node_rank * producers + $1))
+  dev=""
+  [ ${#pdevs[@]} -gt 0 ] && dev="${pdevs[$(($1 % ${#pdevs[@]}))]}"
+  cmd=(python -m producers "${common[@]}")
+  [ -n "$dev" ] && cmd+=("diffusion.device=cuda")
+  cmd+=("producer.rank=$rank" "producer.num_producers=$global_producers" "producer.endpoint_index=$1")
+}
+torchrun_args=(--nproc-per-node "$trainers" --nnodes "$nnodes" --node-rank "$node_rank")
+if [ -n "$rdzv_endpoint" ]; then
+  torchrun_args+=(--rdzv-backend c10d --rdzv-endpoint "$rdzv_endpoint")
+else
+  torchrun_args+=(--standalone)
+fi
+trainer_cmd=(torchrun "${torchrun_args[@]}" -m consumers.train "${common[@]}")
+[ -n "$trainer_devices" ] && trainer_cmd+=("runtime.device=cuda")
+
+if [ "$dry_run" -eq 1 ]; then  # one line per command, quoted so it can be pasted into a shell
+  show() { local line; printf -v line '%q ' "$@"; echo "${line% }"; }
+  [ "$producers" -eq 0 ] || show python -m producers.prepare "${common[@]}"
+  for ((i = 0; i < producers; i++)); do
+    producer_cmd "$i"
+    show env CUDA_VISIBLE_DEVICES="$dev" "${cmd[@]}"
+  done
+  show env CUDA_VISIBLE_DEVICES="$trainer_devices" "${trainer_cmd[@]}"
+  exit 0
+fi
 
 pids=()
 # A trainer rank sent SIGTERM finishes its step and writes a checkpoint before it exits;
@@ -108,34 +167,17 @@ trap 'echo "launch.sh: signal received, stopping every rank" >&2; exit 130' INT 
 # here, once, so trainers do not start against an empty stream.
 [ "$producers" -eq 0 ] || python -m producers.prepare "${common[@]}"
 
-IFS=',' read -r -a pdevs <<< "$producer_devices"
 producer_pids=()
-global_producers=$((producers * nnodes))
 for ((i = 0; i < producers; i++)); do
-  rank=$((node_rank * producers + i))
-  dev=""
-  [ ${#pdevs[@]} -gt 0 ] && dev="${pdevs[$((i % ${#pdevs[@]}))]}"
-  extra=()
-  [ -n "$dev" ] && extra+=("diffusion.device=cuda")
-  CUDA_VISIBLE_DEVICES="$dev" setsid python -m producers "${common[@]}" "${extra[@]}" \
-      "producer.rank=$rank" "producer.num_producers=$global_producers" "producer.endpoint_index=$i" \
-      > "$run_dir/logs/producer$rank.log" 2>&1 &
+  producer_cmd "$i"
+  CUDA_VISIBLE_DEVICES="$dev" setsid "${cmd[@]}" > "$run_dir/logs/producer$rank.log" 2>&1 &
   pids+=($!)
   producer_pids+=($!)
   echo "producer $rank: pid $! device ${dev:-cpu} -> $run_dir/logs/producer$rank.log"
 done
 
-torchrun_args=(--nproc-per-node "$trainers" --nnodes "$nnodes" --node-rank "$node_rank")
-if [ -n "$rdzv_endpoint" ]; then
-  torchrun_args+=(--rdzv-backend c10d --rdzv-endpoint "$rdzv_endpoint")
-else
-  torchrun_args+=(--standalone)
-fi
-trainer_extra=()
-[ -n "$trainer_devices" ] && trainer_extra+=("runtime.device=cuda")
 echo "trainers: torchrun ${torchrun_args[*]} -> $run_dir/logs/trainer.log"
-CUDA_VISIBLE_DEVICES="$trainer_devices" setsid torchrun "${torchrun_args[@]}" -m consumers.train \
-    "${common[@]}" "${trainer_extra[@]}" > >(tee "$run_dir/logs/trainer.log") 2>&1 &
+CUDA_VISIBLE_DEVICES="$trainer_devices" setsid "${trainer_cmd[@]}" > >(tee "$run_dir/logs/trainer.log") 2>&1 &
 trainer_pid=$!
 pids+=("$trainer_pid")
 

@@ -1,4 +1,4 @@
-"""scripts/launch.sh end to end: a producer that dies does not stop the job."""
+"""scripts/launch.sh: what it starts (--dry-run), and end to end: a producer that dies does not stop the job."""
 
 import os
 import re
@@ -14,11 +14,40 @@ from edsam_online.runtime import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _dry_run(tmp_path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "scripts/launch.sh", "--dry-run", "--run-dir", str(tmp_path / "run"), *args],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_dry_run_shows_overrides_added_to_the_embedded_experiment_and_starts_nothing(tmp_path):
+    out = _dry_run(tmp_path, "trainer.steps=5")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split(" -m ")[1].split()[0] for line in lines] == ["producers.prepare", "producers", "consumers.train"]
+    for line in lines:  # every role gets the demo, then the user's override (which wins)
+        assert line.index("experiment=cpu_demo") < line.index("trainer.steps=5"), line
+    assert "experiment=cpu_demo (the embedded default" in out.stderr
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_a_named_experiment_or_none_replaces_the_embedded_one(tmp_path):
+    out = _dry_run(tmp_path, "~experiment", "method=none", "trainer.steps=5")
+    assert out.returncode == 0, out.stderr
+    assert "experiment=cpu_demo" not in out.stdout and "\\~experiment method=none trainer.steps=5" in out.stdout
+    assert len(out.stdout.splitlines()) == 1  # method=none: no producer, only the trainers
+
+
+def test_a_missing_cuda_device_stops_the_launch_before_anything_starts(tmp_path):
+    out = _dry_run(tmp_path, "--producer-devices", "99", "trainer.steps=5")
+    assert out.returncode == 2 and out.stdout == ""
+    assert "CUDA device '99'" in out.stderr and "does not exist" in out.stderr
+
+
 def test_kill_9_of_the_producer_leaves_the_trainer_running_to_its_last_step(tmp_path):
     run_dir, steps = tmp_path / "run", 150
     out = tmp_path / "launch.out"
     launch = subprocess.Popen(
-        ["bash", "scripts/launch.sh", "--base-port", str(free_port()), "--run-dir", str(run_dir), *COMMON,
+        ["bash", "scripts/launch.sh", "--base-port", str(free_port()), "--run-dir", str(run_dir), "~experiment", *COMMON,
          f"trainer.steps={steps}", "trainer.batch_size=4", "mix.syn_share=0.5", "mix.syn_wait_s=0.05",
          "buffer.min_size_to_sample=1", "buffer.samples_per_insert=0", "buffer.max_times_sampled=1",
          "producer.batch_size=2", "producer.threads=1",
