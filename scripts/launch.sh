@@ -17,17 +17,21 @@
 #   --nnodes N --node-rank R --rdzv-endpoint HOST:PORT   multi-node torchrun rendezvous
 #   --base-port P            first producer port; producer i binds 127.0.0.1:P+i (default 5555)
 #   --run-dir DIR            where logs, metrics, checkpoints and W&B runs go (default runs/<time>)
+#   --producer-restarts N    restarts of a producer that exits abnormally, 1 s backoff doubling to 30 s (default 5)
 #   --dry-run                print every command it would start, start none
 #
 # Each node runs its own producers; its trainers connect to them over loopback.
-# The job ends when the trainers end; a producer that exits is logged, and the trainers
-# go on with real data. The script stops every child when it exits or is signalled.
+# The job ends when the trainers end. A producer that exits abnormally is restarted (a new
+# session of the same rank); past the cap the trainers go on with real data. A failed
+# trainer rank stops everything, and the script prints the command that resumes the run.
+# The script stops every child when it exits or is signalled.
 set -euo pipefail
+launch_args=("$@")
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 
 producers=1 trainers=1 producer_devices="" trainer_devices="" nnodes=1 node_rank=0
-rdzv_endpoint="" base_port=5555 run_dir="" dry_run=0
+rdzv_endpoint="" base_port=5555 run_dir="" dry_run=0 producer_restarts=5
 overrides=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -41,13 +45,14 @@ while [ $# -gt 0 ]; do
     --base-port) base_port="$2"; shift 2 ;;
     --run-dir) run_dir="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
+    --producer-restarts) producer_restarts="$2"; shift 2 ;;
     run_dir=*) run_dir="${1#run_dir=}"; shift ;;  # same as --run-dir
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     --*) echo "launch.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) overrides+=("$1"); shift ;;
   esac
 done
-for n in "$producers" "$trainers" "$nnodes" "$node_rank" "$base_port"; do
+for n in "$producers" "$trainers" "$nnodes" "$node_rank" "$base_port" "$producer_restarts"; do
   [[ "$n" =~ ^[0-9]+$ ]] || { echo "launch.sh: expected a number, got '$n'" >&2; exit 2; }
 done
 [ "$trainers" -ge 1 ] || { echo "launch.sh: --trainers must be >= 1" >&2; exit 2; }
@@ -167,13 +172,17 @@ trap 'echo "launch.sh: signal received, stopping every rank" >&2; exit 130' INT 
 # here, once, so trainers do not start against an empty stream.
 [ "$producers" -eq 0 ] || python -m producers.prepare "${common[@]}"
 
-producer_pids=()
-for ((i = 0; i < producers; i++)); do
-  producer_cmd "$i"
-  CUDA_VISIBLE_DEVICES="$dev" setsid "${cmd[@]}" > "$run_dir/logs/producer$rank.log" 2>&1 &
+producer_pid=() restarts=() restart_at=()
+start_producer() {  # start_producer I: start this node's producer I (a restart appends to its log)
+  producer_cmd "$1"
+  CUDA_VISIBLE_DEVICES="$dev" setsid "${cmd[@]}" >> "$run_dir/logs/producer$rank.log" 2>&1 &
+  producer_pid[$1]=$!
   pids+=($!)
-  producer_pids+=($!)
   echo "producer $rank: pid $! device ${dev:-cpu} -> $run_dir/logs/producer$rank.log"
+}
+for ((i = 0; i < producers; i++)); do
+  restarts[$i]=0 restart_at[$i]=""
+  start_producer "$i"
 done
 
 echo "trainers: torchrun ${torchrun_args[*]} -> $run_dir/logs/trainer.log"
@@ -182,26 +191,52 @@ trainer_pid=$!
 pids+=("$trainer_pid")
 
 # The job ends when the trainers do (their exit status is the job's; a failed rank
-# makes torchrun stop the others). A producer that exits is logged and left alone:
-# the trainers go on with the real-data fallback, counted in train/steps_without_syn
-# and train/syn_fallback_samples.
-status=0
-running=("${producer_pids[@]}")
+# makes torchrun stop the others). A producer that exits with status 0 has made its
+# producer.num_samples; one that fails is restarted after a backoff, at most
+# --producer-restarts times, each restart counted in its log and in
+# metrics/launch.jsonl (launch/producer_restarts). Meanwhile, and past the cap, the
+# trainers go on with the real-data fallback (train/steps_without_syn, train/syn_fallback_samples).
+status=0 restarts_total=0
+mkdir -p "$run_dir/metrics"
 while kill -0 "$trainer_pid" 2>/dev/null; do
-  still=()
-  for pid in "${running[@]}"; do
-    if kill -0 "$pid" 2>/dev/null; then
-      still+=("$pid")
-    else
+  now=$(date +%s)
+  for ((i = 0; i < producers; i++)); do
+    rank=$((node_rank * producers + i))
+    pid="${producer_pid[$i]}"
+    if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
       pstatus=0
       wait "$pid" || pstatus=$?
-      echo "launch.sh: producer pid $pid exited (status $pstatus); the trainers go on without it" >&2
+      producer_pid[$i]=""
+      if [ "$pstatus" -eq 0 ]; then
+        echo "launch.sh: producer $rank finished (status 0)" >&2
+      elif [ "${restarts[$i]}" -lt "$producer_restarts" ]; then
+        restarts[$i]=$((restarts[$i] + 1))
+        delay=$((1 << (restarts[$i] - 1)))
+        [ "$delay" -gt 30 ] && delay=30
+        restart_at[$i]=$((now + delay))
+        echo "launch.sh: producer $rank exited (status $pstatus); restart ${restarts[$i]} of $producer_restarts in $delay s" \
+          | tee -a "$run_dir/logs/producer$rank.log" >&2
+      else
+        echo "launch.sh: producer $rank exited (status $pstatus) after $producer_restarts restarts; the trainers go on without it" \
+          | tee -a "$run_dir/logs/producer$rank.log" >&2
+      fi
+    fi
+    if [ -n "${restart_at[$i]}" ] && [ "$now" -ge "${restart_at[$i]}" ]; then
+      restart_at[$i]=""
+      start_producer "$i"
+      restarts_total=$((restarts_total + 1))
+      printf '{"step": %d, "time": %d, "role": "launch", "rank": %d, "launch/producer_restarts": %d, "launch/restarted_producer": %d}\n' \
+        "$restarts_total" "$now" "$node_rank" "$restarts_total" "$rank" >> "$run_dir/metrics/launch.jsonl"
     fi
   done
-  running=("${still[@]}")
   sleep 1
 done
 wait "$trainer_pid" || status=$?
+if [ "$status" -ne 0 ]; then
+  printf -v resume '%q ' scripts/launch.sh "${launch_args[@]}" --run-dir "$run_dir" checkpoint.resume=latest
+  echo "launch.sh: a trainer rank failed (status $status); every rank is stopped. Continue the run from its last checkpoint with:" >&2
+  echo "  ${resume% }" >&2
+fi
 
 echo
 echo "run folder:  $run_dir"

@@ -1,5 +1,7 @@
-"""scripts/launch.sh: what it starts (--dry-run), and end to end: a producer that dies does not stop the job."""
+"""scripts/launch.sh: what it starts (--dry-run), and end to end: a producer that dies is restarted or, past its
+cap, does not stop the job; a trainer that fails stops it and says how to resume."""
 
+import json
 import os
 import re
 import signal
@@ -8,6 +10,8 @@ import time
 from pathlib import Path
 
 from test_trainer_dist import COMMON, _env, _stop, _train_logs
+
+from edsam_online.metrics import read_jsonl
 
 from edsam_online.runtime import free_port
 
@@ -43,16 +47,70 @@ def test_a_missing_cuda_device_stops_the_launch_before_anything_starts(tmp_path)
     assert "CUDA device '99'" in out.stderr and "does not exist" in out.stderr
 
 
-def test_kill_9_of_the_producer_leaves_the_trainer_running_to_its_last_step(tmp_path):
+STREAMING = ["trainer.batch_size=4", "mix.syn_share=0.5", "mix.syn_wait_s=0.05", "buffer.min_size_to_sample=1",
+             "buffer.samples_per_insert=0", "buffer.max_times_sampled=1", "producer.batch_size=2", "producer.threads=1",
+             "runtime.threads=1"]
+
+
+def _launch(run_dir: Path, out: Path, *args) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["bash", "scripts/launch.sh", "--base-port", str(free_port()), "--run-dir", str(run_dir), *args,
+         "~experiment", *COMMON, *STREAMING],
+        cwd=ROOT, env=_env(), stdout=open(out, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _sessions(run_dir: Path) -> int:
+    path = run_dir / "metrics" / "trainer0.jsonl"
+    return max((r.get("buffer/sessions", 0) for r in read_jsonl(path)), default=0) if path.exists() else 0
+
+
+def test_a_producer_killed_with_kill_9_is_restarted_and_the_trainer_hears_its_new_session(tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "launch.out"
+    launch = _launch(run_dir, out, "trainer.steps=100000")
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and _sessions(run_dir) < 1:
+            time.sleep(0.2)
+        assert _sessions(run_dir) == 1, out.read_text()[-4000:]
+        os.kill(int(re.search(r"producer 0: pid (\d+)", out.read_text()).group(1)), signal.SIGKILL)
+        while time.monotonic() < deadline and _sessions(run_dir) < 2:
+            time.sleep(0.2)
+        text = out.read_text()
+        assert _sessions(run_dir) == 2, text[-4000:]  # the restarted producer is a new session of rank 0
+        assert "producer 0 exited (status 137); restart 1 of 5 in 1 s" in text
+        assert len(re.findall(r"producer 0: pid \d+", text)) == 2
+        assert "restart 1 of 5" in (run_dir / "logs" / "producer0.log").read_text()
+        restarts = [json.loads(line) for line in (run_dir / "metrics" / "launch.jsonl").read_text().splitlines()]
+        assert [r["launch/producer_restarts"] for r in restarts] == [1]
+    finally:
+        _stop(launch)
+
+
+def test_a_failed_trainer_stops_the_launch_and_prints_the_resume_command(tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "launch.out"
+    missing = tmp_path / "missing.pt"  # the trainer fails at start (the producers never read it)
+    launch = _launch(run_dir, out, "trainer.steps=5", f"checkpoint.resume={missing}")
+    try:
+        assert launch.wait(240) != 0
+        text = out.read_text()
+        assert "a trainer rank failed" in text, text[-4000:]
+        resume = text.split("Continue the run from its last checkpoint with:")[1].strip().splitlines()[0]
+        assert resume.startswith("scripts/launch.sh ") and resume.endswith(f"--run-dir {run_dir} checkpoint.resume=latest")
+        assert "trainer.steps=5" in resume  # the failed launch's own arguments, then the resume
+        producer_pid = int(re.search(r"producer 0: pid (\d+)", text).group(1))
+        try:  # every rank is stopped: the producer is gone too
+            os.kill(producer_pid, 0)
+            assert False, "the producer outlived the launch"
+        except ProcessLookupError:
+            pass
+    finally:
+        _stop(launch)
+
+
+def test_kill_9_of_the_producer_past_its_restart_cap_leaves_the_trainer_running_to_its_last_step(tmp_path):
     run_dir, steps = tmp_path / "run", 150
     out = tmp_path / "launch.out"
-    launch = subprocess.Popen(
-        ["bash", "scripts/launch.sh", "--base-port", str(free_port()), "--run-dir", str(run_dir), "~experiment", *COMMON,
-         f"trainer.steps={steps}", "trainer.batch_size=4", "mix.syn_share=0.5", "mix.syn_wait_s=0.05",
-         "buffer.min_size_to_sample=1", "buffer.samples_per_insert=0", "buffer.max_times_sampled=1",
-         "producer.batch_size=2", "producer.threads=1",
-         "runtime.threads=1"],
-        cwd=ROOT, env=_env(), stdout=open(out, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    launch = _launch(run_dir, out, "--producer-restarts", "0", f"trainer.steps={steps}")
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and launch.poll() is None:
@@ -68,7 +126,8 @@ def test_kill_9_of_the_producer_leaves_the_trainer_running_to_its_last_step(tmp_
     finally:
         _stop(launch)
     text = out.read_text()
-    assert f"producer pid {producer_pid} exited (status 137); the trainers go on without it" in text
+    assert "producer 0 exited (status 137) after 0 restarts; the trainers go on without it" in text
+    assert len(re.findall(r"producer 0: pid \d+", text)) == 1 and not (run_dir / "metrics" / "launch.jsonl").exists()
     after = _train_logs(run_dir, 0)
     assert after[-1]["step"] == steps
     assert after[-1]["train/steps_without_syn"] > before["train/steps_without_syn"]  # trained on the fallback
