@@ -3,7 +3,8 @@
 Two sources:
 
 * ``--endpoint tcp://host:port``: ask a receiver's stats endpoint
-  (``stream.stats_endpoint``) for a fresh snapshot (ZeroMQ REQ/REP, msgpack);
+  (``stream.stats_endpoint``) for a fresh snapshot (ZeroMQ REQ/REP, msgpack; under CURVE
+  with ``--curve-client-secret`` and ``--curve-server-public``);
 * ``--jsonl FILE`` or ``--run-dir DIR``: the latest ``buffer/*`` record in a
   trainer's metrics JSONL (``DIR/metrics/trainer*.jsonl``), what
   :class:`edsam_online.metrics.MetricLogger` writes.
@@ -23,12 +24,18 @@ from typing import Any
 import msgpack
 import zmq
 
+from edsam_online import security
 
-def fetch_stats(endpoint: str, timeout_s: float = 2.0, ctx: zmq.Context | None = None) -> dict[str, Any]:
-    """One snapshot from a receiver's stats endpoint; TimeoutError if nobody answers."""
+
+def fetch_stats(endpoint: str, timeout_s: float = 2.0, ctx: zmq.Context | None = None,
+                curve_client_secret: str = "", curve_server_public: str = "") -> dict[str, Any]:
+    """One snapshot from a receiver's stats endpoint; TimeoutError if nobody answers. A stream
+    under CURVE needs a key pair on the receivers' allow-list and the receiver's public key."""
     ctx = ctx or zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.linger = 0
+    if curve_client_secret or curve_server_public:
+        security.make_curve_client(sock, curve_client_secret, curve_server_public)
     sock.rcvtimeo = int(timeout_s * 1000)
     sock.maxmsgsize = 1 << 20
     try:
@@ -102,7 +109,8 @@ def format_stats(stats: dict[str, Any], title: str = "") -> str:
 
 def _snapshots(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     if args.endpoint:
-        return [(e, fetch_stats(e, args.timeout)) for e in args.endpoint]
+        return [(e, fetch_stats(e, args.timeout, curve_client_secret=args.curve_client_secret,
+                                curve_server_public=args.curve_server_public)) for e in args.endpoint]
     paths = [Path(p) for p in args.jsonl]
     if args.run_dir:
         paths += sorted(Path(args.run_dir, "metrics").glob("trainer*.jsonl"))
@@ -120,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for an endpoint")
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    parser.add_argument("--curve-client-secret", default="", metavar="FILE",
+                        help="--endpoint under CURVE: a key pair on the receivers' allow-list (.key_secret)")
+    parser.add_argument("--curve-server-public", default="", metavar="FILE", help="... and the receiver's public key")
     parser.add_argument("--json", action="store_true", help="print raw JSON instead of the summary")
     args = parser.parse_args(argv)
     if args.interval <= 0 or args.timeout <= 0:

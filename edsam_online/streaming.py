@@ -65,6 +65,15 @@ _SERVICE_EVERY_S = 0.05  # how often a busy receiver looks at its monitor and st
 _REARM_AFTER_S = 1.0  # a connect that libzmq gave up on is re-made after this long
 
 
+def is_loopback(endpoint: str) -> bool:
+    """Whether a ZeroMQ endpoint is reachable from this host only (ipc, inproc, tcp on 127/8 or ::1)."""
+    transport, _, address = endpoint.partition("://")
+    if transport in ("ipc", "inproc"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    return transport == "tcp" and (host == "localhost" or host == "::1" or host.startswith("127."))
+
+
 @dataclass
 class StreamConfig:
     """Transport settings shared by producers and receivers (Hydra group ``stream``).
@@ -80,7 +89,9 @@ class StreamConfig:
     ``max_samples_per_message`` is what a receiver accepts. CURVE (``curve``): the receiver is the
     CURVE server; see :mod:`edsam_online.security` for the key files.
     ``stats_endpoint`` (optional) is where a receiver answers ``buffer-monitor``
-    requests; ``{rank}`` in it is replaced by the receiver's rank. ``tune_malloc``: a
+    requests; ``{rank}`` in it is replaced by the receiver's rank. It must be a loopback
+    address unless ``curve`` is on, and with ``curve`` it is a CURVE server like the data
+    socket, answering only the keys of ``curve_allow_dir``. ``tune_malloc``: a
     receiver sets glibc's allocator up for holding received frames before its I/O
     thread starts (process-wide; see :mod:`edsam_online.allocator`). ``seq_window`` and
     ``seq_resync_after`` bound what a message's sequence number can do to its session's
@@ -123,6 +134,9 @@ class StreamConfig:
                      "seq_resync_after"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.stats_endpoint and not self.curve and not is_loopback(self.stats_endpoint):
+            raise ValueError(f"stats_endpoint {self.stats_endpoint!r} can be reached from other hosts: bind it on "
+                             "loopback (tcp://127.0.0.1:PORT) or set stream.curve=true to put it under CURVE")
         self.limits()  # validates the size limits, naming the field
         if self.samples_per_message > self.max_samples_per_message:
             raise ValueError(f"samples_per_message must be <= max_samples_per_message={self.max_samples_per_message}, "
@@ -312,6 +326,8 @@ class Receiver:
                     sockets.append(stats_sock)
                     stats_sock.maxmsgsize = 4096
                     stats_sock.linger = 0
+                    if self.cfg.curve:
+                        security.make_curve_server(stats_sock, self.cfg.curve_server_secret)
                     stats_sock.bind(self.stats_endpoint)
                     self.stats_endpoint = stats_sock.last_endpoint.decode()
             except BaseException as err:  # reported to start()

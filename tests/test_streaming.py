@@ -208,6 +208,37 @@ def test_curve_accepts_allowed_keys_only(ctx, tmp_path):
                  buf, endpoints=[ep_allowed]).start()
 
 
+@pytest.mark.parametrize("endpoint", ["tcp://*:5600", "tcp://0.0.0.0:5600", "tcp://10.1.2.3:5600", "tcp://eth0:5600"])
+def test_a_stats_endpoint_other_hosts_can_reach_needs_curve(endpoint, tmp_path):
+    with pytest.raises(ValueError, match="stats_endpoint"):
+        StreamConfig(stats_endpoint=endpoint)
+    keys = generate_keys(tmp_path / "keys", ["producer-0"])
+    StreamConfig(stats_endpoint=endpoint, curve=True, curve_server_secret=str(keys["receiver_secret"]),
+                 curve_allow_dir=str(keys["allowed"]))  # under CURVE it may bind anywhere
+    for local in ("tcp://127.0.0.1:*", "tcp://localhost:5600", "tcp://[::1]:5600", "ipc:///tmp/stats-{rank}"):
+        StreamConfig(stats_endpoint=local)
+
+
+def test_under_curve_the_stats_endpoint_answers_allowed_keys_only(ctx, tmp_path, capsys):
+    keys = generate_keys(tmp_path / "keys", ["producer-0"])
+    stranger = generate_keys(tmp_path / "stranger", ["producer-x"], allow=False)
+    cfg = StreamConfig(endpoints=["tcp://127.0.0.1:*"], producers_bind=False, stats_endpoint="tcp://127.0.0.1:*",
+                       curve=True, curve_server_secret=str(keys["receiver_secret"]), curve_allow_dir=str(keys["allowed"]))
+    buf = ReplayBuffer(BufferConfig(capacity=10, min_size_to_sample=1, samples_per_insert=0))
+    with Receiver(cfg, buf) as receiver:
+        allowed = dict(curve_client_secret=str(keys["producer:producer-0"]), curve_server_public=str(keys["receiver"]))
+        assert monitor.fetch_stats(receiver.stats_endpoint, timeout_s=5, **allowed)["buffer/accepted"] == 0
+        with pytest.raises(TimeoutError):  # no CURVE: the handshake never completes
+            monitor.fetch_stats(receiver.stats_endpoint, timeout_s=0.5)
+        with pytest.raises(TimeoutError):  # a key pair that is not on the allow-list
+            monitor.fetch_stats(receiver.stats_endpoint, timeout_s=0.5,
+                                curve_client_secret=str(stranger["producer:producer-x"]),
+                                curve_server_public=str(keys["receiver"]))
+        assert monitor.main(["--endpoint", receiver.stats_endpoint, "--once", "--curve-client-secret",
+                             allowed["curve_client_secret"], "--curve-server-public", allowed["curve_server_public"]]) == 0
+        assert "size 0/10" in capsys.readouterr().out
+
+
 def test_receivers_bind_mode_stats_endpoint_and_monitor(ctx, tmp_path, capsys):
     cfg = StreamConfig(endpoints=["tcp://127.0.0.1:*"], producers_bind=False,
                        stats_endpoint="tcp://127.0.0.1:*")
