@@ -18,6 +18,8 @@
 #   --base-port P            first producer port; producer i binds 127.0.0.1:P+i (default 5555)
 #   --run-dir DIR            where logs, metrics, checkpoints and W&B runs go (default runs/<time>)
 #   --producer-restarts N    restarts of a producer that exits abnormally, 1 s backoff doubling to 30 s (default 5)
+#   --curve-keys DIR         CURVE on the stream with the keys of scripts/gen_curve_keys.py DIR: producer r
+#                            uses DIR/producers/producer-<r>.key_secret, trainers accept DIR/allowed/*.key
 #   --dry-run                print every command it would start, start none
 #
 # Each node runs its own producers; its trainers connect to them over loopback.
@@ -31,7 +33,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 
 producers=1 trainers=1 producer_devices="" trainer_devices="" nnodes=1 node_rank=0
-rdzv_endpoint="" base_port=5555 run_dir="" dry_run=0 producer_restarts=5
+rdzv_endpoint="" base_port=5555 run_dir="" dry_run=0 producer_restarts=5 curve_keys=""
 overrides=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -46,8 +48,9 @@ while [ $# -gt 0 ]; do
     --run-dir) run_dir="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --producer-restarts) producer_restarts="$2"; shift 2 ;;
+    --curve-keys) curve_keys="$2"; shift 2 ;;
     run_dir=*) run_dir="${1#run_dir=}"; shift ;;  # same as --run-dir
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     --*) echo "launch.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) overrides+=("$1"); shift ;;
   esac
@@ -115,6 +118,19 @@ if [ "$producers" -gt 0 ]; then
   done
   common+=("stream.endpoints=[$endpoints]")
 fi
+# --curve-keys: one key pair per producer rank, and the receivers' allow-list.
+if [ -n "$curve_keys" ]; then
+  curve_keys="$(realpath -m "$curve_keys")"
+  needed=("$curve_keys/receiver.key_secret" "$curve_keys/receiver.key")
+  for ((i = 0; i < producers; i++)); do
+    needed+=("$curve_keys/producers/producer-$((node_rank * producers + i)).key_secret")
+  done
+  for f in "${needed[@]}"; do
+    [ -f "$f" ] || { echo "launch.sh: --curve-keys: $f is missing (python scripts/gen_curve_keys.py $curve_keys --producers $((producers * nnodes)))" >&2; exit 2; }
+  done
+  common+=("stream.curve=true" "stream.curve_server_secret=$curve_keys/receiver.key_secret"
+           "stream.curve_server_public=$curve_keys/receiver.key" "stream.curve_allow_dir=$curve_keys/allowed")
+fi
 common+=("${overrides[@]}")
 
 IFS=',' read -r -a pdevs <<< "$producer_devices"
@@ -126,6 +142,7 @@ producer_cmd() {  # producer_cmd I: this node's producer I as cmd, its rank and 
   cmd=(python -m producers "${common[@]}")
   [ -n "$dev" ] && cmd+=("diffusion.device=cuda")
   cmd+=("producer.rank=$rank" "producer.num_producers=$global_producers" "producer.endpoint_index=$1")
+  [ -z "$curve_keys" ] || cmd+=("stream.curve_client_secret=$curve_keys/producers/producer-$rank.key_secret")
 }
 torchrun_args=(--nproc-per-node "$trainers" --nnodes "$nnodes" --node-rank "$node_rank")
 if [ -n "$rdzv_endpoint" ]; then

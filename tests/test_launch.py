@@ -1,5 +1,6 @@
-"""scripts/launch.sh: what it starts (--dry-run), and end to end: a producer that dies is restarted or, past its
-cap, does not stop the job; a trainer that fails stops it and says how to resume."""
+"""scripts/launch.sh: what it starts (--dry-run), and end to end: per-producer CURVE keys admit only allowed
+producers; a producer that dies is restarted or, past its cap, does not stop the job; a trainer that fails
+stops it and says how to resume."""
 
 import json
 import os
@@ -12,8 +13,8 @@ from pathlib import Path
 from test_trainer_dist import COMMON, _env, _stop, _train_logs
 
 from edsam_online.metrics import read_jsonl
-
 from edsam_online.runtime import free_port
+from edsam_online.security import generate_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,9 +60,9 @@ def _launch(run_dir: Path, out: Path, *args) -> subprocess.Popen:
         cwd=ROOT, env=_env(), stdout=open(out, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _sessions(run_dir: Path) -> int:
+def _sessions(run_dir: Path, key: str = "buffer/sessions") -> int:
     path = run_dir / "metrics" / "trainer0.jsonl"
-    return max((r.get("buffer/sessions", 0) for r in read_jsonl(path)), default=0) if path.exists() else 0
+    return max((r.get(key, 0) for r in read_jsonl(path)), default=0) if path.exists() else 0
 
 
 def test_a_producer_killed_with_kill_9_is_restarted_and_the_trainer_hears_its_new_session(tmp_path):
@@ -84,6 +85,28 @@ def test_a_producer_killed_with_kill_9_is_restarted_and_the_trainer_hears_its_ne
         assert [r["launch/producer_restarts"] for r in restarts] == [1]
     finally:
         _stop(launch)
+
+
+def test_per_producer_curve_keys_let_only_allowed_producers_deliver(tmp_path):
+    keys = tmp_path / "keys"
+    generate_keys(keys, ["producer-0"])
+    generate_keys(keys, ["producer-1"], allow=False)  # a key pair the trainers do not know
+    out = _dry_run(tmp_path, "--producers", "2", "--curve-keys", str(keys), "trainer.steps=5")
+    secrets = re.findall(r"stream.curve_client_secret=(\S+)", out.stdout)
+    assert secrets == [str(keys / "producers" / f"producer-{r}.key_secret") for r in (0, 1)], out.stdout
+    run_dir, log = tmp_path / "run", tmp_path / "launch.out"
+    launch = _launch(run_dir, log, "--producers", "2", "--curve-keys", str(keys), "trainer.steps=100000")
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (_sessions(run_dir) and _sessions(run_dir, "buffer/auth_failures")):
+            time.sleep(0.2)
+        time.sleep(3)  # time for a second session to show, if one could
+        assert _sessions(run_dir) == 1, log.read_text()[-4000:]  # producer-0 only
+        assert _sessions(run_dir, "buffer/auth_failures") >= 1  # producer-1's handshakes, refused
+    finally:
+        _stop(launch)
+    missing = _dry_run(tmp_path, "--producers", "3", "--curve-keys", str(keys), "trainer.steps=5")
+    assert missing.returncode == 2 and "producer-2.key_secret is missing" in missing.stderr
 
 
 def test_a_failed_trainer_stops_the_launch_and_prints_the_resume_command(tmp_path):
