@@ -1,0 +1,161 @@
+"""``edsam-report RUN_DIR``: a run's plots and one ``report.html``, from its metrics JSONL alone.
+
+Reads ``<run_dir>/metrics/trainer0.jsonl`` (rank 0 logs evaluation), ``producer*.jsonl``
+and the resolved config ``<run_dir>/hydra/config.yaml``, and writes into
+``<run_dir>/report/`` (or ``--out``): ``losses.png`` (real, synthetic, total, logit scale),
+``eval.png`` (zero-shot and linear probe per domain over steps), ``buffer.png`` (fill,
+inserts/s against samples/s, reuse histogram, sample age), ``producer.png`` (samples/s and
+send-blocked time per producer), ``data_wait.png`` and ``report.html``, which shows them
+with the config and the final table. W&B draws the same curves from its own run; this is
+for runs without it (offline clusters, CI), so nothing here imports wandb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import math
+import sys
+from pathlib import Path
+
+from edsam_online.metrics import read_jsonl
+
+PLOTS = ("losses.png", "eval.png", "buffer.png", "producer.png", "data_wait.png")
+EVAL_PREFIXES = {"zero-shot top-1": "eval/zeroshot_top1/", "linear probe top-1": "eval/linear_probe/"}
+
+
+def _series(records: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
+    """(x, y) of every record holding a finite ``key``."""
+    pts = [(r[x], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+           and x in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _line(ax, records: list[dict], keys: list[str], title: str, x: str = "step", xlabel: str = "trainer step"):
+    drawn = False
+    for key in keys:
+        xs, ys = _series(records, key, x)
+        if xs:  # evaluation has a few points: mark them
+            ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, label=key.split("/", 1)[-1])
+            drawn = True
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    if drawn:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes)
+
+
+def final_table(records: list[dict]) -> list[tuple[str, float | None, float | None]]:
+    """(domain, zero-shot, linear probe) of the last evaluation, source and targets first."""
+    last: dict[str, float] = {}
+    for r in records:
+        last.update({k: v for k, v in r.items() if k.startswith(tuple(EVAL_PREFIXES.values()))})
+    domains = sorted({k.split("/", 2)[2] for k in last} - {"source", "target_mean"})
+    domains += [d for d in ("target_mean",) if any(k.endswith("/" + d) for k in last)]
+    zs, lp = EVAL_PREFIXES.values()
+    return [(d, last.get(zs + d), last.get(lp + d)) for d in domains]
+
+
+def render(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write every plot and ``report.html``; returns the report's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    trainer_log = run_dir / "metrics" / "trainer0.jsonl"
+    if not trainer_log.is_file():
+        raise FileNotFoundError(f"{trainer_log} not found: is {run_dir} a run folder?")
+    records = read_jsonl(trainer_log)
+    producers = {p.stem: read_jsonl(p) for p in sorted((run_dir / "metrics").glob("producer*.jsonl"))}
+    out = Path(out) if out else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    _line(ax, records, ["train/loss", "train/loss_real", "train/loss_syn"], "losses (Eq. 11)")
+    scale = ax.twinx()
+    xs, ys = _series(records, "train/logit_scale")
+    scale.plot(xs, ys, "k--", linewidth=0.8)
+    scale.set_ylabel("logit scale (dashed)")
+    _save(fig, out / "losses.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (name, prefix) in zip(axes, EVAL_PREFIXES.items()):
+        keys = sorted({k for r in records for k in r if k.startswith(prefix) and not k.endswith("/source")})
+        _line(ax, records, keys, name)
+    _save(fig, out / "eval.png")
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    _line(axes[0, 0], records, ["buffer/fill"], "buffer fill")
+    _line(axes[0, 1], records, ["buffer/inserts_per_s", "buffer/samples_per_s"], "inserts/s and samples/s")
+    hist = [f"buffer/reuse_hist/{i}" for i in range(8)] + ["buffer/reuse_hist/ge8"]
+    last = {k: v for r in records for k, v in r.items() if k in hist}
+    axes[1, 0].bar([k.rsplit("/", 1)[1] for k in hist], [last.get(k, 0) for k in hist])
+    axes[1, 0].set_title("uses per item at removal (last record)")
+    _line(axes[1, 1], records, ["buffer/sample_age_steps_mean", "buffer/sample_age_steps_p90"], "sample age (steps)")
+    _save(fig, out / "buffer.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, recs in producers.items():
+        for ax, key in zip(axes, ("producer/samples_per_s", "producer/send_blocked_s")):
+            xs, ys = _series(recs, key)
+            ax.plot(xs, ys, label=name)
+    for ax, title in zip(axes, ("producer samples/s", "producer send-blocked time (s, total)")):
+        ax.set_title(title)
+        ax.set_xlabel("samples sent")
+        if producers:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no producer in this run", ha="center", va="center", transform=ax.transAxes)
+    _save(fig, out / "producer.png")
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    _line(ax, records, ["train/data_wait_frac"], "share of step time waiting for data")
+    _save(fig, out / "data_wait.png")
+
+    config = run_dir / "hydra" / "config.yaml"
+    rows = "".join(f"<tr><td>{html.escape(d)}</td><td>{_pct(z)}</td><td>{_pct(p)}</td></tr>"
+                   for d, z, p in final_table(records))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edsam-online run {html.escape(run_dir.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}td,th{{padding:2px 10px;text-align:right}}
+img{{max-width:100%}}pre{{background:#f4f4f4;padding:8px;overflow:auto;max-height:400px}}</style></head><body>
+<h1>Run {html.escape(str(run_dir))}</h1>
+<h2>Final evaluation (top-1, %)</h2>
+<table><tr><th>domain</th><th>zero-shot</th><th>linear probe</th></tr>{rows}</table>
+{"".join(f'<h2>{html.escape(p[:-4].replace("_", " "))}</h2><img src="{p}">' for p in PLOTS)}
+<h2>Config</h2><pre>{html.escape(config.read_text() if config.is_file() else "(no hydra/config.yaml in this run)")}</pre>
+</body></html>
+"""
+    (out / "report.html").write_text(page, encoding="utf-8")
+    return out / "report.html"
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="edsam-report", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="a run folder (scripts/launch.sh --run-dir, or runs/<time>)")
+    p.add_argument("--out", help="where to write (default RUN_DIR/report)")
+    args = p.parse_args(argv)
+    try:
+        print(render(args.run_dir, args.out))
+    except FileNotFoundError as err:
+        print(f"edsam-report: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""edsam-report renders every plot and report.html from a run folder's JSONL alone."""
+
+import shutil
+from pathlib import Path
+
+from edsam_online.report import PLOTS, final_table, main, render
+from edsam_online.metrics import read_jsonl
+
+FIXTURE = Path(__file__).parent / "fixtures" / "edsam_run"  # metrics and config of a cpu_demo edsam run, thinned
+
+
+def test_the_report_has_every_plot_the_final_table_and_the_config(tmp_path):
+    run = shutil.copytree(FIXTURE, tmp_path / "run")
+    page = render(run)
+    assert page == run / "report" / "report.html"
+    for name in PLOTS:
+        png = run / "report" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
+        assert f'<img src="{name}">' in page.read_text()
+    text = page.read_text()
+    table = dict((d, (z, p)) for d, z, p in final_table(read_jsonl(run / "metrics" / "trainer0.jsonl")))
+    assert set(table) == {"clutter", "dark", "flat", "noisy", "palette", "sketch", "target_mean"}
+    zs, lp = table["flat"]
+    assert f"<td>flat</td><td>{100 * zs:.1f}</td><td>{100 * lp:.1f}</td>" in text  # the last evaluation
+    assert "method:" in text and "name: edsam" in text  # the resolved config
+
+
+def test_a_folder_without_metrics_is_refused_by_name(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "trainer0.jsonl not found" in capsys.readouterr().err
