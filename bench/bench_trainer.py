@@ -16,11 +16,13 @@ Modes, both with the same number of images per step (``--batch``):
          builds the very same step)
 
     python bench/bench_trainer.py --batch 64 --steps 20 --rounds 3
+    python bench/bench_trainer.py --model ViT-B-16 --resolution 224 --batch 128 --device cuda --precision bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import statistics
@@ -72,6 +74,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="ParallelMapper threads per branch")
     parser.add_argument("--feed-rate", type=float, default=500.0,
                         help="synthetic samples/s the feeder process sends (a producer fleet's output)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
     import torch.distributed as dist
@@ -96,7 +102,8 @@ def main() -> None:
             "buffer": {"capacity": 1024, "min_size_to_sample": 64, "samples_per_insert": 0.0},
             "trainer": {"batch_size": batch_size, "steps": 10_000, "progress": False},
             "mix": {"syn_share": syn_share, "syn_wait_s": 0.05},
-            "runtime": {"device": "cpu", "num_workers": args.workers},
+            "runtime": {"device": args.device, "precision": args.precision, "channels_last": args.channels_last,
+                        "num_workers": args.workers},
             "logging": {"wandb": False, "jsonl": False},
             "run_dir": run_dir,
         }))
@@ -119,6 +126,8 @@ def main() -> None:
             wait += time.perf_counter() - t0
             syn += batch.num_synthetic / max(1, batch.syn_images.shape[0]) if batch.syn_images.shape[0] else 0.0
             step(batch)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         return steps * args.batch / elapsed, wait / elapsed, syn / steps
 
@@ -137,14 +146,22 @@ def main() -> None:
     feeder.join(5)
     base = statistics.median(r[0] for r in results["real"])
     print(f"\nmodel {args.model}, {args.resolution}px, {args.batch} images/step, {args.steps} steps x "
-          f"{args.rounds} rounds, feed {args.feed_rate:g}/s, torch threads {torch.get_num_threads()}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
+          f"{args.rounds} rounds, feed {args.feed_rate:g}/s, {args.device} {args.precision}, torch threads "
+          f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
     print("| mode | samples/s (median) | vs real-only | train/data_wait_frac | synthetic fill of slot |")
     print("|---|---:|---:|---:|---:|")
+    table = []
     for name, rows in results.items():
         sps = statistics.median(r[0] for r in rows)
-        print(f"| {name} | {sps:.1f} | {sps / base:.3f}x | {statistics.median(r[1] for r in rows):.3f} | "
-              f"{statistics.median(r[2] for r in rows):.2f} |")
+        table.append({"mode": name, "samples_per_s": sps, "vs_real": sps / base,
+                      "data_wait_frac": statistics.median(r[1] for r in rows),
+                      "synthetic_fill": statistics.median(r[2] for r in rows)})
+        print(f"| {name} | {sps:.1f} | {sps / base:.3f}x | {table[-1]['data_wait_frac']:.3f} | "
+              f"{table[-1]['synthetic_fill']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "resolution": args.resolution, "batch": args.batch, "device": args.device,
+                       "precision": args.precision, "steps": args.steps, "rounds": args.rounds, "modes": table}, f)
     print(f"\nreceiver: accepted {stats['buffer/accepted']}, dropped {stats['buffer/dropped']}, "
           f"buffer starved {stats['buffer/starved']}")
     dist.destroy_process_group()
