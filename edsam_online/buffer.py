@@ -102,6 +102,11 @@ class ReplayBuffer(Generic[T]):
     rejection (the window is compacted when holes make that slow). A received message
     (a :class:`~edsam_online.wire.SampleBatch`) is thus inserted with a handful of numpy
     slice writes, whatever its size; its sample objects are built when sampled.
+
+    ``buffer/bytes`` (in :meth:`stats`) is what the table keeps alive: the ``nbytes`` of
+    every inserted sequence with at least one live item (a message's images stay in memory
+    until its last sample leaves), so it can exceed ``size`` x item bytes by the partly
+    evicted or retired messages. Sequences without ``nbytes`` count 0.
     """
 
     def __init__(self, cfg: BufferConfig, key: Callable[[T], str] | None = None) -> None:
@@ -366,6 +371,8 @@ class ReplayBuffer(Generic[T]):
                 "buffer/samples_per_insert": self._samples / self._inserts if self._inserts else 0.0,
                 "buffer/live_uses_mean": self._live_uses_sum() / size if size else 0.0,
             }
+            held = {id(seq): seq for seq in self._seqs[self._head:self._tail] if seq is not None}
+            out["buffer/bytes"] = sum(getattr(seq, "nbytes", 0) for seq in held.values())
             for b, count in enumerate(self._reuse_hist.tolist()):
                 out[f"buffer/reuse_hist/{b}" if b < _REUSE_BINS else f"buffer/reuse_hist/ge{_REUSE_BINS}"] = count
             out["buffer/inserts_per_s"], out["buffer/samples_per_s"] = self._rates(now)

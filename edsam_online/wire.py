@@ -223,6 +223,11 @@ class SampleBatch:
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its K images (for raw payloads, the received frame's)."""
+        return self.images.nbytes
+
     def _index(self, i: int) -> int:
         k = len(self.images)
         if not -k <= i < k:

@@ -260,3 +260,22 @@ def test_insert_many_keeps_a_reference_and_serves_its_items():
     assert s["buffer/inserts"] == 5 and s["buffer/size"] == 3 and s["buffer/evicted"] == 2
     assert {buf.sample(0) for _ in range(100)} == {("item", 2), ("item", 3), ("item", 4)}
     assert seq.built == 100
+
+
+def test_bytes_count_every_message_a_live_sample_keeps_in_memory():
+    import numpy as np
+
+    from edsam_online.wire import SampleBatch
+
+    def message(k):
+        return SampleBatch({}, np.zeros((k, 8, 8, 3), np.uint8), 0.0)
+
+    buf = ReplayBuffer(BufferConfig(capacity=10, min_size_to_sample=1, samples_per_insert=0))
+    assert buf.stats()["buffer/bytes"] == 0
+    for _ in range(2):
+        buf.insert_many(message(4))
+    assert buf.stats()["buffer/bytes"] == 8 * 192
+    buf.insert_many(message(4))  # evicts 2 samples of the first message: its other 2 keep all 4 images alive
+    assert buf.stats()["buffer/size"] == 10 and buf.stats()["buffer/bytes"] == 12 * 192
+    buf.insert_many(message(2))  # the first message's last samples go, and its images with them
+    assert buf.stats()["buffer/bytes"] == 10 * 192
