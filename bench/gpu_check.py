@@ -132,7 +132,7 @@ def step_trainer(args: argparse.Namespace) -> dict:
         opts = ["--model", "edsam-tiny", "--resolution", "32", "--batch", "16", "--steps", "4", "--warmup", "1"]
     else:
         opts = ["--model", "ViT-B-16", "--resolution", "224", "--batch", str(args.trainer_batch), "--steps", "10",
-                "--warmup", "3", "--workers", "8", "--feed-rate", "5000"]
+                "--warmup", "3", "--workers", "8", "--feed-rate", "2000"]
     out = Path(args.json).with_suffix(".bench.json")
     cmd = [sys.executable, str(ROOT / "bench" / "bench_trainer.py"), *opts, "--rounds", "1",
            "--device", args.device, "--precision", "bf16", "--json", str(out)]
@@ -327,7 +327,8 @@ def main() -> None:
     parser.add_argument("--stream-seconds", type=int, default=30)
     parser.add_argument("--sampler-batch", type=int, default=4, help="source images per generate call (x M samples)")
     parser.add_argument("--sampler-iters", type=int, default=3, help="timed generate calls per variant")
-    parser.add_argument("--trainer-batch", type=int, default=128, help="images per step, real-only and mix alike")
+    parser.add_argument("--trainer-batch", type=int, default=512,
+                        help="images per step, real-only and mix alike (paper_cc3m: 256 real + 256 generated)")
     parser.add_argument("--json", help="with mode 'step': where the step writes its result")
     args = parser.parse_args()
     if args.mode == "run":
