@@ -493,7 +493,8 @@ class Producer:
         those still being delivered fall short of it; when the ones being delivered may reach it,
         wait for their outcome (a dropped message must be made up; a surplus batch is not generated)."""
         while not self._stop.is_set():
-            pending = handoff.pending()  # read before "sent": a delivery ending in between is counted twice, never missed
+            # pending before "sent": a delivery ending in between is counted twice, never missed
+            pending = handoff.pending()
             if not limit or self.state["sent"] + pending < limit:
                 return True
             if not pending:
