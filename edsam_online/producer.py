@@ -1,16 +1,27 @@
 """A producer rank: real pairs -> ED-SAM sampler -> ZeroMQ PUSH, forever or for N samples.
 
 :class:`Producer` is the library's generation loop; ``python -m producers`` (the
-``edsam-produce`` console script) is its process entry point. Sends wait a bounded
-time for room (``producer.send_timeout_s``): a message that still cannot go is
-dropped and counted (``producer/dropped_unsent``), so a producer never waits on
-trainers for longer than that. SIGINT/SIGTERM stop it after the message in flight:
-no new batch is started, the current message gets at most ``stop_grace_s`` to be
-sent and flushed, then sockets close and :meth:`Producer.run` returns (the CLI exits 0).
+``edsam-produce`` console script) is its process entry point. Its stages are
+read -> generate -> filter -> deliver (encode and send, or write shards). With
+``producer.pipeline`` (the default) the generator never waits on the host: real data is
+read, decoded and batched ahead in a torchdata.nodes graph (:func:`real_batches`), and
+the generated batches are delivered, in order, by one background thread while the next
+batch generates (docs/design.md, 'The producer's threads'). ``pipeline=false`` runs the
+same stages one after another in one thread.
+
+Sends wait a bounded time for room (``producer.send_timeout_s``): a message that still
+cannot go is dropped and counted (``producer/dropped_unsent``), so a producer never waits
+on trainers for longer than that. SIGINT/SIGTERM stop it: no new batch is started, the
+samples already generated get at most ``stop_grace_s`` (from the stop) to be sent (a
+message still blocked then is dropped, the ones not tried are counted in
+``producer/unsent_at_stop``), then sockets close (flushing for at most ``stop_grace_s``
+more) and :meth:`Producer.run` returns (the CLI exits 0).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -21,6 +32,8 @@ import random
 import secrets
 import threading
 import time
+from collections import deque
+from concurrent import futures
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -28,10 +41,11 @@ import numpy as np
 import webdataset as wds
 import zmq
 from PIL import Image
+from torchdata.nodes import BaseNode, Batcher, Mapper, Prefetcher
 from tqdm import tqdm
 
 from edsam_online import security
-from edsam_online.data import DataCounters, RealDataConfig, iter_real_samples
+from edsam_online.data import DataCounters, RealDataConfig, RealSample, decoded_samples
 from edsam_online.metrics import LoggingConfig, MetricLogger
 from edsam_online.runtime import StopOnSignal
 from edsam_online.streaming import StreamConfig
@@ -75,6 +89,14 @@ class ProducerConfig:
     ``scorer_model`` with weights ``scorer_pretrained``, a tag or checkpoint file) scores every
     generated sample against its caption in [0, 1] before it is sent; the score travels in the
     header, and samples below ``min_score`` are dropped and counted (``producer/filtered``).
+
+    ``pipeline`` (default true): the generator never waits on the host. ``data_workers``
+    threads decode and resize real images ahead and ``prefetch_batches`` batches wait ready
+    for ``generate``; one background thread encodes and sends (or writes) the generated
+    batches in order, with at most ``queue_batches`` of them waiting for it. ``pipeline=false``
+    is the sequential loop (read, generate, filter, encode, send, one after another in one
+    thread): the baseline of ``bench/bench_producer.py`` and the choice for a one-core box;
+    it ignores the three sizes.
     """
 
     rank: int = 0
@@ -97,6 +119,10 @@ class ProducerConfig:
     scorer_model: str = ""
     scorer_pretrained: str = ""
     min_score: float = 0.0
+    pipeline: bool = True
+    data_workers: int = 2
+    prefetch_batches: int = 2
+    queue_batches: int = 2
 
     @property
     def name(self) -> str:
@@ -111,10 +137,10 @@ class ProducerConfig:
             raise ValueError(f"rank must be in [0, num_producers={self.num_producers}), got {self.rank}")
         if self.endpoint_index is not None and self.endpoint_index < 0:
             raise ValueError(f"endpoint_index must be >= 0 or null, got {self.endpoint_index}")
-        for name in ("num_samples", "threads"):
+        for name in ("num_samples", "threads", "data_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "stats_every"):
+        for name in ("batch_size", "stats_every", "prefetch_batches", "queue_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.m is not None and self.m < 1:
@@ -217,6 +243,98 @@ def batch_seed(seed: int, rank: int, batch_index: int) -> int:
     return int(np.random.SeedSequence([seed, rank, batch_index]).generate_state(1)[0] >> 2)
 
 
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass
+class RealBatch:
+    """``producer.batch_size`` real pairs, as :meth:`EDSAMSampler.generate` takes them."""
+
+    images: np.ndarray  # uint8 [B, H, W, 3]
+    captions: list[str]
+    keys: list[str]
+
+
+def _collate(samples: list[RealSample]) -> RealBatch:
+    return RealBatch(np.stack([s.image for s in samples]), [s.caption for s in samples], [s.key for s in samples])
+
+
+def real_batches(cfg: RealDataConfig, rank: int, world_size: int, counters: DataCounters, batch_size: int,
+                 num_workers: int = 0, prefetch: int = 0) -> BaseNode[RealBatch]:
+    """A producer's real data as a torchdata.nodes graph::
+
+        decoded_samples(num_workers decoding threads) -> Batcher(batch_size) -> collate -> Prefetcher(prefetch)
+
+    Images come decoded and resized to ``cfg.resolution``, ``batch_size`` of them stacked
+    (the last batch of a finite source may be shorter). ``num_workers=0, prefetch=0`` runs
+    every step in the caller's thread when it asks for a batch.
+    """
+    batches = Mapper(Batcher(decoded_samples(cfg, rank, world_size, counters, num_workers), batch_size,
+                             drop_last=False), _collate)
+    return Prefetcher(batches, prefetch_factor=prefetch) if prefetch else batches
+
+
+class _Handoff:
+    """Hands generated batches to ``deliver``: in the calling thread (``depth=0``, the
+    sequential loop), or in order to one background thread with at most ``depth`` batches
+    waiting beside the one it delivers. A ``ThreadPoolExecutor`` of one worker is that thread
+    and its FIFO queue; each batch's future keeps its failure, which the calling thread
+    re-raises at its next :meth:`put`, :meth:`pending`, :meth:`wait` or :meth:`finish`.
+    After a failure the thread delivers nothing more.
+    """
+
+    def __init__(self, deliver: Callable[[GeneratedBatch], None], depth: int, name: str) -> None:
+        self._deliver, self._depth = deliver, depth
+        self._pool = futures.ThreadPoolExecutor(1, thread_name_prefix=name) if depth else None
+        self._queued: deque[tuple[futures.Future, int]] = deque()  # (future, rows), oldest first
+        self._failed = False
+
+    def _run(self, generated: GeneratedBatch) -> None:
+        if self._failed:  # a batch before this one failed: send nothing after it
+            return
+        try:
+            self._deliver(generated)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def put(self, generated: GeneratedBatch, stopping: Callable[[], bool]) -> None:
+        """Deliver ``generated`` (inline) or queue it, waiting while ``depth`` batches wait,
+        unless ``stopping()``: a batch generated before a stop is queued all the same."""
+        if self._pool is None:
+            self._deliver(generated)
+            return
+        while len(self._queued) > self._depth and not stopping():
+            self.wait()
+        self._reap()
+        self._queued.append((self._pool.submit(self._run, generated), len(generated)))
+
+    def _reap(self) -> None:
+        while self._queued and self._queued[0][0].done():
+            self._queued.popleft()[0].result()  # re-raises the delivery's failure
+
+    def pending(self) -> int:
+        """Rows of the batches handed over and not delivered yet."""
+        self._reap()
+        return sum(rows for _, rows in self._queued)
+
+    def wait(self, timeout_s: float = _SEND_SLICE_S) -> None:
+        """Wait (at most ``timeout_s``) for the oldest batch's delivery to end."""
+        if self._queued:
+            futures.wait([self._queued[0][0]], timeout_s)
+        self._reap()
+
+    def finish(self) -> None:
+        """Wait for every batch handed over (a stop bounds it by the grace); re-raises a failure."""
+        while self._queued:
+            self.wait()
+
+    def shutdown(self) -> None:
+        """Drop the batches not started yet and end the thread (a stop bounds the one in flight)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -233,12 +351,15 @@ class Producer:
     """One producer rank: reads its partition of the real data, generates with ``sampler``
     (an :class:`~edsam_online.diffusion.EDSAMSampler`) and streams the samples.
 
-    ``logging_cfg`` + ``run_dir``: metrics also go to a ``MetricLogger``
-    (``<run_dir>/metrics/producer<rank>.jsonl``). ``on_bound`` is called with the
-    resolved endpoint after a bind (useful with ``tcp://host:*``). ``scorer``: the fidelity
-    scorer ``cfg.scorer`` names (:func:`edsam_online.diffusion.scoring.build_scorer`; None for
-    ``none``). :meth:`stop` (from any thread) stops it as a signal does;
-    ``install_signal_handlers`` makes SIGINT/SIGTERM do so while :meth:`run` runs in the main thread.
+    ``resolution``: the generator's input size (``diffusion.resolution``); real images are
+    read at it, so decoding and resizing happen in the data graph rather than inside
+    ``generate`` (None: ``data_cfg.resolution``). ``logging_cfg`` + ``run_dir``: metrics also
+    go to a ``MetricLogger`` (``<run_dir>/metrics/producer<rank>.jsonl``). ``on_bound`` is
+    called with the resolved endpoint after a bind (useful with ``tcp://host:*``). ``scorer``:
+    the fidelity scorer ``cfg.scorer`` names (:func:`edsam_online.diffusion.scoring.build_scorer`;
+    None for ``none``); it runs in the generating thread, beside the generator. :meth:`stop`
+    (from any thread) stops it as a signal does; ``install_signal_handlers`` makes
+    SIGINT/SIGTERM do so while :meth:`run` runs in the main thread.
     """
 
     def __init__(
@@ -248,6 +369,7 @@ class Producer:
         data_cfg: RealDataConfig,
         sampler: Any,
         *,
+        resolution: int | None = None,
         logging_cfg: LoggingConfig | None = None,
         run_dir: str | None = None,
         on_bound: Callable[[str], None] | None = None,
@@ -257,16 +379,18 @@ class Producer:
         if (scorer is None) != (cfg.scorer == "none"):
             raise ValueError(f"producer.scorer={cfg.scorer!r} needs {'no' if cfg.scorer == 'none' else 'a'} scorer")
         self.stream_cfg, self.cfg, self.data_cfg, self.sampler = stream_cfg, cfg, data_cfg, sampler
-        self.scorer = scorer
+        self.resolution, self.scorer = resolution, scorer
         self.logging_cfg, self.run_dir, self.on_bound = logging_cfg, run_dir, on_bound
         self.install_signal_handlers = install_signal_handlers
         self._stop = threading.Event()
+        self._stopped_at: float | None = None
         self.counters = DataCounters()
-        self.state = dict(sent=0, generated=0, dropped_unsent=0, filtered=0, unet_calls=0, blocked_s=0.0)
+        self.state = dict(sent=0, generated=0, dropped_unsent=0, unsent_at_stop=0, filtered=0, unet_calls=0,
+                          blocked_s=0.0, generate_s=0.0)
         self._start = time.monotonic()
 
     def stop(self) -> None:
-        """Stop after the message in flight (thread-safe)."""
+        """Stop as SIGINT/SIGTERM does (thread-safe): no new batch, the grace for the rest."""
         self._stop.set()
 
     def metrics(self) -> dict[str, float]:
@@ -276,10 +400,13 @@ class Producer:
         out = {
             "producer/samples_per_s": state["sent"] / elapsed,
             "producer/unet_calls_per_s": state["unet_calls"] / elapsed,
+            "producer/generate_s": state["generate_s"],
+            "producer/generator_busy_frac": min(1.0, state["generate_s"] / elapsed),
             "producer/send_blocked_s": state["blocked_s"],
             "producer/sent": state["sent"],
             "producer/generated": state["generated"],
             "producer/dropped_unsent": state["dropped_unsent"],
+            "producer/unsent_at_stop": state["unsent_at_stop"],
             "producer/filtered": state["filtered"],
         }
         out.update({f"producer/{k}": v for k, v in self.counters.snapshot().items()})  # "data/..." keys
@@ -287,88 +414,63 @@ class Producer:
 
     def run(self) -> dict[str, float]:
         """Generate and stream until stopped, ``num_samples`` are sent, or a finite data set
-        runs out; returns the final ``producer/*`` metrics."""
+        runs out; returns the final ``producer/*`` metrics. A failure of the delivery thread
+        is raised here, at the latest after the batch being generated when it happened."""
         pcfg, stream_cfg = self.cfg, self.stream_cfg
         if pcfg.threads:
             import torch
 
             torch.set_num_threads(pcfg.threads)
-        stop = StopOnSignal(self._stop, f"producer {pcfg.name} stops after the message in flight",
-                            self.install_signal_handlers)
+        stop = StopOnSignal(self._stop, f"producer {pcfg.name} stops: no new batch, {pcfg.stop_grace_s:g} s to send "
+                            "what was generated", self.install_signal_handlers)
         metric_logger = None
         if self.logging_cfg is not None and self.run_dir is not None:
             metric_logger = MetricLogger(self.logging_cfg, self.run_dir, role="producer", rank=pcfg.rank)
         ctx = sock = writer = None
         session = secrets.randbits(62)
+        limit = pcfg.num_samples
+        bar = tqdm(total=limit or None, desc=pcfg.name, unit="sample", mininterval=5.0, disable=None)
         if pcfg.sink == "shards":
             os.makedirs(pcfg.shard_dir, exist_ok=True)
             pattern = os.path.join(pcfg.shard_dir, f"{pcfg.name}-{session:016x}-%06d.tar")
             writer = wds.ShardWriter(pattern, maxcount=pcfg.shard_samples, verbose=0)
+            deliver = functools.partial(self._write, writer, session, bar)
         else:
             ctx = zmq.Context()
             sock = open_producer_socket(ctx, stream_cfg,
                                         pcfg.rank if pcfg.endpoint_index is None else pcfg.endpoint_index)
             if self.on_bound is not None and stream_cfg.producers_bind:
                 self.on_bound(sock.last_endpoint.decode())
-        stats_rng = random.Random(session)
-        data = iter_real_samples(self.data_cfg, pcfg.rank, pcfg.num_producers, self.counters)
+            deliver = functools.partial(self._send_batch, sock, session, random.Random(session), bar)
+        data_cfg = self.data_cfg if self.resolution is None else dataclasses.replace(self.data_cfg,
+                                                                                     resolution=self.resolution)
+        batches = real_batches(data_cfg, pcfg.rank, pcfg.num_producers, self.counters, pcfg.batch_size,
+                               pcfg.data_workers if pcfg.pipeline else 0, pcfg.prefetch_batches if pcfg.pipeline else 0)
+        # The socket and the shard writer belong to the delivery thread until it has ended.
+        handoff = _Handoff(deliver, pcfg.queue_batches if pcfg.pipeline else 0, f"{pcfg.name}-send")
         state = self.state
         self._start = time.monotonic()
-        limit = pcfg.num_samples
-        bar = tqdm(total=limit or None, desc=pcfg.name, unit="sample", mininterval=5.0, disable=None)
         last_log = time.monotonic()
         try:
             for batch_index in itertools.count():
-                if self._stop.is_set() or (limit and state["sent"] >= limit):
+                if not self._wants_more(handoff, limit):
                     break
-                batch = list(itertools.islice(data, pcfg.batch_size))
-                if not batch:
+                batch = next(batches, None)
+                if batch is None:
                     log.info("producer %s: real data exhausted", pcfg.name)
                     break
-                generated = self.sampler.generate(
-                    np.stack([s.image for s in batch]),
-                    [s.caption for s in batch],
-                    [s.key for s in batch],
-                    m=pcfg.m,
-                    seed=batch_seed(pcfg.seed, pcfg.rank, batch_index),
-                )
-                state["unet_calls"] += generated.unet_calls
-                generated = self._filter(generated)
-                if generated is None:
-                    continue
-                if writer is not None:
-                    self._write(writer, generated, session, limit, bar)
-                    continue
-                per_message = samples_per_message(stream_cfg, generated.images[0].nbytes)
-                first = 0
-                while first < len(generated):
-                    if self._stop.is_set() or (limit and state["sent"] >= limit):
-                        break
-                    last = min(first + per_message, len(generated),
-                               first + limit - state["sent"] if limit else len(generated))
-                    # Random, not every N-th: behind a round-robin PUSH a fixed stride could
-                    # keep some trainers from ever seeing producer stats.
-                    forward = state["sent"] == 0 or stats_rng.random() < 1.0 / pcfg.stats_every
-                    last, frames = _encode_fitting(generated, first, last, stream_cfg, pcfg.name, session, state["sent"],
-                                                   self.metrics() if forward else None)
-                    chunk = last - first
-                    first = last
-                    state["generated"] += chunk
-                    if frames is None:
-                        state["dropped_unsent"] += chunk
-                        log.warning("producer %s: one sample's header exceeds stream.max_header_bytes=%d, dropped it",
-                                    pcfg.name, stream_cfg.max_header_bytes)
-                    elif self._send(sock, frames):
-                        state["sent"] += chunk
-                        bar.update(chunk)
-                    else:
-                        state["dropped_unsent"] += chunk
-                        log.warning("producer %s: no trainer took a message within %.1fs, dropped its %d samples",
-                                    pcfg.name, pcfg.send_timeout_s, chunk)
+                generated = self._filter(self._generate(batch, batch_index))
+                if generated is not None:
+                    handoff.put(generated, self._stop.is_set)
                 if metric_logger is not None and time.monotonic() - last_log >= pcfg.log_every_s:
                     metric_logger.log(self.metrics(), step=state["sent"])
                     last_log = time.monotonic()
+            handoff.finish()
+        except BaseException:
+            self._stop.set()  # the batch in flight gets the grace, the queued ones are dropped
+            raise
         finally:
+            handoff.shutdown()
             bar.close()
             final = self.metrics()
             if writer is not None:
@@ -384,6 +486,31 @@ class Producer:
                  state["dropped_unsent"])
         return final
 
+    # -- stages: read (real_batches) -> generate -> filter -> deliver (_send_batch or _write)
+
+    def _wants_more(self, handoff: _Handoff, limit: int) -> bool:
+        """Generate another batch? Not after a stop. With ``limit``, while the samples sent plus
+        those still being delivered fall short of it; when the ones being delivered may reach it,
+        wait for their outcome (a dropped message must be made up; a surplus batch is not generated)."""
+        while not self._stop.is_set():
+            # pending before "sent": a delivery ending in between is counted twice, never missed
+            pending = handoff.pending()
+            if not limit or self.state["sent"] + pending < limit:
+                return True
+            if not pending:
+                return False
+            handoff.wait()
+        return False
+
+    def _generate(self, batch: RealBatch, batch_index: int) -> GeneratedBatch:
+        pcfg = self.cfg
+        start = time.monotonic()
+        generated = self.sampler.generate(batch.images, batch.captions, batch.keys, m=pcfg.m,
+                                          seed=batch_seed(pcfg.seed, pcfg.rank, batch_index))
+        self.state["generate_s"] += time.monotonic() - start
+        self.state["unet_calls"] += generated.unet_calls
+        return generated
+
     def _filter(self, generated: GeneratedBatch) -> GeneratedBatch | None:
         """Score ``generated`` and keep the rows at or above ``min_score`` (None: no row is left)."""
         if self.scorer is None:
@@ -395,9 +522,41 @@ class Producer:
             return generated
         return generated.select(keep) if keep.any() else None
 
-    def _write(self, writer: Any, generated: GeneratedBatch, session: int, limit: int, bar: Any) -> None:
-        """Write the rows of ``generated`` (up to ``limit`` samples in all) as shard samples."""
-        pcfg, state = self.cfg, self.state
+    def _send_batch(self, sock: zmq.Socket, session: int, stats_rng: random.Random, bar: Any,
+                    generated: GeneratedBatch) -> None:
+        """Encode ``generated`` into messages of up to K samples and send them, up to ``num_samples``
+        sent in all; a dropped message's samples are made up by the next rows."""
+        pcfg, stream_cfg, state, limit = self.cfg, self.stream_cfg, self.state, self.cfg.num_samples
+        per_message = samples_per_message(stream_cfg, generated.images[0].nbytes)
+        first = 0
+        while first < len(generated) and not (limit and state["sent"] >= limit):
+            if self._grace_over():
+                self._abandon(len(generated) - first)
+                return
+            last = min(first + per_message, len(generated), first + limit - state["sent"] if limit else len(generated))
+            # Random, not every N-th: behind a round-robin PUSH a fixed stride could
+            # keep some trainers from ever seeing producer stats.
+            forward = state["sent"] == 0 or stats_rng.random() < 1.0 / pcfg.stats_every
+            last, frames = _encode_fitting(generated, first, last, stream_cfg, pcfg.name, session, state["sent"],
+                                           self.metrics() if forward else None)
+            chunk = last - first
+            first = last
+            state["generated"] += chunk
+            if frames is None:
+                state["dropped_unsent"] += chunk
+                log.warning("producer %s: one sample's header exceeds stream.max_header_bytes=%d, dropped it",
+                            pcfg.name, stream_cfg.max_header_bytes)
+            elif self._send(sock, frames):
+                state["sent"] += chunk
+                bar.update(chunk)
+            else:
+                state["dropped_unsent"] += chunk
+                log.warning("producer %s: no trainer took a message within %.1fs, dropped its %d samples",
+                            pcfg.name, pcfg.send_timeout_s, chunk)
+
+    def _write(self, writer: Any, session: int, bar: Any, generated: GeneratedBatch) -> None:
+        """Write the rows of ``generated`` (up to ``num_samples`` samples in all) as shard samples."""
+        pcfg, state, limit = self.cfg, self.state, self.cfg.num_samples
         encoding = self.stream_cfg.encoding
         rows = len(generated) if not limit else min(len(generated), limit - state["sent"])
         for r in range(rows):
@@ -422,16 +581,39 @@ class Producer:
             state["sent"] += 1
             bar.update(1)
 
+    # -- stopping (called by the delivering thread only)
+
+    def _stop_deadline(self) -> float | None:
+        """None while running; after a stop, until when generated samples may still be sent."""
+        if not self._stop.is_set():
+            return None
+        if self._stopped_at is None:
+            self._stopped_at = time.monotonic()
+        return self._stopped_at + self.cfg.stop_grace_s
+
+    def _grace_over(self) -> bool:
+        deadline = self._stop_deadline()
+        return deadline is not None and time.monotonic() >= deadline
+
+    def _abandon(self, rows: int) -> None:
+        """Count the rows of a batch that the stop's grace left unattempted (rows past
+        ``num_samples`` would never have been sent and are not counted)."""
+        if self.cfg.num_samples:
+            rows = max(0, min(rows, self.cfg.num_samples - self.state["sent"] - self.state["unsent_at_stop"]))
+        self.state["unsent_at_stop"] += rows
+        if rows:
+            log.warning("producer %s: stopping, %d generated samples left unsent after stop_grace_s=%.1fs",
+                        self.cfg.name, rows, self.cfg.stop_grace_s)
+
     def _send(self, sock: zmq.Socket, frames: list) -> bool:
-        """Bounded send; once a stop is requested the message gets at most ``stop_grace_s`` more."""
+        """Bounded send: at most ``send_timeout_s``, and never past the stop's grace."""
         pcfg = self.cfg
         waited = 0.0
-        stop_at: float | None = None
         while True:
             budget = pcfg.send_timeout_s - waited
-            if self._stop.is_set():
-                stop_at = waited if stop_at is None else stop_at
-                budget = min(budget, stop_at + pcfg.stop_grace_s - waited)
+            deadline = self._stop_deadline()
+            if deadline is not None:
+                budget = min(budget, deadline - time.monotonic())
             ok, w = send_bounded(sock, frames, max(0.0, min(budget, _SEND_SLICE_S)))
             waited += w
             self.state["blocked_s"] += w

@@ -31,8 +31,9 @@ def main(dictcfg: DictConfig) -> None:
         "producer %d/%d (%s) -> %s", cfg.producer.rank, cfg.producer.num_producers, cfg.diffusion.model,
         cfg.stream.endpoints,
     )
-    producer = Producer(cfg.stream, cfg.producer, cfg.data, build_sampler(cfg.diffusion), logging_cfg=cfg.logging,
-                        run_dir=cfg.run_dir, scorer=build_scorer(cfg.producer, cfg.diffusion))
+    producer = Producer(cfg.stream, cfg.producer, cfg.data, build_sampler(cfg.diffusion),
+                        resolution=cfg.diffusion.resolution, logging_cfg=cfg.logging, run_dir=cfg.run_dir,
+                        scorer=build_scorer(cfg.producer, cfg.diffusion))
     producer.run()
 
 

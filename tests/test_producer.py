@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import tarfile
 import threading
 import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from _streaming_helpers import tiny_configs, wait_for
 from edsam_online.buffer import BufferConfig, ReplayBuffer
@@ -219,3 +221,145 @@ def test_a_scorer_must_match_the_config():
 def test_producer_config_errors_name_the_field(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ProducerConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------- pipelined vs sequential
+
+
+def _pull_all(endpoint, count, timeout_s=60):
+    """Every message a PULL socket gets from ``endpoint`` until ``count`` samples came, in
+    arrival order: [(sample header without session/time/stats, image bytes)]."""
+    import zmq
+
+    from edsam_online.wire import WireLimits, decode_message
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.connect(endpoint)
+    samples, deadline = [], time.monotonic() + timeout_s
+    try:
+        while len(samples) < count and time.monotonic() < deadline:
+            if sock.poll(100):
+                _, batch = decode_message(sock.recv_multipart(copy=False), WireLimits())
+                for i in range(len(batch)):
+                    h = {k: v for k, v in batch.sample_header(i).items()
+                         if k not in ("session", "created_at", "stats")}
+                    samples.append((h, batch.images[i].tobytes()))
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    return samples
+
+
+@pytest.mark.parametrize("encoding", ["raw", "jpeg"])
+def test_pipelined_and_sequential_producers_send_the_same_samples_in_the_same_order(tiny, encoding):
+    received, results = {}, {}
+    for pipeline in (True, False):
+        pcfg = ProducerConfig(num_samples=7, batch_size=2, m=2, seed=5, pipeline=pipeline, data_workers=2)
+        stream = StreamConfig(endpoints=["tcp://127.0.0.1:*"], samples_per_message=3, encoding=encoding)
+        thread, endpoint, result, _ = start_producer(tiny, pcfg, stream)
+        received[pipeline] = _pull_all(endpoint, 7)
+        thread.join(60)
+        assert not thread.is_alive()
+        results[pipeline] = result
+        time.sleep(0.3)
+        assert _pull_all(endpoint, 1, timeout_s=0) == []  # exactly num_samples: nothing after the 7th
+    assert [h["seq"] for h, _ in received[True]] == list(range(7))
+    assert received[True] == received[False]  # provenance and image bytes, in order
+    for result in results.values():
+        assert result["producer/sent"] == 7 == result["producer/generated"] and result["producer/dropped_unsent"] == 0
+        assert 0 < result["producer/generator_busy_frac"] <= 1
+        assert 0 < result["producer/generate_s"]
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_stop_while_the_sender_is_blocked_ends_within_the_grace_and_counts_what_went_unsent(tiny, pipeline):
+    pcfg = ProducerConfig(batch_size=1, m=2, send_timeout_s=60, stop_grace_s=0.5, pipeline=pipeline)
+    thread, _, result, producer = start_producer(tiny, pcfg)  # no receiver: the first send blocks
+    assert wait_for(lambda: producer.state["blocked_s"] > 0.5 or producer.metrics()["producer/send_blocked_s"] > 0.5)
+    time.sleep(0.5)  # the pipelined generator has filled the queue meanwhile
+    t0 = time.monotonic()
+    producer.stop()
+    thread.join(30)
+    elapsed = time.monotonic() - t0
+    assert not thread.is_alive()
+    assert elapsed < 0.5 + 0.5 + 2.0  # grace for the blocked message, socket linger, slack
+    assert result["producer/sent"] == 0
+    assert result["producer/dropped_unsent"] == 2  # the message in flight (both samples of the first batch)
+    if pipeline:  # the batches queued behind it were never tried
+        assert result["producer/unsent_at_stop"] >= 2 * pcfg.queue_batches
+    assert result["producer/generated"] == result["producer/dropped_unsent"]
+
+
+def test_a_failure_in_the_delivery_thread_is_raised_by_run(tiny, monkeypatch):
+    import edsam_online.producer as producer_module
+
+    calls = []
+    real_encode = producer_module.encode_message
+
+    def failing_encode(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("encoder broke")
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(producer_module, "encode_message", failing_encode)
+    buf = ReplayBuffer(BufferConfig(capacity=1000, min_size_to_sample=1, samples_per_insert=0))
+    pcfg = ProducerConfig(batch_size=1, m=1, pipeline=True, stop_grace_s=0.5)  # num_samples=0: runs until stopped
+    data, sampler = tiny
+    bound, errors = [], []
+    producer = Producer(StreamConfig(endpoints=["tcp://127.0.0.1:*"]), pcfg, data, sampler,
+                        on_bound=bound.append, install_signal_handlers=False)
+
+    def run():
+        try:
+            producer.run()
+        except RuntimeError as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert wait_for(lambda: bound)
+    with Receiver(StreamConfig(endpoints=bound), buf):
+        thread.join(30)
+    assert not thread.is_alive(), "run() hung after its delivery thread failed"
+    assert [str(e) for e in errors] == ["encoder broke"]
+    assert producer.state["sent"] == 2  # the two messages before the failure, none after it
+
+
+def _csv_with_a_corrupt_image(tmp_path, good=5):
+    from edsam_online.data import render_sample
+
+    (tmp_path / "img").mkdir()
+    lines = ["path,caption"]
+    for i in range(good):
+        s = render_sample(i, "flat", 32, 0)
+        Image.fromarray(s.image).save(tmp_path / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,{s.caption}")
+    (tmp_path / "img" / "bad.png").write_bytes(b"\x89PNG not really")
+    lines.insert(3, "img/bad.png,a corrupt picture")
+    (tmp_path / "data.csv").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "data.csv")
+
+
+def test_the_pipelined_reader_skips_and_counts_a_corrupt_image(tiny, tmp_path):
+    from edsam_online.data import RealDataConfig
+
+    data = RealDataConfig(kind="csv", path=_csv_with_a_corrupt_image(tmp_path), epochs=1, shuffle=False, resolution=32)
+    pcfg = ProducerConfig(batch_size=2, m=1, sink="shards", shard_dir=str(tmp_path / "shards"), data_workers=2)
+    result = Producer(StreamConfig(), pcfg, data, tiny[1], install_signal_handlers=False).run()
+    assert result["producer/data/corrupt_images"] == 1
+    assert result["producer/sent"] == 5  # every good image once (m=1); the data ran out after one epoch
+    captions = [m for t in (tmp_path / "shards").glob("*.tar") for m in tarfile.open(t).getnames()]
+    assert len([c for c in captions if c.endswith(".txt")]) == 5
+
+
+def test_a_producer_whose_data_decodes_to_nothing_stops_with_a_clear_error(tiny, tmp_path):
+    from edsam_online.data import RealDataConfig
+
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    (tmp_path / "data.csv").write_text("path,caption\nbad.png,a corrupt picture\n")
+    data = RealDataConfig(kind="csv", path=str(tmp_path / "data.csv"), resolution=32)
+    pcfg = ProducerConfig(sink="shards", shard_dir=str(tmp_path / "shards"))
+    with pytest.raises(ValueError, match="no image of a whole epoch"):
+        Producer(StreamConfig(), pcfg, data, tiny[1], install_signal_handlers=False).run()

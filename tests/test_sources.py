@@ -250,4 +250,4 @@ def test_a_source_with_no_decodable_image_raises_instead_of_spinning(tmp_path):
     counters = DataCounters()
     with pytest.raises(ValueError, match="decoded"):
         next(iter_real_samples(cfg, counters=counters))
-    assert counters["data/corrupt_images"] == 3
+    assert counters["data/corrupt_images"] == 4  # the epoch's 3, and the next epoch's first shows the epoch ended

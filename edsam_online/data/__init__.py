@@ -3,10 +3,11 @@
 from .domains import DOMAINS, SOURCE_DOMAIN, TARGET_DOMAINS
 from .records import RealRecord, RealSample
 from .shapes import CLASSES, COLORS, render_sample
-from .sources import DataCounters, RealDataConfig, RealSourceNode, decode_record, iter_real_samples
+from .sources import (DataCounters, RealDataConfig, RealSourceNode, decode_record, decoded_samples,
+                      iter_real_samples)
 
 __all__ = [
     "CLASSES", "COLORS", "DOMAINS", "SOURCE_DOMAIN", "TARGET_DOMAINS",
     "DataCounters", "RealDataConfig", "RealRecord", "RealSample", "RealSourceNode",
-    "decode_record", "iter_real_samples", "render_sample",
+    "decode_record", "decoded_samples", "iter_real_samples", "render_sample",
 ]

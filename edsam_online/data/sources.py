@@ -15,6 +15,8 @@ Tar reading, sample grouping and the shuffle buffer are webdataset's own.
 
 Decoding is separate (`decode_record`), so a loader can run it in a parallel mapper;
 a corrupt image there gives None, is counted and logged, and never raises.
+`decoded_samples` is that graph for one rank (the producer's real data; `iter_real_samples`
+runs it inline).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import braceexpand
 import numpy as np
 import webdataset as wds
 from PIL import Image, ImageOps
-from torchdata.nodes import BaseNode
+from torchdata.nodes import BaseNode, ParallelMapper
 
 from .domains import DOMAINS, SOURCE_DOMAIN
 from .records import RealRecord, RealSample
@@ -360,21 +362,81 @@ class RealSourceNode(BaseNode[RealRecord]):
         return {"epoch": self._epoch, "position": self._position, **self._identity()}
 
 
+class _WithEpoch(BaseNode):
+    """``(epoch, record)`` pairs of a RealSourceNode, so that a node after a parallel decoder
+    still knows which epoch each decoded sample belongs to."""
+
+    def __init__(self, source: RealSourceNode):
+        super().__init__()
+        self.source = source
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self.source.reset(initial_state["source"] if initial_state is not None else None)
+
+    def next(self) -> tuple[int, RealRecord]:
+        record = next(self.source)
+        return self.source.get_state()["epoch"], record
+
+    def get_state(self) -> dict[str, Any]:
+        return {"source": self.source.state_dict()}
+
+
+class _Decoded(BaseNode[RealSample]):
+    """Decoded samples after the decoder: skips the corrupt ones (``None``, already counted)
+    and raises ValueError when a whole epoch decoded to nothing, instead of looping forever."""
+
+    def __init__(self, source: BaseNode, cfg: RealDataConfig, rank: int, world_size: int):
+        super().__init__()
+        self.source, self.cfg, self.rank, self.world_size = source, cfg, rank, world_size
+        self._epoch = self._decoded = 0
+
+    def reset(self, initial_state: dict | None = None) -> None:
+        super().reset(initial_state)
+        self.source.reset(initial_state["source"] if initial_state is not None else None)
+        self._epoch, self._decoded = (0, 0) if initial_state is None else (initial_state["epoch"],
+                                                                           initial_state["decoded"])
+
+    def next(self) -> RealSample:
+        while True:
+            epoch, sample = next(self.source)
+            if epoch != self._epoch:
+                if self._decoded == 0:
+                    raise ValueError(f"no image of a whole epoch of {self.cfg.kind} source {self.cfg.path!r} could "
+                                     f"be decoded for rank {self.rank} of {self.world_size} (see data/* counters)")
+                self._epoch, self._decoded = epoch, 0
+            if sample is not None:
+                self._decoded += 1
+                return sample
+
+    def get_state(self) -> dict[str, Any]:
+        return {"source": self.source.state_dict(), "epoch": self._epoch, "decoded": self._decoded}
+
+
+def decoded_samples(cfg: RealDataConfig, rank: int = 0, world_size: int = 1, counters: DataCounters | None = None,
+                    num_workers: int = 0) -> BaseNode[RealSample]:
+    """Decoded samples of this rank's partition, at ``cfg.resolution``, as a torchdata.nodes graph::
+
+        RealSourceNode -> ParallelMapper(decode_record, num_workers threads, in order) -> skip corrupt
+
+    ``num_workers=0`` decodes inline, in the caller's thread. Corrupt images are skipped,
+    counted and logged; a whole epoch that decodes to nothing raises ValueError.
+    """
+    node = RealSourceNode(cfg, rank, world_size, counters)
+    counters = node.counters
+
+    def decode(item: tuple[int, RealRecord]) -> tuple[int, RealSample | None]:
+        return item[0], decode_record(item[1], cfg.resolution, counters)
+
+    decoded = ParallelMapper(_WithEpoch(node), decode, num_workers=num_workers, in_order=True, method="thread")
+    return _Decoded(decoded, cfg, rank, world_size)
+
+
 def iter_real_samples(cfg: RealDataConfig, rank: int = 0, world_size: int = 1,
                       counters: DataCounters | None = None) -> Iterator[RealSample]:
-    """Decoded samples of this rank's partition; corrupt images are skipped, counted and logged.
+    """Decoded samples of this rank's partition, decoded in the caller's thread
+    (:func:`decoded_samples` with no workers); corrupt images are skipped, counted and logged.
 
     Raises ValueError when a whole epoch decodes to nothing (instead of looping forever).
     """
-    node = RealSourceNode(cfg, rank, world_size, counters)
-    epoch, decoded = 0, 0
-    for rec in node:
-        if node.state_dict()["epoch"] != epoch:
-            if decoded == 0:
-                raise ValueError(f"no image of a whole epoch of {cfg.kind} source {cfg.path!r} could be decoded "
-                                 f"for rank {rank} of {world_size} (see data/* counters)")
-            epoch, decoded = node.state_dict()["epoch"], 0
-        sample = decode_record(rec, cfg.resolution, node.counters)
-        if sample is not None:
-            decoded += 1
-            yield sample
+    return decoded_samples(cfg, rank, world_size, counters)
