@@ -39,6 +39,7 @@ Generators (``--generators``; both by default):
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -152,6 +153,7 @@ def main() -> None:
                         help="batches per run (default: 5 for ldm, 40 for standin)")
     parser.add_argument("--standin-ms", type=float, default=160.0,
                         help="standin: generation time per batch of 16 samples (160 ms: 100 samples/s)")
+    parser.add_argument("--json", help="also write the table here")
     args = parser.parse_args()
     import torch
 
@@ -174,17 +176,24 @@ def main() -> None:
                 label = f"standin ({args.standin_ms:g} ms per batch off the CPU)"
             batches = args.batches or (5 if name == "ldm" else 40)
             rows, paired = measure(name, sampler, endpoint, args.rounds, batches)
-            table.append((label, batches, rows, paired))
+            table.append((name, label, batches, rows, paired))
     stop.set()
     receiver.join(10)
     print(f"\n| generator | samples/run | mode | samples/s | generator_busy_frac | generate ms/sample |")
     print("|---|---|---|---|---|---|")
-    for label, batches, rows, paired in table:
+    for _, label, batches, rows, paired in table:
         for pipeline, sps, busy, ms in rows:
             print(f"| {label} | {batches * BATCH * M} | {'pipelined' if pipeline else 'sequential'} "
                   f"| {sps:.2f} | {busy:.3f} | {ms:.1f} |")
         print(f"| {label} | | **pipelined / sequential** (median of the rounds' ratios) "
               f"| **{rows[0][1] / rows[1][1]:.3f}** ({paired:.3f}) | | |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({name: {"label": label, "samples_per_run": batches * BATCH * M, "paired_ratio": paired,
+                              **{("pipelined" if pipeline else "sequential"): {
+                                  "samples_per_s": sps, "generator_busy_frac": busy, "generate_ms_per_sample": ms}
+                                 for pipeline, sps, busy, ms in rows}}
+                       for name, label, batches, rows, paired in table}, f, indent=1)
 
 
 if __name__ == "__main__":
