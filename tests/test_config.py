@@ -58,6 +58,10 @@ def test_root_config_is_typed():
     "override,message",
     [
         ("diffusion.rho=-0.5", r"^diffusion\.rho: must be >= 0, got -0\.5$"),
+        ("diffusion.model=random:CompVis/ldm-text2im-large-512",
+         r"^diffusion\.model: no stored architecture for 'random:CompVis/ldm-text2im-large-512'; "
+         r"random-weight models: random:CompVis/ldm-text2im-large-256 "),
+        ("diffusion.deepcache_interval=0", r"^diffusion\.deepcache_interval: must be >= 1 \(1 = off\), got 0$"),
         ("mix.syn_share=1.5", r"^mix\.syn_share: must be in \[0, 1\], got 1\.5$"),
         ("model.name=ViT-Huge-999", r"^model\.name: unknown open_clip model 'ViT-Huge-999'"),
         ("trainer.batch_size=0", r"^trainer\.batch_size: must be >= 1, got 0$"),

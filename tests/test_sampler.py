@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
+import torch
 
-from edsam_online.diffusion import EDSAMSampler, SamplerConfig, build_sampler, build_tiny_ldm
-from edsam_online.diffusion.registry import retrained_model_dir, retrained_model_id
+from edsam_online.diffusion import EDSAMSampler, SamplerConfig, build_sampler, build_tiny_ldm, load_ldm, transport
+from edsam_online.diffusion.registry import ensure_retrained, retrained_model_dir, retrained_model_id
 
 CAPS = ["a small red star on a light background", "a big green heart on a plain background",
         "a medium blue ring on a white background"]
@@ -69,6 +70,88 @@ def test_image_seed_regenerates_its_samples_alone(ldm):
     assert np.abs(alone.images.astype(int) - out.images[4:8].astype(int)).max() <= 2
 
 
+def _generate_embedding_every_chunk(sampler, images, captions, m, seed):
+    """Reference: ``generate`` as it was before each caption was embedded once per call. The text
+    encoder ran for every inversion chunk and again for every sampling chunk of repeated captions,
+    and ``mode="random"`` encoded the images it then ignored. Returns (images, alpha)."""
+    cfg, ldm = sampler.cfg, sampler.ldm
+    images = sampler._resize(images)
+    bs = cfg.batch_size
+    z_s = []
+    for i in range(0, len(images), bs):
+        z0 = ldm.encode(images[i:i + bs])
+        cond = ldm.embed(captions[i:i + bs])
+        z_s.append(ldm.invert(z0, cond, cfg.inversion_steps) if cfg.mode != "random" else z0)
+    z_s = torch.cat(z_s)
+    z_t, alphas = [], []
+    for i in range(len(images)):
+        gen = torch.Generator(device=ldm.device).manual_seed(seed + i)
+        zt, a = transport(z_s[i:i + 1].expand(m, *z_s.shape[1:]), cfg.rho, cfg.mode, gen)
+        z_t.append(zt)
+        alphas.append(a)
+    z_t, alphas = torch.cat(z_t), torch.cat(alphas)
+    rep_captions = [c for c in captions for _ in range(m)]
+    out = [ldm.decode(ldm.sample(z_t[i:i + bs], ldm.embed(rep_captions[i:i + bs]), cfg.steps, cfg.guidance))
+           for i in range(0, len(z_t), bs)]
+    return np.concatenate(out), alphas.double().numpy()
+
+
+@pytest.fixture(scope="module")
+def models(ldm):
+    return {"tiny-sd": ldm, "tiny-compvis": build_tiny_ldm(layout="compvis"), "retrained": load_ldm(ensure_retrained(None))}
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-compvis", "retrained"])
+@pytest.mark.parametrize("settings", [
+    dict(batch_size=64),
+    dict(batch_size=5),  # sampling chunks that cut across sources
+    dict(batch_size=3, mode="random", rho=0.3),
+    dict(batch_size=4, mode="identity", guidance=1.0),
+])
+def test_generation_is_bit_identical_to_embedding_every_chunk(models, name, settings):
+    ldm = models[name]
+    captions = [CAPS[0], CAPS[1], CAPS[0], CAPS[2]]  # a caption twice: embedded once
+    images, keys = _imgs(4), ["a", "b", "c", "d"]
+    sampler = EDSAMSampler(ldm, _cfg(m=3, steps=2, inversion_steps=2, **settings))
+    want_images, want_alpha = _generate_embedding_every_chunk(sampler, images, captions, 3, seed=11)
+    out = sampler.generate(images, captions, keys, seed=11)
+    assert np.array_equal(out.images, want_images)
+    assert np.array_equal(out.alpha, want_alpha)
+
+
+def test_each_distinct_caption_goes_through_the_text_encoder_once(ldm, monkeypatch):
+    ldm.uncond_embedding(1)  # the empty caption is embedded once per model
+    embedded = []
+    orig = ldm.embed
+    monkeypatch.setattr(ldm, "embed", lambda captions: embedded.extend(captions) or orig(captions))
+    captions = [CAPS[0], CAPS[1], CAPS[0]]
+    EDSAMSampler(ldm, _cfg(m=4, batch_size=2)).generate(_imgs(), captions, KEYS)
+    assert sorted(embedded) == sorted(set(captions))
+
+
+def test_deepcache_runs_the_deep_blocks_on_every_interval_th_sampling_step_only():
+    cached = build_tiny_ldm(deepcache_interval=2)
+    plain = build_tiny_ldm()
+    computed = []
+    cached.unet.mid_block.resnets[0].register_forward_hook(lambda *a: computed.append(1))
+    cfg = _cfg(m=2, steps=4, inversion_steps=3)
+    out = EDSAMSampler(cached, cfg).generate(_imgs(), CAPS, KEYS, seed=1)
+    # inversion: the whole UNet at each of its 3 steps; sampling: whole on steps 0 and 2 of 4
+    assert len(computed) == 3 + 2
+    assert out.unet_calls == EDSAMSampler(plain, cfg).generate(_imgs(), CAPS, KEYS, seed=1).unet_calls
+    z, cond = torch.randn(2, 4, 16, 16), cached.embed(CAPS[:2])
+    first = cached.sample(z, cond, 4, 3.0)
+    assert torch.equal(cached.sample(z, cond, 4, 3.0), first)  # each call starts a fresh cache
+    assert not torch.equal(plain.sample(z, cond, 4, 3.0), first)
+    inverted = cached.invert(z, cond, 3)
+    assert torch.equal(inverted, plain.invert(z, cond, 3))  # the helper is gone after sampling
+
+
+def test_deepcache_does_not_combine_with_compile():
+    with pytest.raises(ValueError, match="deepcache_interval"):
+        build_tiny_ldm(deepcache_interval=2, compile=True)
+
+
 def test_rows_slice_the_samples_with_only_the_sources_they_use(ldm):
     out = EDSAMSampler(ldm, _cfg(m=2)).generate(_imgs(), CAPS, KEYS, seed=5)  # sources 0 0 1 1 2 2
     part = out.rows(1, 4)
@@ -121,7 +204,8 @@ def test_bad_input_raises_value_error_naming_argument(ldm, images, captions, key
 @pytest.mark.parametrize(
     "field, value",
     [("rho", -0.1), ("m", 0), ("steps", 0), ("inversion_steps", 0), ("batch_size", 0), ("mode", "warp"),
-     ("guidance", 0.5), ("dtype", "fp8"), ("device", "tpu"), ("resolution", 30), ("model", "")],
+     ("guidance", 0.5), ("dtype", "fp8"), ("device", "tpu"), ("resolution", 30), ("model", ""),
+     ("model", "random:nobody/no-such-model"), ("deepcache_interval", 0), ("deepcache_branch", -1)],
 )
 def test_sampler_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):

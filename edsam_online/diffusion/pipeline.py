@@ -24,6 +24,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -81,15 +82,34 @@ class LatentDiffusion:
     ``dtype`` is the autocast dtype for the networks ("fp32" = no autocast); latents and the
     scheduler arithmetic stay float32. ``unet_calls`` counts rows through the UNet (a
     guided step on a batch of n latents counts 2n), the unit of the paper's cost figures.
+
+    ``deepcache_interval`` > 1 turns on DeepCache (Ma et al., CVPR 2024; the ``DeepCache``
+    package, extra ``edsam-online[deepcache]``) for *sampling* only: of every
+    ``deepcache_interval`` DDIM steps the first runs the whole UNet, the others reuse its deep
+    features and recompute only the shallow branch ``deepcache_branch`` (0 = the outermost
+    block pair). Inversion always runs the whole UNet: it has to reconstruct. The package's
+    ``DeepCacheSDHelper`` only needs an object with the ``unet`` and the ``scheduler`` whose
+    ``timesteps`` the loop walks, so it wraps this loop as it wraps a diffusers pipeline.
+    Skipped steps still count in ``unet_calls``.
     """
 
     def __init__(self, vae, unet, text_encoder, tokenizer, scheduler_config, *, model_id: str = "",
                  layout: str = "sd", device: str = "cpu", dtype: str = "fp32",
-                 channels_last: bool = False, compile: bool = False):
+                 channels_last: bool = False, compile: bool = False,
+                 deepcache_interval: int = 1, deepcache_branch: int = 0):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if deepcache_interval > 1:
+            if compile:
+                raise ValueError("deepcache_interval > 1 does not combine with compile (DeepCache patches "
+                                 "the UNet's forward methods, which a compiled UNet has traced already)")
+            try:
+                import DeepCache  # noqa: F401
+            except ImportError as err:
+                raise ImportError("deepcache_interval > 1 needs the DeepCache package: "
+                                  "pip install 'edsam-online[deepcache]'") from err
         self.device = torch.device(device)
         self.autocast_dtype = DTYPES[dtype]
         self.model_id, self.layout = model_id, layout
@@ -109,6 +129,7 @@ class LatentDiffusion:
         self.max_length = min(int(tokenizer.model_max_length), int(text_encoder.config.max_position_embeddings))
         self.unet_calls = 0
         self._uncond: torch.Tensor | None = None
+        self.deepcache_interval, self.deepcache_branch = int(deepcache_interval), int(deepcache_branch)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -179,7 +200,17 @@ class LatentDiffusion:
 
     def sample(self, z_t: torch.Tensor, cond: torch.Tensor, steps: int, guidance: float) -> torch.Tensor:
         """DDIM sampling from z_t with classifier-free guidance ``guidance`` (1 = none)."""
-        return ddim_sample(self.guided_noise_fn(cond, guidance), self.scheduler, z_t, steps)
+        if self.deepcache_interval == 1:
+            return ddim_sample(self.guided_noise_fn(cond, guidance), self.scheduler, z_t, steps)
+        from DeepCache import DeepCacheSDHelper
+
+        helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=self.unet, scheduler=self.scheduler))
+        helper.set_params(cache_interval=self.deepcache_interval, cache_branch_id=self.deepcache_branch)
+        helper.enable()  # a fresh cache per call: the first step of every chunk runs the whole UNet
+        try:
+            return ddim_sample(self.guided_noise_fn(cond, guidance), self.scheduler, z_t, steps)
+        finally:
+            helper.disable()
 
     def components(self) -> dict:
         return dict(vae=self.vae, unet=self.unet, text_encoder=self.text_encoder,
@@ -291,14 +322,13 @@ def load_components(path_or_id: str, cache_dir: str | None = None) -> tuple[dict
     return comps, layout
 
 
-def load_ldm(path_or_id: str | os.PathLike, *, device: str = "cpu", dtype: str = "fp32",
-             channels_last: bool = False, compile: bool = False, cache_dir: str | None = None,
-             model_id: str | None = None) -> LatentDiffusion:
-    """Load a text-to-image LDM from a folder or hub id, auto-detecting the SD or CompVis layout."""
+def load_ldm(path_or_id: str | os.PathLike, *, cache_dir: str | None = None, model_id: str | None = None,
+             **kwargs) -> LatentDiffusion:
+    """Load a text-to-image LDM from a folder or hub id, auto-detecting the SD or CompVis layout;
+    kwargs (device, dtype, ...) go to LatentDiffusion."""
     comps, layout = load_components(str(path_or_id), cache_dir=cache_dir)
     return LatentDiffusion(comps["vae"], comps["unet"], comps["text_encoder"], comps["tokenizer"],
-                           comps["scheduler"].config, model_id=model_id or str(path_or_id), layout=layout,
-                           device=device, dtype=dtype, channels_last=channels_last, compile=compile)
+                           comps["scheduler"].config, model_id=model_id or str(path_or_id), layout=layout, **kwargs)
 
 
 def build_tiny_ldm(resolution: int = 32, seed: int = 0, layout: str = "sd", **kwargs) -> LatentDiffusion:

@@ -1,8 +1,9 @@
 """Which generator a ``SamplerConfig.model`` names, where the retrained one is cached, and loading it.
 
 ``model`` is a folder or hub id (SD or CompVis LDM layout), :data:`TINY_RANDOM` (a random
-tiny LDM built in memory, for tests) or :data:`RETRAINED` (the small LDM trained on the
-built-in source domain by :mod:`edsam_online.diffusion.train_ldm`). The 32 px model of the
+tiny LDM built in memory, for tests), ``random:<hub id>`` (a published architecture with
+random weights, :mod:`edsam_online.diffusion.architectures`) or :data:`RETRAINED` (the small
+LDM trained on the built-in source domain by :mod:`edsam_online.diffusion.train_ldm`). The 32 px model of the
 current recipe ships with the package under :data:`SHIPPED_DIR`; any other (another
 resolution, a changed recipe) is trained on first use into the config's ``cache_dir``.
 Both folders are named by the training recipe's version
@@ -16,6 +17,7 @@ import fcntl
 import os
 from pathlib import Path
 
+from edsam_online.diffusion.architectures import build_random_ldm, random_architecture
 from edsam_online.diffusion.pipeline import LatentDiffusion, build_tiny_ldm, load_ldm
 from edsam_online.diffusion.sampler import EDSAMSampler, SamplerConfig
 
@@ -70,9 +72,12 @@ def ensure_retrained(cache_dir: str | None, resolution: int = 32) -> Path:
 
 
 def load_sampler_ldm(cfg: SamplerConfig) -> LatentDiffusion:
-    kw = dict(device=cfg.device, dtype=cfg.dtype, channels_last=cfg.channels_last, compile=cfg.compile)
+    kw = dict(device=cfg.device, dtype=cfg.dtype, channels_last=cfg.channels_last, compile=cfg.compile,
+              deepcache_interval=cfg.deepcache_interval, deepcache_branch=cfg.deepcache_branch)
     if cfg.model == TINY_RANDOM:
         return build_tiny_ldm(resolution=cfg.resolution, seed=cfg.seed, **kw)
+    if (arch := random_architecture(cfg.model)) is not None:
+        return build_random_ldm(arch, seed=cfg.seed, **kw)
     if cfg.model == RETRAINED:
         path = ensure_retrained(cfg.cache_dir, cfg.resolution)
         return load_ldm(path, model_id=path.name, **kw)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from edsam_online.diffusion.architectures import random_architecture
 from edsam_online.diffusion.pipeline import DTYPES, LatentDiffusion
 from edsam_online.diffusion.transport import MODES, transport
 
@@ -16,9 +17,12 @@ class SamplerConfig:
     """Generator settings. Every default lives here; the groups under ``configs/diffusion/`` override.
 
     ``model``: a folder or hub id (SD or CompVis LDM layout), ``"tiny-random"`` (random tiny
-    LDM, tests) or ``"retrained"`` (the small LDM trained on the built-in source domain,
-    cached under ``cache_dir`` and trained on first use; ``None``: ``$EDSAM_CACHE`` or
-    ``~/.cache/edsam-online``); see :mod:`edsam_online.diffusion.registry`.
+    LDM, tests), ``"random:<hub id>"`` (a stored published architecture with random weights
+    drawn from ``seed``, e.g. ``random:CompVis/ldm-text2im-large-256``: the paper's generator
+    for speed measurements, :mod:`edsam_online.diffusion.architectures`) or ``"retrained"``
+    (the small LDM trained on the built-in source domain, cached under ``cache_dir`` and
+    trained on first use; ``None``: ``$EDSAM_CACHE`` or ``~/.cache/edsam-online``); see
+    :mod:`edsam_online.diffusion.registry`.
 
     The defaults are the preset of ``"retrained"`` on a CPU: 32 px, M = 4 samples per
     inversion, 5 DDIM steps for inversion and sampling, classifier-free guidance 3 for
@@ -42,11 +46,17 @@ class SamplerConfig:
     dtype: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    deepcache_interval: int = 1
+    deepcache_branch: int = 0
     seed: int = 0
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a non-empty string, got {self.model!r}")
+        try:
+            random_architecture(self.model)
+        except ValueError as err:
+            raise ValueError(f"model: {err}") from None
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not (self.rho >= 0 and np.isfinite(self.rho)):
@@ -62,6 +72,12 @@ class SamplerConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not (self.device == "cpu" or str(self.device).startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if isinstance(self.deepcache_interval, bool) or int(self.deepcache_interval) < 1:
+            raise ValueError(f"deepcache_interval must be >= 1 (1 = off), got {self.deepcache_interval}")
+        if int(self.deepcache_branch) < 0:
+            raise ValueError(f"deepcache_branch must be >= 0, got {self.deepcache_branch}")
+        if self.deepcache_interval > 1 and self.compile:
+            raise ValueError("deepcache_interval > 1 does not combine with compile=true")
 
 
 @dataclass
@@ -190,20 +206,44 @@ class EDSAMSampler:
         x = torch.nn.functional.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
         return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
+    def _embed(self, captions: list[str]) -> torch.Tensor:
+        """Text-encoder hidden states of each caption ``[B, L, D]``: every distinct caption goes
+        through the encoder once (in chunks of ``batch_size``), for inversion and for all its
+        M samples alike."""
+        distinct = list(dict.fromkeys(captions))
+        bs = self.cfg.batch_size
+        emb = torch.cat([self.ldm.embed(distinct[i:i + bs]) for i in range(0, len(distinct), bs)])
+        where = {c: i for i, c in enumerate(distinct)}
+        return emb[torch.tensor([where[c] for c in captions], device=emb.device)]
+
     @torch.no_grad()
     def generate(self, images: np.ndarray, captions: list[str], keys: list[str],
                  m: int | None = None, seed: int = 0) -> GeneratedBatch:
+        """M transported samples of each image (rows ``i*M .. i*M+M-1`` from image ``i``).
+
+        The UNet sees the chunks of ``batch_size`` rows it always has (a UNet batch may round
+        floats differently, so the chunking is part of what a seed reproduces). The text encoder
+        embeds each distinct caption once per call, for its inversion and all its samples. For
+        the tiny and shipped models a caption's embedding does not depend on the captions batched
+        with it, so this gives the outputs of embedding every chunk anew bit for bit
+        (tests/test_sampler.py); a paper-scale encoder on several BLAS threads can round a row's
+        last bits differently by batch size (it did so between the inversion and the sampling
+        chunks of that older path too). ``mode="random"`` draws ``z_t`` without looking at the
+        image, so it neither encodes nor inverts.
+        """
         m = self._check(images, captions, keys, m)
         cfg, ldm = self.cfg, self.ldm
         calls0 = ldm.unet_calls
         images = self._resize(images)
         bs = cfg.batch_size
-        z_s = []
-        for i in range(0, len(images), bs):  # invert each image once
-            z0 = ldm.encode(images[i:i + bs])
-            cond = ldm.embed(captions[i:i + bs])
-            z_s.append(ldm.invert(z0, cond, cfg.inversion_steps) if cfg.mode != "random" else z0)
-        z_s = torch.cat(z_s)
+        cond = self._embed(captions)
+        if cfg.mode == "random":
+            f = ldm.vae_scale_factor
+            z_s = torch.zeros(len(images), ldm.vae.config.latent_channels, images.shape[1] // f, images.shape[2] // f,
+                              device=ldm.device)
+        else:  # invert each image once
+            z_s = torch.cat([ldm.invert(ldm.encode(images[i:i + bs]), cond[i:i + bs], cfg.inversion_steps)
+                             for i in range(0, len(images), bs)])
         z_t, alphas = [], []
         for i in range(len(images)):
             gen = torch.Generator(device=ldm.device).manual_seed(seed + i)
@@ -211,11 +251,10 @@ class EDSAMSampler:
             z_t.append(zt)
             alphas.append(a)
         z_t, alphas = torch.cat(z_t), torch.cat(alphas)
-        rep_captions = [c for c in captions for _ in range(m)]
+        source = torch.arange(len(images), device=cond.device).repeat_interleave(m)
         out = []
         for i in range(0, len(z_t), bs):
-            cond = ldm.embed(rep_captions[i:i + bs])
-            out.append(ldm.decode(ldm.sample(z_t[i:i + bs], cond, cfg.steps, cfg.guidance)))
+            out.append(ldm.decode(ldm.sample(z_t[i:i + bs], cond[source[i:i + bs]], cfg.steps, cfg.guidance)))
         b = len(images)
         return GeneratedBatch(
             images=np.concatenate(out), source_keys=[str(k) for k in keys], captions=list(captions),

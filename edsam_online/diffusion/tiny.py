@@ -58,11 +58,19 @@ def offline_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
 
 
-def offline_bert_tokenizer(max_length: int = 77) -> BertTokenizer:
-    """A lower-case word-piece BertTokenizer: specials, characters, ``##`` characters and caption words."""
+def offline_bert_tokenizer(max_length: int = 77, vocab_size: int | None = None) -> BertTokenizer:
+    """A lower-case word-piece BertTokenizer: specials, characters, ``##`` characters and caption words.
+
+    ``vocab_size``: pad the vocabulary with ``[unusedN]`` entries to this size, so that token ids
+    span a published text encoder's embedding table (a random-weight build of it only needs
+    valid ids of the right length, not the published word pieces)."""
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
     tokens += [w for w in dict.fromkeys(_BERT_WORDS) if w not in tokens]
+    if vocab_size is not None:
+        if vocab_size < len(tokens):
+            raise ValueError(f"vocab_size must be >= {len(tokens)}, got {vocab_size}")
+        tokens += [f"[unused{i}]" for i in range(vocab_size - len(tokens))]
     return BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}, model_max_length=max_length)
 
 
