@@ -260,3 +260,14 @@ def test_insert_many_keeps_a_reference_and_serves_its_items():
     assert s["buffer/inserts"] == 5 and s["buffer/size"] == 3 and s["buffer/evicted"] == 2
     assert {buf.sample(0) for _ in range(100)} == {("item", 2), ("item", 3), ("item", 4)}
     assert seq.built == 100
+
+
+def test_a_draw_tells_the_trainer_step_at_which_its_item_was_inserted():
+    buf = ReplayBuffer(BufferConfig(capacity=8, min_size_to_sample=1, samples_per_insert=0))
+    buf.set_step(3)
+    buf.insert_many(["a", "b"])
+    buf.set_step(10)
+    buf.insert("c")
+    draws = {buf.sample_with_step(0) for _ in range(100)}
+    assert draws == {("a", 3), ("b", 3), ("c", 10)}
+    assert buf.stats()["buffer/sample_age_steps_max"] == 7  # the age statistics count the same steps
