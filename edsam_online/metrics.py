@@ -150,7 +150,7 @@ class MetricLogger:
             job_type=self.role,
             name=f"{self.run_dir.resolve().name}-{self.role}{self.rank}",
             mode=self.cfg.wandb_mode,
-            dir=str(self.run_dir),
+            dir=str(self.run_dir.resolve()),  # absolute: W&B's service process may run in another folder
             config=dict(config) if config else None,
         )
         for step_metric, globs in STEP_AXES.items():
