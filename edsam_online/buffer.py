@@ -217,6 +217,13 @@ class ReplayBuffer(Generic[T]):
         ``exclude``: source keys the item must not have (needs the buffer's ``key``): the
         draw is uniform over the other items, by rejection; when ``_EXCLUDE_TRIES`` draws
         all hit excluded keys it returns ``None`` at once (``buffer/starved_exclude``)."""
+        drawn = self.sample_with_step(timeout_s, exclude)
+        return None if drawn is None else drawn[0]
+
+    def sample_with_step(self, timeout_s: float | None = None,
+                         exclude: Collection[str] | None = None) -> tuple[T, int] | None:
+        """:meth:`sample`, with the trainer step (:meth:`set_step`) at which the item was
+        inserted: ``(item, inserted_step)``, or ``None``."""
         timeout = self.cfg.sample_timeout_s if timeout_s is None else timeout_s
         if timeout < 0:
             raise ValueError(f"timeout_s must be >= 0, got {timeout}")
@@ -253,12 +260,13 @@ class ReplayBuffer(Generic[T]):
             self._samples += 1
             now = time.monotonic()
             self._ages_s.append(now - float(self._inserted_at[pos]))
-            self._ages_steps.append(self._step - int(self._inserted_step[pos]))
+            inserted_step = int(self._inserted_step[pos])
+            self._ages_steps.append(self._step - inserted_step)
             if self.cfg.max_times_sampled and uses >= self.cfg.max_times_sampled:
                 self._remove(np.array([pos]), 1)
                 self._retired += 1
             self._mark_rate(now)
-            return value
+            return value, inserted_step
 
     def _pick(self) -> int:
         """A live slot, uniformly: directly when there are no holes, else by rejection

@@ -47,8 +47,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -101,9 +101,17 @@ class MixConfig:
         return batch_size - (self.syn_batch_size(batch_size) if self.mix_mode == "replace" else 0)
 
 
+class Drawn(NamedTuple):
+    """A sample the replay buffer served, with the trainer step at which it was inserted."""
+
+    sample: SyntheticSample
+    inserted_step: int
+
+
 @dataclass
 class Example:
-    """One preprocessed pair."""
+    """One preprocessed pair, with its provenance (``producer``: the producer id of a
+    generated sample; ``inserted_step``: the trainer step at which the buffer took it in)."""
 
     image: torch.Tensor
     tokens: torch.Tensor
@@ -111,11 +119,20 @@ class Example:
     synthetic: bool
     alpha: float = float("nan")
     score: float = float("nan")  # the producer's fidelity score, NaN when it sent none
+    caption: str = ""
+    producer: str | None = None
+    inserted_step: int | None = None
 
 
 @dataclass
 class MixedBatch:
-    """One step's data on one rank. ``syn_*`` has ``syn_batch`` rows (possibly 0)."""
+    """One step's data on one rank. ``syn_*`` has ``syn_batch`` rows (possibly 0).
+
+    The caption strings and the slot rows' provenance (``syn_producers``: producer id or
+    None; ``syn_inserted_steps``: the trainer step at which the buffer took the row in, or
+    None for rows that did not come from it) are plain lists of references the loader
+    already holds, read only when samples are logged (``logging.sample_every``). They are
+    empty in a batch built without them; then nothing is known about those rows."""
 
     real_images: torch.Tensor
     real_texts: torch.Tensor
@@ -126,6 +143,10 @@ class MixedBatch:
     syn_is_synthetic: torch.Tensor  # bool [syn_batch]; True = an extra-batch pair, False = real fallback
     syn_alpha: torch.Tensor  # float [syn_batch]; NaN for fallback rows
     syn_score: torch.Tensor | None = None  # float [syn_batch]; NaN where a row has no score (None: no row has)
+    real_captions: list[str] = field(default_factory=list)
+    syn_captions: list[str] = field(default_factory=list)
+    syn_producers: list[str | None] = field(default_factory=list)
+    syn_inserted_steps: list[int | None] = field(default_factory=list)
 
     @property
     def num_synthetic(self) -> int:
@@ -161,7 +182,8 @@ class SyntheticSlotNode(BaseNode):
     re-iterating from the start, which a live stream cannot do. State = the fallback
     stream's position, the counters and the current slot's progress. With
     ``distinct_sources`` a slot takes at most one sample per source key (the buffer
-    skips the others). Yields ``SyntheticSample`` or ``RealRecord`` items.
+    skips the others). Yields :class:`Drawn` (a buffer item and its insert step) or
+    ``RealRecord`` items.
     """
 
     def __init__(self, buffer: ReplayBuffer, fallback: BaseNode, slot_size: int, wait_s: float,
@@ -190,18 +212,18 @@ class SyntheticSlotNode(BaseNode):
             self.served, self.fell_back = initial_state["served"], initial_state["fell_back"]
             self._pos, self._keys = initial_state["pos"], set(initial_state.get("keys", ()))
 
-    def next(self) -> SyntheticSample | RealRecord:
+    def next(self) -> Drawn | RealRecord:
         if self._pos == 0:
             self._deadline = time.monotonic() + self.wait_s
             self._keys = set()
         self._pos = (self._pos + 1) % self.slot_size
         exclude = self._keys if self.distinct_sources else None
-        sample = self.buffer.sample(max(0.0, self._deadline - time.monotonic()), exclude=exclude)
-        if sample is not None:
+        drawn = self.buffer.sample_with_step(max(0.0, self._deadline - time.monotonic()), exclude=exclude)
+        if drawn is not None:
             self.served += 1
             if exclude is not None:
-                self._keys.add(sample.source_key)
-            return sample
+                self._keys.add(drawn[0].source_key)
+            return Drawn(*drawn)
         self.fell_back += 1
         return next(self.fallback)
 
@@ -288,10 +310,14 @@ class Preprocess:
         self.resolution, self.counters = resolution, counters
         self.real_is_extra = real_is_extra
 
-    def __call__(self, item: RealRecord | SyntheticSample) -> Example | None:
+    def __call__(self, item: RealRecord | SyntheticSample | Drawn) -> Example | None:
         score = float("nan")
+        producer = inserted_step = None
+        if isinstance(item, Drawn):
+            item, inserted_step = item
         if isinstance(item, SyntheticSample):
             array, caption, key, synthetic, alpha = item.image, item.caption, item.source_key, True, item.alpha
+            producer = item.batch.header["producer_id"]
             if item.score is not None:
                 score = item.score
         else:
@@ -303,8 +329,11 @@ class Preprocess:
             if synthetic and "source_key" in sample.meta:  # an offline sample: its provenance
                 key, alpha = str(sample.meta["source_key"]), _meta_number(sample.meta, "alpha")
                 score = _meta_number(sample.meta, "score", 0.0, 1.0)
+                if isinstance(sample.meta.get("producer_id"), str):
+                    producer = sample.meta["producer_id"]
         image = self.transform(Image.fromarray(np.asarray(array)))
-        return Example(image, self.tokenizer([caption])[0], key, synthetic, alpha, score)
+        return Example(image, self.tokenizer([caption])[0], key, synthetic, alpha, score, caption, producer,
+                       inserted_step)
 
 
 def _meta_number(meta: dict[str, Any], name: str, lo: float = -math.inf, hi: float = math.inf) -> float:
@@ -334,6 +363,10 @@ def collate(real: list[Example], slot: list[Example]) -> MixedBatch:
         syn_is_synthetic=torch.tensor([e.synthetic for e in slot], dtype=torch.bool),
         syn_alpha=torch.tensor([e.alpha for e in slot], dtype=torch.float32),
         syn_score=torch.tensor([e.score for e in slot], dtype=torch.float32),
+        real_captions=[e.caption for e in real],
+        syn_captions=[e.caption for e in slot],
+        syn_producers=[e.producer for e in slot],
+        syn_inserted_steps=[e.inserted_step for e in slot],
     )
 
 

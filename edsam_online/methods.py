@@ -112,7 +112,8 @@ class Augmentation:
     ``real2x``'s second real stream).
 
     A subclass may return the batch with its real part transformed, or with its slot
-    (``syn_images``, ``syn_texts``, ``syn_keys``, ``syn_is_synthetic``, ``syn_alpha``, ``syn_score``)
+    (``syn_images``, ``syn_texts``, ``syn_keys``, ``syn_is_synthetic``, ``syn_alpha``, ``syn_score``
+    and the provenance lists ``syn_captions``, ``syn_producers``, ``syn_inserted_steps``)
     supplied by the method; rows flagged ``syn_is_synthetic`` count in the second term. It
     runs on every rank, inside ``Trainer.train_step``, with the trainer at hand (its
     model, loss, device and ``syn_batch``), and must give the slot ``trainer.syn_batch``
@@ -163,6 +164,9 @@ def _fill_slot(batch: MixedBatch, images: torch.Tensor) -> MixedBatch:
     batch.syn_is_synthetic = torch.ones(n, dtype=torch.bool)
     batch.syn_alpha = torch.full((n,), float("nan"))
     batch.syn_score = None
+    batch.syn_captions = list(batch.real_captions[:n])
+    batch.syn_producers = [None] * n
+    batch.syn_inserted_steps = [None] * n
     return batch
 
 

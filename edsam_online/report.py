@@ -6,8 +6,11 @@ and the resolved config ``<run_dir>/hydra/config.yaml``, and writes into
 ``eval.png`` (zero-shot and linear probe per domain over steps), ``buffer.png`` (fill,
 inserts/s against samples/s, reuse histogram, sample age), ``producer.png`` (samples/s and
 send-blocked time per producer), ``data_wait.png`` and ``report.html``, which shows them
-with the config and the final table. W&B draws the same curves from its own run; this is
-for runs without it (offline clusters, CI), so nothing here imports wandb.
+with the config and the final table, and, when the run logged samples
+(``logging.sample_every``, ``<run_dir>/samples/``), a grid of them per logged step, newest
+first: each image with its caption, alpha, producer, age, score and source key. W&B draws
+the same curves and table from its own run; this is for runs without it (offline clusters,
+CI), so nothing here imports wandb.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from __future__ import annotations
 import argparse
 import html
 import math
+import os
 import sys
 from pathlib import Path
 
-from edsam_online.metrics import read_jsonl
+from edsam_online.metrics import SAMPLES_DIR, read_jsonl
 
 PLOTS = ("losses.png", "eval.png", "buffer.png", "producer.png", "data_wait.png")
 EVAL_PREFIXES = {"zero-shot top-1": "eval/zeroshot_top1/", "linear probe top-1": "eval/linear_probe/"}
+SAMPLE_STEPS_SHOWN = 8  # the newest logged steps drawn as grids; samples.jsonl keeps them all
 
 
 def _series(records: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
@@ -55,6 +60,42 @@ def final_table(records: list[dict]) -> list[tuple[str, float | None, float | No
     domains += [d for d in ("target_mean",) if any(k.endswith("/" + d) for k in last)]
     zs, lp = EVAL_PREFIXES.values()
     return [(d, last.get(zs + d), last.get(lp + d)) for d in domains]
+
+
+def logged_samples(run_dir: Path) -> dict[int, list[dict]]:
+    """``samples/samples.jsonl`` by step (ascending), each step's rows in order; where a step
+    was logged twice (a rerun after a crash) its last rows win, as its image files do."""
+    path = run_dir / SAMPLES_DIR / "samples.jsonl"
+    by_step: dict[int, dict[int, dict]] = {}
+    for record in read_jsonl(path) if path.is_file() else []:
+        by_step.setdefault(record["step"], {})[record["row"]] = record
+    return {step: [rows[i] for i in sorted(rows)] for step, rows in sorted(by_step.items())}
+
+
+def _sample_figure(record: dict, run_dir: Path, out: Path) -> str:
+    src = Path(os.path.relpath(run_dir / record["image"], out)).as_posix()
+    facts = [f"&alpha; {record['alpha']:+.2f}" if record.get("alpha") is not None else None,
+             html.escape(record["producer"]) if record.get("producer") else None,
+             f"age {record['age_steps']}" if record.get("age_steps") is not None else None,
+             f"score {record['score']:.2f}" if record.get("score") is not None else None]
+    return (f'<figure><img src="{html.escape(src)}" alt="sample"><figcaption>{html.escape(record["caption"])}'
+            f'<br><small>{" &middot; ".join(f for f in facts if f)}<br>'
+            f'<code>{html.escape(record["source_key"])}</code></small></figcaption></figure>')
+
+
+def _samples_section(run_dir: Path, out: Path) -> str:
+    samples = logged_samples(run_dir)
+    if not samples:
+        return ""
+    steps = sorted(samples, reverse=True)[:SAMPLE_STEPS_SHOWN]
+    more = len(samples) - len(steps)
+    parts = ["<h2>Training samples</h2><p>Extra-batch rows trainer rank 0 trained on, as trained "
+             "(after the training transform), newest step first; age = trainer steps since the replay "
+             f"buffer took the sample in.{f' {more} earlier steps are in samples/samples.jsonl.' if more else ''}</p>"]
+    for step in steps:
+        figures = "".join(_sample_figure(r, run_dir, out) for r in samples[step])
+        parts.append(f'<h3>step {step}</h3><div class="grid">{figures}</div>')
+    return "\n".join(parts)
 
 
 def render(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -120,10 +161,13 @@ def render(run_dir: str | Path, out: str | Path | None = None) -> Path:
                    for d, z, p in final_table(records))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edsam-online run {html.escape(run_dir.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}td,th{{padding:2px 10px;text-align:right}}
-img{{max-width:100%}}pre{{background:#f4f4f4;padding:8px;overflow:auto;max-height:400px}}</style></head><body>
+img{{max-width:100%}}pre{{background:#f4f4f4;padding:8px;overflow:auto;max-height:400px}}
+.grid{{display:flex;flex-wrap:wrap;gap:6px}}figure{{margin:0;width:128px;font-size:11px;line-height:1.25}}
+figure img{{width:128px;height:128px;object-fit:contain;image-rendering:pixelated;display:block}}</style></head><body>
 <h1>Run {html.escape(str(run_dir))}</h1>
 <h2>Final evaluation (top-1, %)</h2>
 <table><tr><th>domain</th><th>zero-shot</th><th>linear probe</th></tr>{rows}</table>
+{_samples_section(run_dir, out)}
 {"".join(f'<h2>{html.escape(p[:-4].replace("_", " "))}</h2><img src="{p}">' for p in PLOTS)}
 <h2>Config</h2><pre>{html.escape(config.read_text() if config.is_file() else "(no hydra/config.yaml in this run)")}</pre>
 </body></html>

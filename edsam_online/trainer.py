@@ -26,6 +26,7 @@ import collections
 import contextlib
 import dataclasses
 import json
+import math
 import operator
 import os
 import sys
@@ -47,7 +48,7 @@ from edsam_online.eval import evaluate, format_eval_table
 from edsam_online.loader import MixedBatch, MixedLoader
 from edsam_online.losses import LOSS_KINDS, EDSAMLoss
 from edsam_online.methods import Augmentation, build_augmentation
-from edsam_online.metrics import MetricLogger
+from edsam_online.metrics import MetricLogger, SampleRow
 from edsam_online.models import create_clip
 from edsam_online.optim import build_optimizer, build_scheduler, clamp_logit_scale, clip_gradients
 from edsam_online.runtime import StopOnSignal, autocast, init_distributed
@@ -129,6 +130,48 @@ def _trained_scores(batch: MixedBatch, used_syn: bool) -> dict[str, Any]:
     return {"syn_scores": scores[known].tolist(), "syn_unscored": int((~known).sum())}
 
 
+def _normalization(transform: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel mean and std (``[3, 1, 1]``) of the ``Normalize`` in an open_clip
+    image transform (mean 0, std 1 if it has none)."""
+    from torchvision.transforms import Normalize
+
+    for t in getattr(transform, "transforms", ()):
+        if isinstance(t, Normalize):
+            return torch.tensor(t.mean).view(-1, 1, 1), torch.tensor(t.std).view(-1, 1, 1)
+    return torch.zeros(1, 1, 1), torch.ones(1, 1, 1)
+
+
+def _finite(value: float) -> float | None:
+    """A float32 tensor value as the decimal it stands for (0.45, not 0.44999998807907104); None for NaN."""
+    return float(f"{value:.7g}") if math.isfinite(value) else None
+
+
+def sample_rows(batch: MixedBatch, limit: int, step: int, mean: torch.Tensor, std: torch.Tensor) -> list[SampleRow]:
+    """Up to ``limit`` extra-batch rows of ``batch`` flagged ``syn_is_synthetic`` (never a
+    starved slot's real fallback), as :class:`~edsam_online.metrics.SampleRow`: the image as
+    trained, un-normalised with the transform's ``mean``/``std`` to uint8, and its provenance.
+    ``step``: the trainer step that trained on them (the age is counted up to it)."""
+    index = torch.nonzero(batch.syn_is_synthetic).flatten()[:limit].tolist()
+    if not index:
+        return []
+    images = batch.syn_images[index].detach().float().cpu() * std + mean
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    n = len(batch.syn_keys)
+
+    def known(values: list, i: int) -> Any:
+        return values[i] if len(values) == n else None
+
+    rows = []
+    for image, i in zip(images, index):
+        inserted = known(batch.syn_inserted_steps, i)
+        score = None if batch.syn_score is None else _finite(float(batch.syn_score[i]))
+        rows.append(SampleRow(image=image, caption=known(batch.syn_captions, i) or "",
+                              alpha=_finite(float(batch.syn_alpha[i])), producer=known(batch.syn_producers, i),
+                              age_steps=None if inserted is None else step - inserted,
+                              source_key=batch.syn_keys[i], score=score))
+    return rows
+
+
 class _Window:
     """Sums over the steps since the last log line."""
 
@@ -174,7 +217,9 @@ class Trainer:
     """One trainer rank, built from the root config (``cfg``: an :class:`edsam_online.config.Config`;
     not imported here, since that module composes this one's ``TrainerConfig``).
 
-    ``resolved`` (the resolved config as a plain dict) goes to W&B as the run config.
+    ``resolved`` (the resolved config as a plain dict) goes to W&B as the run config. Rank 0
+    logs a few of the extra-batch rows a step trained on every ``logging.sample_every``
+    steps and at ``end``, the step the run stops after (:func:`sample_rows`).
     ``augmentation`` is the method's hook (:class:`Augmentation`; default: the one
     ``cfg.method`` names, :func:`~edsam_online.methods.build_augmentation`). ``syn_batch``
     is the extra batch's size (0 for ``method=none``); the buffer and receiver exist only
@@ -194,6 +239,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
 
         model, preprocess_train, self.preprocess_val, self.tokenizer = create_clip(cfg.model, str(self.device))
+        self._pixel_mean, self._pixel_std = _normalization(preprocess_train)  # to log samples as trained
         if rt.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model  # the bare module: optimizer, clamp, checkpoints and evaluation use it
@@ -209,6 +255,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if rt.precision == "fp16" else None
         self.loss_fn = EDSAMLoss(tcfg.loss, cfg.mix.syn_weight, self.rank, self.world)
         self.step = 0
+        self.end = min(tcfg.stop_at or tcfg.steps, tcfg.steps)  # the step this run stops after
         self.totals = {"steps_without_syn": 0, "syn_samples": 0, "syn_fallback_samples": 0}
         self.buffer: ReplayBuffer | None = None
         self.receiver: Receiver | None = None
@@ -307,7 +354,8 @@ class Trainer:
 
         The ranks agree, in one all-reduce, on the global real and synthetic counts
         and on whether any rank asked to stop (``stop_requested``). A step whose global
-        synthetic slot holds no synthetic sample trains on the real term alone.
+        synthetic slot holds no synthetic sample trains on the real term alone. On a
+        sample-logging step rank 0 also logs the batch's rows as trained.
         """
         optim = self.cfg.optim
         batch = self.augmentation(batch, self)
@@ -340,12 +388,21 @@ class Trainer:
             record = {"step": self.step, "real": batch.real_keys, "syn": batch.syn_keys,
                       "syn_is_synthetic": batch.syn_is_synthetic.tolist(), "used_syn": use_syn}
             self.keys_file.write(json.dumps(record) + "\n")
+        if self.rank == 0 and self._samples_due():
+            rows = sample_rows(batch, self.cfg.logging.sample_rows, self.step - 1, self._pixel_mean, self._pixel_std)
+            self.logger.log_samples(rows, step=self.step)
         return StepOutput(
             loss=losses["loss"].detach(), loss_real=losses["loss_real"].detach(),
             loss_syn=losses["loss_syn"].detach(), logit_scale=logit_scale.detach(),
             num_real=n_real, num_synthetic=n_syn, used_syn=use_syn, stop_requested=stops > 0,
             sibling_pairs=siblings, **_trained_scores(batch, use_syn),
         )
+
+    def _samples_due(self) -> bool:
+        """Whether the step just done logs samples: every ``logging.sample_every`` steps and
+        the run's last (the conversion to images runs only then)."""
+        every = self.cfg.logging.sample_every
+        return every > 0 and (self.step % every == 0 or self.step == self.end)
 
     # ------------------------------------------------------------------ the loop
 
@@ -389,7 +446,7 @@ class Trainer:
         }
         if self.receiver is not None:
             metrics.update(self.receiver.stats())
-            metrics.update(self.receiver.producer_stats())
+            metrics.update({"producer/sent": 0.0, **self.receiver.producer_stats()})  # producer/*'s W&B x axis
         self.logger.log(metrics, step=self.step)
         self._bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", syn=f"{metrics['train/syn_share_actual']:.2f}")
 
@@ -399,7 +456,7 @@ class Trainer:
         down. Returns the final evaluation metrics (``{}`` when it stopped early or on
         ranks other than 0)."""
         tcfg, cfg = self.cfg.trainer, self.cfg
-        end = min(tcfg.stop_at or tcfg.steps, tcfg.steps)
+        end = self.end
         metrics: dict[str, float] = {}
         try:
             message = "the trainer finishes its step, then writes a checkpoint"

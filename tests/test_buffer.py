@@ -279,3 +279,14 @@ def test_bytes_count_every_message_a_live_sample_keeps_in_memory():
     assert buf.stats()["buffer/size"] == 10 and buf.stats()["buffer/bytes"] == 12 * 192
     buf.insert_many(message(2))  # the first message's last samples go, and its images with them
     assert buf.stats()["buffer/bytes"] == 10 * 192
+
+
+def test_a_draw_tells_the_trainer_step_at_which_its_item_was_inserted():
+    buf = ReplayBuffer(BufferConfig(capacity=8, min_size_to_sample=1, samples_per_insert=0))
+    buf.set_step(3)
+    buf.insert_many(["a", "b"])
+    buf.set_step(10)
+    buf.insert("c")
+    draws = {buf.sample_with_step(0) for _ in range(100)}
+    assert draws == {("a", 3), ("b", 3), ("c", 10)}
+    assert buf.stats()["buffer/sample_age_steps_max"] == 7  # the age statistics count the same steps

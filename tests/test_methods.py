@@ -106,7 +106,7 @@ def test_the_sibling_free_draw_takes_one_sample_per_source_key_in_a_slot(distinc
     buffer = _siblings_buffer(distinct)
     node = SyntheticSlotNode(buffer, _NoFallback(), slot_size=4, wait_s=0.0, distinct_sources=distinct)
     node.reset()
-    slots = [[next(node).source_key for _ in range(4)] for _ in range(50)]
+    slots = [[next(node).sample.source_key for _ in range(4)] for _ in range(50)]
     with_siblings = sum(len(set(slot)) < len(slot) for slot in slots)
     if distinct:
         assert with_siblings == 0

@@ -28,3 +28,19 @@ def test_the_report_has_every_plot_the_final_table_and_the_config(tmp_path):
 def test_a_folder_without_metrics_is_refused_by_name(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "trainer0.jsonl not found" in capsys.readouterr().err
+
+
+def test_the_report_shows_the_logged_samples_newest_step_first_with_their_captions(tmp_path):
+    run = shutil.copytree(FIXTURE, tmp_path / "run")
+    text = render(run).read_text()
+    section = text[text.index("<h2>Training samples</h2>"):text.index("<h2>losses</h2>")]
+    assert section.index("<h3>step 200</h3>") < section.index("<h3>step 150</h3>")  # newest first
+    for record in read_jsonl(run / "samples" / "samples.jsonl"):
+        src = f'<img src="../{record["image"]}" alt="sample">'  # relative to report/, where the page is
+        assert src in section and (run / record["image"]).is_file()
+        figure = section[section.index(src):].split("</figure>")[0]
+        assert record["caption"] in figure and f"&alpha; {record['alpha']:+.2f}" in figure
+        assert f"age {record['age_steps']}" in figure and record["producer"] in figure
+        assert record["source_key"] in figure and f"score {record['score']:.2f}" in figure
+    shutil.rmtree(run / "samples")
+    assert "Training samples" not in render(run).read_text()  # a run that logged none has no such section

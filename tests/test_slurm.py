@@ -15,12 +15,13 @@ SBATCH = ROOT / "scripts" / "slurm" / "edsam.sbatch"
 
 
 def _bin(tmp_path: Path) -> Path:
-    """A PATH folder with scontrol (host list -> names) and python (records its arguments)."""
+    """A PATH folder with scontrol (host list -> names) and python (records its arguments, one
+    line per call written at once: producers.sh starts its producers concurrently)."""
     b = tmp_path / "bin"
     b.mkdir()
     (b / "scontrol").write_text('#!/bin/bash\n[ "$1 $2" = "show hostnames" ] && tr , "\\n" <<< "$3"\n')
-    (b / "python").write_text('#!/bin/bash\n{ printf "CUDA_VISIBLE_DEVICES=%q " "$CUDA_VISIBLE_DEVICES"; '
-                              'printf "%q " "$@"; echo; } >> "$CALLS"\n')
+    (b / "python").write_text('#!/bin/bash\nline=$(printf "CUDA_VISIBLE_DEVICES=%q " "$CUDA_VISIBLE_DEVICES"; '
+                              'printf "%q " "$@")\necho "$line" >> "$CALLS"\n')
     for f in b.iterdir():
         f.chmod(0o755)
     return b
