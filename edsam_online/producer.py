@@ -354,7 +354,8 @@ class Producer:
     ``resolution``: the generator's input size (``diffusion.resolution``); real images are
     read at it, so decoding and resizing happen in the data graph rather than inside
     ``generate`` (None: ``data_cfg.resolution``). ``logging_cfg`` + ``run_dir``: metrics also
-    go to a ``MetricLogger`` (``<run_dir>/metrics/producer<rank>.jsonl``). ``on_bound`` is
+    go to a ``MetricLogger`` (``<run_dir>/metrics/producer<rank>.jsonl``; ``resolved``, the
+    resolved config as a plain dict, is its W&B run config). ``on_bound`` is
     called with the resolved endpoint after a bind (useful with ``tcp://host:*``). ``scorer``:
     the fidelity scorer ``cfg.scorer`` names (:func:`edsam_online.diffusion.scoring.build_scorer`;
     None for ``none``); it runs in the generating thread, beside the generator. :meth:`stop`
@@ -372,6 +373,7 @@ class Producer:
         resolution: int | None = None,
         logging_cfg: LoggingConfig | None = None,
         run_dir: str | None = None,
+        resolved: dict | None = None,
         on_bound: Callable[[str], None] | None = None,
         install_signal_handlers: bool = True,
         scorer: Callable[[np.ndarray, list[str]], np.ndarray] | None = None,
@@ -380,7 +382,7 @@ class Producer:
             raise ValueError(f"producer.scorer={cfg.scorer!r} needs {'no' if cfg.scorer == 'none' else 'a'} scorer")
         self.stream_cfg, self.cfg, self.data_cfg, self.sampler = stream_cfg, cfg, data_cfg, sampler
         self.resolution, self.scorer = resolution, scorer
-        self.logging_cfg, self.run_dir, self.on_bound = logging_cfg, run_dir, on_bound
+        self.logging_cfg, self.run_dir, self.resolved, self.on_bound = logging_cfg, run_dir, resolved, on_bound
         self.install_signal_handlers = install_signal_handlers
         self._stop = threading.Event()
         self._stopped_at: float | None = None
@@ -425,7 +427,8 @@ class Producer:
                             "what was generated", self.install_signal_handlers)
         metric_logger = None
         if self.logging_cfg is not None and self.run_dir is not None:
-            metric_logger = MetricLogger(self.logging_cfg, self.run_dir, role="producer", rank=pcfg.rank)
+            metric_logger = MetricLogger(self.logging_cfg, self.run_dir, role="producer", rank=pcfg.rank,
+                                         config=self.resolved)
         ctx = sock = writer = None
         session = secrets.randbits(62)
         limit = pcfg.num_samples

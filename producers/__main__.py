@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from edsam_online.config import load_config_or_exit  # also registers the typed schema "edsam_config"
 
@@ -33,6 +33,7 @@ def main(dictcfg: DictConfig) -> None:
     )
     producer = Producer(cfg.stream, cfg.producer, cfg.data, build_sampler(cfg.diffusion),
                         resolution=cfg.diffusion.resolution, logging_cfg=cfg.logging, run_dir=cfg.run_dir,
+                        resolved=OmegaConf.to_container(dictcfg, resolve=True),
                         scorer=build_scorer(cfg.producer, cfg.diffusion))
     producer.run()
 

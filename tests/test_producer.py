@@ -363,3 +363,19 @@ def test_a_producer_whose_data_decodes_to_nothing_stops_with_a_clear_error(tiny,
     pcfg = ProducerConfig(sink="shards", shard_dir=str(tmp_path / "shards"))
     with pytest.raises(ValueError, match="no image of a whole epoch"):
         Producer(StreamConfig(), pcfg, data, tiny[1], install_signal_handlers=False).run()
+
+
+def test_a_producer_w_and_b_run_carries_the_resolved_config(tiny, tmp_path, monkeypatch):
+    from edsam_online.metrics import LoggingConfig
+    from edsam_online.wandb_offline import read_run
+
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    data, sampler = tiny
+    resolved = {"producer": {"rank": 0, "batch_size": 1}, "diffusion": {"model": "tiny-random"}}
+    pcfg = ProducerConfig(batch_size=1, m=2, num_samples=2, sink="shards", shard_dir=str(tmp_path / "shards"))
+    producer = Producer(StreamConfig(), pcfg, data, sampler, logging_cfg=LoggingConfig(wandb_all_ranks=True),
+                        run_dir=str(tmp_path / "run"), resolved=resolved, install_signal_handlers=False)
+    assert producer.run()["producer/sent"] == 2
+    (run,) = [read_run(f) for f in (tmp_path / "run" / "wandb").glob("offline-run-*")]
+    assert run.job_type == "producer" and run.group == "run"
+    assert run.config == resolved
