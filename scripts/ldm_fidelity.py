@@ -1,6 +1,7 @@
 """Fidelity of an LDM's samples to their captions at several rho, and for pure sampling.
 
     python scripts/ldm_fidelity.py [--model retrained] [--n 200] [--guidance 3] [--rhos 0 0.2 0.5 1.0]
+                                   [--deepcache-interval N]
 
 Fits (and caches) the three measurers of :mod:`edsam_online.diffusion.fidelity` on real
 source-domain images and prints their accuracy on held-out real images, then the share of
@@ -30,6 +31,8 @@ def main():
     p.add_argument("--guidance", type=float, default=d.guidance)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--inversion-steps", type=int, default=d.inversion_steps)
+    p.add_argument("--deepcache-interval", type=int, default=d.deepcache_interval,
+                   help="DeepCache for sampling (1 = off; needs the [deepcache] extra)")
     # 64: the batch of the recorded measurements (a UNet batch may round floats differently)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
@@ -38,7 +41,7 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(a.threads)
     cfg = SamplerConfig(model=a.model, guidance=a.guidance, steps=a.steps, inversion_steps=a.inversion_steps,
-                        batch_size=a.batch_size)
+                        batch_size=a.batch_size, deepcache_interval=a.deepcache_interval)
     scorer, accuracy = load_attribute_scorer(cfg.cache_dir or default_cache_dir(), cfg.resolution)
     ldm = load_sampler_ldm(cfg)
     t0 = time.time()
@@ -46,7 +49,7 @@ def main():
     print("measurer accuracy on held-out real source images: "
           + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
     print(f"model={ldm.model_id} steps={cfg.steps} inversion_steps={cfg.inversion_steps} guidance={cfg.guidance} "
-          f"n={a.n}")
+          f"deepcache_interval={cfg.deepcache_interval} n={a.n}")
     print(f"{'setting':>8} {'class':>6} {'colour':>6} {'size':>6} {'all':>6} {'change':>6}")
     for setting, row in res.items():
         change = f"{row['change']:6.3f}" if "change" in row else f"{'':6}"

@@ -144,7 +144,7 @@ def test_deepcache_runs_the_deep_blocks_on_every_interval_th_sampling_step_only(
     assert torch.equal(cached.sample(z, cond, 4, 3.0), first)  # each call starts a fresh cache
     assert not torch.equal(plain.sample(z, cond, 4, 3.0), first)
     inverted = cached.invert(z, cond, 3)
-    assert torch.equal(inverted, plain.invert(z, cond, 3))  # the helper is gone after sampling
+    assert torch.equal(inverted, plain.invert(z, cond, 3))  # DeepCache's wrappers are gone after sampling
 
 
 def test_deepcache_does_not_combine_with_compile():

@@ -204,13 +204,13 @@ class LatentDiffusion:
             return ddim_sample(self.guided_noise_fn(cond, guidance), self.scheduler, z_t, steps)
         from DeepCache import DeepCacheSDHelper
 
-        helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=self.unet, scheduler=self.scheduler))
-        helper.set_params(cache_interval=self.deepcache_interval, cache_branch_id=self.deepcache_branch)
-        helper.enable()  # a fresh cache per call: the first step of every chunk runs the whole UNet
+        cache = DeepCacheSDHelper(pipe=SimpleNamespace(unet=self.unet, scheduler=self.scheduler))
+        cache.set_params(cache_interval=self.deepcache_interval, cache_branch_id=self.deepcache_branch)
+        cache.enable()  # a fresh cache per call: the first step of every chunk runs the whole UNet
         try:
             return ddim_sample(self.guided_noise_fn(cond, guidance), self.scheduler, z_t, steps)
         finally:
-            helper.disable()
+            cache.disable()
 
     def components(self) -> dict:
         return dict(vae=self.vae, unet=self.unet, text_encoder=self.text_encoder,

@@ -3,9 +3,10 @@
 ``model`` is a folder or hub id (SD or CompVis LDM layout), :data:`TINY_RANDOM` (a random
 tiny LDM built in memory, for tests), ``random:<hub id>`` (a published architecture with
 random weights, :mod:`edsam_online.diffusion.architectures`) or :data:`RETRAINED` (the small
-LDM trained on the built-in source domain by :mod:`edsam_online.diffusion.train_ldm`). The 32 px model of the
-current recipe ships with the package under :data:`SHIPPED_DIR`; any other (another
-resolution, a changed recipe) is trained on first use into the config's ``cache_dir``.
+LDM trained on the built-in source domain by :mod:`edsam_online.diffusion.train_ldm`). The
+32 px model of the current recipe ships with the package under :data:`SHIPPED_DIR`; any
+other (another resolution, a changed recipe) is trained on first use into the config's
+``cache_dir``.
 Both folders are named by the training recipe's version
 (:func:`~edsam_online.diffusion.train_ldm.recipe_version`), so a changed recipe is trained
 anew, never served from an older shipped or cached model.

@@ -30,6 +30,11 @@ class SamplerConfig:
     99.6% of rho = 0.5 samples, and 85% / 99.6% in pure sampling; 10 steps keep no more at
     twice the UNet calls, guidance 1 keeps less (``scripts/ldm_fidelity.py``; BENCHMARKS.md). The paper's model
     (``configs/diffusion/ldm_text2im_256.yaml``) sets the paper's 10 steps, guidance and M = 10.
+
+    ``deepcache_interval`` > 1 (off by default) trades fidelity for speed in sampling
+    (:class:`~edsam_online.diffusion.pipeline.LatentDiffusion`): on the shipped model at 10
+    steps, 2 makes 1.6x the samples/s and keeps the class at rho = 0.5 in 90% against 91%; at
+    the 5-step preset it loses too much (85% against 94%).
     """
 
     model: str = "retrained"
