@@ -5,8 +5,13 @@ cpu_demo`` unless overridden: 48 real + 48 generated per step) from the same num
 distinct generated samples with the same M:
 
 - **online**: ``scripts/launch.sh`` with one producer and one trainer running side by side; the
-  producer stops after ``N`` samples (``producer.num_samples``) and the buffer's rate limiter
-  (``buffer.samples_per_insert``) spreads them over the run. Each process has one torch thread.
+  producer stops after ``N`` samples (``producer.num_samples``). Each process has one torch
+  thread. The buffer's rate limiter is off (``buffer.samples_per_insert=0``), as the offline
+  arm has none: with it, credit beyond its error buffer is forgiven while the producer runs
+  ahead, so once a producer limited to ``N`` samples stops, the last steps find the slot
+  starved and train on real fallback pairs, which is not the offline arm's work. Both arms
+  report how many generated samples they drew (``train/syn_samples``) and the online
+  producer how many it sent (it must reach ``N`` before the trainer ends).
 - **offline**: first ``python -m producers producer.sink=shards producer.num_samples=N`` writes
   the ``N`` samples to webdataset shards (lossless PNG for raw images), then ``scripts/launch.sh
   method.offline_shards=DIR`` trains reading them (no producer). Each phase gets both of the
@@ -70,7 +75,7 @@ def _trainer_split(run_dir: Path, start: float, end: float) -> dict[str, float]:
     return {"startup_s": startup, "train_s": train_s, "eval_end_s": (end - start) - startup - train_s,
             "steps": steps_logged, "data_wait_frac": statistics.fmean(r["train/data_wait_frac"] for r in train),
             "steps_without_syn": last["train/steps_without_syn"],
-            "syn_fallback_samples": last["train/syn_fallback_samples"]}
+            "syn_fallback_samples": last["train/syn_fallback_samples"], "syn_drawn": last["train/syn_samples"]}
 
 
 def online(args, work: Path, n: int, env: dict) -> dict:
@@ -78,7 +83,8 @@ def online(args, work: Path, n: int, env: dict) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.time()
     wall = _run(["bash", "scripts/launch.sh", "--run-dir", str(run_dir), *args.overrides,
-                 f"producer.num_samples={n}", "producer.threads=1", "runtime.threads=1"],
+                 f"producer.num_samples={n}", "producer.threads=1", "runtime.threads=1",
+                 "buffer.samples_per_insert=0"],
                 work / "online.log", env)
     out = {"wall_s": wall, **_trainer_split(run_dir, start, start + wall)}
     producer = read_jsonl(run_dir / "metrics" / "producer0.jsonl")
@@ -145,18 +151,20 @@ def main() -> None:
         return statistics.median(r[key] for r in runs[name])
 
     ratio = statistics.median(on["wall_s"] / off["wall_s"] for on, off in zip(runs["online"], runs["offline"]))
-    print(f"\n| arm | wall (s) | startup | generate | train steps | eval + end | data wait | steps without syn |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\n| arm | wall (s) | startup | generate | train steps | eval + end | data wait | steps without syn "
+          f"| generated samples drawn |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in arms:
         gen = f"{med(name, 'generate_s'):.0f}" if name == "offline" else "(overlapped)"
         startup = med(name, "startup_s")
         print(f"| {name} | {med(name, 'wall_s'):.0f} | {startup:.0f} | {gen} | {med(name, 'train_s'):.0f} | "
               f"{med(name, 'eval_end_s'):.0f} | {med(name, 'data_wait_frac'):.3f} | "
-              f"{med(name, 'steps_without_syn'):.0f} |")
+              f"{med(name, 'steps_without_syn'):.0f} | {med(name, 'syn_drawn'):.0f} |")
     print(f"\nonline / offline wall-clock: {ratio:.3f} (median of {args.reps} paired reps; per rep: "
           + ", ".join(f"{on['wall_s'] / off['wall_s']:.3f}" for on, off in zip(runs["online"], runs["offline"]))
           + ")")
-    print(f"producer (online, 1 thread): {med('online', 'producer_samples_per_s'):.1f} samples/s; "
+    print(f"producer (online, 1 thread): sent {min(r['producer_sent'] for r in runs['online'])} of N = {n} at "
+          f"{med('online', 'producer_samples_per_s'):.1f} samples/s; "
           f"offline generation ({args.cores} threads): {med('offline', 'generate_samples_per_s'):.1f} samples/s")
     if args.json:
         Path(args.json).write_text(json.dumps({"n": n, "cores": args.cores, "overrides": args.overrides,
