@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("dg_study", ROOT / "scripts" / "dg_study.py")
-dg_study = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(dg_study)
+from _scripts import load_script
+
+dg_study = load_script("scripts/dg_study.py")
 
 # Writes what a trainer's metrics file would hold: accuracies that depend on method and seed.
 FAKE_LAUNCH = r'''

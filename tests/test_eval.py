@@ -7,9 +7,7 @@ class order, domains or normalization shows up. Random towers must score near ch
 """
 
 import hashlib
-import importlib.util
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +18,8 @@ from edsam_online.data import CLASSES, DOMAINS, SOURCE_DOMAIN, TARGET_DOMAINS, r
 from edsam_online.eval import (EvalConfig, domain_samples, evaluate, fit_linear_probe, format_eval_table,
                                linear_probe_eval, zero_shot_eval)
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import load_script
+
 DIM = 32
 
 
@@ -148,10 +147,7 @@ def test_fit_linear_probe_separates_gaussian_blobs():
 
 
 def _load_make_shards():
-    spec = importlib.util.spec_from_file_location("make_shards", ROOT / "scripts" / "make_shards.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/make_shards.py")
 
 
 def test_imagefolder_trees_are_evaluated_by_their_folder_names(tmp_path):

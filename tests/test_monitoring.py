@@ -26,6 +26,8 @@ from edsam_online.trainer import _normalization, sample_rows
 from edsam_online.wandb_offline import read_run, read_table
 from edsam_online.wire import encode_message
 
+from _scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a small red star on a light background", "a large blue ring on a light background"]
 
@@ -129,11 +131,7 @@ def test_the_step_axes_config_and_group_of_the_trainer_run(trained_run):
 
 
 def test_the_docs_figure_draws_the_table_the_offline_run_holds(trained_run, tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("wandb_samples", ROOT / "scripts" / "wandb_samples.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("scripts/wandb_samples.py")
     run_dir, _ = trained_run
     assert script.main([str(run_dir), "--out", str(tmp_path / "table.png"), "--step", "4"]) == 0
     with Image.open(tmp_path / "table.png") as png:

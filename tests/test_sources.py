@@ -1,6 +1,5 @@
 """Real-data sources: partitions, exact resume, corrupt data, CSV, make_shards round trip, config errors."""
 
-import importlib.util
 import io
 import itertools
 import logging
@@ -15,14 +14,11 @@ from torchdata.nodes import Loader
 from edsam_online.data import (DataCounters, RealDataConfig, RealRecord, RealSourceNode, decode_record,
                                iter_real_samples, render_sample)
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import load_script
 
 
 def _load_make_shards():
-    spec = importlib.util.spec_from_file_location("make_shards", ROOT / "scripts" / "make_shards.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/make_shards.py")
 
 
 make_shards = _load_make_shards()

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import load_script
 
 
 def _targets():
-    spec = importlib.util.spec_from_file_location("targets", ROOT / "bench" / "targets.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/targets.py")
 
 
 def _arm(wall, **extra):
