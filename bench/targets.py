@@ -33,6 +33,14 @@ def _online_offline(data: list[dict]) -> tuple[str, bool, str]:
         + f"train steps {statistics.median(r['train_s'] for r in rs):.0f} + eval/end "
         f"{statistics.median(r['eval_end_s'] for r in rs):.0f}"
         for arm, rs in runs.items())
+    on, off = runs["online"], runs["offline"]
+    if "producer_samples_per_s" in on[0] and "n" in d:
+        step_ms = {arm: 1000 * statistics.median(r["train_s"] / r["steps"] for r in rs) for arm, rs in runs.items()}
+        profile += (f". Online's critical path is its trainer ({step_ms['online']:.0f} ms per step on its one thread, "
+                    f"{step_ms['offline']:.0f} offline on both cores); its producer made the N = {d['n']} samples "
+                    f"in {d['n'] / statistics.median(r['producer_samples_per_s'] for r in on):.0f} s, then idled. "
+                    f"Offline generation ran at {statistics.median(r['generate_samples_per_s'] for r in off):.1f} "
+                    f"samples/s on both cores")
     return f"{d['ratio']:.3f} (median of {len(runs['online'])})", d["ratio"] <= 0.75, profile
 
 
@@ -60,6 +68,19 @@ def _split(data: list[dict]) -> tuple[str, None, str]:
     c = d["composed"]["batch 2"]
     shares = ", ".join(f"{k} {v:.1%}" for k, v in c["shares"].items())
     return f"{c['total_s']:.1f} s per sample on {d['device']} {d['dtype']} ({shares})", None, ""
+
+
+def _projection(data: list[dict]) -> tuple[str, None, str]:
+    (d,) = data
+    rows = [r for r in d["rows"] if "projection" in r]
+    if not rows:
+        return "no projection in sizing.json: written by an older bench/paper_sizing.py", None, ""
+    row = next((r for r in rows if r["samples_per_insert"] == d.get("config_spi")), rows[-1])
+    p = row["projection"]
+    return (f"spi {row['samples_per_insert']:g}: online {p['online_s'] / 3600:.2f} h; offline {p['offline_dedicated_s'] / 3600:.2f} h "
+            f"on the same dedicated GPUs ({p['online_s'] / p['offline_dedicated_s']:.2f}), "
+            f"{p['offline_pooled_s'] / 3600:.2f} h with every GPU in each phase ({p['online_s'] / p['offline_pooled_s']:.2f}); "
+            f"rates {d['sources'][0]} / {d['sources'][1]}", None, "")
 
 
 def _rss(data: list[dict]) -> tuple[str, bool, str]:
@@ -96,6 +117,7 @@ ROWS = (
     Row("producer/generator_busy_frac, 256 px JPEG, CPU", ">= 0.95", ("producer.json",), _busy),
     Row("ED-SAM sampler / LDMTextToImagePipeline, CPU", ">= 1.0x", ("vs_pipeline.json",), _vs_pipeline),
     Row("paper-setting per-sample cost split, CPU", "(reported)", ("components.json",), _split),
+    Row("online / offline projected to dedicated GPUs (paper_cc3m)", "(reported)", ("sizing.json",), _projection),
     Row("trainer RSS growth over 10 min after the buffer is full", "<= 5%",
         ("memory_1.json", "memory_2.json", "memory_3.json"), _rss),
     Row("buffer bytes", "<= 1.2 x capacity x item bytes", ("memory_1.json", "memory_2.json", "memory_3.json"),
