@@ -15,7 +15,11 @@ Modes, both with the same number of images per step (``--batch``):
          (and the compute-matched ``mix_mode=replace`` at ``batch``, which
          builds the very same step)
 
+``--optimizers fused,for-loop`` runs every mode once per AdamW kernel
+(``optim.implementation``), each against the first one's real-only mode.
+
     python bench/bench_trainer.py --batch 64 --steps 20 --rounds 3
+    python bench/bench_trainer.py --model edsam-tiny-rn --batch 96 --optimizers fused,foreach,for-loop
     python bench/bench_trainer.py --model ViT-B-16 --resolution 224 --batch 128 --device cuda --precision bf16
 """
 
@@ -77,6 +81,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--optimizers", default="fused",
+                        help="comma-separated optim.implementation values; every mode runs with each")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -93,7 +99,7 @@ def main() -> None:
     run_dir = tempfile.mkdtemp(prefix="bench-trainer-")
     half = args.batch // 2
 
-    def trainer(batch_size: int, syn_share: float) -> Trainer:
+    def trainer(batch_size: int, syn_share: float, implementation: str) -> Trainer:
         """A Trainer as the trainer rank builds it, with this benchmark's model, data and stream."""
         return Trainer(load_config({
             "model": {"name": args.model},
@@ -102,14 +108,20 @@ def main() -> None:
             "buffer": {"capacity": 1024, "min_size_to_sample": 64, "samples_per_insert": 0.0},
             "trainer": {"batch_size": batch_size, "steps": 10_000, "progress": False},
             "mix": {"syn_share": syn_share, "syn_wait_s": 0.05},
+            "optim": {"implementation": implementation},
             "runtime": {"device": args.device, "precision": args.precision, "channels_last": args.channels_last,
                         "num_workers": args.workers},
             "logging": {"wandb": False, "jsonl": False},
             "run_dir": run_dir,
         }))
 
-    modes = {"real": trainer(args.batch, 0.0), "mix": trainer(args.batch - half, half / (args.batch - half))}
-    buffer = modes["mix"].buffer
+    optimizers = args.optimizers.split(",")
+    modes = {}
+    for impl in optimizers:
+        suffix = f" {impl}" if len(optimizers) > 1 else ""
+        modes["real" + suffix] = trainer(args.batch, 0.0, impl)
+        modes["mix" + suffix] = trainer(args.batch - half, half / (args.batch - half), impl)
+    buffer = next(t.buffer for t in modes.values() if t.buffer is not None)
     deadline = time.monotonic() + 60
     while len(buffer) < 64 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -136,19 +148,19 @@ def main() -> None:
     for r in range(args.rounds):
         for name in modes:
             results[name].append(run(name, args.steps))
-            print(f"round {r} {name:8s} {results[name][-1][0]:7.1f} samples/s  "
+            print(f"round {r} {name:16s} {results[name][-1][0]:7.1f} samples/s  "
                   f"data_wait_frac {results[name][-1][1]:.3f}  synthetic fill {results[name][-1][2]:.2f}", flush=True)
 
     stop.set()
-    stats = modes["mix"].receiver.stats()
+    stats = next(t.receiver for t in modes.values() if t.receiver is not None).stats()
     for t in modes.values():
         t.close()
     feeder.join(5)
-    base = statistics.median(r[0] for r in results["real"])
+    base = statistics.median(r[0] for r in next(iter(results.values())))
     print(f"\nmodel {args.model}, {args.resolution}px, {args.batch} images/step, {args.steps} steps x "
           f"{args.rounds} rounds, feed {args.feed_rate:g}/s, {args.device} {args.precision}, torch threads "
           f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
-    print("| mode | samples/s (median) | vs real-only | train/data_wait_frac | synthetic fill of slot |")
+    print("| mode | samples/s (median) | vs first real-only | train/data_wait_frac | synthetic fill of slot |")
     print("|---|---:|---:|---:|---:|")
     table = []
     for name, rows in results.items():
