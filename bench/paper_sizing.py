@@ -172,7 +172,8 @@ def main() -> None:
     print("| samples_per_insert | generate G | train T | online max(G, T) | offline G + T (dedicated) | ratio "
           "| offline, all GPUs per phase | ratio |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        p = project_online_offline(gen_rate, train_rate, row["distinct"], total_drawn * 2, producer_gpus,
+        p = project_online_offline(gen_rate, train_rate, row["distinct"],
+                                   cfg.trainer.steps * images_per_step * args.trainer_gpus, producer_gpus,
                                    args.trainer_gpus)
         row["projection"] = p
         h = {k: v / 3600 for k, v in p.items()}

@@ -33,14 +33,12 @@ def _online_offline(data: list[dict]) -> tuple[str, bool, str]:
         + f"train steps {statistics.median(r['train_s'] for r in rs):.0f} + eval/end "
         f"{statistics.median(r['eval_end_s'] for r in rs):.0f}"
         for arm, rs in runs.items())
-    on, off = runs["online"], runs["offline"]
-    if "producer_samples_per_s" in on[0] and "n" in d:
-        step_ms = {arm: 1000 * statistics.median(r["train_s"] / r["steps"] for r in rs) for arm, rs in runs.items()}
-        profile += (f". Online's critical path is its trainer ({step_ms['online']:.0f} ms per step on its one thread, "
-                    f"{step_ms['offline']:.0f} offline on both cores); its producer made the N = {d['n']} samples "
-                    f"in {d['n'] / statistics.median(r['producer_samples_per_s'] for r in on):.0f} s, then idled. "
-                    f"Offline generation ran at {statistics.median(r['generate_samples_per_s'] for r in off):.1f} "
-                    f"samples/s on both cores")
+    step_ms = {arm: 1000 * statistics.median(r["train_s"] / r["steps"] for r in rs) for arm, rs in runs.items()}
+    producer_s = d["n"] / statistics.median(r["producer_samples_per_s"] for r in runs["online"])
+    profile += (f". Online's trainer takes {step_ms['online']:.0f} ms per step on its one thread "
+                f"({step_ms['offline']:.0f} offline on both cores); its producer made the N = {d['n']} samples "
+                f"in {producer_s:.0f} s. Offline generation ran at "
+                f"{statistics.median(r['generate_samples_per_s'] for r in runs['offline']):.1f} samples/s on both cores")
     return f"{d['ratio']:.3f} (median of {len(runs['online'])})", d["ratio"] <= 0.75, profile
 
 
@@ -72,10 +70,7 @@ def _split(data: list[dict]) -> tuple[str, None, str]:
 
 def _projection(data: list[dict]) -> tuple[str, None, str]:
     (d,) = data
-    rows = [r for r in d["rows"] if "projection" in r]
-    if not rows:
-        return "no projection in sizing.json: written by an older bench/paper_sizing.py", None, ""
-    row = next((r for r in rows if r["samples_per_insert"] == d.get("config_spi")), rows[-1])
+    row = next(r for r in d["rows"] if r["samples_per_insert"] == d["config_spi"])
     p = row["projection"]
     return (f"spi {row['samples_per_insert']:g}: online {p['online_s'] / 3600:.2f} h; offline {p['offline_dedicated_s'] / 3600:.2f} h "
             f"on the same dedicated GPUs ({p['online_s'] / p['offline_dedicated_s']:.2f}), "
