@@ -61,7 +61,6 @@ class OptimConfig:
             raise ValueError(f"implementation must be one of {sorted(_IMPLEMENTATIONS)}, got {self.implementation!r}")
 
 
-
 def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 

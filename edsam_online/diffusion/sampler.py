@@ -32,9 +32,8 @@ class SamplerConfig:
     (``configs/diffusion/ldm_text2im_256.yaml``) sets the paper's 10 steps, guidance and M = 10.
 
     ``deepcache_interval`` > 1 (off by default) trades fidelity for speed in sampling
-    (:class:`~edsam_online.diffusion.pipeline.LatentDiffusion`): on the shipped model at 10
-    steps, 2 makes 1.6x the samples/s and keeps the class at rho = 0.5 in 90% against 91%; at
-    the 5-step preset it loses too much (85% against 94%).
+    (:class:`~edsam_online.diffusion.pipeline.LatentDiffusion`): on the shipped model it costs
+    little class fidelity at 10 steps and too much at the 5-step preset (BENCHMARKS.md).
     """
 
     model: str = "retrained"
