@@ -11,7 +11,8 @@ webdataset the user points at) this reports
   then applied to every domain.
 
 Metric keys: `eval/zeroshot_top1/<domain>`, `eval/linear_probe/<domain>`, plus
-`.../source` (the source domain) and `.../target_mean` (mean over built-in targets).
+`.../source` (the source domain), `.../target_mean` (mean over built-in targets) and
+`.../<group>_mean` for each target group (`EvalConfig.target_groups`).
 Evaluation images use their own seed (default 1000, training data defaults to 0)
 and the probe trains on seed+1, so nothing evaluated was trained on.
 """
@@ -31,13 +32,22 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data.domains import BASE_PALETTE, DOMAINS, SOURCE_DOMAIN
+from .data.domains import BASE_PALETTE, DOMAINS, SOURCE_DOMAIN, TARGET_DOMAINS, WORLD_STYLES
 from .data.shapes import CLASSES, SIZES, render_sample
 
 logger = logging.getLogger(__name__)
 
 ZS_PREFIX, ZS5_PREFIX, LP_PREFIX = "eval/zeroshot_top1", "eval/zeroshot_top5", "eval/linear_probe"
 _SUMMARY = ("source", "target_mean")
+#: The built-in targets split by whether the shipped generator's world corpus holds their style.
+DEFAULT_TARGET_GROUPS = {
+    "generator_seen": [d for d in TARGET_DOMAINS if d in WORLD_STYLES],
+    "generator_unseen": [d for d in TARGET_DOMAINS if d not in WORLD_STYLES],
+}
+
+
+def group_mean_name(group: str) -> str:
+    return f"{group}_mean"
 
 # "shapes": the wording of the built-in captions ("a {size} {color} {class}"),
 # ensembled over every size and training color so no single attribute biases a
@@ -72,6 +82,10 @@ class EvalConfig:
     holding "{}" where the class name goes. top5: also report zero-shot top-5
     (`eval/zeroshot_top5/...`). probe_weight_decays: L2 strengths to choose from.
     every_steps: how often the trainer evaluates (0: only at the end).
+    target_groups: name -> built-in target domains; each group's mean is reported as
+      `<name>_mean` beside the target mean. The default splits the targets into those whose
+      style the generator's world corpus contains (`generator_seen`) and those no training
+      here sees (`generator_unseen`).
     """
 
     domains: list[str] = field(default_factory=lambda: list(DOMAINS))
@@ -92,9 +106,17 @@ class EvalConfig:
     classnames: dict[str, str] = field(default_factory=dict)
     probe_train: str = ""
     every_steps: int = 0
+    target_groups: dict[str, list[str]] = field(default_factory=lambda: {
+        k: list(v) for k, v in DEFAULT_TARGET_GROUPS.items()})
 
     def __post_init__(self) -> None:
         self.domains = list(self.domains)
+        self.target_groups = {str(k): list(v) for k, v in dict(self.target_groups).items()}
+        for group, members in self.target_groups.items():
+            bad = [d for d in members if d not in TARGET_DOMAINS]
+            if bad or not members or "/" in group:
+                raise ValueError(f"target_groups.{group}: must be a non-empty list of built-in targets "
+                                 f"{list(TARGET_DOMAINS)} under a name without '/', got {members}")
         self.imagefolders = dict(self.imagefolders)
         self.webdatasets = dict(self.webdatasets)
         self.classnames = dict(self.classnames)
@@ -118,10 +140,12 @@ class EvalConfig:
         if self.every_steps < 0:
             raise ValueError(f"every_steps must be >= 0, got {self.every_steps}")
         extra = [*self.imagefolders, *self.webdatasets]
-        clash = [n for n in extra if n in DOMAINS or n in _SUMMARY or "/" in n or extra.count(n) > 1]
+        summary = (*_SUMMARY, *map(group_mean_name, self.target_groups))
+        clash = [n for n in extra if n in DOMAINS or n in summary or n.endswith("_mean") or "/" in n
+                 or extra.count(n) > 1]
         if clash:
-            raise ValueError(f"imagefolders/webdatasets: names {clash} clash with built-in domains, {_SUMMARY}, "
-                             f"each other, or contain '/'")
+            raise ValueError(f"imagefolders/webdatasets: names {clash} clash with built-in domains, {summary}, "
+                             f"each other, or contain '/' or end in '_mean'")
         for name, path in self.classnames.items():
             if name not in extra and name != "probe_train":
                 raise ValueError(f"classnames.{name}: no imagefolders/webdatasets entry (or probe_train) of that name")
@@ -302,13 +326,19 @@ def compute_eval_sets(model, preprocess: Callable, cfg: EvalConfig, device="cpu"
     return sets
 
 
-def _with_summary(prefix: str, per_set: dict[str, float]) -> dict[str, float]:
+def _with_summary(prefix: str, per_set: dict[str, float], groups: dict[str, list[str]]) -> dict[str, float]:
+    """Per set, plus ``source``, ``target_mean`` and each target group's mean over the
+    group's domains that were evaluated (complete groups only: a partial mean would not
+    compare across runs)."""
     out = {f"{prefix}/{k}": v for k, v in per_set.items()}
     if SOURCE_DOMAIN in per_set:
         out[f"{prefix}/source"] = per_set[SOURCE_DOMAIN]
     targets = [v for k, v in per_set.items() if k in DOMAINS and k != SOURCE_DOMAIN]
     if targets:
         out[f"{prefix}/target_mean"] = float(np.mean(targets))
+    for group, members in groups.items():
+        if all(d in per_set for d in members):
+            out[f"{prefix}/{group_mean_name(group)}"] = float(np.mean([per_set[d] for d in members]))
     return out
 
 
@@ -331,7 +361,8 @@ def zero_shot_eval(model, tokenizer, preprocess: Callable, cfg: EvalConfig, devi
             if cfg.top5:
                 best = logits.topk(min(5, logits.shape[1]), dim=1).indices
                 top5[name] = (best == s.labels[:, None]).any(dim=1).float().mean().item()
-    return {**_with_summary(ZS_PREFIX, accuracy), **(_with_summary(ZS5_PREFIX, top5) if top5 else {})}
+    groups = cfg.target_groups
+    return {**_with_summary(ZS_PREFIX, accuracy, groups), **(_with_summary(ZS5_PREFIX, top5, groups) if top5 else {})}
 
 
 def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -399,7 +430,7 @@ def linear_probe_eval(model, preprocess: Callable, cfg: EvalConfig, device="cpu"
         to_probe = torch.tensor([classes.index(c) for c in s.classnames])
         pred = probe(s.features).argmax(dim=1)
         accuracy[name] = (pred == to_probe[s.labels]).float().mean().item()
-    return _with_summary(LP_PREFIX, accuracy)
+    return _with_summary(LP_PREFIX, accuracy, cfg.target_groups)
 
 
 def evaluate(model, tokenizer, preprocess: Callable, cfg: EvalConfig, device="cpu") -> dict[str, float]:
@@ -412,7 +443,8 @@ def evaluate(model, tokenizer, preprocess: Callable, cfg: EvalConfig, device="cp
 
 
 def format_eval_table(metrics: dict[str, Any]) -> str:
-    """A markdown table: one row per domain (source first, target mean last), top-1 in %."""
+    """A markdown table: one row per domain (source first), then the target mean and each
+    target group's mean, top-1 in %."""
     columns = ((ZS_PREFIX, "zero-shot top-1 (%)"), (ZS5_PREFIX, "zero-shot top-5 (%)"),
                (LP_PREFIX, "linear probe top-1 (%)"))
     names: list[str] = []
@@ -422,10 +454,14 @@ def format_eval_table(metrics: dict[str, Any]) -> str:
                 name = key[len(prefix) + 1:]
                 if name not in names and name not in _SUMMARY:
                     names.append(name)
+    means = [n for n in names if n.endswith("_mean")]
+    names = [n for n in names if n not in means]
     names.sort(key=lambda n: (n != SOURCE_DOMAIN, DOMAINS.index(n) if n in DOMAINS else len(DOMAINS)))
     rows = [*names, "target_mean"] if any(k.endswith("/target_mean") for k in metrics) else names
+    rows += means
     used = [(p, title) for p, title in columns if any(k.startswith(p + "/") for k in metrics)]
-    label = {SOURCE_DOMAIN: f"{SOURCE_DOMAIN} (source)", "target_mean": "target mean"}
+    label = {SOURCE_DOMAIN: f"{SOURCE_DOMAIN} (source)", "target_mean": "target mean",
+             **{m: m[:-len("_mean")].replace("_", "-") + " mean" for m in means}}
 
     def cell(prefix, name):
         value = metrics.get(f"{prefix}/{name}")

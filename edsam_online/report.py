@@ -56,8 +56,10 @@ def final_table(records: list[dict]) -> list[tuple[str, float | None, float | No
     last: dict[str, float] = {}
     for r in records:
         last.update({k: v for k, v in r.items() if k.startswith(tuple(EVAL_PREFIXES.values()))})
-    domains = sorted({k.split("/", 2)[2] for k in last} - {"source", "target_mean"})
-    domains += [d for d in ("target_mean",) if any(k.endswith("/" + d) for k in last)]
+    names = {k.split("/", 2)[2] for k in last} - {"source"}
+    means = sorted(n for n in names if n.endswith("_mean") and n != "target_mean")
+    domains = sorted(names - {"target_mean", *means})
+    domains += [d for d in ("target_mean", *means) if d in names]
     zs, lp = EVAL_PREFIXES.values()
     return [(d, last.get(zs + d), last.get(lp + d)) for d in domains]
 

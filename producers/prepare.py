@@ -2,7 +2,7 @@
 
 With ``diffusion.model=retrained`` (the default on machines without downloaded
 weights) this loads the shipped small LDM, or, for a recipe or resolution that does not
-ship, trains it on the built-in source domain once and caches it, so that
+ship, trains it on the built-in world corpus once and caches it, so that
 ``scripts/launch.sh`` does not start trainers against producers that are still
 training. Any other model is only loaded once, which turns a missing
 folder or an offline hub id into an error before any rank starts. The fidelity filter's

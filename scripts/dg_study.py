@@ -16,9 +16,11 @@ exists is skipped, so an interrupted study continues where it stopped. Each resu
 the final zero-shot and linear-probe top-1 per set, the wall time, the trainer's mean step
 time and the producer's samples/s.
 
-Writes ``<out>/table.md`` (mean ± std over seeds per method, per set and target mean, for
-zero-shot and linear probe, and each method's per-seed target-mean difference to ``none`` and
-``real2x``), ``<out>/table.csv`` and ``<out>/bars.png``, over every finished run in ``<out>``.
+Writes ``<out>/table.md`` (mean ± std over seeds per method, per set, target mean and target
+group means (generator-seen, generator-unseen), for zero-shot and linear probe; and each
+method's per-seed difference to ``none`` and ``real2x`` on the source, the target mean and each
+group mean, with the sign of every seed's difference), ``<out>/table.csv`` and
+``<out>/bars.png``, over every finished run in ``<out>``.
 Trailing arguments are Hydra overrides for every run.
 """
 
@@ -172,12 +174,14 @@ def write_outputs(rows: list[dict], diffs: list[dict], out: Path) -> None:
         lines += ["| " + m + " | " + " | ".join(cell.get((m, c), "-") for c in COSTS) + " |"
                   for m in dict.fromkeys(r["method"] for r in sel)]
         lines.append("")
-    if diffs:
-        lines += ["### target mean, method − control, paired by seed (points)", "",
+    for summary in dict.fromkeys(d["set"] for d in diffs):
+        lines += [f"### {summary}, method − control, paired by seed (points; signs per seed)", "",
                   "| method | control | zero-shot | linear probe |", "|---|---|---:|---:|"]
         cell = {(d["sweep"], d["method"], d["control"], d["measure"]):
-                f"{d['mean']:+.1f} ± {d['std']:.1f} ({d['wins']}/{d['seeds']} seeds > 0)" for d in diffs}
-        for label, method, control in dict.fromkeys((d["sweep"], d["method"], d["control"]) for d in diffs):
+                f"{d['mean']:+.1f} ± {d['std']:.1f} ({d['wins']}/{d['seeds']} > 0: {d['signs']})"
+                for d in diffs if d["set"] == summary}
+        for label, method, control in dict.fromkeys((d["sweep"], d["method"], d["control"]) for d in diffs
+                                                    if d["set"] == summary):
             name = method if label == "base" else f"{method} ({label})"
             lines.append(f"| {name} | {control} | "
                          + " | ".join(cell.get((label, method, control, m), "-") for m in PREFIXES) + " |")
@@ -187,11 +191,21 @@ def write_outputs(rows: list[dict], diffs: list[dict], out: Path) -> None:
 
 
 def _set_order(name: str) -> tuple[int, str]:
-    """Columns: the source domain, the other sets by name, the target mean last ("source"
-    itself is left out: it repeats the source domain's column)."""
+    """Columns: the source domain, the other sets by name, the target mean, then the group
+    means ("source" itself is left out: it repeats the source domain's column)."""
     from edsam_online.data import SOURCE_DOMAIN
 
-    return (0 if name == SOURCE_DOMAIN else 2 if name == "target_mean" else 1, name)
+    rank = 0 if name == SOURCE_DOMAIN else 2 if name == "target_mean" else 3 if name.endswith("_mean") else 1
+    return (rank, name)
+
+
+def summary_sets(results: list[dict]) -> list[str]:
+    """The sets the paired differences are reported on: the source, the target mean and
+    every target group's mean that the runs logged."""
+    logged = {k[len(prefix):] for r in results for k in r["metrics"] for prefix in PREFIXES.values()
+              if k.startswith(prefix)}
+    groups = sorted(n for n in logged if n.endswith("_mean") and n != "target_mean")
+    return [n for n in ("source", "target_mean", *groups) if n in logged]
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -228,10 +242,11 @@ def finished_results(out: Path) -> list[dict]:
 
 
 def paired_differences(results: list[dict], controls: tuple[str, ...] = ("none", "real2x")) -> list[dict]:
-    """Per-seed differences of target-mean top-1 against each control of the base study (and,
-    for a sweep's runs, against the same method's base runs: what the swept setting changed),
-    in points. Runs of one seed share the data seed, so the pairing removes the between-seed
-    variance that both methods share."""
+    """Per-seed differences of top-1 on each of :func:`summary_sets` against each control of
+    the base study (and, for a sweep's runs, against the same method's base runs: what the
+    swept setting changed), in points, with each seed's sign (``+``, ``-``, ``0``). Runs of
+    one seed share the data seed, so the pairing removes the between-seed variance that both
+    methods share."""
     base = {(r["method"], r["seed"]): r["metrics"] for r in results if r["sweep"] == "base"}
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
@@ -242,14 +257,17 @@ def paired_differences(results: list[dict], controls: tuple[str, ...] = ("none",
         for control in controls + own:
             if label == "base" and method in controls and controls.index(method) <= controls.index(control):
                 continue  # a control against itself, or against a later control (the reverse row is there)
-            for measure, prefix in PREFIXES.items():
-                key = prefix + "target_mean"
-                pairs = [(r["metrics"], base.get((control, r["seed"]), {})) for r in runs]
-                diffs = [100 * (m[key] - c[key]) for m, c in pairs if key in m and key in c]
-                if diffs:
-                    mean, std = _mean_std(diffs)
-                    rows.append({"sweep": label, "method": method, "control": control, "measure": measure,
-                                 "mean": mean, "std": std, "seeds": len(diffs), "wins": sum(d > 0 for d in diffs)})
+            for summary in summary_sets(results):
+                for measure, prefix in PREFIXES.items():
+                    key = prefix + summary
+                    pairs = [(r["metrics"], base.get((control, r["seed"]), {})) for r in runs]
+                    diffs = [100 * (m[key] - c[key]) for m, c in pairs if key in m and key in c]
+                    if diffs:
+                        mean, std = _mean_std(diffs)
+                        signs = "".join("+" if d > 0 else "-" if d < 0 else "0" for d in diffs)
+                        rows.append({"sweep": label, "method": method, "control": control, "set": summary,
+                                     "measure": measure, "mean": mean, "std": std, "seeds": len(diffs),
+                                     "wins": sum(d > 0 for d in diffs), "signs": signs})
     return rows
 
 

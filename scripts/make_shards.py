@@ -22,6 +22,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
+from edsam_online.data.domains import BUILTIN_DOMAINS
 from edsam_online.data.shapes import DOMAINS, render_sample
 
 
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--webdataset", type=Path, help="output folder for webdataset shards")
     p.add_argument("--imagefolder", type=Path, help="output folder for ImageFolder trees")
-    p.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS)
+    p.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=BUILTIN_DOMAINS,
+                   help="evaluation domains (default), world styles, or world (the generator's corpus)")
     p.add_argument("--per-domain", type=int, default=1000, help="samples per domain")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)

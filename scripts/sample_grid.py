@@ -1,7 +1,8 @@
 """Write a sample grid PNG as the paper's Fig. 5: real images in the first column, M transported
-samples beside each, labelled with rho and each sample's alpha.
+samples beside each, labelled with each sample's alpha and, with ``--measure``, the style the
+world measurer sees and a check mark where the sample keeps its caption's class, colour and size.
 
-    python scripts/sample_grid.py --out grid.png [--model retrained] [--rows 6] [--m 6] [--rho 0.5]
+    python scripts/sample_grid.py --out grid.png [--model retrained] [--rows 6] [--m 6] [--rho R] [--measure]
 """
 
 import argparse
@@ -27,6 +28,9 @@ def main(argv=None):
     p.add_argument("--mode", default=d.mode)
     p.add_argument("--guidance", type=float, default=d.guidance)
     p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--timestep-spacing", default=d.timestep_spacing)
+    p.add_argument("--measure", action="store_true",
+                   help="label each sample with its measured style and whether its caption holds")
     p.add_argument("--resolution", type=int, default=d.resolution)
     # 64: the batch docs/sample_grid.png was drawn with (a UNet batch may round floats differently)
     p.add_argument("--batch-size", type=int, default=64)
@@ -34,11 +38,21 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     cfg = SamplerConfig(model=a.model, rho=a.rho, m=a.m, mode=a.mode, guidance=a.guidance, steps=a.steps,
-                        resolution=a.resolution, batch_size=a.batch_size)
+                        inversion_steps=a.steps, timestep_spacing=a.timestep_spacing, resolution=a.resolution,
+                        batch_size=a.batch_size)
     sampler = build_sampler(cfg)
     real = [render_sample(i, SOURCE_DOMAIN, a.resolution, a.data_seed) for i in range(a.rows)]
     out = sampler.generate(np.stack([r.image for r in real]), [r.caption for r in real],
                            [r.key for r in real], seed=a.seed)
+    labels = [""] * len(out.images)
+    if a.measure:
+        from edsam_online.diffusion.fidelity import load_attribute_scorer
+        from edsam_online.diffusion.registry import default_cache_dir
+
+        scorer = load_attribute_scorer(cfg.cache_dir or default_cache_dir(), cfg.resolution)[0]
+        captions = [real[k // a.m].caption for k in range(len(out.images))]
+        kept = scorer.agreement(out.images, captions)["all"]
+        labels = [f"\n{style}{' ✓' if ok else ' ✗'}" for style, ok in zip(scorer.styles(out.images), kept)]
     fig, axes = plt.subplots(a.rows, a.m + 1, figsize=(1.3 * (a.m + 1), 1.45 * a.rows), squeeze=False)
     for i, r in enumerate(real):
         axes[i, 0].imshow(r.image)
@@ -47,12 +61,12 @@ def main(argv=None):
         for j in range(a.m):
             k = i * a.m + j
             axes[i, j + 1].imshow(out.images[k])
-            axes[i, j + 1].set_title(f"α={out.alpha[k]:+.2f}", fontsize=7)
+            axes[i, j + 1].set_title(f"α={out.alpha[k]:+.2f}{labels[k]}", fontsize=6)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"ED-SAM transport ({sampler.ldm.model_id}, mode={a.mode}, ρ={a.rho}, "
-                 f"{a.steps} DDIM steps, guidance {a.guidance})", fontsize=8)
+    fig.suptitle(f"ED-SAM transport ({sampler.ldm.model_id}, mode={a.mode}, ρ={a.rho}, {a.steps} DDIM steps, "
+                 f"{sampler.ldm.scheduler.config.timestep_spacing} spacing, guidance {a.guidance})", fontsize=8)
     fig.tight_layout()
     fig.savefig(a.out, dpi=150)
     print(a.out)

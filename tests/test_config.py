@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 GROUPS = ("data", "diffusion", "model", "runtime", "method", "experiment")
 # options whose mandatory value (???) is the user's to give
-NEEDS = {("data", "webdataset"): ["data.path='/x/{0..1}.tar'"], ("data", "csv"): ["data.path=/x/d.csv"]}
+NEEDS = {("data", "webdataset"): ["data.path='/x/{0..1}.tar'"], ("data", "csv"): ["data.path=/x/d.csv"],
+         ("data", "imagefolder"): ["data.path=/x/pairs"]}
 
 
 def _compose(overrides=()):

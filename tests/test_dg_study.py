@@ -20,8 +20,11 @@ import json, sys
 run, base, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 acc = (base + 2 * seed) / 100
 records = [{"step": 1, "train/step_time_s": 0.5, "train/loss": 1.0},
-           {"step": 2, "eval/zeroshot_top1/flat": acc + 0.3, "eval/zeroshot_top1/target_mean": acc,
-            "eval/linear_probe/target_mean": acc + 0.1, "producer/samples_per_s": 12.0}]
+           {"step": 2, "eval/zeroshot_top1/flat": acc + 0.3, "eval/zeroshot_top1/source": acc + 0.3,
+            "eval/zeroshot_top1/target_mean": acc,
+            "eval/linear_probe/target_mean": acc + 0.1, "producer/samples_per_s": 12.0,
+            "eval/zeroshot_top1/generator_seen_mean": acc + seed / 100,
+            "eval/linear_probe/generator_seen_mean": acc}]
 open(f"{run}/metrics/trainer0.jsonl", "w").write("\n".join(map(json.dumps, records)))
 PY
 '''
@@ -47,7 +50,14 @@ def test_the_study_runs_every_method_and_seed_once_and_tabulates_mean_and_spread
     result = json.loads((out / "runs" / "base" / "none" / "seed1" / "result.json").read_text())
     assert result["step_time_s"] == 0.5 and result["producer_samples_per_s"] == 12.0
 
-    assert "| edsam | none | +10.0 ± 0.0 (3/3 seeds > 0) | +10.0 ± 0.0 (3/3 seeds > 0) |" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    target = table[table.index("### target_mean, method − control"):]
+    assert "| edsam | none | +10.0 ± 0.0 (3/3 > 0: +++) | +10.0 ± 0.0 (3/3 > 0: +++) |" in target
+    group = table[table.index("### generator_seen_mean, method − control"):]
+    assert "| edsam | none | +10.0 ± 0.0 (3/3 > 0: +++) |" in group  # the group mean gets its own paired table
+    assert table.index("### source, method − control") < table.index("### target_mean, method − control")
+    header = next(line for line in table.splitlines() if line.startswith("| method | flat"))
+    assert header.endswith("| target_mean | generator_seen_mean |")  # group means after the target mean
 
     dg_study.main(argv)  # resumed: every run is finished, none is started again
     dg_study.main(["--tables-only", "--out", str(out), "--launcher", str(launcher)])
@@ -59,8 +69,8 @@ def test_the_study_runs_every_method_and_seed_once_and_tabulates_mean_and_spread
     table = (out / "table.md").read_text()
     assert "| edsam | 62.0 ± 2.0 (n=3) | 32.0 ± 2.0 (n=3) |" in table
     assert "### zero-shot top-1 (%), buffer.distinct_sources=true" in table
-    assert "| edsam (buffer.distinct_sources=true) | none | +10.0 ± 0.0 (1/1 seeds > 0) |" in table
-    assert "| edsam (buffer.distinct_sources=true) | edsam | +0.0 ± 0.0 (0/1 seeds > 0) |" in table  # vs its base
+    assert "| edsam (buffer.distinct_sources=true) | none | +10.0 ± 0.0 (1/1 > 0: +) |" in table
+    assert "| edsam (buffer.distinct_sources=true) | edsam | +0.0 ± 0.0 (0/1 > 0: 0) |" in table  # vs its base
     run_dirs = [call.split()[1] for call in (tmp_path / "calls.log").read_text().splitlines()]
     assert run_dirs[-1].endswith("/runs/buffer.distinct_sources_true/edsam/seed0")
     assert not any("=" in d for d in run_dirs)  # launch.sh hands it to Hydra as run_dir=<folder>

@@ -118,6 +118,10 @@ def test_accuracy_is_attributed_to_the_right_domain(cfg):
     expected_mean = np.mean([metrics[f"eval/zeroshot_top1/{d}"] for d in TARGET_DOMAINS])
     assert metrics["eval/zeroshot_top1/target_mean"] == pytest.approx(expected_mean)
     assert metrics["eval/zeroshot_top1/source"] == metrics["eval/zeroshot_top1/flat"]
+    # sketch is generator-unseen: only that group's mean falls
+    unseen = np.mean([metrics[f"eval/zeroshot_top1/{d}"] for d in cfg.target_groups["generator_unseen"]])
+    assert metrics["eval/zeroshot_top1/generator_unseen_mean"] == pytest.approx(unseen) and unseen < 1.0
+    assert metrics["eval/zeroshot_top1/generator_seen_mean"] == 1.0
 
 
 @pytest.mark.parametrize("image_mode,text_random", [("random", False), ("oracle", True)])
@@ -190,6 +194,9 @@ def test_format_eval_table():
         "| sketch | 25.0 | 50.0 |",
         "| target mean | 25.0 | 50.0 |",
     ])
+    grouped = format_eval_table({**metrics, "eval/zeroshot_top1/generator_seen_mean": 0.4,
+                                 "eval/linear_probe/generator_seen_mean": 0.6})
+    assert grouped.splitlines()[-1] == "| generator-seen mean | 40.0 | 60.0 |"  # after the target mean
     only_zs = format_eval_table({"eval/zeroshot_top1/dark": 0.5})
     assert only_zs.splitlines()[0] == "| domain | zero-shot top-1 (%) |" and "| dark | 50.0 |" in only_zs
 
@@ -202,6 +209,9 @@ def test_format_eval_table():
     (dict(templates="fancy"), "templates"),
     (dict(imagefolders={"flat": "/x"}), "imagefolders"),
     (dict(probe_weight_decays=[]), "probe_weight_decays"),
+    (dict(target_groups={"mine": ["flat"]}), "target_groups.mine"),
+    (dict(target_groups={"mine": []}), "target_groups.mine"),
+    (dict(imagefolders={"generator_seen_mean": "/x"}), "imagefolders"),
 ])
 def test_eval_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

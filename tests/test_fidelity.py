@@ -1,82 +1,73 @@
-"""The fidelity measurers: accurate on real images, and they catch a sample that lost its colour."""
+"""The fidelity scorer: the share of a caption's attributes a sample shows, its style, and the frontier."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from edsam_online.data.domains import BASE_PALETTE
-from edsam_online.data.shapes import CLASSES, SOURCE_DOMAIN, render_sample
-from edsam_online.diffusion.fidelity import AttributeMeasurer, AttributeScorer, caption_attributes
-
-
-@pytest.fixture(scope="module")
-def measurer():
-    return AttributeMeasurer.fit(32)
-
-
-def test_measurers_are_accurate_on_held_out_real_images(measurer):
-    assert measurer.accuracy(32) == {"colour": 1.0, "size": 1.0}
-    blurred = measurer.accuracy(32, blur=1.0)  # a decoder's softness is not a colour or a size
-    assert blurred["colour"] >= 0.95 and blurred["size"] >= 0.95, blurred
-
-
-def recoloured(sample, colour):
-    """The sample with its shape's pixels painted ``colour`` (the background kept)."""
-    img = sample.image.astype(np.float32)
-    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
-    shape = np.linalg.norm(img - np.median(border, 0), axis=-1) > 30
-    out = sample.image.copy()
-    out[shape] = BASE_PALETTE[colour]
-    return out
-
-
-def test_a_recoloured_shape_fails_the_colour_measurer_and_the_real_image_passes(measurer):
-    for i in range(20):
-        sample = render_sample(i, SOURCE_DOMAIN, 32, seed=5)
-        other = "green" if sample.meta["color"] != "green" else "purple"
-        colours, sizes = measurer.measure(np.stack([sample.image, recoloured(sample, other)]), [sample.meta["class"]] * 2)
-        assert colours == [sample.meta["color"], other], (i, sample.caption)
-        assert sizes == [sample.meta["size"]] * 2  # the shape itself is unchanged
-
-
-def test_a_blank_image_shows_no_colour_or_size(measurer):
-    colours, sizes = measurer.measure(np.full((1, 32, 32, 3), 230, np.uint8), ["circle"])
-    assert colours == [None] and sizes == [None]
+from edsam_online.data.domains import WORLD_STYLES
+from edsam_online.data.shapes import CLASSES, COLORS, SIZES, SOURCE_DOMAIN, render_sample
+from edsam_online.diffusion.fidelity import (HEADS, AttributeScorer, WorldMeasurer, best_on_frontier,
+                                             caption_attributes, train_measurer, world_renders)
 
 
 def test_captions_name_their_attributes():
     assert caption_attributes("a large pink heart on a light background") == {
         "class": "heart", "colour": "pink", "size": "large"}
     assert caption_attributes("a small heart in cyan") == {"class": "heart", "colour": "cyan", "size": "small"}
+    assert caption_attributes("a small red ring on a textured surface")["colour"] == "red"  # not "textu-red"
     # A real caption names none of the built-in attributes, or more than one of a kind.
     assert set(caption_attributes("Two dogs playing in the snow").values()) == {None}
     assert caption_attributes("a red circle and a blue square")["colour"] is None
 
 
-class FixedClassifier:
-    """Stands in for the trained CNN: predicts the given labels."""
+class FixedMeasurer:
+    """Stands in for the trained measurer: predicts the given label names per head."""
 
-    def __init__(self, labels):
-        self.labels = np.asarray(labels)
+    def __init__(self, **names):
+        self.labels = {head: np.array([HEADS[head].index(v) for v in values]) for head, values in names.items()}
 
     def predict(self, images):
-        return self.labels[:len(images)]
+        return {head: v[:len(images)] for head, v in self.labels.items()}
 
 
-def test_the_attribute_score_is_the_share_of_named_attributes_shown(measurer):
-    samples = [render_sample(i, SOURCE_DOMAIN, 32, seed=5) for i in range(3)]
-    images = np.stack([s.image for s in samples])
-    labels = [s.meta["label"] for s in samples]
-    wrong_class = (labels[1] + 1) % len(CLASSES)
-    scorer = AttributeScorer(FixedClassifier([labels[0], wrong_class, labels[2]]), measurer)
-    other = "green" if samples[2].meta["color"] != "green" else "purple"
-    images[2] = recoloured(samples[2], other)
-    captions = [s.caption for s in samples]
+def test_the_score_is_the_share_of_named_attributes_shown_and_off_style_is_outside_flat():
+    captions = ["a small red star", "a large blue ring on a light background", "a medium green cross"]
+    scorer = AttributeScorer(FixedMeasurer(**{
+        "class": ["star", "circle", "cross"], "colour": ["red", "blue", "yellow"], "size": ["small", "large", "medium"],
+        "style": ["flat", "photo", "texture"]}))
+    images = np.zeros((3, 32, 32, 3), np.uint8)
     agree = scorer.agreement(images, captions)
     assert agree["class"].tolist() == [True, False, True] and agree["colour"].tolist() == [True, True, False]
     assert agree["all"].tolist() == [True, False, False]
+    assert agree["off_style"].tolist() == [False, True, True]
+    assert scorer.styles(images) == ["flat", "photo", "texture"]
     np.testing.assert_allclose(scorer(images, captions), [1.0, 2 / 3, 2 / 3], rtol=1e-6)
     assert scorer(images[:1], ["Two dogs playing in the snow"]).tolist() == [0.0]
+
+
+def test_the_measurer_trains_on_every_world_style_and_reports_each_heads_held_out_accuracy():
+    images, labels = world_renders(14, 32)
+    assert sorted(labels["style"].tolist()) == sorted(list(range(len(WORLD_STYLES))) * 2)
+    assert set(labels) == set(HEADS) == {"class", "colour", "size", "style"}
+    assert HEADS["class"] == CLASSES and HEADS["colour"] == COLORS and HEADS["size"] == tuple(SIZES)
+    model, accuracy = train_measurer(32, {"revision": 0, "n": 70, "steps": 2, "batch": 8, "lr": 1e-3, "seed": 0})
+    assert isinstance(model, WorldMeasurer) and set(accuracy) == set(HEADS)
+    assert all(0.0 <= v <= 1.0 for v in accuracy.values())
+    predicted = model.predict(images)
+    assert all(predicted[h].shape == (14,) and predicted[h].max() < len(HEADS[h]) for h in HEADS)
+
+
+def test_the_preset_point_is_the_most_off_style_one_that_keeps_class_and_colour():
+    def row(cls, colour, off):
+        return {"class": cls, "colour": colour, "size": 1.0, "all": min(cls, colour), "off_style": off}
+
+    results = {
+        "a": {"vae": row(1, 1, 0), "rho=0.5": row(0.95, 0.95, 0.2), "rho=1": row(0.91, 0.90, 0.3),
+              "rho=1.5": row(0.80, 0.90, 0.6)},
+        "b": {"rho=0.5": row(0.93, 0.84, 0.5), "rho=1": row(0.92, 0.86, 0.28), "pure": row(0.5, 0.5, 0.9)},
+    }
+    assert best_on_frontier(results) == ("a", 1.0)  # b's 0.5 keeps too little colour; pure is not on it
+    assert best_on_frontier(results, min_class=0.99) is None
 
 
 def test_clip_scorer_loads_a_checkpoint_file_and_scores_cosines_in_unit_range(tmp_path):
@@ -106,15 +97,15 @@ def test_clip_scorer_loads_a_checkpoint_file_and_scores_cosines_in_unit_range(tm
     np.testing.assert_allclose(clip(images, captions), scores, atol=1e-6)
 
 
-def test_fidelity_report_has_every_setting_and_attribute(measurer):
+def test_fidelity_report_has_every_setting_and_attribute():
     from edsam_online.diffusion import SamplerConfig
     from edsam_online.diffusion.fidelity import measure_fidelity
     from edsam_online.diffusion.registry import load_sampler_ldm
 
     cfg = SamplerConfig(model="tiny-random", steps=1, inversion_steps=1, batch_size=4)
-    scorer = AttributeScorer(FixedClassifier(np.zeros(8, int)), measurer)
+    scorer = AttributeScorer(FixedMeasurer(**{h: [names[0]] * 8 for h, names in HEADS.items()}))
     res = measure_fidelity(load_sampler_ldm(cfg), scorer, cfg, rhos=(0.0, 0.5), n=8)
-    assert list(res) == ["vae", "rho=0", "rho=0.5", "pure"]
+    assert list(res) == ["vae", "identity", "rho=0", "rho=0.5", "pure"]
     for setting, row in res.items():
-        assert set(row) == {"class", "colour", "size", "all"} | ({"change"} if setting != "pure" else set())
+        assert set(row) == {"class", "colour", "size", "all", "off_style"} | ({"change"} if setting != "pure" else set())
         assert all(0.0 <= v <= 1.0 for v in row.values()) and row["all"] <= min(row["class"], row["colour"])

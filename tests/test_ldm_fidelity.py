@@ -1,4 +1,5 @@
-"""The retrained LDM: a fast smoke test of the training entry point, and (slow) its class fidelity."""
+"""The retrained world LDM: a fast smoke test of the training entry point, its samples leave the
+source style, and (slow) its fidelity bars and bit-for-bit reproduction."""
 
 import numpy as np
 import pytest
@@ -53,8 +54,25 @@ def test_the_shipped_generator_is_the_current_recipe_and_loads_without_training(
     assert {p.dtype for m in (ldm.vae, ldm.unet, ldm.text_encoder) for p in m.parameters()} == {torch.float32}
 
 
+def test_a_flat_captions_pure_samples_spread_over_more_than_one_style():
+    """The shipped generator's prior is wider than the source: sampled from noise under one
+    style-free caption of the source, some samples have the source's light plain background
+    and others do not (the border rule the world tests use; no trained measurer needed)."""
+    import torch
+
+    from _styles import light_plain_border
+
+    ldm = registry.load_sampler_ldm(SamplerConfig(model="retrained"))
+    cfg = SamplerConfig()
+    cond = ldm.embed(["a medium red circle"] * 48)
+    z = torch.randn((48, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    images = ldm.decode(ldm.sample(z, cond, cfg.steps, cfg.guidance))
+    flat_like = light_plain_border(images).mean()
+    assert 0.05 <= flat_like <= 0.95, flat_like
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(90 * 60)  # about 35 minutes of training on 2 cores
+@pytest.mark.timeout(150 * 60)  # the recipe trains in at most 2 hours on 2 cores
 def test_the_documented_command_reproduces_the_shipped_generator_bit_for_bit(tmp_path):
     from edsam_online.diffusion.train_ldm import main
 
@@ -68,10 +86,11 @@ def test_the_documented_command_reproduces_the_shipped_generator_bit_for_bit(tmp
 
 @pytest.mark.slow
 @pytest.mark.timeout(60 * 60)
-def test_the_main_jobs_generator_keeps_what_its_captions_say(tmp_path, monkeypatch):
-    """The fidelity targets at the sampler preset (SamplerConfig's defaults), n = 500 captions:
-    rho = 0.5 keeps class >= 90% and colour >= 80%; pure sampling (the UNet reading the text)
-    class >= 70% and colour >= 70%."""
+def test_the_main_jobs_generator_leaves_the_source_style_and_keeps_what_its_captions_say():
+    """The bars at the sampler preset (SamplerConfig's defaults), n = 500 flat sources: every
+    measurer head at least 0.95 on held-out world renders; at the preset's rho class kept
+    >= 0.90, colour kept >= 0.85 and at least 25% of samples outside the flat style, while
+    identity (z_t = z_s) puts at most 5% outside it."""
     import torch
 
     from edsam_online.diffusion.fidelity import load_attribute_scorer, measure_fidelity
@@ -81,6 +100,8 @@ def test_the_main_jobs_generator_keeps_what_its_captions_say(tmp_path, monkeypat
     cfg = SamplerConfig(model="retrained", batch_size=64)  # the batch of the documented measurements
     scorer, accuracy = load_attribute_scorer(default_cache_dir())
     assert min(accuracy.values()) >= 0.95, accuracy
-    res = measure_fidelity(load_sampler_ldm(cfg), scorer, cfg, rhos=(0.5,), n=500)
-    assert res["rho=0.5"]["class"] >= 0.90 and res["rho=0.5"]["colour"] >= 0.80, res
-    assert res["pure"]["class"] >= 0.70 and res["pure"]["colour"] >= 0.70, res
+    res = measure_fidelity(load_sampler_ldm(cfg), scorer, cfg, rhos=(cfg.rho,), n=500)
+    at_preset = res[f"rho={cfg.rho:g}"]
+    assert at_preset["class"] >= 0.90 and at_preset["colour"] >= 0.85, res
+    assert at_preset["off_style"] >= 0.25, res
+    assert res["identity"]["off_style"] <= 0.05, res

@@ -55,3 +55,72 @@ def test_an_unknown_timestep_spacing_is_refused_by_name():
 
     with pytest.raises(ValueError, match="timestep_spacing"):
         TrainLDMConfig(out_dir="-", timestep_spacing="linspace")
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        TrainLDMConfig(out_dir="-", checkpoint_every=-1)
+
+
+def test_an_interrupted_training_resumes_to_the_same_files(tmp_path, monkeypatch):
+    """A checkpoint every 2 steps; a training stopped in its UNet stage and run again ends
+    with the files of a training that was never stopped, and leaves no checkpoint behind."""
+    import pytest
+
+    from edsam_online.diffusion import train_ldm as module
+
+    kw = dict(num_train=32, vae_steps=3, unet_steps=5, batch_size=8, unet_batch_size=4, num_threads=1,
+              checkpoint_every=2)
+    whole = module.train_ldm(TrainLDMConfig(out_dir=str(tmp_path / "whole"), **kw))
+    lr = module._lr
+
+    def stop_at_unet_step_3(step, total, base, warmup=20):
+        if total == kw["unet_steps"] and step == 3:
+            raise KeyboardInterrupt
+        return lr(step, total, base, warmup)
+
+    monkeypatch.setattr(module, "_lr", stop_at_unet_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        module.train_ldm(TrainLDMConfig(out_dir=str(tmp_path / "resumed"), **kw))
+    assert (tmp_path / "resumed.partial" / "state.pt").is_file() and not (tmp_path / "resumed").exists()
+    monkeypatch.setattr(module, "_lr", lr)
+    resumed = module.train_ldm(TrainLDMConfig(out_dir=str(tmp_path / "resumed"), **kw))
+    assert _files(resumed) == _files(whole)
+    assert not (tmp_path / "resumed.partial").exists()
+
+
+def test_the_version_hashes_the_data_so_changed_data_trains_anew(tmp_path):
+    """Any source the project reads trains the generator; the recipe version changes with the
+    data's content (an ImageFolder whose captions changed), not only with the settings."""
+    import numpy as np
+    from PIL import Image
+
+    from edsam_online.data.shapes import render_sample
+    from edsam_online.diffusion.train_ldm import load_corpus, recipe_version
+
+    folder = tmp_path / "pairs"
+    for i in range(6):
+        s = render_sample(i, "photo", 32, seed=3)
+        (folder / s.meta["class"]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(s.image).save(folder / s.meta["class"] / f"{i}.png")
+        (folder / s.meta["class"] / f"{i}.txt").write_text(s.caption)
+    cfg = TrainLDMConfig(out_dir="-", data_kind="imagefolder", data_path=str(folder), num_train=6)
+    x, captions = load_corpus(cfg)
+    assert x.shape == (6, 3, 32, 32) and float(x.min()) >= -1 and all(captions)
+    before = recipe_version(cfg)
+    caption_file = next(folder.rglob("*.txt"))
+    caption_file.write_text("a large red circle")
+    from edsam_online.diffusion import train_ldm as module
+
+    module._fingerprint_of.cache_clear()
+    assert recipe_version(cfg) != before
+    with np.testing.assert_raises_regex(ValueError, "num_train"):
+        load_corpus(TrainLDMConfig(out_dir="-", data_kind="imagefolder", data_path=str(folder), num_train=7))
+
+
+def test_a_bad_data_setting_is_refused_by_name(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="data_kind"):
+        TrainLDMConfig(out_dir="-", data_kind="parquet")
+    with pytest.raises(ValueError, match="data_domain"):
+        TrainLDMConfig(out_dir="-", data_domain="mars")
+    with pytest.raises(ValueError, match="data_path"):
+        TrainLDMConfig(out_dir="-", data_kind="csv")

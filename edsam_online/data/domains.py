@@ -8,6 +8,18 @@ name, size, pose) comes from `shapes.py` and is the same for one (seed, index)
 in every domain, so accuracy differences across domains measure the shift alone.
 
 Every caption template names size, color and class (`{size} {color} {cls}`).
+
+The generator's **world** (``WORLD``) is wider than the trainer's data: the same content
+rendered in the styles of ``WORLD_STYLES``, i.e. the source, three of the targets
+(``clutter``, ``dark``, ``photo``: the *generator-seen* targets) and three styles that
+belong to the world alone (``gradient``, ``texture``, ``pattern``). The other targets
+(``sketch``, ``noisy``, ``palette``) are *generator-unseen*: nothing here trains on them.
+Half of the world's captions name only the content (:data:`STYLE_FREE_TEMPLATES`), so a
+caption that names no style leaves the style to the generator's prior, as a CC3M caption
+does for Stable Diffusion; the other half use the style's own templates. The world's
+``flat`` images take the source templates that name the light, plain background (the
+ones that name a style), so a source caption that asks for a light background is kept
+to one by the generator, while the source's style-free captions leave it free.
 """
 
 from __future__ import annotations
@@ -17,6 +29,8 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from .pictures import PHOTOS, TEXTURES, random_crop
 
 RGB = tuple[int, int, int]
 
@@ -81,6 +95,39 @@ def _clutter_background(rng: np.random.Generator, res: int) -> np.ndarray:
         color = tuple(int(c) for c in rng.integers(0, 256, size=3))
         draw.line((x0, y0, x1, y1), fill=color, width=width)
     return np.asarray(img, dtype=np.float32)
+
+
+def _photo_background(rng: np.random.Generator, res: int) -> np.ndarray:
+    return random_crop(rng, PHOTOS, res)
+
+
+def _texture_background(rng: np.random.Generator, res: int) -> np.ndarray:
+    """A grey texture (brick, grass, gravel) mapped between two random colours."""
+    grey = random_crop(rng, TEXTURES, res, scale=(0.3, 0.8)) / 255.0
+    lo, hi = rng.integers(0, 140, size=3), rng.integers(110, 256, size=3)
+    return (lo + grey * (hi - lo)).astype(np.float32)
+
+
+def _gradient_background(rng: np.random.Generator, res: int) -> np.ndarray:
+    """A linear blend between two random colours at a random angle."""
+    a, b = rng.integers(0, 256, size=(2, 3)).astype(np.float32)
+    theta = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:res, 0:res] / max(1, res - 1) - 0.5
+    t = (np.cos(theta) * xx + np.sin(theta) * yy) / 0.71 + 0.5
+    return (a + np.clip(t, 0, 1)[..., None] * (b - a)).astype(np.float32)
+
+
+def _pattern_background(rng: np.random.Generator, res: int) -> np.ndarray:
+    """Stripes (at 0, 45, 90 or 135 degrees) or checks of two random colours."""
+    a, b = rng.integers(0, 256, size=(2, 3)).astype(np.float32)
+    period = rng.uniform(0.12, 0.3) * res
+    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32)
+    if rng.random() < 0.3:
+        on = ((xx // (period / 2)) + (yy // (period / 2))) % 2 == 0
+    else:
+        angle = np.pi / 4 * int(rng.integers(4))
+        on = ((np.cos(angle) * xx + np.sin(angle) * yy) % period) < period / 2
+    return np.where(on[..., None], a, b).astype(np.float32)
 
 
 def _identity(color: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -148,14 +195,54 @@ _DOMAIN_LIST = (
             "a {size} {color} {cls}, blurred and grainy")),
     Domain("palette", "flat rendering in colors never seen in the source", UNSEEN_PALETTE, "fill",
            _light_background, _identity, _no_post, SOURCE_TEMPLATES),
+    Domain("photo", "solid shape over a crop of a photograph", BASE_PALETTE, "fill",
+           _photo_background, _identity, _no_post,
+           ("a {size} {color} {cls} in front of a photograph",
+            "a {size} {color} {cls} pasted on a photo background",
+            "a {size} {color} {cls} over a photographic scene")),
+)
+# Styles of the generator's world that no evaluation domain has.
+_WORLD_ONLY = (
+    Domain("gradient", "solid shape on a two-colour gradient", BASE_PALETTE, "fill",
+           _gradient_background, _identity, _no_post,
+           ("a {size} {color} {cls} on a gradient background",
+            "a {size} {color} {cls} over a colour gradient")),
+    Domain("texture", "solid shape on a tinted brick, grass or gravel texture", BASE_PALETTE, "fill",
+           _texture_background, _identity, _no_post,
+           ("a {size} {color} {cls} on a textured surface",
+            "a {size} {color} {cls} on a rough tinted texture")),
+    Domain("pattern", "solid shape on two-colour stripes or checks", BASE_PALETTE, "fill",
+           _pattern_background, _identity, _no_post,
+           ("a {size} {color} {cls} on a patterned background",
+            "a {size} {color} {cls} in front of stripes or checks")),
 )
 
 DOMAIN_SPECS: dict[str, Domain] = {d.name: d for d in _DOMAIN_LIST}
 DOMAINS: tuple[str, ...] = tuple(DOMAIN_SPECS)
 TARGET_DOMAINS: tuple[str, ...] = tuple(d for d in DOMAINS if d != SOURCE_DOMAIN)
+STYLE_SPECS: dict[str, Domain] = {**DOMAIN_SPECS, **{d.name: d for d in _WORLD_ONLY}}
+
+#: The generator's world corpus, a built-in data domain of its own (``data.domain=world``).
+WORLD = "world"
+WORLD_STYLES: tuple[str, ...] = ("flat", "clutter", "dark", "photo", "gradient", "texture", "pattern")
+#: Captions that name the content alone; half of the world's captions use one of them.
+STYLE_FREE_TEMPLATES = (
+    "a {size} {color} {cls}",
+    "a photo of a {size} {color} {cls}",
+    "a {size} {cls} in {color}",
+    "a {size} {cls} colored {color}",
+    "a picture of a {size} {color} {cls}",
+)
+STYLE_FREE_SHARE = 0.5
+#: Each world style's own captions: the style's templates less the style-free ones.
+WORLD_TEMPLATES: dict[str, tuple[str, ...]] = {
+    name: tuple(t for t in STYLE_SPECS[name].templates if t not in STYLE_FREE_TEMPLATES) for name in WORLD_STYLES}
+#: What built-in data can render: every style, and the world (a mixture of its styles).
+BUILTIN_DOMAINS: tuple[str, ...] = (*STYLE_SPECS, WORLD)
 
 
 def get_domain(name: str) -> Domain:
-    if name not in DOMAIN_SPECS:
-        raise ValueError(f"domain must be one of {list(DOMAINS)}, got {name!r}")
-    return DOMAIN_SPECS[name]
+    """The renderer of an evaluation domain or a world style."""
+    if name not in STYLE_SPECS:
+        raise ValueError(f"domain must be one of {list(STYLE_SPECS)}, got {name!r}")
+    return STYLE_SPECS[name]

@@ -20,11 +20,12 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .domains import DOMAINS, SOURCE_DOMAIN, TARGET_DOMAINS, get_domain
+from .domains import (DOMAINS, SOURCE_DOMAIN, STYLE_FREE_SHARE, STYLE_FREE_TEMPLATES, TARGET_DOMAINS, WORLD,
+                      WORLD_STYLES, WORLD_TEMPLATES, get_domain)
 from .records import RealSample
 
 __all__ = ["CLASSES", "COLORS", "DOMAINS", "SIZES", "SOURCE_DOMAIN", "TARGET_DOMAINS",
-           "render_sample", "sample_attributes"]
+           "render_sample", "sample_attributes", "world_style"]
 
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart",
                             "cross", "hexagon", "ring", "arrow", "crescent")
@@ -153,12 +154,25 @@ def _shape_mask(attrs: dict, res: int, outline: bool) -> np.ndarray:
     return np.asarray(mask.reduce(SUPERSAMPLE), dtype=np.float32) / 255.0
 
 
+@lru_cache(maxsize=64)
+def _block_styles(seed: int, block: int) -> tuple[int, ...]:
+    return tuple(int(v) for v in np.random.default_rng([0x57E, seed, block]).permutation(len(WORLD_STYLES)))
+
+
+def world_style(index: int, seed: int) -> str:
+    """The style of world sample ``index``: every block of 7 consecutive indices holds each style once."""
+    return WORLD_STYLES[_block_styles(seed, index // len(WORLD_STYLES))[index % len(WORLD_STYLES)]]
+
+
 def render_sample(index: int, domain: str = SOURCE_DOMAIN, resolution: int = 32, seed: int = 0) -> RealSample:
-    """Render built-in sample `index` of `domain`; the same arguments give the same pixels and caption."""
+    """Render built-in sample `index` of `domain` (an evaluation domain, a world style, or
+    ``"world"``: the style :func:`world_style` picks, captioned without a style with
+    probability ``STYLE_FREE_SHARE``); the same arguments give the same pixels and caption."""
     _check_args(index, resolution, seed)
-    spec = get_domain(domain)
+    style = world_style(index, seed) if domain == WORLD else domain
+    spec = get_domain(style)
     attrs = sample_attributes(index, seed)
-    rng = np.random.default_rng([zlib.crc32(domain.encode()), seed, index])
+    rng = np.random.default_rng([zlib.crc32(style.encode()), seed, index])
     color_name = list(spec.palette)[attrs["color_index"]]
     color = np.asarray(spec.palette[color_name], dtype=np.float32) + rng.uniform(-12, 12, size=3)
     color = spec.shade(np.clip(color, 0, 255), rng)
@@ -166,10 +180,16 @@ def render_sample(index: int, domain: str = SOURCE_DOMAIN, resolution: int = 32,
     alpha = _shape_mask(attrs, resolution, outline=spec.style == "outline")[..., None]
     img = spec.post(background * (1.0 - alpha) + color * alpha, rng)
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    template = spec.templates[int(rng.integers(len(spec.templates)))]
+    templates = spec.templates
+    if domain == WORLD:
+        caption_rng = np.random.default_rng([0xCA9, seed, index])
+        templates = STYLE_FREE_TEMPLATES if caption_rng.random() < STYLE_FREE_SHARE else WORLD_TEMPLATES[style]
+        template = templates[int(caption_rng.integers(len(templates)))]
+    else:
+        template = templates[int(rng.integers(len(templates)))]
     caption = template.format(size=attrs["size"], color=color_name, cls=attrs["class"])
     meta = {"class": attrs["class"], "label": attrs["label"], "color": color_name, "size": attrs["size"],
-            "domain": domain, "seed": seed, "index": index}
+            "domain": domain, "style": style, "seed": seed, "index": index}
     return RealSample(key=f"{domain}-{seed}-{index:08d}", image=image, caption=caption, meta=meta)
 
 

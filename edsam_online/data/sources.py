@@ -40,13 +40,13 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from torchdata.nodes import BaseNode, ParallelMapper
 
-from .domains import DOMAINS, SOURCE_DOMAIN
+from .domains import BUILTIN_DOMAINS, SOURCE_DOMAIN
 from .records import RealRecord, RealSample
 from .shapes import render_sample
 
 logger = logging.getLogger(__name__)
 
-DATA_KINDS = ("builtin", "webdataset", "csv")
+DATA_KINDS = ("builtin", "webdataset", "csv", "imagefolder")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 COUNTER_NAMES = ("data/corrupt_images", "data/missing_fields", "data/unreadable_files",
                  "data/corrupt_shards", "data/bad_metadata")
@@ -56,11 +56,13 @@ COUNTER_NAMES = ("data/corrupt_images", "data/missing_fields", "data/unreadable_
 class RealDataConfig:
     """Where real image-caption pairs come from.
 
-    kind: "builtin" (procedural shapes), "webdataset" (tar shards, img2dataset layout)
-      or "csv" (columns path,caption; relative paths against the CSV's folder).
+    kind: "builtin" (procedural shapes), "webdataset" (tar shards, img2dataset layout),
+      "csv" (columns path,caption; relative paths against the CSV's folder) or
+      "imagefolder" (a folder tree of images, each captioned by the .txt file of its name).
     path: shards as a brace pattern ("data/{00000..00009}.tar"), a list of shards or
-      a directory of *.tar; or the CSV file. Unused for builtin.
-    domain: built-in domain to render (training uses the source, "flat").
+      a directory of *.tar; the CSV file; or the image folder. Unused for builtin.
+    domain: built-in domain to render: the trainer's real data is the source, "flat";
+      "world" is the generator's wider corpus (every world style, see `data.domains`).
     resolution: images are rendered at, or resized and center-cropped to, this size.
     seed: fixes built-in content and every epoch's shuffle order.
     length: built-in epoch size (samples over all ranks).
@@ -81,8 +83,8 @@ class RealDataConfig:
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
             raise ValueError(f"kind must be one of {list(DATA_KINDS)}, got {self.kind!r}")
-        if self.domain not in DOMAINS:
-            raise ValueError(f"domain must be one of {list(DOMAINS)}, got {self.domain!r}")
+        if self.domain not in BUILTIN_DOMAINS:
+            raise ValueError(f"domain must be one of {list(BUILTIN_DOMAINS)}, got {self.domain!r}")
         if self.resolution < 8:
             raise ValueError(f"resolution must be >= 8, got {self.resolution}")
         if self.seed < 0:
@@ -93,15 +95,16 @@ class RealDataConfig:
             raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be >= 1 or None, got {self.epochs}")
-        if self.kind in ("webdataset", "csv"):
+        if self.kind in ("webdataset", "csv", "imagefolder"):
             if self.path is None or (isinstance(self.path, str) and not self.path.strip()):
                 raise ValueError(f"path is required for kind={self.kind!r}")
             if not isinstance(self.path, str):
                 self.path = [str(p) for p in self.path]  # list / tuple / OmegaConf ListConfig
                 if not self.path:
                     raise ValueError("path must not be an empty list")
-            if self.kind == "csv" and not isinstance(self.path, str):
-                raise ValueError(f"path must be one CSV file for kind='csv', got {self.path!r}")
+            if self.kind in ("csv", "imagefolder") and not isinstance(self.path, str):
+                raise ValueError(f"path must be one {'CSV file' if self.kind == 'csv' else 'folder'} "
+                                 f"for kind={self.kind!r}, got {self.path!r}")
 
 
 class DataCounters:
@@ -200,13 +203,13 @@ class _CsvReader:
     def _load(self, row: int, path: str | None, caption: str | None) -> RealRecord | None:
         path, caption = (path or "").strip(), (caption or "").strip()
         if not path or not caption:
-            logger.warning("skipping CSV row %d: empty path or caption", row)
+            logger.warning("skipping %s row %d (%s): empty path or caption", self.cfg.kind, row, path)
             self.counters.inc("data/missing_fields")
             return None
         try:
             data = (self.root / path).read_bytes()
         except OSError as err:
-            logger.warning("skipping CSV row %d: cannot read %s: %s", row, path, err)
+            logger.warning("skipping %s row %d: cannot read %s: %s", self.cfg.kind, row, path, err)
             self.counters.inc("data/unreadable_files")
             return None
         return RealRecord(key=path, image=data, caption=caption, meta={"path": path, "row": row})
@@ -217,6 +220,29 @@ class _CsvReader:
             order = np.random.default_rng([self.cfg.seed, epoch, self.rank]).permutation(len(self.rows))
         for j in order[start:]:
             yield self._load(*self.rows[j])
+
+
+class _ImageFolderReader(_CsvReader):
+    """Every image under ``path`` (any depth, sorted), captioned by ``<name>.txt`` beside it;
+    an image without a readable, non-empty caption is skipped and counted."""
+
+    def __init__(self, cfg: RealDataConfig, rank: int, world_size: int, counters: DataCounters):
+        root = Path(cfg.path)
+        if not root.is_dir():
+            raise ValueError(f"path: image folder not found: {root}")
+        images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+        self.rows = [(i, str(p.relative_to(root)), None) for i, p in enumerate(images)][rank::world_size]
+        if not self.rows:
+            raise ValueError(f"path: image folder {root} holds {len(images)} images "
+                             f"({'/'.join(IMAGE_EXTENSIONS)}), none for rank {rank} of {world_size}")
+        self.root, self.cfg, self.rank, self.counters = root, cfg, rank, counters
+
+    def _load(self, row: int, path: str | None, caption: str | None) -> RealRecord | None:
+        try:
+            caption = (self.root / path).with_suffix(".txt").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            caption = ""
+        return super()._load(row, path, caption)
 
 
 def resolve_shards(path: str | list[str]) -> list[str]:
@@ -297,7 +323,8 @@ class _WebDatasetReader:
             yield self._record(sample)
 
 
-_READERS = {"builtin": _BuiltinReader, "csv": _CsvReader, "webdataset": _WebDatasetReader}
+_READERS = {"builtin": _BuiltinReader, "csv": _CsvReader, "webdataset": _WebDatasetReader,
+            "imagefolder": _ImageFolderReader}
 
 
 # --------------------------------------------------------------------------- the node

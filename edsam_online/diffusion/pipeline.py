@@ -96,7 +96,7 @@ class LatentDiffusion:
     def __init__(self, vae, unet, text_encoder, tokenizer, scheduler_config, *, model_id: str = "",
                  layout: str = "sd", device: str = "cpu", dtype: str = "fp32",
                  channels_last: bool = False, compile: bool = False,
-                 deepcache_interval: int = 1, deepcache_branch: int = 0):
+                 deepcache_interval: int = 1, deepcache_branch: int = 0, timestep_spacing: str | None = None):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
         if dtype not in DTYPES:
@@ -122,7 +122,10 @@ class LatentDiffusion:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
         self._unet_fn = torch.compile(self.unet) if compile else self.unet
-        self.scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False)
+        # timestep_spacing None keeps the model's own (its scheduler config); both schedulers
+        # share it, so the inversion still walks the levels the sampler walks back.
+        spacing = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
+        self.scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False, **spacing)
         self.inverse_scheduler = DDIMInverseScheduler.from_config(self.scheduler.config, clip_sample=False)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)

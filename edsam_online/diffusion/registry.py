@@ -3,13 +3,13 @@
 ``model`` is a folder or hub id (SD or CompVis LDM layout), :data:`TINY_RANDOM` (a random
 tiny LDM built in memory, for tests), ``random:<hub id>`` (a published architecture with
 random weights, :mod:`edsam_online.diffusion.architectures`) or :data:`RETRAINED` (the small
-LDM trained on the built-in source domain by :mod:`edsam_online.diffusion.train_ldm`). The
+LDM trained on the built-in world corpus by :mod:`edsam_online.diffusion.train_ldm`). The
 32 px model of the current recipe ships with the package under :data:`SHIPPED_DIR`; any
 other (another resolution, a changed recipe) is trained on first use into the config's
 ``cache_dir``.
 Both folders are named by the training recipe's version
-(:func:`~edsam_online.diffusion.train_ldm.recipe_version`), so a changed recipe is trained
-anew, never served from an older shipped or cached model.
+(:func:`~edsam_online.diffusion.train_ldm.recipe_version`, which hashes the data too), so a
+changed recipe or corpus is trained anew, never served from an older shipped or cached model.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def ensure_retrained(cache_dir: str | None, resolution: int = 32) -> Path:
 
 def load_sampler_ldm(cfg: SamplerConfig) -> LatentDiffusion:
     kw = dict(device=cfg.device, dtype=cfg.dtype, channels_last=cfg.channels_last, compile=cfg.compile,
-              deepcache_interval=cfg.deepcache_interval, deepcache_branch=cfg.deepcache_branch)
+              deepcache_interval=cfg.deepcache_interval, deepcache_branch=cfg.deepcache_branch,
+              timestep_spacing=cfg.timestep_spacing)
     if cfg.model == TINY_RANDOM:
         return build_tiny_ldm(resolution=cfg.resolution, seed=cfg.seed, **kw)
     if (arch := random_architecture(cfg.model)) is not None:

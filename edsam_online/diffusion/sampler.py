@@ -11,6 +11,8 @@ from edsam_online.diffusion.architectures import random_architecture
 from edsam_online.diffusion.pipeline import DTYPES, LatentDiffusion
 from edsam_online.diffusion.transport import MODES, transport
 
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # DDIMScheduler's
+
 
 @dataclass
 class SamplerConfig:
@@ -20,7 +22,7 @@ class SamplerConfig:
     LDM, tests), ``"random:<hub id>"`` (a stored published architecture with random weights
     drawn from ``seed``, e.g. ``random:CompVis/ldm-text2im-large-256``: the paper's generator
     for speed measurements, :mod:`edsam_online.diffusion.architectures`) or ``"retrained"``
-    (the small LDM trained on the built-in source domain, cached under ``cache_dir`` and
+    (the small LDM trained on the built-in world corpus, cached under ``cache_dir`` and
     trained on first use; ``None``: ``$EDSAM_CACHE`` or ``~/.cache/edsam-online``); see
     :mod:`edsam_online.diffusion.registry`.
 
@@ -45,6 +47,7 @@ class SamplerConfig:
     steps: int = 5
     inversion_steps: int = 5
     guidance: float = 3.0
+    timestep_spacing: str | None = None
     batch_size: int = 8
     device: str = "cpu"
     dtype: str = "fp32"
@@ -70,6 +73,9 @@ class SamplerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if self.timestep_spacing not in (None, *TIMESTEP_SPACINGS):
+            raise ValueError(f"timestep_spacing must be null (the model's own) or one of {TIMESTEP_SPACINGS}, "
+                             f"got {self.timestep_spacing!r}")
         if not self.guidance >= 1.0:
             raise ValueError(f"guidance must be >= 1 (1 = no guidance), got {self.guidance}")
         if self.dtype not in DTYPES:

@@ -5,8 +5,8 @@ and returns K float32 scores; the producer sends them as the header's ``score`` 
 drops samples below ``producer.min_score`` (:class:`edsam_online.producer.Producer`).
 
 * ``attributes``: :class:`~edsam_online.diffusion.fidelity.AttributeScorer`, the share of the
-  caption's class, colour and size the sample shows (measurers fitted on real source images
-  of the built-in domains only);
+  caption's class, colour and size the sample shows (a measurer fitted on renders of every
+  style of the built-in world; built-in captions only);
 * ``clip``: :class:`ClipScorer`, CLIP score with any open_clip model, for real captions.
 """
 
@@ -53,8 +53,8 @@ class ClipScorer:
 
 def build_scorer(producer: ProducerConfig, sampler: SamplerConfig) -> Scorer | None:
     """The scorer ``producer.scorer`` names (None for ``none``), on the generator's device.
-    ``attributes`` fits its measurers at the generator's resolution on first use and caches
-    them in the generator's cache folder."""
+    ``attributes`` trains its measurer at the generator's resolution on first use and caches
+    it in the generator's cache folder."""
     if producer.scorer == "none":
         return None
     if producer.scorer == "attributes":

@@ -1,10 +1,19 @@
-"""Retrain a small text-conditional LDM on the built-in source domain (the paper's "Retrained-LDM").
+"""Retrain a small text-conditional LDM on a corpus of your own (the paper's "Retrained-LDM").
 
-    python -m edsam_online.diffusion.train_ldm --out DIR [--vae-steps N] [--unet-steps N] [--<any setting> V]
+    python -m edsam_online.diffusion.train_ldm --out DIR [--data-kind builtin|webdataset|csv|imagefolder]
+        [--data-path P] [--data-domain world] [--num-train N] [--vae-steps N] [--unet-steps N] [--<any setting> V]
 
-With the defaults this writes the model that ships in ``edsam_online/diffusion/weights/``
-(about 29 minutes on 2 cores; a fixed number of steps from ``seed``, so the same config
-writes the same files however fast the machine is). Two stages on CPU at 32 px:
+With the defaults this writes the model that ships in ``edsam_online/diffusion/weights/``: the
+built-in *world* corpus (``data.domain=world``: the source's content in seven styles, a prior
+wider than the trainer's ``flat`` data, as LAION is wider than CC3M). A fixed number of steps
+from ``seed``, so the same config and data write the same files however fast the machine is.
+Any data source the project reads trains it (webdataset shards, a CSV, an ImageFolder with
+``.txt`` captions): the first ``num_train`` decodable samples, resized to ``resolution``.
+The recipe version names the model's folder and hashes the settings *and* the data's
+fingerprint (:func:`data_fingerprint`), so changed data trains anew. A checkpoint is written
+every ``checkpoint_every`` steps to ``<out>.partial/``; run the same command again to resume an
+interrupted training where it stopped (the result is the same files as an uninterrupted run).
+Two stages on CPU at 32 px:
 
 1. An AutoencoderKL (32 px -> 16x16x4 latents), trained as a deterministic
    autoencoder on the posterior *mean* with a small KL term. Training on posterior
@@ -34,14 +43,15 @@ writes the same files however fast the machine is). Two stages on CPU at 32 px:
 The weights are saved in fp16 (``storage_dtype``), the Stable Diffusion layout, and load
 through ``load_ldm`` in fp32. ``model="retrained"`` loads the shipped folder when its
 recipe version is the code's, and otherwise trains into its cache folder on first use.
-Every caption is the full built-in caption (class, color, size), so generation can be
-conditioned on all of it.
+Every built-in caption names class, color and size, so generation can be conditioned on
+all of it; half of the world's captions name no style (:mod:`edsam_online.data.domains`).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -66,7 +76,7 @@ log = logging.getLogger(__name__)
 
 #: Bumped whenever this module's code changes what a config trains, so that the recipe version
 #: (:func:`recipe_version`) changes with the code as well as with the settings.
-RECIPE_REVISION = 2
+RECIPE_REVISION = 3
 
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -75,11 +85,15 @@ STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 class TrainLDMConfig:
     out_dir: str
     resolution: int = 32
-    num_train: int = 8000  # rendered source-domain images (index 0..num_train-1, seed below)
+    # The corpus: a RealDataConfig's kind, path and built-in domain (``world``: every world style).
+    data_kind: str = "builtin"
+    data_path: str = ""
+    data_domain: str = "world"
+    num_train: int = 14000  # the first this many decodable samples (2000 per world style)
     data_seed: int = 0
     seed: int = 0
-    vae_steps: int = 1600
-    unet_steps: int = 8000
+    vae_steps: int = 2000
+    unet_steps: int = 11000
     batch_size: int = 64  # VAE stage
     unet_batch_size: int = 32
     vae_lr: float = 3e-3
@@ -88,13 +102,15 @@ class TrainLDMConfig:
     grid_steps: int = 10  # the DDIM step count whose timesteps get ``grid_share`` of the training draws
     grid_share: float = 0.5
     # DDIM's spacing of sampling timesteps, saved in the scheduler config the sampler and its
-    # inversion read: "leading" starts 5 steps at t = 801 (signal coefficient 0.19), so pure
-    # sampling starts from noise the UNet never saw at that level; "trailing" starts at t = 999 (0.07).
-    timestep_spacing: str = "leading"
+    # inversion read (SamplerConfig.timestep_spacing may override it): "leading" starts 5 steps at
+    # t = 801 (signal coefficient 0.19), "trailing" at t = 999 (0.07), so a trailing inversion
+    # reaches deeper noise and the transport's shift moves a sample's global style further.
+    timestep_spacing: str = "trailing"
     kl_weight: float = 1e-6
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
     num_threads: int = 2
+    checkpoint_every: int = 1000  # steps between resumable checkpoints in <out>.partial/ (0 = none)
     # Dtype of the saved weights. "fp16" halves the folder (the text encoder's 49408-token
     # embedding is most of it) so the shipped model stays small; loading casts back to fp32.
     storage_dtype: str = "fp16"
@@ -106,6 +122,9 @@ class TrainLDMConfig:
                      "latent_channels", "grid_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        self.data_config()  # a bad data_kind, data_path or data_domain fails here, naming it
         if self.resolution % 4:
             raise ValueError(f"resolution must be a multiple of 4, got {self.resolution}")
         if not 0 <= self.grid_share <= 1:
@@ -120,12 +139,68 @@ class TrainLDMConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
-def recipe_version(cfg: TrainLDMConfig) -> str:
+    def data_config(self):
+        from edsam_online.data import RealDataConfig
+
+        try:
+            return RealDataConfig(kind=self.data_kind, path=self.data_path or None, domain=self.data_domain,
+                                  resolution=self.resolution, seed=self.data_seed, length=self.num_train,
+                                  shuffle=False, epochs=1)
+        except ValueError as err:
+            raise ValueError(f"data_{err}") from None
+
+
+# Settings that change how training runs but not what it writes.
+_NOT_RECIPE = ("out_dir", "num_threads", "checkpoint_every")
+
+
+def _settings(cfg: TrainLDMConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in _NOT_RECIPE}
+
+
+def load_corpus(cfg: TrainLDMConfig) -> tuple[torch.Tensor, list[str]]:
+    """The training corpus: the first ``num_train`` decodable samples of the data source as
+    float images in [-1, 1] ``[N, 3, H, W]`` and their captions. Fewer is an error."""
+    from edsam_online.data import iter_real_samples
+
+    images, captions = [], []
+    try:
+        for sample in iter_real_samples(cfg.data_config()):
+            images.append(sample.image)
+            captions.append(sample.caption)
+            if len(images) == cfg.num_train:
+                break
+    except ValueError as err:  # an epoch that decodes to nothing
+        raise ValueError(f"data_path: {err}") from None
+    if len(images) < cfg.num_train:
+        raise ValueError(f"num_train: the data holds {len(images)} decodable samples, fewer than {cfg.num_train}")
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, captions
+
+
+def data_fingerprint(x: torch.Tensor, captions: list[str]) -> str:
+    """sha256 of the corpus as trained on (pixels and captions, in order), 12 hex digits."""
+    h = hashlib.sha256(x.numpy().tobytes())
+    for caption in captions:
+        h.update(caption.encode() + b"\0")
+    return h.hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint_of(settings_json: str) -> str:
+    cfg = TrainLDMConfig(out_dir="-", **json.loads(settings_json))
+    return data_fingerprint(*load_corpus(cfg))
+
+
+def recipe_version(cfg: TrainLDMConfig, fingerprint: str | None = None) -> str:
     """A short hash of everything that determines the trained weights: the settings (not the
-    output folder) and :data:`RECIPE_REVISION`. The retrained LDM's cache folder is named by
-    it, so a changed recipe trains a new model instead of loading the old one."""
-    settings = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}
-    blob = json.dumps({"revision": RECIPE_REVISION, **settings}, sort_keys=True).encode()
+    output folder), :data:`RECIPE_REVISION` and the data's fingerprint (computed, and cached
+    for the process, when not given). The retrained LDM's folder is named by it, so a
+    changed recipe or changed data trains a new model instead of loading the old one."""
+    settings = _settings(cfg)
+    if fingerprint is None:
+        fingerprint = _fingerprint_of(json.dumps(settings, sort_keys=True))
+    blob = json.dumps({"revision": RECIPE_REVISION, "data": fingerprint, **settings}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
@@ -144,7 +219,7 @@ def build_components(resolution: int = 32, latent_channels: int = 4, timestep_sp
     ))
     unet = UNet2DConditionModel(
         sample_size=resolution // 2, in_channels=latent_channels, out_channels=latent_channels,
-        layers_per_block=1, block_out_channels=(32, 64, 64),
+        layers_per_block=1, block_out_channels=(48, 96, 96),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
         attention_head_dim=16, norm_num_groups=16,
@@ -158,25 +233,54 @@ def build_components(resolution: int = 32, latent_channels: int = 4, timestep_sp
     return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
-def render_source(cfg: TrainLDMConfig) -> tuple[torch.Tensor, list[str]]:
-    """The built-in source domain as float images in [-1, 1] [N, 3, H, W] and their captions."""
-    from edsam_online.data.shapes import SOURCE_DOMAIN, render_sample
-
-    samples = [render_sample(i, SOURCE_DOMAIN, cfg.resolution, cfg.data_seed) for i in range(cfg.num_train)]
-    x = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return x, [s.caption for s in samples]
-
-
 def _lr(step: int, total: int, base: float, warmup: int = 20) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_vae(vae: AutoencoderKL, x: torch.Tensor, cfg: TrainLDMConfig, g: torch.Generator) -> None:
+class _Checkpoints:
+    """Resumable state of one training in ``<out>.partial/state.pt``, written atomically every
+    ``checkpoint_every`` steps of either stage. Loaded with ``torch.load(weights_only=True)``
+    (tensors and plain containers only), and only when it is of the same recipe version."""
+
+    def __init__(self, out: Path, version: str, every: int):
+        self.path, self.version, self.every = out.with_name(out.name + ".partial") / "state.pt", version, every
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state.get("version") != self.version:
+            log.warning("train_ldm: ignoring %s of another recipe version (%s, not %s)",
+                        self.path, state.get("version"), self.version)
+            return None
+        log.info("train_ldm: resuming the %s stage at step %d from %s", state["stage"], state["step"], self.path)
+        return state
+
+    def due(self, step: int, total: int) -> bool:
+        return self.every > 0 and (step + 1) % self.every == 0 and step + 1 < total
+
+    def save(self, stage: str, step: int, g: torch.Generator, **state) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"version": self.version, "stage": stage, "step": step, "rng": g.get_state(), **state}, tmp)
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.path.parent, ignore_errors=True)
+
+
+def train_vae(vae: AutoencoderKL, x: torch.Tensor, cfg: TrainLDMConfig, g: torch.Generator,
+              ckpt: _Checkpoints, resume: dict | None = None) -> None:
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    start = 0
+    if resume is not None:
+        vae.load_state_dict(resume["vae"])
+        opt.load_state_dict(resume["opt"])
+        start = resume["step"]
     vae.train()
-    bar = tqdm(range(cfg.vae_steps), desc="train_ldm vae", mininterval=5)
+    bar = tqdm(range(start, cfg.vae_steps), desc="train_ldm vae", total=cfg.vae_steps, initial=start, mininterval=5)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr)
@@ -191,6 +295,8 @@ def train_vae(vae: AutoencoderKL, x: torch.Tensor, cfg: TrainLDMConfig, g: torch
         if step % 20 == 0 or step == cfg.vae_steps - 1:
             bar.set_postfix(rec=f"{loss_rec.item():.4f}")
             log.info("vae step %d rec %.4f", step, loss_rec.item())
+        if ckpt.due(step, cfg.vae_steps):
+            ckpt.save("vae", step + 1, g, vae=vae.state_dict(), opt=opt.state_dict())
     vae.eval().requires_grad_(False)
 
 
@@ -200,7 +306,7 @@ def encode_all(vae: AutoencoderKL, x: torch.Tensor, bs: int = 256) -> torch.Tens
 
 
 def train_unet(c: dict, latents: torch.Tensor, captions: list[str], cfg: TrainLDMConfig,
-               g: torch.Generator) -> torch.nn.Module:
+               g: torch.Generator, ckpt: _Checkpoints, resume: dict | None = None) -> torch.nn.Module:
     unet, text_encoder, tokenizer, sched = c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"]
     ids_all = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
@@ -209,13 +315,21 @@ def train_unet(c: dict, latents: torch.Tensor, captions: list[str], cfg: TrainLD
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01, fused=True)
     ema = copy.deepcopy(unet).requires_grad_(False)
+    start = 0
+    if resume is not None:
+        unet.load_state_dict(resume["unet"])
+        text_encoder.load_state_dict(resume["text_encoder"])
+        ema.load_state_dict(resume["ema"])
+        opt.load_state_dict(resume["opt"])
+        start = resume["step"]
     acp = sched.alphas_cumprod
     grid_sched = DDIMScheduler.from_config(sched.config)
     grid_sched.set_timesteps(cfg.grid_steps)
     grid = grid_sched.timesteps.long()
     unet.train()
     text_encoder.train()
-    bar = tqdm(range(cfg.unet_steps), desc="train_ldm unet", mininterval=5)
+    bar = tqdm(range(start, cfg.unet_steps), desc="train_ldm unet", total=cfg.unet_steps, initial=start,
+               mininterval=5)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr)
@@ -243,14 +357,17 @@ def train_unet(c: dict, latents: torch.Tensor, captions: list[str], cfg: TrainLD
         if step % 20 == 0 or step == cfg.unet_steps - 1:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             log.info("unet step %d loss %.4f", step, loss.item())
+        if ckpt.due(step, cfg.unet_steps):
+            ckpt.save("unet", step + 1, g, vae=c["vae"].state_dict(), unet=unet.state_dict(),
+                      text_encoder=text_encoder.state_dict(), ema=ema.state_dict(), opt=opt.state_dict())
     return ema.eval()
 
 
 def train_ldm(cfg: TrainLDMConfig) -> Path:
     """Train and save the retrained LDM under ``cfg.out_dir`` (written atomically); returns the path.
 
-    The folder holds only what the training settings determine (no timings, not its own path),
-    so two runs of one config write identical files."""
+    The folder holds only what the training settings and data determine (no timings, not its
+    own path), so two runs of one config write identical files, resumed or not."""
     out = Path(cfg.out_dir).expanduser()
     t0 = time.monotonic()
     threads = torch.get_num_threads()
@@ -259,25 +376,36 @@ def train_ldm(cfg: TrainLDMConfig) -> Path:
         torch.manual_seed(cfg.seed)
         g = torch.Generator().manual_seed(cfg.seed)
         c = build_components(cfg.resolution, cfg.latent_channels, cfg.timestep_spacing)
-        x, captions = render_source(cfg)
-        train_vae(c["vae"], x, cfg, g)
+        x, captions = load_corpus(cfg)
+        fingerprint = data_fingerprint(x, captions)
+        version = recipe_version(cfg, fingerprint)
+        ckpt = _Checkpoints(out, version, cfg.checkpoint_every)
+        resume = ckpt.load()
+        if resume is not None:
+            g.set_state(resume["rng"])
+        if resume is not None and resume["stage"] == "unet":
+            c["vae"].load_state_dict(resume["vae"])
+            c["vae"].eval().requires_grad_(False)
+        else:
+            train_vae(c["vae"], x, cfg, g, ckpt, resume)
+            resume = None
         latents = encode_all(c["vae"], x)
         scale = 1.0 / latents.std().item()
         c["vae"].register_to_config(scaling_factor=scale)
-        c["unet"] = train_unet(c, latents * scale, captions, cfg, g)
+        c["unet"] = train_unet(c, latents * scale, captions, cfg, g, ckpt, resume)
         c["text_encoder"].eval()
         for name in ("vae", "unet", "text_encoder"):
             c[name].to(STORAGE_DTYPES[cfg.storage_dtype])
         tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         save_components(c, tmp, "sd")
-        settings = {k: v for k, v in asdict(cfg).items() if k != "out_dir"}  # the folder may move
-        (tmp / "train_ldm_config.json").write_text(json.dumps(
-            {**settings, "revision": RECIPE_REVISION, "version": recipe_version(cfg), "scaling_factor": scale},
-            indent=1))
+        (tmp / "train_ldm_config.json").write_text(json.dumps(  # not out_dir: the folder may move
+            {**_settings(cfg), "revision": RECIPE_REVISION, "data_fingerprint": fingerprint, "version": version,
+             "scaling_factor": scale}, indent=1))
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
+        ckpt.clear()
     finally:
         torch.set_num_threads(threads)
     log.info("train_ldm: saved %s in %.1f s", out, time.monotonic() - t0)
