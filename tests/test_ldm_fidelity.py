@@ -32,19 +32,22 @@ def test_train_config_validation(field, value):
 
 def test_the_shipped_generator_is_the_current_recipe_and_loads_without_training(tmp_path, monkeypatch):
     """The main job's generator ships with the package: in the SD layout, at most 20 MB, of the
-    recipe the code trains today (else "retrained" would train a new one), loaded by from_pretrained."""
+    recipe and data the code trains today (else "retrained" would train a new one), loaded by
+    from_pretrained."""
     import json
 
     import torch
     from safetensors.torch import load_file
 
-    from edsam_online.diffusion.train_ldm import recipe_version
+    from edsam_online.diffusion.train_ldm import data_fingerprint, load_corpus, recipe_version
 
     shipped = sorted(p.name for p in registry.SHIPPED_DIR.iterdir() if p.is_dir())
     assert shipped == [retrained_model_id(32)]
     folder = registry.SHIPPED_DIR / shipped[0]
     recorded = json.loads((folder / "train_ldm_config.json").read_text())
     assert recorded["version"] == recipe_version(TrainLDMConfig(out_dir="-"))
+    # the world corpus renders today to the very pixels and captions the model was trained on
+    assert recorded["data_fingerprint"] == data_fingerprint(*load_corpus(TrainLDMConfig(out_dir="-")))
     assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 20 * 2**20
     assert {t.dtype for t in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").values()} \
         == {torch.float16}  # stored in half precision ...

@@ -205,11 +205,23 @@ def test_bad_input_raises_value_error_naming_argument(ldm, images, captions, key
     "field, value",
     [("rho", -0.1), ("m", 0), ("steps", 0), ("inversion_steps", 0), ("batch_size", 0), ("mode", "warp"),
      ("guidance", 0.5), ("dtype", "fp8"), ("device", "tpu"), ("resolution", 30), ("model", ""),
-     ("model", "random:nobody/no-such-model"), ("deepcache_interval", 0), ("deepcache_branch", -1)],
+     ("model", "random:nobody/no-such-model"), ("deepcache_interval", 0), ("deepcache_branch", -1),
+     ("timestep_spacing", "sideways")],
 )
 def test_sampler_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         _cfg(**{field: value})
+
+
+def test_timestep_spacing_overrides_the_models_own_for_inversion_and_sampling_alike():
+    own = build_sampler(SamplerConfig(model="tiny-random", steps=5)).ldm
+    trailing = build_sampler(SamplerConfig(model="tiny-random", steps=5, timestep_spacing="trailing")).ldm
+    for ldm in (own, trailing):
+        ldm.scheduler.set_timesteps(5)
+        ldm.inverse_scheduler.set_timesteps(5)
+    assert own.scheduler.timesteps.tolist() == [801, 601, 401, 201, 1]  # the tiny model's leading spacing
+    assert trailing.scheduler.timesteps.tolist() == [999, 799, 599, 399, 199]
+    assert trailing.inverse_scheduler.timesteps.tolist() == [199, 399, 599, 799, 999]  # the same levels, walked up
 
 
 def test_build_sampler_tiny_random():
@@ -236,3 +248,8 @@ def test_a_changed_recipe_gets_a_new_cache_folder(monkeypatch):
     before = retrained_model_id(32)
     monkeypatch.setattr(train_ldm, "RECIPE_REVISION", train_ldm.RECIPE_REVISION + 1)  # new training code
     assert retrained_model_id(32) != before
+    from edsam_online.data import shapes
+
+    changed = retrained_model_id(32)
+    monkeypatch.setattr(shapes, "RENDER_REVISION", shapes.RENDER_REVISION + 1)  # the world renders otherwise
+    assert retrained_model_id(32) != changed

@@ -9,8 +9,8 @@ wider than the trainer's ``flat`` data, as LAION is wider than CC3M). A fixed nu
 from ``seed``, so the same config and data write the same files however fast the machine is.
 Any data source the project reads trains it (webdataset shards, a CSV, an ImageFolder with
 ``.txt`` captions): the first ``num_train`` decodable samples, resized to ``resolution``.
-The recipe version names the model's folder and hashes the settings *and* the data's
-fingerprint (:func:`data_fingerprint`), so changed data trains anew. A checkpoint is written
+The recipe version names the model's folder and hashes the settings *and* the data
+(:func:`data_identity`), so changed data trains anew. A checkpoint is written
 every ``checkpoint_every`` steps to ``<out>.partial/``; run the same command again to resume an
 interrupted training where it stopped (the result is the same files as an uninterrupted run).
 Two stages on CPU at 32 px:
@@ -192,15 +192,27 @@ def _fingerprint_of(settings_json: str) -> str:
     return data_fingerprint(*load_corpus(cfg))
 
 
+def data_identity(cfg: TrainLDMConfig, fingerprint: str | None = None) -> str:
+    """What the recipe version hashes of the data. Files (webdataset, CSV, ImageFolder): their
+    content, :func:`data_fingerprint` (read once per process when not given). Built-in data:
+    the renderer's :data:`~edsam_online.data.shapes.RENDER_REVISION`, since its settings are
+    in the recipe already; its pixels can move by a grey level with a Pillow or NumPy release,
+    and that must not make every user retrain the shipped model (a test holds the shipped
+    model's recorded pixel fingerprint against today's renders instead)."""
+    if cfg.data_kind == "builtin":
+        from edsam_online.data.shapes import RENDER_REVISION
+
+        return f"builtin-r{RENDER_REVISION}"
+    return fingerprint or _fingerprint_of(json.dumps(_settings(cfg), sort_keys=True))
+
+
 def recipe_version(cfg: TrainLDMConfig, fingerprint: str | None = None) -> str:
     """A short hash of everything that determines the trained weights: the settings (not the
-    output folder), :data:`RECIPE_REVISION` and the data's fingerprint (computed, and cached
-    for the process, when not given). The retrained LDM's folder is named by it, so a
-    changed recipe or changed data trains a new model instead of loading the old one."""
-    settings = _settings(cfg)
-    if fingerprint is None:
-        fingerprint = _fingerprint_of(json.dumps(settings, sort_keys=True))
-    blob = json.dumps({"revision": RECIPE_REVISION, "data": fingerprint, **settings}, sort_keys=True).encode()
+    output folder), :data:`RECIPE_REVISION` and the data (:func:`data_identity`). The
+    retrained LDM's folder is named by it, so a changed recipe or changed data trains a new
+    model instead of loading the old one."""
+    blob = json.dumps({"revision": RECIPE_REVISION, "data": data_identity(cfg, fingerprint), **_settings(cfg)},
+                      sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
