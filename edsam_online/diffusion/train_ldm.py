@@ -23,22 +23,25 @@ Two stages on CPU at 32 px:
    A downsampling factor of 2, not SD's 8: at 32 px a 4x-downsampling VAE trained for
    minutes loses the points of a star and the corners of a hexagon (measured: a
    classifier recognised 75% of its reconstructions, 87% at factor 2 after 300 steps).
-   1600 steps: at 400 the decoder turned 13% of colours into others (red, yellow -> orange).
-2. With the VAE frozen and latents cached, a UNet2DConditionModel trained jointly
-   with a tiny CLIP text encoder (offline BPE tokenizer) on epsilon prediction,
-   dropping 10% of captions for classifier-free guidance, with an EMA of the UNet.
+   2000 steps (1600 sufficed for the source alone; at 400 the decoder turned 13% of its
+   colours into others, red and yellow into orange).
+2. With the VAE frozen and latents cached, a UNet2DConditionModel (channels 48, 96, 96)
+   trained jointly with a tiny CLIP text encoder (offline BPE tokenizer) on epsilon
+   prediction, dropping 10% of captions for classifier-free guidance, with an EMA of the UNet.
    The caption enters through cross-attention and also, attention-pooled, through the
    time embedding of every ResNet block (diffusers' ``addition_embed_type="text"``
    with scale-shift). Half (``grid_share``) of each batch's timesteps are drawn from the
-   10-step DDIM grid (t = 1, 101, ..., 901, which contains the 5-step grid t = 1, 201, ...,
-   801), half uniformly, so the steps affordable on a CPU go where generation evaluates
-   the UNet while other step counts still work.
-   8000 steps: the UNet learns to read the caption with training length. With guidance 3,
-   pure sampling kept the class in 20% of samples after 1600 steps, 56% after 3000 and 85%
-   after 8000 (BENCHMARKS.md has the trials and what else they changed). Tried in
-   800-step trials and not kept: a text encoder pre-trained to predict class, color and
-   size from the caption (no gain), v-prediction with min-SNR weighting, all timesteps on
-   the DDIM grid (within noise), ``torch.compile`` (14% faster steps, 226 s to compile).
+   10-step DDIM grid of the saved spacing (trailing: t = 99, 199, ..., 999, which contains
+   the 5-step grid t = 199, 399, ..., 999), half uniformly, so the steps affordable on a CPU
+   go where generation evaluates the UNet while other step counts still work.
+   The UNet learns to read the caption with training length: on the source alone, with
+   guidance 3, pure sampling kept the class in 20% of samples after 1600 steps, 56% after
+   3000 and 85% after 8000 (BENCHMARKS.md). Seven styles share the world's capacity, so the
+   world recipe widens the UNet (from 32, 64, 64) and trains 11000 steps, within the 2-hour
+   budget of a 2-core machine. Tried in 800-step trials and not kept: a text encoder
+   pre-trained to predict class, color and size from the caption (no gain), v-prediction
+   with min-SNR weighting, all timesteps on the DDIM grid (within noise), ``torch.compile``
+   (14% faster steps, 226 s to compile).
 
 The weights are saved in fp16 (``storage_dtype``), the Stable Diffusion layout, and load
 through ``load_ldm`` in fp32. ``model="retrained"`` loads the shipped folder when its
@@ -140,6 +143,7 @@ class TrainLDMConfig:
 
 
     def data_config(self):
+        """The corpus as the project's data sources read it: in order, one epoch, no shuffle."""
         from edsam_online.data import RealDataConfig
 
         try:
