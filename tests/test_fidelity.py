@@ -109,3 +109,13 @@ def test_fidelity_report_has_every_setting_and_attribute():
     for setting, row in res.items():
         assert set(row) == {"class", "colour", "size", "all", "off_style"} | ({"change"} if setting != "pure" else set())
         assert all(0.0 <= v <= 1.0 for v in row.values()) and row["all"] <= min(row["class"], row["colour"])
+
+
+def test_the_frontier_plot_is_drawn_from_every_settings_rho_points(tmp_path):
+    from _scripts import load_script
+
+    ldm_fidelity = load_script("scripts/ldm_fidelity.py")
+    row = {"class": 0.9, "colour": 1.0, "size": 1.0, "all": 0.9, "off_style": 0.3, "change": 0.1}
+    results = {ldm_fidelity.setting_label(5, 3.0, "trailing"): {"vae": row, "rho=0": row, "rho=1": row, "pure": row}}
+    ldm_fidelity.plot_frontier(results, str(tmp_path / "frontier.png"))
+    assert Image.open(tmp_path / "frontier.png").size[0] > 100

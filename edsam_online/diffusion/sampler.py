@@ -26,11 +26,12 @@ class SamplerConfig:
     trained on first use; ``None``: ``$EDSAM_CACHE`` or ``~/.cache/edsam-online``); see
     :mod:`edsam_online.diffusion.registry`.
 
-    The defaults are the preset of ``"retrained"`` on a CPU: 32 px, M = 4 samples per
-    inversion, 5 DDIM steps for inversion and sampling, classifier-free guidance 3 for
-    sampling. With them the shipped model keeps its caption's class in 94% and its colour in
-    99.6% of rho = 0.5 samples, and 85% / 99.6% in pure sampling; 10 steps keep no more at
-    twice the UNet calls, guidance 1 keeps less (``scripts/ldm_fidelity.py``; BENCHMARKS.md). The paper's model
+    The defaults are the CPU preset of ``"retrained"``: 32 px, M = 4 samples per inversion,
+    5 DDIM steps for inversion and sampling, classifier-free guidance 3 for sampling, rho 0.5
+    and the model's own timestep spacing (``timestep_spacing=None``; the shipped world model
+    saves ``trailing``). They were chosen on the previous, source-only generator's fidelity;
+    the world model's fidelity frontier (``scripts/ldm_fidelity.py``, BENCHMARKS.md) is where
+    they are to be re-chosen, on fidelity alone. The paper's model
     (``configs/diffusion/ldm_text2im_256.yaml``) sets the paper's 10 steps, guidance and M = 10.
 
     ``deepcache_interval`` > 1 (off by default) trades fidelity for speed in sampling
