@@ -89,7 +89,6 @@ def main(argv=None):
     results, ldms = {}, {}
     t0 = time.time()
     for steps, guidance, spacing in itertools.product(a.steps, a.guidance, a.timestep_spacing):
-        spacing = spacing if spacing not in (None, "model") else None
         cfg = SamplerConfig(model=a.model, steps=steps, inversion_steps=steps, guidance=guidance,
                             timestep_spacing=spacing, batch_size=a.batch_size, deepcache_interval=a.deepcache_interval)
         if spacing not in ldms:
