@@ -13,7 +13,8 @@ the ``flat`` style, for the VAE's reconstructions, ``identity`` (``z_t = z_s``),
 pure sampling, all from ``flat`` sources and captions. Last, the frontier (off-style share
 against content kept, over rho) and the point with the most off-style samples among those that
 keep the class in at least 90% and the colour in at least 85%: the preset is chosen there, on
-fidelity alone. The retrained LDM is trained first if it is not cached yet.
+fidelity alone; where no point does, the point with at least 25% off-style samples that keeps
+the most content (``fallback_on_frontier``). The retrained LDM is trained first if it is not cached yet.
 """
 
 import argparse
@@ -25,7 +26,8 @@ import time
 import torch
 
 from edsam_online.diffusion import SamplerConfig
-from edsam_online.diffusion.fidelity import best_on_frontier, frontier, load_attribute_scorer, measure_fidelity
+from edsam_online.diffusion.fidelity import (best_on_frontier, fallback_on_frontier, frontier, load_attribute_scorer,
+                                             measure_fidelity)
 from edsam_online.diffusion.registry import default_cache_dir, load_sampler_ldm
 
 COLUMNS = ("class", "colour", "size", "all", "off_style", "change")
@@ -104,15 +106,21 @@ def main(argv=None):
     for label, res in results.items():
         print(f"  {label}: " + "; ".join(f"{rho:g}: {row['class']:.2f}, {row['all']:.2f}, {row['off_style']:.2f}"
                                          for rho, row in frontier(res)))
+    def point(p):
+        row = results[p[0]][f"rho={p[1]:g}"]
+        return f"{p[0]} rho={p[1]:g} (class {row['class']:.3f}, all {row['all']:.3f}, off-style {row['off_style']:.3f})"
+
     best = best_on_frontier(results)
-    print("most off-style point keeping class >= 0.90 and colour >= 0.85: "
-          + (f"{best[0]} rho={best[1]:g} (off-style {results[best[0]][f'rho={best[1]:g}']['off_style']:.3f})"
-             if best else "none"))
+    print("preset: most off-style point keeping class >= 0.90 and colour >= 0.85: " + (point(best) if best else "none"))
+    fallback = None if best else fallback_on_frontier(results)
+    if not best:
+        print("preset where none does: most content kept with >= 25% off-style: "
+              + (point(fallback) if fallback else "none"))
     if a.plot:
         plot_frontier(results, a.plot)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"accuracy": accuracy, "n": a.n, "results": results, "best": best,
+            json.dump({"accuracy": accuracy, "n": a.n, "results": results, "best": best, "fallback": fallback,
                        "seconds": time.time() - t0}, f, indent=1)
     return results, accuracy
 

@@ -103,6 +103,8 @@ def test_paper_config_composes_and_builds_on_cpu_with_tiny_stand_ins(tmp_path):
     assert paper.model.name == "ViT-B-16"
     assert paper.diffusion.model == "CompVis/ldm-text2im-large-256"
     assert (paper.diffusion.m, paper.diffusion.rho, paper.diffusion.steps) == (10, 0.5, 10)
+    # the paper's sampler, not the CPU preset of the shipped model
+    assert (paper.diffusion.guidance, paper.diffusion.timestep_spacing) == (3.0, None)
     assert paper.producer.num_producers == 8
     assert paper.data.kind == "webdataset" and "cc3m" in str(paper.data.path)
     assert (paper.runtime.device, paper.runtime.precision) == ("cuda", "bf16")

@@ -7,7 +7,8 @@ from PIL import Image
 from edsam_online.data.domains import WORLD_STYLES
 from edsam_online.data.shapes import CLASSES, COLORS, SIZES, SOURCE_DOMAIN, render_sample
 from edsam_online.diffusion.fidelity import (HEADS, AttributeScorer, WorldMeasurer, best_on_frontier,
-                                             caption_attributes, train_measurer, world_renders)
+                                             caption_attributes, fallback_on_frontier, train_measurer,
+                                             world_renders)
 
 
 def test_captions_name_their_attributes():
@@ -68,6 +69,19 @@ def test_the_preset_point_is_the_most_off_style_one_that_keeps_class_and_colour(
     }
     assert best_on_frontier(results) == ("a", 1.0)  # b's 0.5 keeps too little colour; pure is not on it
     assert best_on_frontier(results, min_class=0.99) is None
+
+
+def test_without_a_point_meeting_the_bars_the_preset_keeps_the_most_content_at_25_percent_off_style():
+    def row(cls, all_, off):
+        return {"class": cls, "colour": 1.0, "size": 1.0, "all": all_, "off_style": off}
+
+    results = {
+        "a": {"rho=0.5": row(0.80, 0.78, 0.20), "rho=0.75": row(0.70, 0.65, 0.28), "rho=1": row(0.60, 0.50, 0.45)},
+        "b": {"rho=0.75": row(0.72, 0.61, 0.32), "rho=1": row(0.55, 0.45, 0.50), "pure": row(0.4, 0.4, 0.9)},
+    }
+    assert best_on_frontier(results) is None
+    assert fallback_on_frontier(results) == ("a", 0.75)  # a's 0.5 is not off-style enough; b's 0.75 keeps less
+    assert fallback_on_frontier(results, min_off_style=0.6) is None
 
 
 def test_clip_scorer_loads_a_checkpoint_file_and_scores_cosines_in_unit_range(tmp_path):
