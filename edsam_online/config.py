@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from edsam_online.buffer import BufferConfig
 from edsam_online.checkpoint import CheckpointConfig
 from edsam_online.data import RealDataConfig
-from edsam_online.diffusion import SamplerConfig
+from edsam_online.diffusion.config import SamplerConfig
 from edsam_online.eval import EvalConfig
 from edsam_online.loader import MixConfig
 from edsam_online.methods import MethodConfig

@@ -5,7 +5,7 @@ shifted targets. For every built-in domain (and any ImageFolder tree or labelled
 webdataset the user points at) this reports
 
 * zero-shot top-1: open_clip's `build_zero_shot_classifier` over a template list
-  (see `TEMPLATE_SETS`), cosine similarity to the image embedding, argmax;
+  (see `template_set`), cosine similarity to the image embedding, argmax;
 * linear probe top-1: a logistic-regression head fit on frozen image features of
   *source* training images only (L2 strength picked on a held-out fifth of them),
   then applied to every domain.
@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -52,13 +51,22 @@ def group_mean_name(group: str) -> str:
 # "shapes": the wording of the built-in captions ("a {size} {color} {class}"),
 # ensembled over every size and training color so no single attribute biases a
 # class embedding, plus two generic prompts. "simple"/"openai": open_clip's
-# ImageNet prompt sets, for models trained on web captions.
-TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
-    "shapes": tuple(f"a {size} {color} {{}}" for size in SIZES for color in BASE_PALETTE)
-    + ("a photo of a {}", "a {}"),
-    "simple": tuple(t if isinstance(t, str) else t("{}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES),
-    "openai": tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES),
-}
+# ImageNet prompt sets, for models trained on web captions (read from open_clip on first
+# use, so that reading a config does not load it).
+TEMPLATE_SET_NAMES = ("shapes", "simple", "openai")
+
+
+def template_set(name: str) -> tuple[str, ...]:
+    """The prompt templates of one of :data:`TEMPLATE_SET_NAMES`."""
+    if name == "shapes":
+        return tuple(f"a {size} {color} {{}}" for size in SIZES for color in BASE_PALETTE) + ("a photo of a {}", "a {}")
+    import open_clip
+
+    if name == "simple":
+        return tuple(t if isinstance(t, str) else t("{}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES)
+    if name == "openai":
+        return tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES)
+    raise KeyError(name)
 
 
 @dataclass
@@ -78,7 +86,7 @@ class EvalConfig:
     fit the linear probe on, instead of the built-in source domain (its class names come
     the same way, `classnames.probe_train` for a file); the probe then scores every set
     whose classes are among its own.
-    templates: a key of TEMPLATE_SETS, or a text file with one template per line, each
+    templates: one of TEMPLATE_SET_NAMES, or a text file with one template per line, each
     holding "{}" where the class name goes. top5: also report zero-shot top-5
     (`eval/zeroshot_top5/...`). probe_weight_decays: L2 strengths to choose from.
     every_steps: how often the trainer evaluates (0: only at the end).
@@ -133,7 +141,8 @@ class EvalConfig:
             raise ValueError(f"resolution must be >= 8, got {self.resolution}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        self.template_list()  # a bad set name or file fails here, naming the field
+        if self.templates not in TEMPLATE_SET_NAMES:
+            self.template_list()  # a bad file fails here, naming the field
         if not self.probe_weight_decays or min(self.probe_weight_decays) < 0:
             raise ValueError(f"probe_weight_decays must be a non-empty list of values >= 0, "
                              f"got {self.probe_weight_decays}")
@@ -160,10 +169,10 @@ class EvalConfig:
 
     def template_list(self) -> tuple[str, ...]:
         """The prompt templates: a named set, or the lines of a file (blank lines skipped)."""
-        if self.templates in TEMPLATE_SETS:
-            return TEMPLATE_SETS[self.templates]
+        if self.templates in TEMPLATE_SET_NAMES:
+            return template_set(self.templates)
         if not os.path.isfile(self.templates):
-            raise ValueError(f"templates must be one of {list(TEMPLATE_SETS)} or a file, got {self.templates!r}")
+            raise ValueError(f"templates must be one of {list(TEMPLATE_SET_NAMES)} or a file, got {self.templates!r}")
         with open(self.templates, encoding="utf-8") as f:
             lines = tuple(line.strip() for line in f if line.strip())
         if not lines or any("{}" not in t for t in lines):
@@ -238,6 +247,8 @@ def class_names(folders: list[str], names_file: str = "") -> list[str]:
         info = ImageNetInfo()
         index = {info.index_to_label_name(i): i for i in range(info.num_classes())}
         if all(f in index for f in folders):
+            import open_clip
+
             return [open_clip.IMAGENET_CLASSNAMES[index[f]] for f in folders]
     return [f.replace("_", " ") for f in folders]
 
@@ -347,6 +358,8 @@ def zero_shot_eval(model, tokenizer, preprocess: Callable, cfg: EvalConfig, devi
     """Zero-shot top-1 per domain: `eval/zeroshot_top1/<domain>`, `.../source`, `.../target_mean`
     (and top-5 under `eval/zeroshot_top5/` with `cfg.top5`)."""
     sets = sets if sets is not None else compute_eval_sets(model, preprocess, cfg, device)
+    import open_clip
+
     templates = cfg.template_list()
     classifiers: dict[tuple[str, ...], torch.Tensor] = {}
     accuracy, top5 = {}, {}

@@ -22,14 +22,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss, SigLipLoss
 from torch import nn
 
 LOSS_KINDS = ("clip", "siglip")
 
 
 def build_contrastive_loss(kind: str, rank: int = 0, world_size: int = 1) -> nn.Module:
-    """One open_clip contrastive loss term set up for this rank."""
+    """One open_clip contrastive loss term set up for this rank (open_clip is imported here, not
+    at module level, so that reading a trainer config does not load it)."""
+    from open_clip.loss import ClipLoss, SigLipLoss
+
     if kind == "clip":
         return ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size)
     if kind == "siglip":

@@ -5,14 +5,16 @@ Any open_clip model name works (``ViT-B-16``, ``RN50``, ``hf-hub:...``,
 (``edsam-tiny``: a 3-layer ViT at 32 px; ``edsam-tiny-rn``: a small ModifiedResNet)
 are registered through open_clip's own ``add_model_config``, so they go through
 exactly the code path a ViT-B-16 does.
+
+open_clip (and the transformers it loads) is imported only to build a model: a config is
+checked against the model names on disk (:func:`model_names`), so reading it stays light.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-
-import open_clip
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _SCHEMAS = ("hf-hub:", "local-dir:")
@@ -23,8 +25,19 @@ def register_tiny_models() -> None:
     """Add the project's model configs to open_clip's registry (idempotent)."""
     global _registered
     if not _registered:
+        import open_clip
+
         open_clip.add_model_config(MODEL_CONFIG_DIR)
         _registered = True
+
+
+def model_names() -> set[str]:
+    """What ``open_clip.list_models()`` lists once :func:`register_tiny_models` ran: the names
+    of the model config files of open_clip and of this project, found without importing
+    open_clip (``find_spec`` locates a package without running it)."""
+    spec = importlib.util.find_spec("open_clip")
+    folders = [Path(p) / "model_configs" for p in spec.submodule_search_locations] + [MODEL_CONFIG_DIR]
+    return {f.stem for folder in folders for f in folder.glob("*.json")}
 
 
 @dataclass
@@ -47,8 +60,7 @@ class ClipModelConfig:
     init_logit_bias: float | None = None
 
     def __post_init__(self) -> None:
-        register_tiny_models()
-        if not self.name.startswith(_SCHEMAS) and self.name not in open_clip.list_models():
+        if not self.name.startswith(_SCHEMAS) and self.name not in model_names():
             raise ValueError(
                 f"name: unknown open_clip model {self.name!r}; "
                 f"see open_clip.list_models() (e.g. edsam-tiny, ViT-B-16, RN50)"
@@ -59,6 +71,8 @@ class ClipModelConfig:
 
 def create_clip(cfg: ClipModelConfig, device: str = "cpu"):
     """Build ``(model, preprocess_train, preprocess_val, tokenizer)`` with open_clip."""
+    import open_clip
+
     register_tiny_models()
     init = {k: getattr(cfg, k) for k in ("init_logit_scale", "init_logit_bias") if getattr(cfg, k) is not None}
     try:

@@ -52,7 +52,7 @@ from edsam_online.streaming import StreamConfig
 from edsam_online.wire import encode_image, encode_message
 
 if TYPE_CHECKING:  # annotations only: the sampler is passed in, this module needs no diffusion stack
-    from edsam_online.diffusion import GeneratedBatch
+    from edsam_online.diffusion import EDSAMSampler, GeneratedBatch
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +368,7 @@ class Producer:
         stream_cfg: StreamConfig,
         cfg: ProducerConfig,
         data_cfg: RealDataConfig,
-        sampler: Any,
+        sampler: EDSAMSampler,
         *,
         resolution: int | None = None,
         logging_cfg: LoggingConfig | None = None,

@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ from edsam_online.models import create_clip
 from edsam_online.optim import build_optimizer, build_scheduler, clamp_logit_scale, clip_gradients
 from edsam_online.runtime import StopOnSignal, autocast, init_distributed
 from edsam_online.streaming import Receiver
+
+if TYPE_CHECKING:  # the root config composes this module's TrainerConfig
+    from edsam_online.config import Config
 
 SYN_WEIGHTINGS = ("none", "score")
 
@@ -228,7 +231,7 @@ class Trainer:
     the process group to the caller (:func:`edsam_online.runtime.end_rank`).
     """
 
-    def __init__(self, cfg: Any, resolved: dict | None = None, augmentation: Augmentation | None = None):
+    def __init__(self, cfg: Config, resolved: dict | None = None, augmentation: Augmentation | None = None):
         self.cfg = cfg
         rt, tcfg = cfg.runtime, cfg.trainer
         dist_info = init_distributed(rt.device)

@@ -34,7 +34,8 @@ def main(dictcfg: DictConfig) -> None:
     producer = Producer(cfg.stream, cfg.producer, cfg.data, build_sampler(cfg.diffusion),
                         resolution=cfg.diffusion.resolution, logging_cfg=cfg.logging, run_dir=cfg.run_dir,
                         resolved=OmegaConf.to_container(dictcfg, resolve=True),
-                        scorer=build_scorer(cfg.producer, cfg.diffusion))
+                        scorer=build_scorer(cfg.producer.scorer, cfg.diffusion, cfg.producer.scorer_model,
+                                            cfg.producer.scorer_pretrained))
     producer.run()
 
 

@@ -36,7 +36,7 @@ def main(dictcfg: DictConfig) -> None:
     log.info("generator %s ready in %.0f s", ldm.model_id, time.monotonic() - start)
     if cfg.producer.scorer != "none":
         start = time.monotonic()
-        build_scorer(cfg.producer, cfg.diffusion)
+        build_scorer(cfg.producer.scorer, cfg.diffusion, cfg.producer.scorer_model, cfg.producer.scorer_pretrained)
         log.info("scorer %s ready in %.0f s", cfg.producer.scorer, time.monotonic() - start)
 
 

@@ -11,12 +11,13 @@ from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBe
 
 from edsam_online.diffusion import SamplerConfig, build_sampler
 from edsam_online.diffusion import architectures as arch
+from edsam_online.diffusion import config as names
 
 PAPER = "CompVis/ldm-text2im-large-256"
 
 
 def test_the_papers_generator_is_stored_with_its_published_sizes():
-    assert PAPER in arch.architectures()
+    assert PAPER in names.architectures()
     comps, layout = arch.random_components(PAPER, device="meta")  # no memory, no time
     assert layout == "compvis"
     assert isinstance(comps["unet"], UNet2DConditionModel) and isinstance(comps["vae"], AutoencoderKL)
@@ -53,7 +54,7 @@ def _scaled_down_copy(root):
 
 def test_a_random_model_name_builds_through_the_sampler(tmp_path, monkeypatch):
     name = _scaled_down_copy(tmp_path)
-    monkeypatch.setattr(arch, "ARCH_DIR", tmp_path)
+    monkeypatch.setattr(names, "ARCH_DIR", tmp_path)
     cfg = SamplerConfig(model=f"random:{name}", resolution=64, m=2, steps=2, inversion_steps=2, seed=3)
     sampler = build_sampler(cfg)
     assert sampler.ldm.layout == "compvis" and sampler.ldm.model_id == f"random:{name}-seed3"
@@ -76,4 +77,4 @@ def test_an_unknown_random_architecture_is_refused_naming_the_stored_ones():
     with pytest.raises(ValueError, match=r"^model: no stored architecture for 'random:CompVis/ldm-text2im-large-512'; "
                                          r"random-weight models: random:CompVis/ldm-text2im-large-256"):
         SamplerConfig(model="random:CompVis/ldm-text2im-large-512")
-    assert arch.random_architecture("retrained") is None and arch.random_architecture(f"random:{PAPER}") == PAPER
+    assert names.random_architecture("retrained") is None and names.random_architecture(f"random:{PAPER}") == PAPER

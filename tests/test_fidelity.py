@@ -103,11 +103,9 @@ def test_clip_scorer_loads_a_checkpoint_file_and_scores_cosines_in_unit_range(tm
         cos = (model.encode_image(x, normalize=True) * model.encode_text(scorer.tokenizer(captions), normalize=True)).sum(-1)
     np.testing.assert_allclose(scores, cos.clamp(0, 1).numpy(), atol=1e-5)
     from edsam_online.diffusion import SamplerConfig
-    from edsam_online.producer import ProducerConfig
 
-    assert build_scorer(ProducerConfig(), SamplerConfig()) is None
-    clip = build_scorer(ProducerConfig(scorer="clip", scorer_model="edsam-tiny-rn",
-                                       scorer_pretrained=str(tmp_path / "clip.pt")), SamplerConfig())
+    assert build_scorer("none", SamplerConfig()) is None
+    clip = build_scorer("clip", SamplerConfig(), "edsam-tiny-rn", str(tmp_path / "clip.pt"))
     np.testing.assert_allclose(clip(images, captions), scores, atol=1e-6)
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edsam_online.models import ClipModelConfig, create_clip
+from edsam_online.models import ClipModelConfig, create_clip, model_names, register_tiny_models
 
 
 def test_tiny_preset_builds_through_open_clip_and_encodes():
@@ -27,6 +27,14 @@ def test_saved_checkpoint_loads_back_through_pretrained_path(tmp_path):
     with torch.no_grad():
         assert torch.equal(model.encode_image(images), loaded.encode_image(images))
         assert torch.equal(model.encode_text(text), loaded.encode_text(text))
+
+
+def test_the_names_a_config_accepts_are_the_ones_open_clip_lists():
+    import open_clip
+
+    register_tiny_models()
+    assert model_names() == set(open_clip.list_models())
+    assert {"edsam-tiny", "edsam-tiny-rn", "ViT-B-16", "RN50"} <= model_names()
 
 
 def test_unknown_model_name_is_rejected_with_the_key():

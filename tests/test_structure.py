@@ -193,3 +193,15 @@ def test_no_benchmark_imports_the_processes():
     offenders = {p.name: sorted(t for t in _imports(p) if t.split(".")[0] in ("producers", "consumers"))
                  for p in (ROOT / "bench").glob("*.py")}
     assert {m: t for m, t in offenders.items() if t} == {}
+
+
+def test_reading_a_config_loads_no_diffusion_stack_and_no_open_clip():
+    """Every trainer rank and ``producers.plan`` read the config: they must not pay for (or
+    depend on) diffusers, transformers and open_clip to do so."""
+    import subprocess
+    import sys
+
+    code = ("import sys, edsam_online.config, edsam_online.trainer, edsam_online.producer; "
+            "print(sorted(m for m in ('diffusers', 'transformers', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -26,34 +26,13 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
+import edsam_online.diffusion.config as names
 from edsam_online.diffusion.pipeline import _TEXT_CLASSES, _VAE_CLASSES, LAYOUTS, LatentDiffusion, detect_layout
 
-RANDOM_PREFIX = "random:"
-#: ``<ARCH_DIR>/<owner>--<name>/``: the stored component configs of hub id ``owner/name``.
-ARCH_DIR = Path(__file__).resolve().parent / "arch"
-
-
-def architectures() -> list[str]:
-    """Hub ids whose architecture is stored (what ``random:<hub id>`` accepts)."""
-    return sorted(p.name.replace("--", "/", 1) for p in ARCH_DIR.iterdir() if (p / "model_index.json").is_file())
-
-
-def random_architecture(model: str) -> str | None:
-    """The hub id a ``random:<hub id>`` model name builds, or None for any other name.
-
-    Raises ValueError, listing the stored ones, for a ``random:`` name with no stored architecture."""
-    if not model.startswith(RANDOM_PREFIX):
-        return None
-    hub_id = model[len(RANDOM_PREFIX):]
-    known = architectures()
-    if hub_id not in known:
-        raise ValueError(f"no stored architecture for {model!r}; random-weight models: "
-                         f"{', '.join(RANDOM_PREFIX + k for k in known)} (configs in {ARCH_DIR})")
-    return hub_id
 
 
 def architecture_dir(hub_id: str) -> Path:
-    return ARCH_DIR / hub_id.replace("/", "--", 1)
+    return names.ARCH_DIR / hub_id.replace("/", "--", 1)
 
 
 def _json(folder: Path, name: str) -> dict:
@@ -102,6 +81,6 @@ def parameter_counts(comps: dict) -> dict[str, int]:
 def build_random_ldm(hub_id: str, seed: int = 0, **kwargs) -> LatentDiffusion:
     """``hub_id``'s architecture with random weights as a LatentDiffusion; kwargs go to it."""
     comps, layout = random_components(hub_id, seed=seed)
-    kwargs.setdefault("model_id", f"{RANDOM_PREFIX}{hub_id}-seed{seed}")
+    kwargs.setdefault("model_id", f"{names.RANDOM_PREFIX}{hub_id}-seed{seed}")
     return LatentDiffusion(comps["vae"], comps["unet"], comps["text_encoder"], comps["tokenizer"],
                            comps["scheduler"].config, layout=layout, **kwargs)

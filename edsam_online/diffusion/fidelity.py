@@ -34,7 +34,8 @@ from tqdm import tqdm
 from edsam_online.data.domains import SOURCE_DOMAIN, WORLD_STYLES
 from edsam_online.data.shapes import CLASSES, COLORS, SIZES, render_sample
 from edsam_online.diffusion.pipeline import LatentDiffusion
-from edsam_online.diffusion.sampler import EDSAMSampler, SamplerConfig
+from edsam_online.diffusion.config import SamplerConfig
+from edsam_online.diffusion.sampler import EDSAMSampler
 
 log = logging.getLogger(__name__)
 MEASURER_SEED = 101  # world renders for the measurer: a different seed than the LDM's training data

@@ -18,9 +18,10 @@ import fcntl
 import os
 from pathlib import Path
 
-from edsam_online.diffusion.architectures import build_random_ldm, random_architecture
+from edsam_online.diffusion.architectures import build_random_ldm
+from edsam_online.diffusion.config import SamplerConfig, random_architecture
 from edsam_online.diffusion.pipeline import LatentDiffusion, build_tiny_ldm, load_ldm
-from edsam_online.diffusion.sampler import EDSAMSampler, SamplerConfig
+from edsam_online.diffusion.sampler import EDSAMSampler
 
 TINY_RANDOM = "tiny-random"
 RETRAINED = "retrained"

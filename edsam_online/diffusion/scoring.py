@@ -22,8 +22,7 @@ from edsam_online.diffusion.registry import default_cache_dir
 from edsam_online.models import ClipModelConfig, create_clip
 
 if TYPE_CHECKING:
-    from edsam_online.diffusion.sampler import SamplerConfig
-    from edsam_online.producer import ProducerConfig
+    from edsam_online.diffusion.config import SamplerConfig
 
 Scorer = Callable[[np.ndarray, list[str]], np.ndarray]
 
@@ -51,16 +50,18 @@ class ClipScorer:
         return torch.cat(scores).numpy()
 
 
-def build_scorer(producer: ProducerConfig, sampler: SamplerConfig) -> Scorer | None:
-    """The scorer ``producer.scorer`` names (None for ``none``), on the generator's device.
-    ``attributes`` trains its measurer at the generator's resolution on first use and caches
-    it in the generator's cache folder."""
-    if producer.scorer == "none":
+def build_scorer(kind: str, sampler: SamplerConfig, clip_model: str = "", clip_pretrained: str | None = None
+                 ) -> Scorer | None:
+    """The scorer ``kind`` names (None for ``none``), on the generator's device: ``attributes``
+    trains its measurer at the generator's resolution on first use and caches it in the
+    generator's cache folder; ``clip`` scores with the open_clip model ``clip_model`` and the
+    weights ``clip_pretrained`` (:class:`ClipScorer`)."""
+    if kind == "none":
         return None
-    if producer.scorer == "attributes":
+    if kind == "attributes":
         from edsam_online.diffusion.fidelity import load_attribute_scorer
 
         return load_attribute_scorer(sampler.cache_dir or default_cache_dir(), sampler.resolution)[0]
-    if producer.scorer == "clip":
-        return ClipScorer(producer.scorer_model, producer.scorer_pretrained or None, sampler.device)
-    raise ValueError(f"scorer must be none, attributes or clip, got {producer.scorer!r}")
+    if kind == "clip":
+        return ClipScorer(clip_model, clip_pretrained or None, sampler.device)
+    raise ValueError(f"scorer must be none, attributes or clip, got {kind!r}")
