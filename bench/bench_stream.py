@@ -3,7 +3,7 @@
 
 For each image size (64, 256), encoding (raw, jpeg) and samples per message K
 (``--samples-per-message``, default 1, 16 and 64, the ``stream`` default; capped, as a
-producer caps it, to what fits in ``stream.max_message_bytes``), in the same run:
+producer caps it, to what fits in ``stream.limits.max_message_bytes``), in the same run:
 
 * **edsam**: a sender process builds every message as a producer does (the K rows
   of a ``GeneratedBatch``, the sampler's columnar output built once beforehand as
@@ -54,6 +54,7 @@ import numpy as np
 import zmq
 
 from edsam_online.streaming import StreamConfig
+from edsam_online.wire import WireLimits
 
 SPAWN = mp.get_context("spawn")
 
@@ -181,7 +182,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--samples-per-message", type=int, nargs="+", default=[1, 16, 64],
-                        help="K; capped as a producer caps it, to what fits in stream.max_message_bytes")
+                        help="K; capped as a producer caps it, to what fits in stream.limits.max_message_bytes")
     parser.add_argument("--capacity", type=int, default=4096, help="edsam buffer slots (and bare+keep's window)")
     parser.add_argument("--encodings", nargs="+", default=["raw", "jpeg"], choices=["raw", "jpeg"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256], choices=[64, 256])
@@ -201,7 +202,7 @@ def main() -> None:
     for (size, encoding), n in counts.items():
         if size not in args.sizes or encoding not in args.encodings:
             continue
-        ks = dict.fromkeys(samples_per_message(StreamConfig(samples_per_message=k, max_samples_per_message=max(k, 256)),
+        ks = dict.fromkeys(samples_per_message(StreamConfig(samples_per_message=k, limits=WireLimits(max_samples_per_message=max(k, 256))),
                                                size * size * 3) for k in args.samples_per_message)
         for k in ks:
             n_k = max(100, int(n * scale)) // k * k

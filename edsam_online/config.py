@@ -12,6 +12,7 @@ the component dataclasses with ``OmegaConf.to_object``, which runs each
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -69,18 +70,39 @@ def _with_key(group: str, component_type: type, err: Exception) -> ValueError:
     """``"rho must be >= 0"`` from the ``diffusion`` group -> ``"diffusion.rho: must be >= 0"``."""
     msg = str(err)
     match = _LEADING_FIELD.match(msg)
-    names = {f.name for f in fields(component_type)}
-    if match and match.group(1) in names:
-        return ValueError(f"{group}.{match.group(1)}: {match.group(2)}")
+    if match:
+        key = _field_path(component_type, match.group(1))
+        if key:
+            return ValueError(f"{group}.{key}: {match.group(2)}")
     return ValueError(f"{group}: {msg}")
+
+
+def _field_path(component_type: type, name: str) -> str | None:
+    """``name`` if it is a field of ``component_type``, else ``<field>.<name>`` for the nested
+    dataclass field that holds it (``limits.max_side`` in ``stream``); None if neither."""
+    if name in {f.name for f in fields(component_type)}:
+        return name
+    for f, hint in typing.get_type_hints(component_type).items():
+        if dataclasses.is_dataclass(hint) and name in {g.name for g in fields(hint)}:
+            return f"{f}.{name}"
+    return None
+
+
+def _derive(cfg: Config) -> None:
+    """Settings that one component decides for another: the method decides the generator's
+    ``diffusion.mode`` (:data:`edsam_online.methods.GENERATOR_MODES`, its one home). A mode set
+    by hand that the method contradicts stops the run."""
+    mode = cfg.method.generator_mode
+    if mode is None or cfg.diffusion.mode == mode:
+        return
+    if cfg.diffusion.mode != SamplerConfig.mode:  # set by hand, not the dataclass default
+        raise ValueError(f"diffusion.mode: method={cfg.method.name} generates with mode {mode!r}, got "
+                         f"{cfg.diffusion.mode!r} (choose the method instead: method=random, method=identity, ...)")
+    cfg.diffusion = dataclasses.replace(cfg.diffusion, mode=mode)
 
 
 def _check_cross(cfg: Config) -> None:
     """Constraints between components, named by the key to change."""
-    mode = cfg.method.generator_mode
-    if cfg.method.extra_batch == "stream" and cfg.diffusion.mode != mode:
-        raise ValueError(f"diffusion.mode: method={cfg.method.name} generates with mode {mode!r}, got "
-                         f"{cfg.diffusion.mode!r} (choose the method instead: method=random, method=identity, ...)")
     if cfg.mix.mix_mode == "replace" and cfg.mix.syn_batch_size(cfg.trainer.batch_size) >= cfg.trainer.batch_size:
         raise ValueError(f"mix.syn_share: must leave at least one real sample in mix_mode=replace, "
                          f"got {cfg.mix.syn_share}")
@@ -104,6 +126,7 @@ def load_config(dictcfg: DictConfig | dict) -> Config:
         except ValueError as err:
             raise _with_key(f.name, types[f.name], err) from err
     cfg = Config(**values)
+    _derive(cfg)
     _check_cross(cfg)
     return cfg
 

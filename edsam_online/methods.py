@@ -19,8 +19,9 @@ contrastive term, so methods are compared at the same images per step:
               and std moved by gradient ascent on the current CLIP loss
 ============  ===============================================================  =========
 
-A method with a producer sets the generator's ``diffusion.mode``; the config check
-refuses a run whose ``diffusion.mode`` disagrees with its method. A method that makes its
+A method with a producer decides the generator's ``diffusion.mode``
+(:data:`GENERATOR_MODES`; ``load_config`` sets it, and refuses a mode set by hand that
+disagrees). A method that makes its
 extra batch from the step's own real batch does it in an :class:`Augmentation`, the
 trainer's hook (see :func:`build_augmentation`).
 """

@@ -214,8 +214,8 @@ def send_bounded(sock: zmq.Socket, frames: list, timeout_s: float) -> tuple[bool
 
 def samples_per_message(stream_cfg: StreamConfig, sample_nbytes: int) -> int:
     """K for samples of ``sample_nbytes`` raw bytes: ``stream.samples_per_message``, or
-    fewer when that many would not fit in ``max_message_bytes`` beside the header."""
-    byte_budget = stream_cfg.max_message_bytes - stream_cfg.max_header_bytes
+    fewer when that many would not fit in ``limits.max_message_bytes`` beside the header."""
+    byte_budget = stream_cfg.limits.max_message_bytes - stream_cfg.limits.max_header_bytes
     return min(stream_cfg.samples_per_message, max(1, byte_budget // (sample_nbytes + 1024)))
 
 
@@ -224,13 +224,13 @@ def _encode_fitting(
     seq: int, stats: dict[str, float] | None = None,
 ) -> tuple[int, list | None]:
     """Encode rows ``first:last`` of ``generated`` as message ``seq``, halving the message
-    until its header fits ``max_header_bytes`` (K long captions can outgrow it, and a
+    until its header fits ``limits.max_header_bytes`` (K long captions can outgrow it, and a
     receiver would drop the message). Returns (end of the rows encoded, frames); frames is
     None when a single sample's header does not fit."""
     while True:
         frames = encode_message(generated.rows(first, last), producer_id, session, seq, stats, stream_cfg.encoding,
                                 stream_cfg.quality)
-        if len(frames[0]) <= stream_cfg.max_header_bytes:
+        if len(frames[0]) <= stream_cfg.limits.max_header_bytes:
             return last, frames
         if last - first == 1:
             return last, None
@@ -547,8 +547,8 @@ class Producer:
             state["generated"] += chunk
             if frames is None:
                 state["dropped_unsent"] += chunk
-                log.warning("producer %s: one sample's header exceeds stream.max_header_bytes=%d, dropped it",
-                            pcfg.name, stream_cfg.max_header_bytes)
+                log.warning("producer %s: one sample's header exceeds stream.limits.max_header_bytes=%d, "
+                            "dropped it", pcfg.name, stream_cfg.limits.max_header_bytes)
             elif self._send(sock, frames):
                 state["sent"] += chunk
                 bar.update(chunk)

@@ -30,14 +30,15 @@ DEVICES = ("auto", "cpu", "cuda")
 class RuntimeConfig:
     """A trainer rank's device and execution settings (Hydra group ``runtime``).
 
-    ``device="auto"`` takes CUDA when visible. ``precision`` is the autocast dtype of the
+    ``device``: ``cpu`` (the default, as Hydra's default option ``runtime=cpu``), ``cuda``, or
+    ``auto``, which takes CUDA when visible. ``precision`` is the autocast dtype of the
     forward pass (``fp16`` adds a grad scaler). ``threads`` > 0 sets torch's intra-op
     threads (0: torch's default); on a small CPU box shared with a producer, 1 avoids
     oversubscribed OpenMP spinning. ``num_workers`` is the loader's ParallelMapper threads
     per branch, ``prefetch`` the batches it keeps ready.
     """
 
-    device: str = "auto"
+    device: str = "cpu"
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False

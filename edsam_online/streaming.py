@@ -78,15 +78,17 @@ def is_loopback(endpoint: str) -> bool:
 class StreamConfig:
     """Transport settings shared by producers and receivers (Hydra group ``stream``).
 
-    ``max_message_bytes`` is set as ZeroMQ ``MAXMSGSIZE`` on the receiving socket
+    ``limits`` (:class:`~edsam_online.wire.WireLimits`) is what a receiver accepts:
+    ``limits.max_message_bytes`` is set as ZeroMQ ``MAXMSGSIZE`` on the receiving socket
     (a peer sending a larger frame is disconnected by libzmq) and bounds the whole
-    message in :func:`~edsam_online.wire.decode_message`. ``sndhwm``/``rcvhwm``
+    message in :func:`~edsam_online.wire.decode_message`; a producer packs its messages to
+    fit them. ``sndhwm``/``rcvhwm``
     are ZeroMQ high-water marks in messages. ``samples_per_message`` is how many
     samples a producer packs into one message (K in :mod:`edsam_online.wire`): more
     amortises the per-message cost, fewer spreads one producer batch over more
     trainers; in-flight samples are up to ``sndhwm + rcvhwm`` times it (1024 with the
     defaults: bounded in memory and in staleness).
-    ``max_samples_per_message`` is what a receiver accepts. CURVE (``curve``): the receiver is the
+    CURVE (``curve``): the receiver is the
     CURVE server; see :mod:`edsam_online.security` for the key files.
     ``stats_endpoint`` (optional) is where a receiver answers ``buffer-monitor``
     requests; ``{rank}`` in it is replaced by the receiver's rank. It must be a loopback
@@ -102,12 +104,8 @@ class StreamConfig:
     producers_bind: bool = True
     encoding: str = "raw"
     quality: int = 90
-    max_message_bytes: int = 16 * 1024 * 1024
-    max_header_bytes: int = 64 * 1024
-    max_side: int = 2048
-    max_caption_chars: int = 1024
+    limits: WireLimits = field(default_factory=WireLimits)
     samples_per_message: int = 64
-    max_samples_per_message: int = 256
     sndhwm: int = 8
     rcvhwm: int = 8
     poll_timeout_ms: int = 100
@@ -137,19 +135,9 @@ class StreamConfig:
         if self.stats_endpoint and not self.curve and not is_loopback(self.stats_endpoint):
             raise ValueError(f"stats_endpoint {self.stats_endpoint!r} can be reached from other hosts: bind it on "
                              "loopback (tcp://127.0.0.1:PORT) or set stream.curve=true to put it under CURVE")
-        self.limits()  # validates the size limits, naming the field
-        if self.samples_per_message > self.max_samples_per_message:
-            raise ValueError(f"samples_per_message must be <= max_samples_per_message={self.max_samples_per_message}, "
-                             f"got {self.samples_per_message}")
-
-    def limits(self) -> WireLimits:
-        return WireLimits(
-            max_message_bytes=self.max_message_bytes,
-            max_header_bytes=self.max_header_bytes,
-            max_side=self.max_side,
-            max_caption_chars=self.max_caption_chars,
-            max_samples_per_message=self.max_samples_per_message,
-        )
+        if self.samples_per_message > self.limits.max_samples_per_message:
+            raise ValueError(f"samples_per_message must be <= limits.max_samples_per_message="
+                             f"{self.limits.max_samples_per_message}, got {self.samples_per_message}")
 
     def check_curve(self, role: str) -> None:
         """Raise ValueError naming the missing CURVE setting for ``role`` ("producer"/"receiver")."""
@@ -195,7 +183,7 @@ class Receiver:
             raise ValueError(f"stream.endpoints has {len(self.endpoints)} entries, receiver rank {rank} needs its own")
         template = cfg.stats_endpoint if stats_endpoint is None else stats_endpoint
         self.stats_endpoint = template.replace("{rank}", str(rank)) if template else ""
-        self._limits = cfg.limits()
+        self._limits = cfg.limits
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -307,7 +295,7 @@ class Receiver:
                 sock = ctx.socket(zmq.PULL)
                 sockets.append(sock)
                 sock.rcvhwm = self.cfg.rcvhwm
-                sock.maxmsgsize = self.cfg.max_message_bytes
+                sock.maxmsgsize = self.cfg.limits.max_message_bytes
                 sock.linger = 0
                 sock.reconnect_ivl = self.cfg.reconnect_ivl_ms
                 if self.cfg.curve:

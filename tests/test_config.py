@@ -67,6 +67,7 @@ def test_root_config_is_typed():
         ("model.name=ViT-Huge-999", r"^model\.name: unknown open_clip model 'ViT-Huge-999'"),
         ("trainer.batch_size=0", r"^trainer\.batch_size: must be >= 1, got 0$"),
         ("buffer.capacity=0", r"^buffer\.capacity: must be >= 1, got 0$"),
+        ("stream.limits.max_side=0", r"^stream\.limits\.max_side: must be a positive int, got 0$"),
         ("mix.mix_mode=swap", r"^mix\.mix_mode: must be one of"),
         ("trainer.loss=siglip", r"^trainer\.loss: siglip needs .*model\.init_logit_bias"),
     ],

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from edsam_online.buffer import BufferConfig, ReplayBuffer
 from edsam_online.config import load_config
@@ -43,13 +44,15 @@ def test_every_method_composes_with_its_generator_mode(name):
     cfg = _compose([f"method={name}"])
     assert cfg.method.name == name
     assert cfg.method.generator_mode in (None, cfg.diffusion.mode)
+    if cfg.method.generator_mode:  # the method alone sets it: no method file restates it
+        assert "diffusion" not in OmegaConf.load(ROOT / "configs" / "method" / f"{name}.yaml")
 
 
 def test_a_generator_mode_that_disagrees_with_the_method_stops_at_start():
     with pytest.raises(ValueError, match=r"^diffusion\.mode: method=edsam generates with mode 'transport'"):
         _compose(["diffusion.mode=random"])
-    with pytest.raises(ValueError, match=r"^diffusion\.mode: method=random"):
-        _compose(["method=random", "diffusion.mode=transport"])
+    with pytest.raises(ValueError, match=r"^diffusion\.mode: method=random generates with mode 'random', got 'identity'"):
+        _compose(["method=random", "diffusion.mode=identity"])
 
 
 @pytest.mark.parametrize("overrides,answer", [(["method=real2x"], "no"), (["method=none"], "no"),

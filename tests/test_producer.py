@@ -15,6 +15,7 @@ from _streaming_helpers import tiny_configs, wait_for
 from edsam_online.buffer import BufferConfig, ReplayBuffer
 from edsam_online.producer import Producer, ProducerConfig, _encode_fitting, batch_seed
 from edsam_online.streaming import Receiver, StreamConfig
+from edsam_online.wire import WireLimits
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,8 @@ def test_samples_carry_provenance_and_forwarded_stats(tiny):
 
 @pytest.mark.parametrize("stream_kw, messages", [
     (dict(samples_per_message=3), 3),  # batches of 4 samples: [3, 1] + [3] (the 7-sample limit)
-    (dict(samples_per_message=16, max_message_bytes=12_000, max_header_bytes=4000), 7),  # one 32x32 image fits
+    # one 32x32 image fits
+    (dict(samples_per_message=16, limits=WireLimits(max_message_bytes=12_000, max_header_bytes=4000)), 7),
 ])
 def test_samples_are_packed_per_message_within_the_limits(tiny, stream_kw, messages):
     buf = ReplayBuffer(BufferConfig(capacity=100, max_times_sampled=1, min_size_to_sample=1, samples_per_insert=0))
@@ -111,7 +113,7 @@ def test_a_message_is_split_until_its_header_fits():
         captions=[f"{i} " + "x" * 1000 for i in range(k)], source=np.arange(k), alpha=np.full(k, 0.1),
         seed=np.arange(k), sample_index=np.zeros(k, np.int64), rho=0.5, model_id="m", mode="transport", steps=5,
         inversion_steps=5, guidance=1.0)
-    cfg = StreamConfig(max_header_bytes=4096)
+    cfg = StreamConfig(limits=WireLimits(max_header_bytes=4096))
     first, ends = 0, []
     while first < k:
         first, frames = _encode_fitting(generated, first, k, cfg, "p", 1, 0)
@@ -119,7 +121,8 @@ def test_a_message_is_split_until_its_header_fits():
         ends.append(first)
     assert ends == [2, 5, 8]  # 8 -> 4 -> 2 samples fit; then the 6 left -> 3, and the last 3
     # A single sample whose header cannot fit is reported, not sent.
-    assert _encode_fitting(generated, 0, k, StreamConfig(max_header_bytes=512), "p", 1, 0) == (1, None)
+    small = StreamConfig(limits=WireLimits(max_header_bytes=512))
+    assert _encode_fitting(generated, 0, k, small, "p", 1, 0) == (1, None)
 
 
 def test_producer_ranks_read_disjoint_partitions_with_distinct_seeds(tiny):
@@ -231,7 +234,7 @@ def _pull_all(endpoint, count, timeout_s=60):
     arrival order: [(sample header without session/time/stats, image bytes)]."""
     import zmq
 
-    from edsam_online.wire import WireLimits, decode_message
+    from edsam_online.wire import decode_message
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)

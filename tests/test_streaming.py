@@ -22,7 +22,7 @@ from edsam_online.producer import open_producer_socket, send_bounded
 from edsam_online.runtime import free_port
 from edsam_online.security import generate_keys, make_curve_client
 from edsam_online.streaming import Receiver, StreamConfig
-from edsam_online.wire import encode_message
+from edsam_online.wire import WireLimits, encode_message
 
 SPAWN = mp.get_context("spawn")
 
@@ -65,7 +65,7 @@ def u8(value):
 
 def test_hostile_input_is_dropped_by_reason_and_valid_messages_still_arrive(ctx):
     limit = 100_000
-    cfg = StreamConfig(max_message_bytes=limit, max_header_bytes=16_384, max_caption_chars=1000)
+    cfg = StreamConfig(limits=WireLimits(max_message_bytes=limit, max_header_bytes=16_384, max_caption_chars=1000))
     buf = ReplayBuffer(BufferConfig(capacity=100, min_size_to_sample=1, samples_per_insert=0))
     client, endpoint = push_bound(ctx)
     good = valid_frames(0)
@@ -386,7 +386,7 @@ def test_receiver_stops_promptly_and_validates_config():
         (dict(endpoints=[]), "endpoints"),
         (dict(encoding="png"), "encoding"),
         (dict(sndhwm=0), "sndhwm"),
-        (dict(max_message_bytes=0), "max_message_bytes"),
+        (dict(samples_per_message=300), "samples_per_message must be <= limits.max_samples_per_message=256"),
         (dict(quality=0), "quality"),
     ]:
         with pytest.raises(ValueError, match=name):
