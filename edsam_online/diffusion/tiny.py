@@ -74,6 +74,32 @@ def offline_bert_tokenizer(max_length: int = 77, vocab_size: int | None = None) 
     return BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}, model_max_length=max_length)
 
 
+def small_kl_vae(block_out_channels: tuple[int, ...], latent_channels: int, resolution: int) -> AutoencoderKL:
+    """A two-level AutoencoderKL without mid-block attention (a factor-2 downsampling), the
+    VAE of the tiny test model and of the retrained LDM."""
+    return AutoencoderKL(
+        block_out_channels=block_out_channels, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels, layers_per_block=1,
+        norm_num_groups=8, sample_size=resolution, mid_block_add_attention=False,
+    )
+
+
+def small_clip_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int, layers: int, heads: int) -> CLIPTextModel:
+    """A CLIP text transformer sized for ``tokenizer`` (its vocabulary, special tokens and
+    maximum length), with a 2x MLP."""
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
+def sd_ddim_scheduler(timestep_spacing: str = "leading") -> DDIMScheduler:
+    """DDIM with Stable Diffusion's noise schedule (scaled linear, 0.00085 to 0.012)."""
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, timestep_spacing=timestep_spacing)
+
+
 def tiny_components(resolution: int = 32, seed: int = 0, layout: str = "sd") -> dict:
     """Random-weight components of a very small text-to-image LDM (fast on CPU; for tests).
 
@@ -84,17 +110,9 @@ def tiny_components(resolution: int = 32, seed: int = 0, layout: str = "sd") -> 
         raise ValueError(f"resolution must be even, got {resolution}")
     torch.manual_seed(seed)
     if layout == "sd":
-        vae = AutoencoderKL(
-            block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
-            norm_num_groups=8, sample_size=resolution, mid_block_add_attention=False,
-        )
+        vae = small_kl_vae((8, 16), 4, resolution)
         tokenizer = offline_clip_tokenizer(max_length=16)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        ))
+        text_encoder = small_clip_text_encoder(tokenizer, hidden_size=32, layers=1, heads=2)
     elif layout == "compvis":
         vae = VQModel(
             block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -114,10 +132,7 @@ def tiny_components(resolution: int = 32, seed: int = 0, layout: str = "sd") -> 
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
         attention_head_dim=8, norm_num_groups=8,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )
+    scheduler = sd_ddim_scheduler()
     for m in (vae, text_encoder, unet):
         m.eval()
     return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)

@@ -70,10 +70,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from tqdm import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from edsam_online.diffusion.pipeline import save_components
-from edsam_online.diffusion.tiny import offline_clip_tokenizer
+from edsam_online.diffusion.tiny import (offline_clip_tokenizer, sd_ddim_scheduler, small_clip_text_encoder,
+                                         small_kl_vae)
 
 log = logging.getLogger(__name__)
 
@@ -222,17 +222,9 @@ def recipe_version(cfg: TrainLDMConfig, fingerprint: str | None = None) -> str:
 
 def build_components(resolution: int = 32, latent_channels: int = 4, timestep_spacing: str = "leading") -> dict:
     """Untrained components of the retrained LDM (resolution/2 latents, ``latent_channels`` deep)."""
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=latent_channels, layers_per_block=1,
-        norm_num_groups=8, sample_size=resolution, mid_block_add_attention=False,
-    )
+    vae = small_kl_vae((16, 32), latent_channels, resolution)
     tokenizer = offline_clip_tokenizer(max_length=24)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=24, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = small_clip_text_encoder(tokenizer, hidden_size=64, layers=2, heads=4)
     unet = UNet2DConditionModel(
         sample_size=resolution // 2, in_channels=latent_channels, out_channels=latent_channels,
         layers_per_block=1, block_out_channels=(48, 96, 96),
@@ -243,9 +235,7 @@ def build_components(resolution: int = 32, latent_channels: int = 4, timestep_sp
         # (diffusers' "text" addition embedding, as in Imagen), applied as scale and shift.
         addition_embed_type="text", addition_embed_type_num_heads=4, resnet_time_scale_shift="scale_shift",
     )
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                              timestep_spacing=timestep_spacing)
+    scheduler = sd_ddim_scheduler(timestep_spacing)
     return dict(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
