@@ -30,6 +30,8 @@ from typing import Any, Callable, Collection, Generic, Sequence, TypeVar
 
 import numpy as np
 
+from edsam_online.validation import require_at_least
+
 T = TypeVar("T")
 
 _REUSE_BINS = 8  # buffer/reuse_hist/0 .. /7, then /ge8
@@ -67,14 +69,11 @@ class BufferConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {self.capacity}")
+        require_at_least(self, 1, "capacity")
         if not 1 <= self.min_size_to_sample <= self.capacity:
             raise ValueError(f"min_size_to_sample must be in [1, capacity={self.capacity}], got {self.min_size_to_sample}")
-        if self.max_times_sampled < 0:
-            raise ValueError(f"max_times_sampled must be >= 0, got {self.max_times_sampled}")
-        if self.samples_per_insert < 0:
-            raise ValueError(f"samples_per_insert must be >= 0, got {self.samples_per_insert}")
+        require_at_least(self, 0, "max_times_sampled")
+        require_at_least(self, 0, "samples_per_insert")
         if self.error_buffer is None:
             self.error_buffer = max(1.0, float(self.samples_per_insert))
         if self.samples_per_insert > 0 and self.error_buffer < max(1.0, self.samples_per_insert):
@@ -82,8 +81,7 @@ class BufferConfig:
                 f"error_buffer must be >= max(1, samples_per_insert)={max(1.0, self.samples_per_insert)} "
                 f"(smaller margins can block sampling for good), got {self.error_buffer}"
             )
-        if self.sample_timeout_s < 0:
-            raise ValueError(f"sample_timeout_s must be >= 0, got {self.sample_timeout_s}")
+        require_at_least(self, 0, "sample_timeout_s")
 
 
 class ReplayBuffer(Generic[T]):

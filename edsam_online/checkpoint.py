@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from edsam_online.runtime import unwrap
+from edsam_online.validation import require_at_least
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
@@ -40,9 +41,7 @@ class CheckpointConfig:
     resume: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("every", "keep"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        require_at_least(self, 0, "every", "keep")
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:

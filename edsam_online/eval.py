@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .data.domains import BASE_PALETTE, DOMAINS, SOURCE_DOMAIN, TARGET_DOMAINS, WORLD_STYLES
 from .data.shapes import CLASSES, SIZES, render_sample
+from .validation import require_at_least
 
 logger = logging.getLogger(__name__)
 
@@ -134,20 +135,15 @@ class EvalConfig:
             raise ValueError(f"domains: unknown {unknown}, choose from {list(DOMAINS)}")
         if not self.domains and not self.imagefolders and not self.webdatasets:
             raise ValueError("domains: nothing to evaluate (no domains, imagefolders or webdatasets)")
-        for name in ("samples_per_class", "batch_size", "probe_train_per_class", "probe_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.resolution < 8:
-            raise ValueError(f"resolution must be >= 8, got {self.resolution}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        require_at_least(self, 1, "samples_per_class", "batch_size", "probe_train_per_class", "probe_steps")
+        require_at_least(self, 8, "resolution")
+        require_at_least(self, 0, "seed")
         if self.templates not in TEMPLATE_SET_NAMES:
             self.template_list()  # a bad file fails here, naming the field
         if not self.probe_weight_decays or min(self.probe_weight_decays) < 0:
             raise ValueError(f"probe_weight_decays must be a non-empty list of values >= 0, "
                              f"got {self.probe_weight_decays}")
-        if self.every_steps < 0:
-            raise ValueError(f"every_steps must be >= 0, got {self.every_steps}")
+        require_at_least(self, 0, "every_steps")
         extra = [*self.imagefolders, *self.webdatasets]
         summary = (*_SUMMARY, *map(group_mean_name, self.target_groups))
         clash = [n for n in extra if n in DOMAINS or n in summary or n.endswith("_mean") or "/" in n

@@ -57,6 +57,7 @@ from torchdata.nodes import BaseNode, Batcher, Loader, ParallelMapper, Prefetche
 
 from edsam_online.buffer import ReplayBuffer
 from edsam_online.data import DataCounters, RealDataConfig, RealRecord, RealSourceNode, decode_record
+from edsam_online.validation import require_at_least
 from edsam_online.wire import SyntheticSample
 
 FALLBACK_EPOCH = 1_000_000  # the fallback stream starts here: same data, an unrelated shuffle
@@ -88,9 +89,7 @@ class MixConfig:
             raise ValueError(f"syn_share must be in [0, 1], got {self.syn_share}")
         if self.mix_mode not in MIX_MODES:
             raise ValueError(f"mix_mode must be one of {MIX_MODES}, got {self.mix_mode!r}")
-        for name in ("syn_weight", "syn_wait_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        require_at_least(self, 0, "syn_weight", "syn_wait_s")
 
     def syn_batch_size(self, batch_size: int) -> int:
         """Synthetic samples per rank per step."""

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from edsam_online.loader import MixedBatch
+from edsam_online.validation import require_at_least
 
 #: Method name -> the generator's ``diffusion.mode`` (None: the method runs no producer).
 GENERATOR_MODES: dict[str, str | None] = {
@@ -82,12 +83,8 @@ class MethodConfig:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.offline_shards and GENERATOR_MODES[self.name] is None:
             raise ValueError(f"offline_shards: method {self.name} generates nothing to read from shards")
-        for name in ("mask_block", "adv_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("adv_lr", "ada_gamma"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        require_at_least(self, 1, "mask_block", "adv_steps")
+        require_at_least(self, 0, "adv_lr", "ada_gamma")
 
     @property
     def generator_mode(self) -> str | None:

@@ -28,6 +28,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from edsam_online.validation import require_at_least
+
 _WANDB_MODES = ("offline", "online", "disabled")
 
 #: W&B x axes: step metric -> the metric globs plotted against it.
@@ -70,12 +72,10 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         if self.wandb_mode not in _WANDB_MODES:
             raise ValueError(f"wandb_mode must be one of {_WANDB_MODES}, got {self.wandb_mode!r}")
-        if self.log_every < 1:
-            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        require_at_least(self, 1, "log_every")
         if self.sample_every < 0:
             raise ValueError(f"sample_every must be >= 0 (0 = off), got {self.sample_every}")
-        if self.sample_rows < 1:
-            raise ValueError(f"sample_rows must be >= 1, got {self.sample_rows}")
+        require_at_least(self, 1, "sample_rows")
 
 
 @dataclass

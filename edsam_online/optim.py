@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from edsam_online.runtime import unwrap
+from edsam_online.validation import require_at_least
 
 
 # torch.optim.AdamW's keyword arguments for each ``OptimConfig.implementation``.
@@ -50,13 +51,10 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        for name in ("weight_decay", "grad_clip_norm", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        require_at_least(self, 0, "weight_decay", "grad_clip_norm", "warmup_steps")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.logit_scale_max < 1:
-            raise ValueError(f"logit_scale_max must be >= 1, got {self.logit_scale_max}")
+        require_at_least(self, 1, "logit_scale_max")
         if self.implementation not in _IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {sorted(_IMPLEMENTATIONS)}, got {self.implementation!r}")
 

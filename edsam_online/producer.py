@@ -49,6 +49,7 @@ from edsam_online.data import DataCounters, RealDataConfig, RealSample, decoded_
 from edsam_online.metrics import LoggingConfig, MetricLogger
 from edsam_online.runtime import StopOnSignal
 from edsam_online.streaming import StreamConfig
+from edsam_online.validation import require_at_least
 from edsam_online.wire import encode_image, encode_message
 
 if TYPE_CHECKING:  # annotations only: the sampler is passed in, this module needs no diffusion stack
@@ -131,26 +132,20 @@ class ProducerConfig:
         return self.producer_id or f"producer-{self.rank}"
 
     def __post_init__(self) -> None:
-        if self.num_producers < 1:
-            raise ValueError(f"num_producers must be >= 1, got {self.num_producers}")
+        require_at_least(self, 1, "num_producers")
         if not 0 <= self.rank < self.num_producers:
             raise ValueError(f"rank must be in [0, num_producers={self.num_producers}), got {self.rank}")
         if self.endpoint_index is not None and self.endpoint_index < 0:
             raise ValueError(f"endpoint_index must be >= 0 or null, got {self.endpoint_index}")
-        for name in ("num_samples", "threads", "data_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "stats_every", "prefetch_batches", "queue_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, 0, "num_samples", "threads", "data_workers")
+        require_at_least(self, 1, "batch_size", "stats_every", "prefetch_batches", "queue_batches")
         if self.m is not None and self.m < 1:
             raise ValueError(f"m must be >= 1 or null, got {self.m}")
         if self.sink not in SINKS:
             raise ValueError(f"sink must be one of {SINKS}, got {self.sink!r}")
         if self.sink == "shards" and not self.shard_dir:
             raise ValueError("shard_dir must be set when producer.sink is shards")
-        if self.shard_samples < 1:
-            raise ValueError(f"shard_samples must be >= 1, got {self.shard_samples}")
+        require_at_least(self, 1, "shard_samples")
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
         if not 0.0 <= self.min_score <= 1.0:
@@ -159,9 +154,7 @@ class ProducerConfig:
             raise ValueError("min_score > 0 needs a scorer: set producer.scorer to attributes or clip")
         if self.scorer == "clip" and not self.scorer_model:
             raise ValueError("scorer_model must name an open_clip model when producer.scorer is clip")
-        for name in ("send_timeout_s", "stop_grace_s", "log_every_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        require_at_least(self, 0, "send_timeout_s", "stop_grace_s", "log_every_s")
 
 
 # ----------------------------------------------------------------------------- sockets

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from edsam_online.validation import require_at_least
+
 #: Precision name -> autocast dtype (``None``: no autocast, plain float32).
 PRECISION_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda")
@@ -51,11 +53,8 @@ class RuntimeConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.precision not in PRECISION_DTYPES:
             raise ValueError(f"precision must be one of {tuple(PRECISION_DTYPES)}, got {self.precision!r}")
-        for name in ("num_workers", "prefetch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        require_at_least(self, 1, "num_workers", "prefetch")
+        require_at_least(self, 0, "threads")
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -43,6 +43,7 @@ from zmq.utils.monitor import recv_monitor_message
 from edsam_online import security
 from edsam_online.allocator import tune_malloc
 from edsam_online.buffer import ReplayBuffer
+from edsam_online.validation import require_at_least
 from edsam_online.wire import DROP_REASONS, ENCODINGS, WireError, WireLimits, decode_message
 
 log = logging.getLogger(__name__)
@@ -128,10 +129,8 @@ class StreamConfig:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"quality must be in [1, 100], got {self.quality}")
-        for name in ("sndhwm", "rcvhwm", "poll_timeout_ms", "reconnect_ivl_ms", "samples_per_message", "seq_window",
-                     "seq_resync_after"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, 1, "sndhwm", "rcvhwm", "poll_timeout_ms", "reconnect_ivl_ms", "samples_per_message", "seq_window",
+                     "seq_resync_after")
         if self.stats_endpoint and not self.curve and not is_loopback(self.stats_endpoint):
             raise ValueError(f"stats_endpoint {self.stats_endpoint!r} can be reached from other hosts: bind it on "
                              "loopback (tcp://127.0.0.1:PORT) or set stream.curve=true to put it under CURVE")

@@ -53,6 +53,7 @@ from edsam_online.models import create_clip
 from edsam_online.optim import build_optimizer, build_scheduler, clamp_logit_scale, clip_gradients
 from edsam_online.runtime import StopOnSignal, autocast, init_distributed
 from edsam_online.streaming import Receiver
+from edsam_online.validation import require_at_least
 
 if TYPE_CHECKING:  # the root config composes this module's TrainerConfig
     from edsam_online.config import Config
@@ -84,11 +85,8 @@ class TrainerConfig:
     syn_weighting: str = "none"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.stop_at < 0:
-            raise ValueError(f"stop_at must be >= 0, got {self.stop_at}")
+        require_at_least(self, 1, "steps", "batch_size")
+        require_at_least(self, 0, "stop_at")
         if self.loss not in LOSS_KINDS:
             raise ValueError(f"loss must be one of {LOSS_KINDS}, got {self.loss!r}")
         if self.syn_weighting not in SYN_WEIGHTINGS:

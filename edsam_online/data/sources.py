@@ -43,6 +43,7 @@ from torchdata.nodes import BaseNode, ParallelMapper
 from .domains import BUILTIN_DOMAINS, SOURCE_DOMAIN
 from .records import RealRecord, RealSample
 from .shapes import render_sample
+from ..validation import require_at_least
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +86,10 @@ class RealDataConfig:
             raise ValueError(f"kind must be one of {list(DATA_KINDS)}, got {self.kind!r}")
         if self.domain not in BUILTIN_DOMAINS:
             raise ValueError(f"domain must be one of {list(BUILTIN_DOMAINS)}, got {self.domain!r}")
-        if self.resolution < 8:
-            raise ValueError(f"resolution must be >= 8, got {self.resolution}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.length < 1:
-            raise ValueError(f"length must be >= 1, got {self.length}")
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        require_at_least(self, 8, "resolution")
+        require_at_least(self, 0, "seed")
+        require_at_least(self, 1, "length")
+        require_at_least(self, 1, "shuffle_buffer")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be >= 1 or None, got {self.epochs}")
         if self.kind in ("webdataset", "csv", "imagefolder"):

@@ -74,6 +74,7 @@ from tqdm import tqdm
 from edsam_online.diffusion.pipeline import save_components
 from edsam_online.diffusion.tiny import (offline_clip_tokenizer, sd_ddim_scheduler, small_clip_text_encoder,
                                          small_kl_vae)
+from edsam_online.validation import require_at_least
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,7 @@ class TrainLDMConfig:
                      "latent_channels", "grid_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        require_at_least(self, 0, "checkpoint_every")
         self.data_config()  # a bad data_kind, data_path or data_domain fails here, naming it
         if self.resolution % 4:
             raise ValueError(f"resolution must be a multiple of 4, got {self.resolution}")

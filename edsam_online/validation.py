@@ -1,0 +1,13 @@
+"""The range check that config dataclasses share, so that every one words its error alike
+(``"<field> must be >= <minimum>, got <value>"``, which ``load_config`` prefixes with the
+group: ``trainer.steps: must be >= 1, got 0``)."""
+
+from __future__ import annotations
+
+
+def require_at_least(obj: object, minimum: float, *names: str) -> None:
+    """Raise ValueError for the first of ``obj``'s fields ``names`` below ``minimum``."""
+    for name in names:
+        value = getattr(obj, name)
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
