@@ -9,7 +9,7 @@ producer caps it, to what fits in ``stream.limits.max_message_bytes``), in the s
   of a ``GeneratedBatch``, the sampler's columnar output built once beforehand as
   generation's output, sliced with ``GeneratedBatch.rows`` and passed to
   ``wire.encode_message``, JPEG encoded per sample) and sends it with
-  ``producer.send_bounded`` from a socket made by ``open_producer_socket``; the main
+  ``sinks.send_bounded`` from a socket made by ``open_producer_socket``; the main
   process runs a ``Receiver`` thread (full validation, JPEG decode) that inserts every
   sample into a ``ReplayBuffer``. Timed until the last sample is in the buffer.
 * **bare**: a sender process sends the same bytes (one pre-built header + payload of
@@ -94,7 +94,7 @@ def cpu_s() -> float:
 
 
 def edsam_sender(endpoint_q, go, size: int, encoding: str, k: int, n: int) -> None:
-    from edsam_online.producer import open_producer_socket, send_bounded
+    from edsam_online.sinks import open_producer_socket, send_bounded
     from edsam_online.wire import encode_message
 
     output = generated(size, k)  # before the endpoint is announced: the timed run starts soon after
@@ -193,7 +193,7 @@ def main() -> None:
 
         assert tune_malloc(), "mallopt failed"
     print(f"malloc tuned: {args.tune}; {len(os.sched_getaffinity(0))} CPU cores", flush=True)
-    from edsam_online.producer import samples_per_message
+    from edsam_online.sinks import samples_per_message
     from edsam_online.wire import encode_message
 
     scale = 0.25 if args.quick else 1.0

@@ -2,7 +2,7 @@
 
 :class:`Producer` is the library's generation loop; ``python -m producers`` (the
 ``edsam-produce`` console script) is its process entry point. Its stages are
-read -> generate -> filter -> deliver (encode and send, or write shards). With
+read -> generate -> filter -> deliver (a sink of :mod:`edsam_online.sinks`: stream or shards). With
 ``producer.pipeline`` (the default) the generator never waits on the host: real data is
 read, decoded and batched ahead in a torchdata.nodes graph (:func:`real_batches`), and
 the generated batches are delivered, in order, by one background thread while the next
@@ -21,46 +21,32 @@ more) and :meth:`Producer.run` returns (the CLI exits 0).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import io
 import itertools
-import json
 import logging
-import math
-import os
-import random
 import secrets
 import threading
 import time
-from collections import deque
-from concurrent import futures
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import webdataset as wds
-import zmq
-from PIL import Image
 from torchdata.nodes import BaseNode, Batcher, Mapper, Prefetcher
 from tqdm import tqdm
 
-from edsam_online import security
 from edsam_online.data import DataCounters, RealDataConfig, RealSample, decoded_samples
 from edsam_online.metrics import LoggingConfig, MetricLogger
 from edsam_online.runtime import StopOnSignal
+from edsam_online.sinks import Handoff, open_sink
 from edsam_online.streaming import StreamConfig
 from edsam_online.validation import require_at_least
-from edsam_online.wire import encode_image, encode_message
 
 if TYPE_CHECKING:  # annotations only: the sampler is passed in, this module needs no diffusion stack
     from edsam_online.diffusion import EDSAMSampler, GeneratedBatch
 
 log = logging.getLogger(__name__)
 
-_SEND_SLICE_S = 0.2  # a blocked send re-checks the stop flag this often
 SINKS = ("stream", "shards")
 SCORERS = ("none", "attributes", "clip")  # built by edsam_online.diffusion.scoring.build_scorer
-_SHARD_EXTENSIONS = {"raw": "png", "jpeg": "jpg", "webp": "webp"}
 
 
 @dataclass
@@ -157,79 +143,6 @@ class ProducerConfig:
         require_at_least(self, 0, "send_timeout_s", "stop_grace_s", "log_every_s")
 
 
-# ----------------------------------------------------------------------------- sockets
-
-
-def open_producer_socket(ctx: zmq.Context, cfg: StreamConfig, index: int) -> zmq.Socket:
-    """A producer's PUSH socket: binds ``endpoints[index]`` (``producers_bind``) or
-    connects to every endpoint. ``sock.last_endpoint`` gives a wildcard bind's port."""
-    cfg.check_curve("producer")
-    if cfg.producers_bind and index >= len(cfg.endpoints):
-        raise ValueError(f"stream.endpoints has {len(cfg.endpoints)} entries, producer endpoint {index} is missing")
-    sock = ctx.socket(zmq.PUSH)
-    try:
-        sock.sndhwm = cfg.sndhwm
-        sock.linger = 0  # shutdown is explicit: the in-flight message is sent before close
-        sock.reconnect_ivl = cfg.reconnect_ivl_ms
-        if cfg.curve:
-            security.make_curve_client(sock, cfg.curve_client_secret, cfg.curve_server_public)
-        if cfg.producers_bind:
-            sock.bind(cfg.endpoints[index])
-        else:
-            for endpoint in cfg.endpoints:
-                sock.connect(endpoint)
-    except Exception:
-        sock.close(linger=0)
-        raise
-    return sock
-
-
-def send_bounded(sock: zmq.Socket, frames: list, timeout_s: float) -> tuple[bool, float]:
-    """Send, waiting at most ``timeout_s`` for room (HWM) or a peer.
-
-    Returns (sent, seconds the call took: the wait for room, plus microseconds of
-    sending). The wait happens inside libzmq (``SNDTIMEO``), without the GIL: a
-    Python retry loop around non-blocking sends costs a wake-up, an exception and a
-    poll per message whenever trainers are the bottleneck. ZeroMQ multipart sends
-    are atomic, so a timed-out attempt leaves nothing half-sent and can be retried as is.
-    """
-    sock.sndtimeo = max(0, math.ceil(timeout_s * 1000))
-    start = time.monotonic()
-    try:
-        sock.send_multipart(frames, copy=False)
-        return True, time.monotonic() - start
-    except zmq.Again:
-        return False, time.monotonic() - start
-
-
-# ----------------------------------------------------------------------------- messages
-
-
-def samples_per_message(stream_cfg: StreamConfig, sample_nbytes: int) -> int:
-    """K for samples of ``sample_nbytes`` raw bytes: ``stream.samples_per_message``, or
-    fewer when that many would not fit in ``limits.max_message_bytes`` beside the header."""
-    byte_budget = stream_cfg.limits.max_message_bytes - stream_cfg.limits.max_header_bytes
-    return min(stream_cfg.samples_per_message, max(1, byte_budget // (sample_nbytes + 1024)))
-
-
-def _encode_fitting(
-    generated: GeneratedBatch, first: int, last: int, stream_cfg: StreamConfig, producer_id: str, session: int,
-    seq: int, stats: dict[str, float] | None = None,
-) -> tuple[int, list | None]:
-    """Encode rows ``first:last`` of ``generated`` as message ``seq``, halving the message
-    until its header fits ``limits.max_header_bytes`` (K long captions can outgrow it, and a
-    receiver would drop the message). Returns (end of the rows encoded, frames); frames is
-    None when a single sample's header does not fit."""
-    while True:
-        frames = encode_message(generated.rows(first, last), producer_id, session, seq, stats, stream_cfg.encoding,
-                                stream_cfg.quality)
-        if len(frames[0]) <= stream_cfg.limits.max_header_bytes:
-            return last, frames
-        if last - first == 1:
-            return last, None
-        last = first + (last - first) // 2
-
-
 def batch_seed(seed: int, rank: int, batch_index: int) -> int:
     """Generation seed of one batch: distinct per (seed, producer rank, batch), below 2**30
     so the sampler's per-image ``seed + i`` stays a valid 31-bit seed."""
@@ -267,77 +180,7 @@ def real_batches(cfg: RealDataConfig, rank: int, world_size: int, counters: Data
     return Prefetcher(batches, prefetch_factor=prefetch) if prefetch else batches
 
 
-class _Handoff:
-    """Hands generated batches to ``deliver``: in the calling thread (``depth=0``, the
-    sequential loop), or in order to one background thread with at most ``depth`` batches
-    waiting beside the one it delivers. A ``ThreadPoolExecutor`` of one worker is that thread
-    and its FIFO queue; each batch's future keeps its failure, which the calling thread
-    re-raises at its next :meth:`put`, :meth:`pending`, :meth:`wait` or :meth:`finish`.
-    After a failure the thread delivers nothing more.
-    """
-
-    def __init__(self, deliver: Callable[[GeneratedBatch], None], depth: int, name: str) -> None:
-        self._deliver, self._depth = deliver, depth
-        self._pool = futures.ThreadPoolExecutor(1, thread_name_prefix=name) if depth else None
-        self._queued: deque[tuple[futures.Future, int]] = deque()  # (future, rows), oldest first
-        self._failed = False
-
-    def _run(self, generated: GeneratedBatch) -> None:
-        if self._failed:  # a batch before this one failed: send nothing after it
-            return
-        try:
-            self._deliver(generated)
-        except BaseException:
-            self._failed = True
-            raise
-
-    def put(self, generated: GeneratedBatch, stopping: Callable[[], bool]) -> None:
-        """Deliver ``generated`` (inline) or queue it, waiting while ``depth`` batches wait,
-        unless ``stopping()``: a batch generated before a stop is queued all the same."""
-        if self._pool is None:
-            self._deliver(generated)
-            return
-        while len(self._queued) > self._depth and not stopping():
-            self.wait()
-        self._reap()
-        self._queued.append((self._pool.submit(self._run, generated), len(generated)))
-
-    def _reap(self) -> None:
-        while self._queued and self._queued[0][0].done():
-            self._queued.popleft()[0].result()  # re-raises the delivery's failure
-
-    def pending(self) -> int:
-        """Rows of the batches handed over and not delivered yet."""
-        self._reap()
-        return sum(rows for _, rows in self._queued)
-
-    def wait(self, timeout_s: float = _SEND_SLICE_S) -> None:
-        """Wait (at most ``timeout_s``) for the oldest batch's delivery to end."""
-        if self._queued:
-            futures.wait([self._queued[0][0]], timeout_s)
-        self._reap()
-
-    def finish(self) -> None:
-        """Wait for every batch handed over (a stop bounds it by the grace); re-raises a failure."""
-        while self._queued:
-            self.wait()
-
-    def shutdown(self) -> None:
-        """Drop the batches not started yet and end the thread (a stop bounds the one in flight)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-
 # ----------------------------------------------------------------------------- the loop
-
-
-def _image_file(image: np.ndarray, encoding: str, quality: int) -> bytes:
-    """A shard's image file: the wire's JPEG/WebP encoding, or lossless PNG for ``raw``."""
-    if encoding != "raw":
-        return encode_image(image, encoding, quality)
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG")
-    return out.getvalue()
 
 
 class Producer:
@@ -378,7 +221,6 @@ class Producer:
         self.logging_cfg, self.run_dir, self.resolved, self.on_bound = logging_cfg, run_dir, resolved, on_bound
         self.install_signal_handlers = install_signal_handlers
         self._stop = threading.Event()
-        self._stopped_at: float | None = None
         self.counters = DataCounters()
         self.state = dict(sent=0, generated=0, dropped_unsent=0, unsent_at_stop=0, filtered=0, unet_calls=0,
                           blocked_s=0.0, generate_s=0.0)
@@ -422,28 +264,16 @@ class Producer:
         if self.logging_cfg is not None and self.run_dir is not None:
             metric_logger = MetricLogger(self.logging_cfg, self.run_dir, role="producer", rank=pcfg.rank,
                                          config=self.resolved)
-        ctx = sock = writer = None
         session = secrets.randbits(62)
         limit = pcfg.num_samples
         bar = tqdm(total=limit or None, desc=pcfg.name, unit="sample", mininterval=5.0, disable=None)
-        if pcfg.sink == "shards":
-            os.makedirs(pcfg.shard_dir, exist_ok=True)
-            pattern = os.path.join(pcfg.shard_dir, f"{pcfg.name}-{session:016x}-%06d.tar")
-            writer = wds.ShardWriter(pattern, maxcount=pcfg.shard_samples, verbose=0)
-            deliver = functools.partial(self._write, writer, session, bar)
-        else:
-            ctx = zmq.Context()
-            sock = open_producer_socket(ctx, stream_cfg,
-                                        pcfg.rank if pcfg.endpoint_index is None else pcfg.endpoint_index)
-            if self.on_bound is not None and stream_cfg.producers_bind:
-                self.on_bound(sock.last_endpoint.decode())
-            deliver = functools.partial(self._send_batch, sock, session, random.Random(session), bar)
+        sink = open_sink(pcfg, stream_cfg, self.state, session, self._stop, self.metrics, bar, self.on_bound)
         data_cfg = self.data_cfg if self.resolution is None else dataclasses.replace(self.data_cfg,
                                                                                      resolution=self.resolution)
         batches = real_batches(data_cfg, pcfg.rank, pcfg.num_producers, self.counters, pcfg.batch_size,
                                pcfg.data_workers if pcfg.pipeline else 0, pcfg.prefetch_batches if pcfg.pipeline else 0)
-        # The socket and the shard writer belong to the delivery thread until it has ended.
-        handoff = _Handoff(deliver, pcfg.queue_batches if pcfg.pipeline else 0, f"{pcfg.name}-send")
+        # The sink belongs to the delivery thread until it has ended.
+        handoff = Handoff(sink.deliver, pcfg.queue_batches if pcfg.pipeline else 0, f"{pcfg.name}-send")
         state = self.state
         self._start = time.monotonic()
         last_log = time.monotonic()
@@ -469,11 +299,7 @@ class Producer:
             handoff.shutdown()
             bar.close()
             final = self.metrics()
-            if writer is not None:
-                writer.close()
-            else:  # give queued messages up to stop_grace_s to reach a trainer, then drop them
-                sock.close(linger=int(pcfg.stop_grace_s * 1000))
-                ctx.term()
+            sink.close()
             stop.restore()
             if metric_logger is not None:
                 metric_logger.log(final, step=state["sent"])
@@ -482,9 +308,9 @@ class Producer:
                  state["dropped_unsent"])
         return final
 
-    # -- stages: read (real_batches) -> generate -> filter -> deliver (_send_batch or _write)
+    # -- stages: read (real_batches) -> generate -> filter -> deliver (the sink)
 
-    def _wants_more(self, handoff: _Handoff, limit: int) -> bool:
+    def _wants_more(self, handoff: Handoff, limit: int) -> bool:
         """Generate another batch? Not after a stop. With ``limit``, while the samples sent plus
         those still being delivered fall short of it; when the ones being delivered may reach it,
         wait for their outcome (a dropped message must be made up; a surplus batch is not generated)."""
@@ -517,103 +343,3 @@ class Producer:
         if keep.all():
             return generated
         return generated.select(keep) if keep.any() else None
-
-    def _send_batch(self, sock: zmq.Socket, session: int, stats_rng: random.Random, bar: Any,
-                    generated: GeneratedBatch) -> None:
-        """Encode ``generated`` into messages of up to K samples and send them, up to ``num_samples``
-        sent in all; a dropped message's samples are made up by the next rows."""
-        pcfg, stream_cfg, state, limit = self.cfg, self.stream_cfg, self.state, self.cfg.num_samples
-        per_message = samples_per_message(stream_cfg, generated.images[0].nbytes)
-        first = 0
-        while first < len(generated) and not (limit and state["sent"] >= limit):
-            if self._grace_over():
-                self._abandon(len(generated) - first)
-                return
-            last = min(first + per_message, len(generated), first + limit - state["sent"] if limit else len(generated))
-            # Random, not every N-th: behind a round-robin PUSH a fixed stride could
-            # keep some trainers from ever seeing producer stats.
-            forward = state["sent"] == 0 or stats_rng.random() < 1.0 / pcfg.stats_every
-            last, frames = _encode_fitting(generated, first, last, stream_cfg, pcfg.name, session, state["sent"],
-                                           self.metrics() if forward else None)
-            chunk = last - first
-            first = last
-            state["generated"] += chunk
-            if frames is None:
-                state["dropped_unsent"] += chunk
-                log.warning("producer %s: one sample's header exceeds stream.limits.max_header_bytes=%d, "
-                            "dropped it", pcfg.name, stream_cfg.limits.max_header_bytes)
-            elif self._send(sock, frames):
-                state["sent"] += chunk
-                bar.update(chunk)
-            else:
-                state["dropped_unsent"] += chunk
-                log.warning("producer %s: no trainer took a message within %.1fs, dropped its %d samples",
-                            pcfg.name, pcfg.send_timeout_s, chunk)
-
-    def _write(self, writer: Any, session: int, bar: Any, generated: GeneratedBatch) -> None:
-        """Write the rows of ``generated`` (up to ``num_samples`` samples in all) as shard samples."""
-        pcfg, state, limit = self.cfg, self.state, self.cfg.num_samples
-        encoding = self.stream_cfg.encoding
-        rows = len(generated) if not limit else min(len(generated), limit - state["sent"])
-        for r in range(rows):
-            source = int(generated.source[r])
-            provenance = {
-                "producer_id": pcfg.name, "session": session, "seq": state["sent"],
-                "source_key": generated.source_keys[source], "caption": generated.captions[source],
-                "alpha": float(generated.alpha[r]), "seed": int(generated.seed[r]),
-                "sample_index": int(generated.sample_index[r]), "rho": generated.rho, "model_id": generated.model_id,
-                "mode": generated.mode, "steps": generated.steps, "inversion_steps": generated.inversion_steps,
-                "guidance": generated.guidance,
-            }
-            if generated.score is not None:
-                provenance["score"] = float(generated.score[r])
-            writer.write({
-                "__key__": f"{pcfg.name}-{session:016x}-{state['sent']:09d}",
-                _SHARD_EXTENSIONS[encoding]: _image_file(generated.images[r], encoding, self.stream_cfg.quality),
-                "txt": generated.captions[source],
-                "json": json.dumps(provenance).encode(),
-            })
-            state["generated"] += 1
-            state["sent"] += 1
-            bar.update(1)
-
-    # -- stopping (called by the delivering thread only)
-
-    def _stop_deadline(self) -> float | None:
-        """None while running; after a stop, until when generated samples may still be sent."""
-        if not self._stop.is_set():
-            return None
-        if self._stopped_at is None:
-            self._stopped_at = time.monotonic()
-        return self._stopped_at + self.cfg.stop_grace_s
-
-    def _grace_over(self) -> bool:
-        deadline = self._stop_deadline()
-        return deadline is not None and time.monotonic() >= deadline
-
-    def _abandon(self, rows: int) -> None:
-        """Count the rows of a batch that the stop's grace left unattempted (rows past
-        ``num_samples`` would never have been sent and are not counted)."""
-        if self.cfg.num_samples:
-            rows = max(0, min(rows, self.cfg.num_samples - self.state["sent"] - self.state["unsent_at_stop"]))
-        self.state["unsent_at_stop"] += rows
-        if rows:
-            log.warning("producer %s: stopping, %d generated samples left unsent after stop_grace_s=%.1fs",
-                        self.cfg.name, rows, self.cfg.stop_grace_s)
-
-    def _send(self, sock: zmq.Socket, frames: list) -> bool:
-        """Bounded send: at most ``send_timeout_s``, and never past the stop's grace."""
-        pcfg = self.cfg
-        waited = 0.0
-        while True:
-            budget = pcfg.send_timeout_s - waited
-            deadline = self._stop_deadline()
-            if deadline is not None:
-                budget = min(budget, deadline - time.monotonic())
-            ok, w = send_bounded(sock, frames, max(0.0, min(budget, _SEND_SLICE_S)))
-            waited += w
-            self.state["blocked_s"] += w
-            if ok:
-                return True
-            if budget <= _SEND_SLICE_S:
-                return False

@@ -13,7 +13,8 @@ from PIL import Image
 
 from _streaming_helpers import tiny_configs, wait_for
 from edsam_online.buffer import BufferConfig, ReplayBuffer
-from edsam_online.producer import Producer, ProducerConfig, _encode_fitting, batch_seed
+from edsam_online.producer import Producer, ProducerConfig, batch_seed
+from edsam_online.sinks import encode_fitting
 from edsam_online.streaming import Receiver, StreamConfig
 from edsam_online.wire import WireLimits
 
@@ -69,7 +70,7 @@ def test_samples_carry_provenance_and_forwarded_stats(tiny):
         assert (s.source_key, s.caption, s.alpha) == (h["source_key"], h["caption"], h["alpha"])
         assert h["producer_id"] == "producer-0" and h["source_key"].startswith("flat-")
         assert s.caption and h["model_id"].startswith("tiny-random")
-        assert abs(h["alpha"]) <= h["rho"] == 0.5
+        assert abs(h["alpha"]) <= h["rho"] == tiny[1].cfg.rho
         assert h["mode"] == "transport" and h["sample_index"] in (0, 1)
         assert s.image.shape == (32, 32, 3)
     # M=2 samples per real image share caption and source key, with distinct alphas.
@@ -116,13 +117,13 @@ def test_a_message_is_split_until_its_header_fits():
     cfg = StreamConfig(limits=WireLimits(max_header_bytes=4096))
     first, ends = 0, []
     while first < k:
-        first, frames = _encode_fitting(generated, first, k, cfg, "p", 1, 0)
+        first, frames = encode_fitting(generated, first, k, cfg, "p", 1, 0)
         assert frames is not None and len(frames[0]) <= 4096
         ends.append(first)
     assert ends == [2, 5, 8]  # 8 -> 4 -> 2 samples fit; then the 6 left -> 3, and the last 3
     # A single sample whose header cannot fit is reported, not sent.
     small = StreamConfig(limits=WireLimits(max_header_bytes=512))
-    assert _encode_fitting(generated, 0, k, small, "p", 1, 0) == (1, None)
+    assert encode_fitting(generated, 0, k, small, "p", 1, 0) == (1, None)
 
 
 def test_producer_ranks_read_disjoint_partitions_with_distinct_seeds(tiny):
@@ -295,10 +296,10 @@ def test_a_stop_while_the_sender_is_blocked_ends_within_the_grace_and_counts_wha
 
 
 def test_a_failure_in_the_delivery_thread_is_raised_by_run(tiny, monkeypatch):
-    import edsam_online.producer as producer_module
+    import edsam_online.sinks as sinks_module
 
     calls = []
-    real_encode = producer_module.encode_message
+    real_encode = sinks_module.encode_message
 
     def failing_encode(*args, **kwargs):
         calls.append(1)
@@ -306,7 +307,7 @@ def test_a_failure_in_the_delivery_thread_is_raised_by_run(tiny, monkeypatch):
             raise RuntimeError("encoder broke")
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(producer_module, "encode_message", failing_encode)
+    monkeypatch.setattr(sinks_module, "encode_message", failing_encode)
     buf = ReplayBuffer(BufferConfig(capacity=1000, min_size_to_sample=1, samples_per_insert=0))
     pcfg = ProducerConfig(batch_size=1, m=1, pipeline=True, stop_grace_s=0.5)  # num_samples=0: runs until stopped
     data, sampler = tiny

@@ -18,7 +18,7 @@ from _streaming_helpers import producer_main, receiver_main, valid_frames, wait_
 from edsam_online import monitor
 from edsam_online.buffer import BufferConfig, ReplayBuffer
 from edsam_online.diffusion import GeneratedBatch
-from edsam_online.producer import open_producer_socket, send_bounded
+from edsam_online.sinks import open_producer_socket, send_bounded
 from edsam_online.runtime import free_port
 from edsam_online.security import generate_keys, make_curve_client
 from edsam_online.streaming import Receiver, StreamConfig
