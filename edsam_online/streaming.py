@@ -18,7 +18,7 @@ receiver sees about 1/N of every producer's stream (by design), so loss is the
 union over receivers. Duplicates (a sequence number at or below the last one
 seen from that session) are dropped as ``buffer/dropped/duplicate``.
 
-The tracker cannot be poisoned by one message. A sequence number more than
+The tracker (:class:`~edsam_online.sequence.SequenceTracker`) cannot be poisoned by one message. A sequence number more than
 ``StreamConfig.seq_window`` past a session's high-water mark does not move it: the
 message is dropped as ``buffer/dropped/seq_out_of_window`` and the stream goes on as
 before. A mark pushed ahead anyway (by in-window jumps) makes the session's real
@@ -29,12 +29,11 @@ peer sends costs a stream at most that many messages, never the rest of it.
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import zmq
@@ -43,6 +42,7 @@ from zmq.utils.monitor import recv_monitor_message
 from edsam_online import security
 from edsam_online.allocator import tune_malloc
 from edsam_online.buffer import ReplayBuffer
+from edsam_online.sequence import SequenceTracker
 from edsam_online.validation import require_at_least
 from edsam_online.wire import DROP_REASONS, ENCODINGS, WireError, WireLimits, decode_message
 
@@ -60,6 +60,9 @@ _MONITOR_EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
+#: The receiver's ``buffer/<name>`` counters (docs/metrics.md).
+_COUNTERS = ("received", "received_samples", "received_bytes", "accepted", "seq_gaps", "seq_resyncs", "sessions",
+             "peer_connects", "peer_disconnects", "auth_failures", "handshake_failures", "stats_requests", "rearms")
 _PRODUCER_STALE_S = 60.0  # forwarded producer stats older than this are not reported
 _MAX_SESSIONS = 4096  # sequence trackers kept (oldest forgotten first)
 _SERVICE_EVERY_S = 0.05  # how often a busy receiver looks at its monitor and stats sockets
@@ -155,6 +158,127 @@ class StreamConfig:
 # ----------------------------------------------------------------------------- receiver side
 
 
+def _open_sockets(ctx: zmq.Context, cfg: StreamConfig, endpoints: list[str], rank: int, stats_endpoint: str,
+                  opened: list[zmq.Socket]) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket | None]:
+    """A receiver's sockets: the PULL data socket (connected to every producer endpoint, or
+    bound to ``endpoints[rank]``), its monitor, and the REP stats socket when
+    ``stats_endpoint`` is set. Each is appended to ``opened`` as soon as it exists, for the
+    caller to close whatever happens."""
+    sock = ctx.socket(zmq.PULL)
+    opened.append(sock)
+    sock.rcvhwm = cfg.rcvhwm
+    sock.maxmsgsize = cfg.limits.max_message_bytes
+    sock.linger = 0
+    sock.reconnect_ivl = cfg.reconnect_ivl_ms
+    if cfg.curve:
+        security.make_curve_server(sock, cfg.curve_server_secret)
+    monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+    opened.append(monitor)
+    if cfg.producers_bind:
+        for endpoint in endpoints:
+            sock.connect(endpoint)
+    else:
+        sock.bind(endpoints[rank])
+    stats_sock = None
+    if stats_endpoint:
+        stats_sock = ctx.socket(zmq.REP)
+        opened.append(stats_sock)
+        stats_sock.maxmsgsize = 4096
+        stats_sock.linger = 0
+        if cfg.curve:
+            security.make_curve_server(stats_sock, cfg.curve_server_secret)
+        stats_sock.bind(stats_endpoint)
+    return sock, monitor, stats_sock
+
+
+def _close_sockets(opened: list[zmq.Socket]) -> None:
+    """Close what :func:`_open_sockets` opened, the data socket's monitor first."""
+    if opened:
+        try:
+            opened[0].disable_monitor()
+        except zmq.ZMQError:
+            pass
+    for sock in reversed(opened):
+        sock.close(linger=0)
+
+
+class _PeerWatch:
+    """The receiver's view of its peers, from the data socket's monitor: counts connects,
+    disconnects and failed handshakes (``count(name)``), refuses peers whose CURVE key is not
+    allowed, and re-connects endpoints that libzmq dropped and will not retry."""
+
+    def __init__(self, cfg: StreamConfig, endpoints: list[str], rank: int, count: Callable[[str], None]) -> None:
+        self.cfg, self.endpoints, self.rank, self._count = cfg, endpoints, rank, count
+        self._dropped_connects: dict[str, float] = {}  # endpoint -> when libzmq dropped it
+        self._established: set[str] = set()  # endpoints whose handshake succeeded
+
+    def drain(self, monitor: zmq.Socket, sock: zmq.Socket) -> None:
+        """Count the monitor's events; note established connections libzmq dropped; refuse
+        peers that failed CURVE authentication."""
+        names = {
+            zmq.EVENT_HANDSHAKE_SUCCEEDED: "peer_connects",
+            zmq.EVENT_DISCONNECTED: "peer_disconnects",
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_failures",
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failures",
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failures",
+        }
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            endpoint = event["endpoint"].decode(errors="replace")
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._established.add(endpoint)
+            elif event["event"] == zmq.EVENT_DISCONNECTED and endpoint in self._established:
+                self._established.discard(endpoint)
+                if self.cfg.producers_bind and endpoint in self.endpoints:
+                    self._dropped_connects[endpoint] = time.monotonic()
+            elif event["event"] in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECT_DELAYED, zmq.EVENT_CONNECTED):
+                self._dropped_connects.pop(endpoint, None)  # libzmq is reconnecting by itself
+            name = names.get(event["event"])
+            if name is not None:
+                self._count(name)
+                if name == "auth_failures":
+                    self.refuse(sock, endpoint)
+
+    def refuse(self, sock: zmq.Socket, endpoint: str) -> None:
+        """Stop connecting to a producer endpoint whose CURVE key is not allowed.
+
+        libzmq would retry it every ``reconnect_ivl``; besides the noise, a CURVE
+        handshake in flight while the socket is torn down makes libzmq abort
+        (zap_client.cpp:50), so a refused endpoint is dropped until restart.
+        """
+        log.warning("receiver %d refused the peer at %s (CURVE key not on the allow-list)", self.rank, endpoint)
+        if self.cfg.producers_bind and endpoint in self.endpoints:
+            try:
+                sock.disconnect(endpoint)
+            except zmq.ZMQError:
+                pass
+
+    def rearm(self, sock: zmq.Socket) -> None:
+        """Re-connect endpoints libzmq will not retry by itself.
+
+        After a protocol error on an established connection (e.g. a frame above
+        ``MAXMSGSIZE``) libzmq terminates a connecting session instead of
+        reconnecting; without this, one bad message would cut a trainer off a
+        producer for good. Normal disconnects are followed by ``CONNECT_RETRIED``
+        and left alone, and so are peers that never completed a handshake.
+        """
+        now = time.monotonic()
+        for endpoint, since in list(self._dropped_connects.items()):
+            if now - since < _REARM_AFTER_S:
+                continue
+            del self._dropped_connects[endpoint]
+            try:
+                sock.disconnect(endpoint)
+            except zmq.ZMQError:
+                pass  # already gone
+            sock.connect(endpoint)
+            self._count("rearms")
+            log.warning("receiver %d: re-connecting to %s after libzmq dropped it", self.rank, endpoint)
+
+
 class Receiver:
     """Background thread: PULL socket -> validate -> ``buffer.insert``.
 
@@ -165,24 +289,15 @@ class Receiver:
     about ``poll_timeout_ms``. The buffer keeps serving after ``stop()``.
     """
 
-    def __init__(
-        self,
-        cfg: StreamConfig,
-        buffer: ReplayBuffer,
-        rank: int = 0,
-        endpoints: list[str] | None = None,
-        stats_endpoint: str | None = None,
-    ) -> None:
+    def __init__(self, cfg: StreamConfig, buffer: ReplayBuffer, rank: int = 0, endpoints: list[str] | None = None,
+                 stats_endpoint: str | None = None) -> None:
         cfg.check_curve("receiver")
-        self.cfg = cfg
-        self.buffer = buffer
-        self.rank = rank
+        self.cfg, self.buffer, self.rank = cfg, buffer, rank
         self.endpoints = list(endpoints if endpoints is not None else cfg.endpoints)
         if not cfg.producers_bind and rank >= len(self.endpoints):
             raise ValueError(f"stream.endpoints has {len(self.endpoints)} entries, receiver rank {rank} needs its own")
         template = cfg.stats_endpoint if stats_endpoint is None else stats_endpoint
         self.stats_endpoint = template.replace("{rank}", str(rank)) if template else ""
-        self._limits = cfg.limits
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -190,30 +305,10 @@ class Receiver:
         self._thread: threading.Thread | None = None
         self.bound_endpoints: list[str] = []  # resolved addresses of what this receiver bound
         self._dropped = dict.fromkeys(RECEIVER_DROP_REASONS, 0)
-        self._counters = dict.fromkeys(
-            (
-                "received",
-                "received_samples",
-                "received_bytes",
-                "accepted",
-                "seq_gaps",
-                "seq_resyncs",
-                "sessions",
-                "peer_connects",
-                "peer_disconnects",
-                "auth_failures",
-                "handshake_failures",
-                "stats_requests",
-                "rearms",
-            ),
-            0,
-        )
+        self._counters = dict.fromkeys(_COUNTERS, 0)
         self._latency_ema = 0.0
-        # (producer_id, session) -> [high-water mark, consecutive refused messages]
-        self._last_seq: collections.OrderedDict[tuple[str, int], list[int]] = collections.OrderedDict()
+        self._sequences = SequenceTracker(cfg.seq_window, cfg.seq_resync_after, _MAX_SESSIONS)
         self._producer_stats: dict[str, tuple[float, dict[str, float]]] = {}
-        self._dropped_connects: dict[str, float] = {}  # endpoint -> when libzmq dropped it
-        self._established: set[str] = set()  # endpoints whose handshake succeeded
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -291,31 +386,11 @@ class Receiver:
             try:
                 if self.cfg.curve:
                     auth = security.start_authenticator(ctx, self.cfg.curve_allow_dir)
-                sock = ctx.socket(zmq.PULL)
-                sockets.append(sock)
-                sock.rcvhwm = self.cfg.rcvhwm
-                sock.maxmsgsize = self.cfg.limits.max_message_bytes
-                sock.linger = 0
-                sock.reconnect_ivl = self.cfg.reconnect_ivl_ms
-                if self.cfg.curve:
-                    security.make_curve_server(sock, self.cfg.curve_server_secret)
-                monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
-                sockets.append(monitor)
-                if self.cfg.producers_bind:
-                    for endpoint in self.endpoints:
-                        sock.connect(endpoint)
-                else:
-                    sock.bind(self.endpoints[self.rank])
+                sock, monitor, stats_sock = _open_sockets(ctx, self.cfg, self.endpoints, self.rank,
+                                                          self.stats_endpoint, sockets)
+                if not self.cfg.producers_bind:
                     self.bound_endpoints.append(sock.last_endpoint.decode())
-                stats_sock = None
-                if self.stats_endpoint:
-                    stats_sock = ctx.socket(zmq.REP)
-                    sockets.append(stats_sock)
-                    stats_sock.maxmsgsize = 4096
-                    stats_sock.linger = 0
-                    if self.cfg.curve:
-                        security.make_curve_server(stats_sock, self.cfg.curve_server_secret)
-                    stats_sock.bind(self.stats_endpoint)
+                if stats_sock is not None:
                     self.stats_endpoint = stats_sock.last_endpoint.decode()
             except BaseException as err:  # reported to start()
                 self._error = err
@@ -326,6 +401,7 @@ class Receiver:
             # monitor and stats sockets between messages, at most every 50 ms while
             # messages flow, rather than polling all three for every message.
             sock.rcvtimeo = self.cfg.poll_timeout_ms
+            peers = _PeerWatch(self.cfg, self.endpoints, self.rank, self._count)
             next_service = 0.0
             while not self._stop.is_set():
                 try:
@@ -341,19 +417,12 @@ class Receiver:
                 now = time.monotonic()
                 if frames is None or now >= next_service:
                     next_service = now + _SERVICE_EVERY_S
-                    self._drain_monitor(monitor, sock)
+                    peers.drain(monitor, sock)
                     if stats_sock is not None:
                         self._answer_stats(stats_sock)
-                    if self._dropped_connects:
-                        self._rearm(sock)
+                    peers.rearm(sock)
         finally:
-            if sockets:
-                try:
-                    sockets[0].disable_monitor()
-                except zmq.ZMQError:
-                    pass
-            for s in reversed(sockets):
-                s.close(linger=0)
+            _close_sockets(sockets)
             if auth is not None:
                 auth.stop()
             ctx.term()
@@ -367,7 +436,7 @@ class Receiver:
     def _handle(self, frames: list[zmq.Frame]) -> None:
         now = time.time()
         try:
-            header, samples = decode_message(frames, self._limits, received_at=now)
+            header, samples = decode_message(frames, self.cfg.limits, received_at=now)
         except WireError as err:
             with self._lock:
                 self._counters["received"] += 1
@@ -380,101 +449,23 @@ class Receiver:
             self._counters["received"] += 1
             self._counters["received_samples"] += k
             self._counters["received_bytes"] += len(frames[0]) + len(frames[1])
-            tracker = self._last_seq.get(key)
-            last = None if tracker is None else tracker[0]
-            refused = None
-            if tracker is not None and tracker[1] < self.cfg.seq_resync_after:
-                if seq <= last:
-                    refused = "duplicate"
-                elif seq - last > self.cfg.seq_window:
-                    refused = "seq_out_of_window"
-            if refused is not None:
-                tracker[1] += 1
-            else:
-                if tracker is None:
-                    self._counters["sessions"] += 1
-                    if len(self._last_seq) >= _MAX_SESSIONS:
-                        self._last_seq.popitem(last=False)
-                elif tracker[1] >= self.cfg.seq_resync_after:
-                    self._counters["seq_resyncs"] += 1  # re-anchored here: no gap is counted across it
-                else:
-                    self._counters["seq_gaps"] += seq - last - 1
-                self._last_seq[key] = [seq + k - 1, 0]
-                self._last_seq.move_to_end(key)
+            verdict = self._sequences.observe(key, seq, k)
+            if verdict.refused is None:
+                self._counters["sessions"] += verdict.new_session
+                self._counters["seq_resyncs"] += verdict.resynced
+                self._counters["seq_gaps"] += verdict.gaps
                 if "stats" in header:
                     self._producer_stats[header["producer_id"]] = (time.monotonic(), header["stats"])
                 self._counters["accepted"] += k
                 self._latency_ema += 0.05 * ((now - header["created_at"]) - self._latency_ema)
-        if refused is not None:
-            self._drop(refused, f"{key} seq {seq}, high-water mark {last}")
+        if verdict.refused is not None:
+            self._drop(verdict.refused, f"{key} seq {seq}, high-water mark {verdict.mark}")
             return
         self.buffer.insert_many(samples)
 
-    def _drain_monitor(self, monitor: zmq.Socket, sock: zmq.Socket) -> None:
-        names = {
-            zmq.EVENT_HANDSHAKE_SUCCEEDED: "peer_connects",
-            zmq.EVENT_DISCONNECTED: "peer_disconnects",
-            zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_failures",
-            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failures",
-            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failures",
-        }
-        while True:
-            try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            endpoint = event["endpoint"].decode(errors="replace")
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._established.add(endpoint)
-            elif event["event"] == zmq.EVENT_DISCONNECTED and endpoint in self._established:
-                self._established.discard(endpoint)
-                if self.cfg.producers_bind and endpoint in self.endpoints:
-                    self._dropped_connects[endpoint] = time.monotonic()
-            elif event["event"] in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECT_DELAYED, zmq.EVENT_CONNECTED):
-                self._dropped_connects.pop(endpoint, None)  # libzmq is reconnecting by itself
-            name = names.get(event["event"])
-            if name is not None:
-                with self._lock:
-                    self._counters[name] += 1
-                if name == "auth_failures":
-                    self._refuse(sock, endpoint)
-
-    def _refuse(self, sock: zmq.Socket, endpoint: str) -> None:
-        """Stop connecting to a producer endpoint whose CURVE key is not allowed.
-
-        libzmq would retry it every ``reconnect_ivl``; besides the noise, a CURVE
-        handshake in flight while the socket is torn down makes libzmq abort
-        (zap_client.cpp:50), so a refused endpoint is dropped until restart.
-        """
-        log.warning("receiver %d refused the peer at %s (CURVE key not on the allow-list)", self.rank, endpoint)
-        if self.cfg.producers_bind and endpoint in self.endpoints:
-            try:
-                sock.disconnect(endpoint)
-            except zmq.ZMQError:
-                pass
-
-    def _rearm(self, sock: zmq.Socket) -> None:
-        """Re-connect endpoints libzmq will not retry by itself.
-
-        After a protocol error on an established connection (e.g. a frame above
-        ``MAXMSGSIZE``) libzmq terminates a connecting session instead of
-        reconnecting; without this, one bad message would cut a trainer off a
-        producer for good. Normal disconnects are followed by ``CONNECT_RETRIED``
-        and left alone, and so are peers that never completed a handshake.
-        """
-        now = time.monotonic()
-        for endpoint, since in list(self._dropped_connects.items()):
-            if now - since < _REARM_AFTER_S:
-                continue
-            del self._dropped_connects[endpoint]
-            try:
-                sock.disconnect(endpoint)
-            except zmq.ZMQError:
-                pass  # already gone
-            sock.connect(endpoint)
-            with self._lock:
-                self._counters["rearms"] += 1
-            log.warning("receiver %d: re-connecting to %s after libzmq dropped it", self.rank, endpoint)
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._counters[name] += 1
 
     def _answer_stats(self, stats_sock: zmq.Socket) -> None:
         try:

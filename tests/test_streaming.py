@@ -401,3 +401,20 @@ def test_tune_malloc_applies_once_per_process(caplog):
     with caplog.at_level("WARNING"):
         assert tune_malloc(MallocSettings(arena_max=2))
     assert "already tuned" in caplog.text
+
+
+def test_the_sequence_tracker_counts_gaps_and_refuses_replays_and_jumps_then_resyncs():
+    from edsam_online.sequence import SequenceTracker
+
+    t = SequenceTracker(window=100, resync_after=2, max_sessions=2)
+    first = t.observe("a", 0, 4)  # samples 0..3
+    assert first.refused is None and first.new_session and first.mark is None
+    assert t.observe("a", 6, 2).gaps == 2  # 4 and 5 never came
+    assert t.observe("a", 7, 1).refused == "duplicate"  # at or below the mark (7)
+    assert t.observe("a", 500, 1).refused == "seq_out_of_window"  # the mark stays at 7
+    resync = t.observe("a", 3, 1)  # after 2 refusals in a row: re-anchored, no gap counted
+    assert resync.refused is None and resync.resynced and resync.gaps == 0 and resync.mark == 7
+    assert t.observe("a", 4, 1).gaps == 0  # the stream goes on from its new anchor
+    t.observe("b", 0, 1)
+    t.observe("c", 0, 1)  # a third session forgets the oldest ("a")
+    assert len(t) == 2 and t.observe("a", 100, 1).new_session
