@@ -158,6 +158,12 @@ def render(run_dir: str | Path, out: str | Path | None = None) -> Path:
     _line(ax, records, ["train/data_wait_frac"], "share of step time waiting for data")
     _save(fig, out / "data_wait.png")
 
+    (out / "report.html").write_text(_page(run_dir, out, records), encoding="utf-8")
+    return out / "report.html"
+
+
+def _page(run_dir: Path, out: Path, records: list[dict]) -> str:
+    """``report.html``: the final table, the logged samples, every plot and the run's config."""
     config = run_dir / "hydra" / "config.yaml"
     rows = "".join(f"<tr><td>{html.escape(d)}</td><td>{_pct(z)}</td><td>{_pct(p)}</td></tr>"
                    for d, z, p in final_table(records))
@@ -174,8 +180,7 @@ figure img{{width:128px;height:128px;object-fit:contain;image-rendering:pixelate
 <h2>Config</h2><pre>{html.escape(config.read_text() if config.is_file() else "(no hydra/config.yaml in this run)")}</pre>
 </body></html>
 """
-    (out / "report.html").write_text(page, encoding="utf-8")
-    return out / "report.html"
+    return page
 
 
 def _save(fig, path: Path) -> None:

@@ -419,6 +419,15 @@ def decode_header(data: memoryview | bytes, limits: WireLimits) -> dict[str, Any
     h, w, c = shape
     if c != 3 or not (1 <= h <= limits.max_side and 1 <= w <= limits.max_side):
         raise WireError("bad_shape", f"{shape} (max side {limits.max_side}, 3 channels)")
+    _check_values(header, u, limits)
+    if "stats" in header:
+        _check_stats(header["stats"])
+    return header
+
+
+def _check_values(header: dict, u: int, limits: WireLimits) -> None:
+    """The header's strings, captions, source indices and numbers are within bounds (its
+    fields' types are already checked; ``u``: entries of the source table)."""
     for name in ("producer_id", "model_id", "mode"):
         if len(header.get(name, "")) > _MAX_SHORT_STR:
             raise WireError("bad_value", f"{name} longer than {_MAX_SHORT_STR}")
@@ -447,9 +456,6 @@ def decode_header(data: memoryview | bytes, limits: WireLimits) -> dict[str, Any
         raise WireError("bad_value", f"dtype {header['dtype']!r}")
     if header["encoding"] not in ENCODINGS:
         raise WireError("bad_value", f"encoding {header['encoding']!r}")
-    if "stats" in header:
-        _check_stats(header["stats"])
-    return header
 
 
 def _check_stats(stats: Any) -> None:

@@ -205,3 +205,20 @@ def test_reading_a_config_loads_no_diffusion_stack_and_no_open_clip():
             "print(sorted(m for m in ('diffusers', 'transformers', 'open_clip') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_library_functions_stay_short_and_the_producer_and_receiver_focused():
+    """No library function runs over 60 lines; the producer loop and the receiver thread keep
+    their helpers (sinks, sockets, the sequence tracker) in modules of their own."""
+    long_functions = []
+    sizes = {}
+    for path in LIBRARY.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            size = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and size > 60:
+                long_functions.append(f"{_module_name(path)}.{node.name} ({size} lines)")
+            if isinstance(node, ast.ClassDef):
+                sizes[f"{_module_name(path)}.{node.name}"] = size
+    assert long_functions == []
+    assert len((LIBRARY / "producer.py").read_text().splitlines()) <= 400
+    assert sizes["edsam_online.streaming.Receiver"] <= 200
