@@ -1,5 +1,6 @@
 """The repository's structure holds: one home for every default, no import cycle in the library,
-and a library that never imports its processes."""
+no library module importing a layer above its own, short functions, a light config, and a
+library that never imports its processes."""
 
 from __future__ import annotations
 
@@ -222,3 +223,33 @@ def test_library_functions_stay_short_and_the_producer_and_receiver_focused():
     assert long_functions == []
     assert len((LIBRARY / "producer.py").read_text().splitlines()) <= 400
     assert sizes["edsam_online.streaming.Receiver"] <= 200
+
+
+#: The library's layers, lowest first; a module may import its own layer and the ones below.
+LAYERS = (
+    ("edsam_online", "validation", "allocator", "security", "wire", "sequence", "wandb_offline"),  # no torch model
+    ("data", "runtime", "buffer", "metrics"),  # data, devices and storage every component shares
+    ("streaming", "sinks", "checkpoint", "optim", "losses", "models", "eval", "loader", "diffusion", "monitor",
+     "report"),  # components
+    ("methods", "producer", "trainer"),  # what a role runs
+    ("config",),  # the root config composes every component's
+)
+
+
+def _layer(module: str) -> int:
+    name = module.removeprefix("edsam_online.") if module != "edsam_online" else module
+    for i, layer in enumerate(LAYERS):
+        if name in layer or name.split(".")[0] in layer:
+            return i
+    raise AssertionError(f"{module} is in no layer of LAYERS")
+
+
+def test_no_library_module_imports_one_above_it():
+    graph = _library_graph()
+    upward = sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets if _layer(t) > _layer(m))
+    assert upward == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    assert _layer("edsam_online.wire") < _layer("edsam_online.streaming") < _layer("edsam_online.producer")
+    assert _layer("edsam_online.diffusion.scoring") < _layer("edsam_online.producer")  # scoring -> producer is upward
