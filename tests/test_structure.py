@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from edsam_online.config import Config
@@ -253,3 +256,104 @@ def test_no_library_module_imports_one_above_it():
 def test_the_layer_check_finds_an_upward_import():
     assert _layer("edsam_online.wire") < _layer("edsam_online.streaming") < _layer("edsam_online.producer")
     assert _layer("edsam_online.diffusion.scoring") < _layer("edsam_online.producer")  # scoring -> producer is upward
+
+
+def _doc_value(text: str):
+    """A default as docs/configuration.md writes it: `null`, true/false, a number, 16 MiB, 2^20,
+    a `string`, or a list; a trailing "(...)" explains and is not part of it."""
+    text = re.sub(r"\s*\(.*\)\s*$", "", text.strip()).strip()
+    if text.startswith("`") and text.endswith("`"):
+        text = text[1:-1]
+        if text in ("null", '""'):
+            return None if text == "null" else ""
+        # YAML flow style, as Hydra writes it (YAML 1.1 reads 1e-4 as a string: floats are re-read)
+        return _floats(yaml.safe_load(text)) if text[:1] in "[{" else text
+    units = {"KiB": 2**10, "MiB": 2**20}
+    if (m := re.fullmatch(r"(\d+) (KiB|MiB)", text)):
+        return int(m.group(1)) * units[m.group(2)]
+    if (m := re.fullmatch(r"(\d+)\^(\d+)", text)):
+        return int(m.group(1)) ** int(m.group(2))
+    if text in ("true", "false"):
+        return text == "true"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _floats(value):
+    if isinstance(value, list):
+        return [_floats(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _floats(v) for k, v in value.items()}
+    try:
+        return float(value) if isinstance(value, str) and re.fullmatch(r"[-+]?[\d.]+e[-+]?\d+", value) else value
+    except ValueError:
+        return value
+
+
+def _documented_defaults() -> dict[str, list[tuple[str, str]]]:
+    """Per ``## group`` of docs/configuration.md: (key, default as written) of its table rows."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    group = None
+    for line in (ROOT / "docs" / "configuration.md").read_text().splitlines():
+        if line.startswith("## "):
+            group = line[3:].strip()
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("| `") else []
+        if group is None or len(cells) < 2:
+            continue
+        keys = [k.strip().strip("`") for k in cells[0].split(" / ")]
+        values = [v.strip() for v in cells[1].split(" / ")] if len(keys) > 1 else [cells[1]]
+        prefix = ""
+        for key, value in zip(keys, values if len(values) == len(keys) else [cells[1]] * len(keys)):
+            if key.startswith("."):
+                key = prefix + key
+            prefix = key.rpartition(".")[0]
+            out.setdefault(group, []).append((key, value))
+    return out
+
+
+def _default_at(cls, dotted: str):
+    node = cls()
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def test_the_configuration_reference_lists_every_key_with_its_dataclass_default():
+    """docs/configuration.md restates each component's defaults for readers; this keeps it true:
+    every key of every component is in its table, with the dataclass's default."""
+    documented = _documented_defaults()
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    wrong, missing = [], []
+    for group in [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(types[f.name])
+                  or isinstance(types[f.name], str) and f.name not in ("seed", "run_dir")]:
+        cls = type(getattr(Config(), group))
+        rows = dict(documented.get(group, []))
+        leaves = []
+        for f in dataclasses.fields(cls):
+            value = getattr(cls(), f.name)
+            if dataclasses.is_dataclass(value):
+                leaves += [f"{f.name}.{g.name}" for g in dataclasses.fields(value)]
+            else:
+                leaves.append(f.name)
+        for key in leaves:
+            if key not in rows:
+                missing.append(f"{group}.{key}")
+                continue
+            expected, written = _default_at(cls, key), _doc_value(rows[key])
+            if isinstance(expected, bool) or expected is None or isinstance(expected, (str, list, dict)):
+                ok = written == expected
+            else:
+                ok = isinstance(written, (int, float)) and math.isclose(written, float(expected))
+            if not ok:
+                wrong.append(f"{group}.{key}: documented {rows[key]!r}, default {expected!r}")
+    assert missing == [] and wrong == [], (missing, wrong)
+
+
+def test_the_reference_check_reads_every_way_a_default_is_written():
+    assert _doc_value("`null` (= `$EDSAM_CACHE`)") is None and _doc_value('`""`') == ""
+    assert _doc_value("16 MiB") == 16 * 2**20 and _doc_value("2^20") == 2**20 and _doc_value("1 (off)") == 1.0
+    assert _doc_value("`[1e-4, 0.5]`") == [1e-4, 0.5] and _doc_value("`{a: [b]}`") == {"a": ["b"]}
+    assert _doc_value("`leading`") == "leading" and _doc_value("false") is False
