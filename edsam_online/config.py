@@ -29,6 +29,7 @@ from edsam_online.data import RealDataConfig
 from edsam_online.diffusion.config import SamplerConfig
 from edsam_online.eval import EvalConfig
 from edsam_online.loader import MixConfig
+from edsam_online.losses import LossConfig
 from edsam_online.methods import MethodConfig
 from edsam_online.metrics import LoggingConfig
 from edsam_online.models import ClipModelConfig
@@ -51,6 +52,7 @@ class Config:
     model: ClipModelConfig = field(default_factory=ClipModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -106,8 +108,8 @@ def _check_cross(cfg: Config) -> None:
     if cfg.mix.mix_mode == "replace" and cfg.mix.syn_batch_size(cfg.trainer.batch_size) >= cfg.trainer.batch_size:
         raise ValueError(f"mix.syn_share: must leave at least one real sample in mix_mode=replace, "
                          f"got {cfg.mix.syn_share}")
-    if cfg.trainer.loss == "siglip" and cfg.model.init_logit_bias is None:
-        raise ValueError("trainer.loss: siglip needs a model with a logit bias; set model.init_logit_bias (e.g. -10)")
+    if cfg.loss.kind == "siglip" and cfg.model.init_logit_bias is None:
+        raise ValueError("loss.kind: siglip needs a model with a logit bias; set model.init_logit_bias (e.g. -10)")
 
 
 def load_config(dictcfg: DictConfig | dict) -> Config:

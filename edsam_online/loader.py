@@ -74,14 +74,13 @@ class MixConfig:
     ``mix_mode="add"`` is Eq. 11 as written: ``round(syn_share * batch_size)`` synthetic
     samples are *added* to the ``batch_size`` real ones. ``mix_mode="replace"`` is the
     compute-matched ablation: the synthetic part replaces that many real samples, so a
-    step sees ``batch_size`` images in all. ``syn_weight`` is ``w`` in
-    ``L = L_real + w * L_syn``. ``syn_wait_s`` is the bounded wait per step for the
+    step sees ``batch_size`` images in all (the second term's weight is ``loss.syn_weight``).
+    ``syn_wait_s`` is the bounded wait per step for the
     synthetic slot (the module docstring says what a starved step does).
     """
 
     syn_share: float = 1.0
     mix_mode: str = "add"
-    syn_weight: float = 1.0
     syn_wait_s: float = 0.05
 
     def __post_init__(self) -> None:
@@ -89,7 +88,7 @@ class MixConfig:
             raise ValueError(f"syn_share must be in [0, 1], got {self.syn_share}")
         if self.mix_mode not in MIX_MODES:
             raise ValueError(f"mix_mode must be one of {MIX_MODES}, got {self.mix_mode!r}")
-        require_at_least(self, 0, "syn_weight", "syn_wait_s")
+        require_at_least(self, 0, "syn_wait_s")
 
     def syn_batch_size(self, batch_size: int) -> int:
         """Synthetic samples per rank per step."""

@@ -19,12 +19,39 @@ average, hence the per-row term here; it reuses ``ClipLoss.get_logits`` and its 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from edsam_online.validation import require_at_least
+
 LOSS_KINDS = ("clip", "siglip")
+SYN_WEIGHTINGS = ("none", "score")
+
+
+@dataclass
+class LossConfig:
+    """Eq. 11's loss (Hydra key ``loss``): ``kind`` of each contrastive term, ``clip``
+    (InfoNCE) or ``siglip``; ``syn_weight`` is ``w`` in ``L = L_real + w * L_syn``;
+    ``syn_weighting="score"`` weights each row of the second term by the fidelity score its
+    producer sent (``producer.scorer``; rows without a score, such as a starved slot's real
+    fallback, weigh 1), ``"none"`` weighs every row alike."""
+
+    kind: str = "clip"
+    syn_weight: float = 1.0
+    syn_weighting: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOSS_KINDS:
+            raise ValueError(f"kind must be one of {LOSS_KINDS}, got {self.kind!r}")
+        require_at_least(self, 0, "syn_weight")
+        if self.syn_weighting not in SYN_WEIGHTINGS:
+            raise ValueError(f"syn_weighting must be one of {SYN_WEIGHTINGS}, got {self.syn_weighting!r}")
+        if self.syn_weighting == "score" and self.kind != "clip":
+            raise ValueError("syn_weighting: score needs kind=clip (SigLIP's open_clip loss has no per-row weights)")
 
 
 def build_contrastive_loss(kind: str, rank: int = 0, world_size: int = 1) -> nn.Module:
@@ -47,15 +74,13 @@ class EDSAMLoss(nn.Module):
     vice versa), as in the paper.
     """
 
-    def __init__(self, kind: str = "clip", syn_weight: float = 1.0, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: LossConfig, rank: int = 0, world_size: int = 1):
         super().__init__()
-        if syn_weight < 0:
-            raise ValueError(f"syn_weight must be >= 0, got {syn_weight}")
-        self.kind = kind
-        self.syn_weight = syn_weight
+        self.kind = cfg.kind
+        self.syn_weight = cfg.syn_weight
         self.world_size = world_size
-        self.real_term = build_contrastive_loss(kind, rank, world_size)
-        self.syn_term = build_contrastive_loss(kind, rank, world_size)
+        self.real_term = build_contrastive_loss(cfg.kind, rank, world_size)
+        self.syn_term = build_contrastive_loss(cfg.kind, rank, world_size)
 
     def _term(self, loss: nn.Module, img: torch.Tensor, txt: torch.Tensor, scale, bias) -> torch.Tensor:
         if self.kind == "siglip" and bias is None:

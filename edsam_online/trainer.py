@@ -46,7 +46,7 @@ from edsam_online.buffer import ReplayBuffer
 from edsam_online.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from edsam_online.eval import evaluate, format_eval_table
 from edsam_online.loader import MixedBatch, MixedLoader
-from edsam_online.losses import LOSS_KINDS, EDSAMLoss
+from edsam_online.losses import EDSAMLoss
 from edsam_online.methods import Augmentation, build_augmentation
 from edsam_online.metrics import MetricLogger, SampleRow
 from edsam_online.models import create_clip
@@ -58,9 +58,6 @@ from edsam_online.validation import require_at_least
 if TYPE_CHECKING:  # the root config composes this module's TrainerConfig
     from edsam_online.config import Config
 
-SYN_WEIGHTINGS = ("none", "score")
-
-
 @dataclass
 class TrainerConfig:
     """The training loop of one trainer rank (Hydra key ``trainer``; sizes are per rank).
@@ -68,31 +65,21 @@ class TrainerConfig:
     ``batch_size`` real pairs per step (``mix`` sets the synthetic part). ``steps`` sets
     the schedule's length; ``stop_at`` (0 = off) ends the run early at that step with a
     checkpoint, as a preemption would, so ``checkpoint.resume=latest`` continues it.
-    ``loss``: ``clip`` (InfoNCE) or ``siglip``. ``record_keys`` writes every step's sample
+    ``record_keys`` writes every step's sample
     keys to ``<run_dir>/keys/trainer<rank>.jsonl`` (an audit trail of what each step
-    trained on). ``progress``: a tqdm bar on rank 0. ``syn_weighting="score"`` weights each
-    synthetic row of the second term by the fidelity score its producer sent
-    (``producer.scorer``; rows without a score, such as a starved slot's real fallback, weigh
-    1); ``"none"`` weighs every row alike.
+    trained on). ``progress``: a tqdm bar on rank 0. The loss is the root's ``loss``
+    (:class:`~edsam_online.losses.LossConfig`).
     """
 
     steps: int = 200
     stop_at: int = 0
     batch_size: int = 32
-    loss: str = "clip"
     progress: bool = True
     record_keys: bool = False
-    syn_weighting: str = "none"
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "steps", "batch_size")
         require_at_least(self, 0, "stop_at")
-        if self.loss not in LOSS_KINDS:
-            raise ValueError(f"loss must be one of {LOSS_KINDS}, got {self.loss!r}")
-        if self.syn_weighting not in SYN_WEIGHTINGS:
-            raise ValueError(f"syn_weighting must be one of {SYN_WEIGHTINGS}, got {self.syn_weighting!r}")
-        if self.syn_weighting == "score" and self.loss != "clip":
-            raise ValueError("syn_weighting=score needs loss=clip (SigLIP's open_clip loss has no per-row weights)")
 
 
 @dataclass
@@ -254,7 +241,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, tcfg.steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if rt.precision == "fp16" else None
-        self.loss_fn = EDSAMLoss(tcfg.loss, cfg.mix.syn_weight, self.rank, self.world)
+        self.loss_fn = EDSAMLoss(cfg.loss, self.rank, self.world)
         self.step = 0
         self.end = min(tcfg.stop_at or tcfg.steps, tcfg.steps)  # the step this run stops after
         self.totals = {"steps_without_syn": 0, "syn_samples": 0, "syn_fallback_samples": 0}
@@ -342,8 +329,8 @@ class Trainer:
         return losses, logit_scale
 
     def _syn_weights(self, batch: MixedBatch) -> torch.Tensor | None:
-        """Per synthetic row, its score as the weight (``syn_weighting=score``; 1 without a score)."""
-        if self.cfg.trainer.syn_weighting != "score":
+        """Per synthetic row, its score as the weight (``loss.syn_weighting=score``; 1 without a score)."""
+        if self.cfg.loss.syn_weighting != "score":
             return None
         n = batch.syn_images.shape[0]
         if batch.syn_score is None:

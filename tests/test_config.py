@@ -69,7 +69,7 @@ def test_root_config_is_typed():
         ("buffer.capacity=0", r"^buffer\.capacity: must be >= 1, got 0$"),
         ("stream.limits.max_side=0", r"^stream\.limits\.max_side: must be a positive int, got 0$"),
         ("mix.mix_mode=swap", r"^mix\.mix_mode: must be one of"),
-        ("trainer.loss=siglip", r"^trainer\.loss: siglip needs .*model\.init_logit_bias"),
+        ("loss.kind=siglip", r"^loss\.kind: siglip needs .*model\.init_logit_bias"),
     ],
 )
 def test_bad_values_name_the_full_key(override, message):
@@ -134,6 +134,6 @@ def test_paper_config_composes_and_builds_on_cpu_with_tiny_stand_ins(tmp_path):
     build_scheduler(opt, cfg.optim, cfg.trainer.steps)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         img, txt, scale = model(batch.real_images, batch.real_texts)[:3]
-    assert torch.isfinite(EDSAMLoss(cfg.trainer.loss)(img.float(), txt.float(), scale.float())["loss"])
+    assert torch.isfinite(EDSAMLoss(cfg.loss)(img.float(), txt.float(), scale.float())["loss"])
     out = build_sampler(cfg.diffusion).generate(np.zeros((1, 32, 32, 3), np.uint8), ["a photo"], ["k0"], m=2)
     assert out.images.shape == (2, 32, 32, 3)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from edsam_online.losses import EDSAMLoss
+from edsam_online.losses import EDSAMLoss, LossConfig
 from edsam_online.runtime import free_port
 
 WORLD = 2
@@ -46,7 +46,7 @@ class _Towers(torch.nn.Module):
 
 
 def _loss(model, batch, kind, rows_real, rows_syn, rank, world, use_syn, weighted=False):
-    loss_fn = EDSAMLoss(kind, syn_weight=0.7, rank=rank, world_size=world)
+    loss_fn = EDSAMLoss(LossConfig(kind=kind, syn_weight=0.7), rank=rank, world_size=world)
     x = torch.cat([batch["real_x"][rows_real], batch["syn_x"][rows_syn]])
     t = torch.cat([batch["real_t"][rows_real], batch["syn_t"][rows_syn]])
     img, txt, scale = model(x, t)
@@ -111,7 +111,7 @@ def test_eq11_adds_weighted_synthetic_term():
     torch.manual_seed(0)
     feats = [F.normalize(torch.randn(5, 8), dim=-1) for _ in range(4)]
     scale = torch.tensor(10.0)
-    out = EDSAMLoss("clip", syn_weight=0.5)(feats[0], feats[1], scale, feats[2], feats[3])
+    out = EDSAMLoss(LossConfig(syn_weight=0.5))(feats[0], feats[1], scale, feats[2], feats[3])
     assert out["loss_syn"] > 0
     torch.testing.assert_close(out["loss"], out["loss_real"] + 0.5 * out["loss_syn"])
 
@@ -120,7 +120,7 @@ def test_weighted_synthetic_term_is_the_weighted_mean_of_row_losses():
     torch.manual_seed(0)
     img, txt = (F.normalize(torch.randn(4, 8), dim=-1) for _ in range(2))
     scale = torch.tensor(10.0)
-    loss = EDSAMLoss("clip")
+    loss = EDSAMLoss(LossConfig())
     plain = loss(img, txt, scale, img, txt)["loss_syn"]
     torch.testing.assert_close(loss(img, txt, scale, img, txt, syn_weights=torch.full((4,), 0.3))["loss_syn"], plain)
     logits = scale * img @ txt.T
@@ -131,10 +131,10 @@ def test_weighted_synthetic_term_is_the_weighted_mean_of_row_losses():
     with pytest.raises(ValueError, match="syn_weights"):
         loss(img, txt, scale, img, txt, syn_weights=torch.tensor([1.0, -1.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="clip"):
-        EDSAMLoss("siglip")(img, txt, scale, img, txt, logit_bias=torch.tensor(0.0), syn_weights=w)
+        EDSAMLoss(LossConfig(kind="siglip"))(img, txt, scale, img, txt, logit_bias=torch.tensor(0.0), syn_weights=w)
 
 
 def test_siglip_without_logit_bias_is_a_clear_error():
     f = F.normalize(torch.randn(3, 4), dim=-1)
     with pytest.raises(ValueError, match="init_logit_bias"):
-        EDSAMLoss("siglip")(f, f, torch.tensor(1.0))
+        EDSAMLoss(LossConfig(kind="siglip"))(f, f, torch.tensor(1.0))

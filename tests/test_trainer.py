@@ -103,7 +103,7 @@ def test_a_real_only_trainer_has_no_stream(tmp_path):
 def test_synthetic_rows_weigh_by_their_score_and_the_scores_are_logged(tmp_path):
     from edsam_online.trainer import _Window
 
-    with _trainer(tmp_path, trainer={"syn_weighting": "score"}) as trainer:
+    with _trainer(tmp_path, loss={"syn_weighting": "score"}) as trainer:
         batch = _batch(trainer)
         batch.syn_is_synthetic[:] = True
         with torch.no_grad():
@@ -120,5 +120,5 @@ def test_synthetic_rows_weigh_by_their_score_and_the_scores_are_logged(tmp_path)
     window.add(out, 6, 1.0, 0.0)
     assert window.score_metrics() == {"buffer/score_missing_share": 0.5, "buffer/score_mean": 0.0,
                                       "buffer/score_p10": 0.0, "buffer/score_p50": 0.0, "buffer/score_p90": 0.0}
-    with pytest.raises(ValueError, match="syn_weighting"):
-        load_config({"trainer": {"syn_weighting": "score", "loss": "siglip"}})
+    with pytest.raises(ValueError, match="^loss.syn_weighting: score needs kind=clip"):
+        load_config({"loss": {"syn_weighting": "score", "kind": "siglip"}})
