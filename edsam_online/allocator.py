@@ -4,10 +4,9 @@ Why: libzmq's I/O thread allocates every received message with ``malloc``, in it
 glibc arena. A replay buffer keeps thousands of those multi-megabyte frames and frees
 the oldest as new ones arrive; with glibc's defaults the freed memory is handed back
 to the kernel (per-thread heaps unmapped, the main heap trimmed) and faulted in again,
-zero-filled, for the next message. ``bench/bench_stream.py --no-tune-malloc`` measured a
-bare PULL that only keeps its last 4096 256x256 samples at 0.70x the rate of one that
-discards them; with one arena, a fixed mmap threshold and no trimming below
-``trim_threshold`` it ran at 0.94x (see BENCHMARKS.md). jemalloc or tcmalloc via ``LD_PRELOAD`` would
+zero-filled, for the next message. One arena, a fixed mmap threshold and no trimming below
+``trim_threshold`` avoid that; ``bench/bench_stream.py --no-tune-malloc`` measures the
+difference (BENCHMARKS.md, "Streaming"). jemalloc or tcmalloc via ``LD_PRELOAD`` would
 do the same, but are not installable with pip; ``mallopt`` is in every glibc.
 
 The settings are process-wide and cannot be undone, so they are applied once, before

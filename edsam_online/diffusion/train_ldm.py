@@ -36,7 +36,7 @@ Two stages on CPU at 32 px:
    go where generation evaluates the UNet while other step counts still work.
    The UNet learns to read the caption with training length: on the source alone, with
    guidance 3, pure sampling kept the class in 20% of samples after 1600 steps, 56% after
-   3000 and 85% after 8000 (BENCHMARKS.md). Seven styles share the world's capacity, so the
+   3000 and 85% after 8000 (docs/history.md). Seven styles share the world's capacity, so the
    world recipe widens the UNet (from 32, 64, 64) and trains 11000 steps, within the 2-hour
    budget of a 2-core machine. Tried in 800-step trials and not kept: a text encoder
    pre-trained to predict class, color and size from the caption (no gain), v-prediction
