@@ -57,6 +57,7 @@ from torchdata.nodes import BaseNode, Batcher, Loader, ParallelMapper, Prefetche
 
 from edsam_online.buffer import ReplayBuffer
 from edsam_online.data import DataCounters, RealDataConfig, RealRecord, RealSourceNode, decode_record
+from edsam_online.runtime import RuntimeConfig
 from edsam_online.validation import require_at_least
 from edsam_online.wire import SyntheticSample
 
@@ -371,7 +372,9 @@ def collate(real: list[Example], slot: list[Example]) -> MixedBatch:
 class MixedLoader:
     """Stateful iterable of :class:`MixedBatch` for one trainer rank.
 
-    ``syn_batch = 0`` gives real-only batches with an empty slot. ``extra`` is where the
+    ``syn_batch = 0`` gives real-only batches with an empty slot. ``mix`` gives the slot's
+    bounded wait (``syn_wait_s``), ``runtime`` the decoding threads and prefetched batches
+    (``num_workers``, ``prefetch``); None takes their defaults. ``extra`` is where the
     slot's items come from: ``"stream"`` (the replay ``buffer``, with a real fallback;
     ``distinct_sources``: at most one sample per source key in a slot) or ``"real"`` (a
     second real stream, disjoint within each step) or ``"shards"`` (generated samples a
@@ -388,11 +391,11 @@ class MixedLoader:
         real_batch: int,
         syn_batch: int = 0,
         buffer: ReplayBuffer | None = None,
-        syn_wait_s: float = 0.05,
+        *,
+        mix: MixConfig | None = None,
+        runtime: RuntimeConfig | None = None,
         rank: int = 0,
         world_size: int = 1,
-        num_workers: int = 2,
-        prefetch: int = 2,
         extra: str = "stream",
         distinct_sources: bool = False,
         shards: str | list[str] = "",
@@ -406,6 +409,8 @@ class MixedLoader:
         if syn_batch > 0 and extra == "stream" and buffer is None:
             raise ValueError("buffer is required when syn_batch > 0 and extra='stream'")
         self.counters = DataCounters()
+        syn_wait_s = (mix or MixConfig()).syn_wait_s
+        num_workers, prefetch = (runtime := runtime or RuntimeConfig()).num_workers, runtime.prefetch
 
         def mapped(source: BaseNode, preprocess: Preprocess) -> BaseNode:
             items = ParallelMapper(source, preprocess, num_workers=num_workers, in_order=True, method="thread")

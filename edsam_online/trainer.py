@@ -258,8 +258,7 @@ class Trainer:
             self.loader = MixedLoader(
                 cfg.data, preprocess_train, self.tokenizer, real_batch=self.real_batch,
                 syn_batch=self.syn_batch if extra != "augment" else 0,  # "augment": the hook makes it
-                buffer=self.buffer, syn_wait_s=cfg.mix.syn_wait_s, rank=self.rank, world_size=self.world,
-                num_workers=rt.num_workers, prefetch=rt.prefetch,
+                buffer=self.buffer, mix=cfg.mix, runtime=rt, rank=self.rank, world_size=self.world,
                 extra=extra if extra in ("real", "shards") else "stream",
                 distinct_sources=cfg.buffer.distinct_sources, shards=cfg.method.offline_shards,
             )

@@ -15,10 +15,11 @@ from PIL import Image
 from edsam_online.buffer import ReplayBuffer
 from edsam_online.config import Config, load_config
 from edsam_online.diffusion import build_sampler
-from edsam_online.loader import MixedLoader
+from edsam_online.loader import MixConfig, MixedLoader
 from edsam_online.losses import EDSAMLoss
 from edsam_online.models import create_clip
 from edsam_online.optim import build_optimizer, build_scheduler
+from edsam_online.runtime import RuntimeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -126,8 +127,8 @@ def test_paper_config_composes_and_builds_on_cpu_with_tiny_stand_ins(tmp_path):
     model, transform, _, tokenizer = create_clip(cfg.model)  # the real ViT-B-16 architecture
     batch_size = cfg.trainer.batch_size
     loader = MixedLoader(cfg.data, transform, tokenizer, cfg.mix.real_batch_size(batch_size),
-                         cfg.mix.syn_batch_size(batch_size), ReplayBuffer(cfg.buffer), syn_wait_s=0.0, num_workers=1,
-                         prefetch=1)
+                         cfg.mix.syn_batch_size(batch_size), ReplayBuffer(cfg.buffer), mix=MixConfig(syn_wait_s=0.0),
+                         runtime=RuntimeConfig(num_workers=1, prefetch=1))
     batch = next(iter(loader))
     assert batch.real_images.shape == (2, 3, 224, 224) and batch.syn_images.shape == (2, 3, 224, 224)
     opt = build_optimizer(model, cfg.optim)

@@ -9,9 +9,10 @@ from PIL import Image
 
 from edsam_online.buffer import BufferConfig, ReplayBuffer
 from edsam_online.data import RealDataConfig
-from edsam_online.loader import MixedLoader
+from edsam_online.loader import MixConfig, MixedLoader
 from edsam_online.models import ClipModelConfig, create_clip
 from edsam_online.diffusion import GeneratedBatch
+from edsam_online.runtime import RuntimeConfig
 from edsam_online.wire import SyntheticSample, WireLimits, decode_message, encode_message
 
 RES = 32
@@ -30,10 +31,11 @@ def _synthetic(i: int) -> SyntheticSample:
     return decode_message(encode_message(batch, "test", 0, i), WireLimits())[1][0]
 
 
-def _loader(clip_io, real_batch=4, syn_batch=0, buffer=None, data=None, **kw):
+def _loader(clip_io, real_batch=4, syn_batch=0, buffer=None, data=None, syn_wait_s=MixConfig.syn_wait_s):
     transform, tokenizer = clip_io
     data = data or RealDataConfig(kind="builtin", resolution=RES, length=64, seed=3)
-    return MixedLoader(data, transform, tokenizer, real_batch, syn_batch, buffer, num_workers=1, prefetch=1, **kw)
+    return MixedLoader(data, transform, tokenizer, real_batch, syn_batch, buffer, mix=MixConfig(syn_wait_s=syn_wait_s),
+                       runtime=RuntimeConfig(num_workers=1, prefetch=1))
 
 
 def _take(loader, n):

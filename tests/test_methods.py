@@ -21,7 +21,7 @@ from edsam_online.data import RealDataConfig
 from edsam_online.loader import FromEpoch, MixedBatch, MixedLoader, SyntheticSlotNode
 from edsam_online.methods import GENERATOR_MODES
 from edsam_online.models import ClipModelConfig, create_clip
-from edsam_online.runtime import free_port
+from edsam_online.runtime import RuntimeConfig, free_port
 from edsam_online.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def clip_io():
 def test_real2x_draws_no_key_twice_within_a_step(clip_io):
     transform, tokenizer = clip_io
     data = RealDataConfig(length=48, seed=5)  # small: the two streams meet often
-    loader = MixedLoader(data, transform, tokenizer, 8, 8, extra="real", num_workers=1, prefetch=1)
+    loader = MixedLoader(data, transform, tokenizer, 8, 8, extra="real", runtime=RuntimeConfig(num_workers=1, prefetch=1))
     it = iter(loader)
     for _ in range(12):
         batch = next(it)
@@ -281,7 +281,7 @@ def test_offline_shards_round_trip_from_a_producer_into_the_trainer(tmp_path, cl
 
     transform, tokenizer = clip_io
     loader = MixedLoader(RealDataConfig(length=64), transform, tokenizer, 4, 4, extra="shards", shards=str(shards),
-                         num_workers=1, prefetch=1)
+                         runtime=RuntimeConfig(num_workers=1, prefetch=1))
     batch = next(iter(loader))
     assert batch.syn_is_synthetic.all() and batch.syn_images.shape == (4, 3, 32, 32)
     sources = {p["source_key"] for p in provenance}

@@ -14,10 +14,10 @@ from hydra import compose, initialize_config_dir
 
 from edsam_online.buffer import ReplayBuffer
 from edsam_online.config import load_config
-from edsam_online.loader import MixedLoader
+from edsam_online.loader import MixConfig, MixedLoader
 from edsam_online.metrics import read_jsonl
 from edsam_online.models import create_clip
-from edsam_online.runtime import free_port
+from edsam_online.runtime import RuntimeConfig, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -101,7 +101,9 @@ def _uninterrupted_keys(args: list[str], steps: int, world: int) -> list[dict[in
     real, syn = cfg.mix.real_batch_size(cfg.trainer.batch_size), cfg.mix.syn_batch_size(cfg.trainer.batch_size)
     out = []
     for rank in range(world):
-        loader = MixedLoader(cfg.data, transform, tokenizer, real, syn, ReplayBuffer(cfg.buffer), 0.0, rank, world, 1, 1)
+        loader = MixedLoader(cfg.data, transform, tokenizer, real, syn, ReplayBuffer(cfg.buffer),
+                             mix=MixConfig(syn_wait_s=0.0), runtime=RuntimeConfig(num_workers=1, prefetch=1),
+                             rank=rank, world_size=world)
         it = iter(loader)
         out.append({step: next(it).real_keys for step in range(1, steps + 1)})
     return out
