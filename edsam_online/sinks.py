@@ -34,7 +34,7 @@ from PIL import Image
 
 from edsam_online import security
 from edsam_online.streaming import StreamConfig
-from edsam_online.wire import encode_image, encode_message
+from edsam_online.wire import encode_image, encode_message, provenance
 
 if TYPE_CHECKING:  # annotations only: this module needs no diffusion stack
     from edsam_online.diffusion import GeneratedBatch
@@ -267,21 +267,11 @@ class ShardSink:
         rows = len(generated) if not limit else min(len(generated), limit - state["sent"])
         for r in range(rows):
             source = int(generated.source[r])
-            provenance = {
-                "producer_id": pcfg.name, "session": self.session, "seq": state["sent"],
-                "source_key": generated.source_keys[source], "caption": generated.captions[source],
-                "alpha": float(generated.alpha[r]), "seed": int(generated.seed[r]),
-                "sample_index": int(generated.sample_index[r]), "rho": generated.rho, "model_id": generated.model_id,
-                "mode": generated.mode, "steps": generated.steps, "inversion_steps": generated.inversion_steps,
-                "guidance": generated.guidance,
-            }
-            if generated.score is not None:
-                provenance["score"] = float(generated.score[r])
             self.writer.write({
                 "__key__": f"{pcfg.name}-{self.session:016x}-{state['sent']:09d}",
                 _SHARD_EXTENSIONS[encoding]: _image_file(generated.images[r], encoding, self.stream_cfg.quality),
                 "txt": generated.captions[source],
-                "json": json.dumps(provenance).encode(),
+                "json": json.dumps(provenance(generated, r, pcfg.name, self.session, state["sent"])).encode(),
             })
             state["generated"] += 1
             state["sent"] += 1

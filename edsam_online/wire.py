@@ -258,6 +258,28 @@ class SampleBatch:
         return sample_header
 
 
+#: A sample's provenance: what a shard's JSON holds and, per received sample, what
+#: :meth:`SampleBatch.sample_header` gives beside the transport's own fields.
+PROVENANCE_FIELDS = ("producer_id", "session", "seq", "source_key", "caption", "alpha", "seed", "sample_index", "rho",
+                     "model_id", "mode", "steps", "inversion_steps", "guidance", "score")
+
+
+def provenance(batch: GeneratedBatch, row: int, producer_id: str, session: int, seq: int) -> dict[str, Any]:
+    """Row ``row`` of ``batch``'s provenance as sample number ``seq`` of ``producer_id``'s
+    ``session``: the :data:`PROVENANCE_FIELDS` (``score`` only where the batch is scored),
+    with the values a receiver reads for the same sample from a message (tested)."""
+    source = int(batch.source[row])
+    out = {
+        "producer_id": producer_id, "session": session, "seq": seq, "source_key": batch.source_keys[source],
+        "caption": batch.captions[source], "alpha": float(batch.alpha[row]), "seed": int(batch.seed[row]),
+        "sample_index": int(batch.sample_index[row]), "rho": batch.rho, "model_id": batch.model_id,
+        "mode": batch.mode, "steps": batch.steps, "inversion_steps": batch.inversion_steps, "guidance": batch.guidance,
+    }
+    if batch.score is not None:
+        out["score"] = float(batch.score[row])
+    return out
+
+
 # ----------------------------------------------------------------------------- encoding
 
 

@@ -11,11 +11,13 @@ from PIL import Image
 from edsam_online.diffusion import GeneratedBatch
 from edsam_online.wire import (
     DROP_REASONS,
+    PROVENANCE_FIELDS,
     SCHEMA_VERSION,
     WireError,
     WireLimits,
     decode_message,
     encode_message,
+    provenance,
 )
 
 LIMITS = WireLimits(max_message_bytes=1 << 20, max_header_bytes=4096, max_side=512, max_caption_chars=200)
@@ -337,3 +339,16 @@ def test_selected_rows_keep_their_sources_scores_and_columns():
         batch.select(np.zeros(6, bool))
     with pytest.raises(ValueError, match="score"):
         batch.scored(np.array([0.5] * 5))
+
+
+@pytest.mark.parametrize("scored", [False, True])
+def test_a_shards_provenance_is_what_a_receiver_reads_for_the_same_sample(scored):
+    """The shard sink's JSON (provenance) and the stream's per-sample header carry one provenance."""
+    batch = many(5)
+    if scored:
+        batch = batch.scored(np.linspace(0, 1, 5, dtype=np.float32))
+    _, received = decode_message(encode_message(batch, "producer-0", 7, 3), LIMITS)
+    for i in range(len(batch)):
+        header = received.sample_header(i)
+        assert provenance(batch, i, "producer-0", 7, 3 + i) == {k: header[k] for k in PROVENANCE_FIELDS if k in header}
+    assert ("score" in provenance(batch, 0, "p", 0, 0)) == scored
