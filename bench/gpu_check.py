@@ -153,7 +153,7 @@ def step_loss(args: argparse.Namespace) -> dict:
     import torch.distributed as dist
     from open_clip.loss import gather_features
 
-    from edsam_online.losses import EDSAMLoss
+    from edsam_online.losses import EDSAMLoss, LossConfig
     from edsam_online.runtime import init_distributed
 
     info = init_distributed(args.device)
@@ -165,7 +165,7 @@ def step_loss(args: argparse.Namespace) -> dict:
     def normed(fs):
         return [f / f.norm(dim=-1, keepdim=True) for f in fs]
 
-    loss_fn = EDSAMLoss("clip", 1.0, info.rank, info.world_size)
+    loss_fn = EDSAMLoss(LossConfig(), info.rank, info.world_size)
     local = loss_fn(*normed(feats[:2]), scale, *normed(feats[2:]))["loss"]
     local_grads = torch.autograd.grad(local, feats)
     ri, rt, si, st = normed(feats)
