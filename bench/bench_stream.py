@@ -202,9 +202,9 @@ def main() -> None:
     for (size, encoding), n in counts.items():
         if size not in args.sizes or encoding not in args.encodings:
             continue
-        ks = dict.fromkeys(
-            samples_per_message(StreamConfig(samples_per_message=k, limits=WireLimits(max_samples_per_message=max(k, 256))),
-                                size * size * 3) for k in args.samples_per_message)
+        ks = dict.fromkeys(samples_per_message(StreamConfig(samples_per_message=k,
+                                                            limits=WireLimits(max_samples_per_message=max(k, 256))),
+                                               size * size * 3) for k in args.samples_per_message)
         for k in ks:
             n_k = max(100, int(n * scale)) // k * k
             frames = encode_message(generated(size, k), "bench", 1, 0, encoding=encoding)

@@ -409,8 +409,8 @@ class MixedLoader:
         if syn_batch > 0 and extra == "stream" and buffer is None:
             raise ValueError("buffer is required when syn_batch > 0 and extra='stream'")
         self.counters = DataCounters()
-        syn_wait_s = (mix or MixConfig()).syn_wait_s
-        num_workers, prefetch = (runtime := runtime or RuntimeConfig()).num_workers, runtime.prefetch
+        mix, runtime = mix or MixConfig(), runtime or RuntimeConfig()
+        syn_wait_s, num_workers, prefetch = mix.syn_wait_s, runtime.num_workers, runtime.prefetch
 
         def mapped(source: BaseNode, preprocess: Preprocess) -> BaseNode:
             items = ParallelMapper(source, preprocess, num_workers=num_workers, in_order=True, method="thread")

@@ -255,7 +255,8 @@ class ShardSink:
 
     def __init__(self, pcfg: ProducerConfig, stream_cfg: StreamConfig, state: dict, session: int,
                  progress: Any) -> None:
-        self.pcfg, self.stream_cfg, self.state, self.session, self._progress = pcfg, stream_cfg, state, session, progress
+        self.pcfg, self.stream_cfg, self.state, self.session = pcfg, stream_cfg, state, session
+        self._progress = progress
         os.makedirs(pcfg.shard_dir, exist_ok=True)
         pattern = os.path.join(pcfg.shard_dir, f"{pcfg.name}-{session:016x}-%06d.tar")
         self.writer = wds.ShardWriter(pattern, maxcount=pcfg.shard_samples, verbose=0)

@@ -18,8 +18,8 @@ receiver sees about 1/N of every producer's stream (by design), so loss is the
 union over receivers. Duplicates (a sequence number at or below the last one
 seen from that session) are dropped as ``buffer/dropped/duplicate``.
 
-The tracker (:class:`~edsam_online.sequence.SequenceTracker`) cannot be poisoned by one message. A sequence number more than
-``StreamConfig.seq_window`` past a session's high-water mark does not move it: the
+The tracker (:class:`~edsam_online.sequence.SequenceTracker`) cannot be poisoned by one
+message. A sequence number more than ``StreamConfig.seq_window`` past a session's high-water mark does not move it: the
 message is dropped as ``buffer/dropped/seq_out_of_window`` and the stream goes on as
 before. A mark pushed ahead anyway (by in-window jumps) makes the session's real
 messages duplicates; after ``seq_resync_after`` consecutive refused messages the
@@ -132,8 +132,8 @@ class StreamConfig:
             raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
         if not 1 <= self.quality <= 100:
             raise ValueError(f"quality must be in [1, 100], got {self.quality}")
-        require_at_least(self, 1, "sndhwm", "rcvhwm", "poll_timeout_ms", "reconnect_ivl_ms", "samples_per_message", "seq_window",
-                     "seq_resync_after")
+        require_at_least(self, 1, "sndhwm", "rcvhwm", "poll_timeout_ms", "reconnect_ivl_ms", "samples_per_message",
+                         "seq_window", "seq_resync_after")
         if self.stats_endpoint and not self.curve and not is_loopback(self.stats_endpoint):
             raise ValueError(f"stats_endpoint {self.stats_endpoint!r} can be reached from other hosts: bind it on "
                              "loopback (tcp://127.0.0.1:PORT) or set stream.curve=true to put it under CURVE")

@@ -258,16 +258,11 @@ class SampleBatch:
         return sample_header
 
 
-#: A sample's provenance: what a shard's JSON holds and, per received sample, what
-#: :meth:`SampleBatch.sample_header` gives beside the transport's own fields.
-PROVENANCE_FIELDS = ("producer_id", "session", "seq", "source_key", "caption", "alpha", "seed", "sample_index", "rho",
-                     "model_id", "mode", "steps", "inversion_steps", "guidance", "score")
-
-
 def provenance(batch: GeneratedBatch, row: int, producer_id: str, session: int, seq: int) -> dict[str, Any]:
     """Row ``row`` of ``batch``'s provenance as sample number ``seq`` of ``producer_id``'s
-    ``session``: the :data:`PROVENANCE_FIELDS` (``score`` only where the batch is scored),
-    with the values a receiver reads for the same sample from a message (tested)."""
+    ``session``: what a shard's JSON holds, each field with the value a receiver reads for the
+    same sample from a message (:meth:`SampleBatch.sample_header`, beside the transport's own
+    fields; tested). ``score`` only where the batch is scored."""
     source = int(batch.source[row])
     out = {
         "producer_id": producer_id, "session": session, "seq": seq, "source_key": batch.source_keys[source],

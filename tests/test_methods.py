@@ -74,7 +74,8 @@ def clip_io():
 def test_real2x_draws_no_key_twice_within_a_step(clip_io):
     transform, tokenizer = clip_io
     data = RealDataConfig(length=48, seed=5)  # small: the two streams meet often
-    loader = MixedLoader(data, transform, tokenizer, 8, 8, extra="real", runtime=RuntimeConfig(num_workers=1, prefetch=1))
+    loader = MixedLoader(data, transform, tokenizer, 8, 8, extra="real",
+                         runtime=RuntimeConfig(num_workers=1, prefetch=1))
     it = iter(loader)
     for _ in range(12):
         batch = next(it)
