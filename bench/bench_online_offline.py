@@ -10,7 +10,7 @@ distinct generated samples with the same M:
   arm has none: with it, credit beyond its error buffer is forgiven while the producer runs
   ahead, so once a producer limited to ``N`` samples stops, the last steps find the slot
   starved and train on real fallback pairs, which is not the offline arm's work. Both arms
-  report how many generated samples they drew (``train/syn_samples``) and the online
+  report how many generated samples they drew (``train/extra_samples``) and the online
   producer how many it sent (it must reach ``N`` before the trainer ends).
 - **offline**: first ``python -m producers producer.sink=shards producer.num_samples=N`` writes
   the ``N`` samples to webdataset shards (lossless PNG for raw images), then ``scripts/launch.sh
@@ -74,8 +74,8 @@ def _trainer_split(run_dir: Path, start: float, end: float) -> dict[str, float]:
     last = train[-1]
     return {"startup_s": startup, "train_s": train_s, "eval_end_s": (end - start) - startup - train_s,
             "steps": steps_logged, "data_wait_frac": statistics.fmean(r["train/data_wait_frac"] for r in train),
-            "steps_without_syn": last["train/steps_without_syn"],
-            "syn_fallback_samples": last["train/syn_fallback_samples"], "syn_drawn": last["train/syn_samples"]}
+            "steps_without_extra": last["train/steps_without_extra"],
+            "extra_fallback_samples": last["train/extra_fallback_samples"], "extra_drawn": last["train/extra_samples"]}
 
 
 def online(args, work: Path, n: int, env: dict) -> dict:
@@ -130,12 +130,12 @@ def main() -> None:
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = load_config(compose("config", overrides=list(args.overrides)))
-    syn_batch = cfg.mix.syn_batch_size(cfg.trainer.batch_size)
-    n = args.samples or int(cfg.trainer.steps * syn_batch / max(cfg.buffer.samples_per_insert, 1.0))
+    extra_batch = cfg.mix.extra_batch_size(cfg.trainer.batch_size)
+    n = args.samples or int(cfg.trainer.steps * extra_batch / max(cfg.buffer.samples_per_insert, 1.0))
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-online-offline-"))
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(args.cores))
-    print(f"{cfg.trainer.steps} steps of {cfg.trainer.batch_size} real + {syn_batch} generated images, "
+    print(f"{cfg.trainer.steps} steps of {cfg.trainer.batch_size} real + {extra_batch} generated images, "
           f"N = {n} distinct generated samples, M = {cfg.diffusion.m}, {args.cores} cores; work folder {work}",
           flush=True)
     runs: dict[str, list[dict]] = {"online": [], "offline": []}
@@ -151,7 +151,7 @@ def main() -> None:
         return statistics.median(r[key] for r in runs[name])
 
     ratio = statistics.median(on["wall_s"] / off["wall_s"] for on, off in zip(runs["online"], runs["offline"]))
-    print(f"\n| arm | wall (s) | startup | generate | train steps | eval + end | data wait | steps without syn "
+    print(f"\n| arm | wall (s) | startup | generate | train steps | eval + end | data wait | steps without extra "
           f"| generated samples drawn |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in arms:
@@ -159,7 +159,7 @@ def main() -> None:
         startup = med(name, "startup_s")
         print(f"| {name} | {med(name, 'wall_s'):.0f} | {startup:.0f} | {gen} | {med(name, 'train_s'):.0f} | "
               f"{med(name, 'eval_end_s'):.0f} | {med(name, 'data_wait_frac'):.3f} | "
-              f"{med(name, 'steps_without_syn'):.0f} | {med(name, 'syn_drawn'):.0f} |")
+              f"{med(name, 'steps_without_extra'):.0f} | {med(name, 'extra_drawn'):.0f} |")
     print(f"\nonline / offline wall-clock: {ratio:.3f} (median of {args.reps} paired reps; per rep: "
           + ", ".join(f"{on['wall_s'] / off['wall_s']:.3f}" for on, off in zip(runs["online"], runs["offline"]))
           + ")")

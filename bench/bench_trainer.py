@@ -11,7 +11,7 @@ all of them alike, and the median over rounds is reported.
 Modes, both with the same number of images per step (``--batch``):
   real   ``batch`` real images
   mix    ``batch/2`` real + ``batch/2`` synthetic from the buffer: Eq. 11 as
-         trained with ``trainer.batch_size=batch/2 mix.syn_share=1.0``
+         trained with ``trainer.batch_size=batch/2 mix.extra_share=1.0``
          (and the compute-matched ``mix_mode=replace`` at ``batch``, which
          builds the very same step)
 
@@ -99,7 +99,7 @@ def main() -> None:
     run_dir = tempfile.mkdtemp(prefix="bench-trainer-")
     half = args.batch // 2
 
-    def trainer(batch_size: int, syn_share: float, implementation: str) -> Trainer:
+    def trainer(batch_size: int, extra_share: float, implementation: str) -> Trainer:
         """A Trainer as the trainer rank builds it, with this benchmark's model, data and stream."""
         return Trainer(load_config({
             "model": {"name": args.model},
@@ -107,7 +107,7 @@ def main() -> None:
             "stream": {"endpoints": [endpoint]},
             "buffer": {"capacity": 1024, "min_size_to_sample": 64, "samples_per_insert": 0.0},
             "trainer": {"batch_size": batch_size, "steps": 10_000, "progress": False},
-            "mix": {"syn_share": syn_share, "syn_wait_s": 0.05},
+            "mix": {"extra_share": extra_share, "extra_wait_s": 0.05},
             "optim": {"implementation": implementation},
             "runtime": {"device": args.device, "precision": args.precision, "channels_last": args.channels_last,
                         "num_workers": args.workers},
@@ -136,7 +136,7 @@ def main() -> None:
             t0 = time.perf_counter()
             batch = next(it)
             wait += time.perf_counter() - t0
-            syn += batch.num_synthetic / max(1, batch.syn_images.shape[0]) if batch.syn_images.shape[0] else 0.0
+            syn += batch.num_genuine / max(1, batch.extra_images.shape[0]) if batch.extra_images.shape[0] else 0.0
             step(batch)
         if args.device == "cuda":
             torch.cuda.synchronize()

@@ -228,15 +228,15 @@ def step_stream(args: argparse.Namespace) -> dict:
     last = records("trainer")[-1]
     steps = last["step"] - first["step"]
     received = last.get("buffer/accepted", 0) - first.get("buffer/accepted", 0)
-    trained = last.get("train/syn_samples", 0) - first.get("train/syn_samples", 0)
+    trained = last.get("train/extra_samples", 0) - first.get("train/extra_samples", 0)
     if steps <= 0 or received <= 0 or trained <= 0:
         raise RuntimeError(f"in {args.stream_seconds} s of streaming: {steps} steps, {received} samples received, "
                            f"{trained} generated samples trained on (each must be > 0)")
     window = max(last["time"] - first["time"], 1e-9)
     producer_rate = max((r.get("producer/samples_per_s", 0.0) for r in records("producer")), default=float("nan"))
-    return {"window_s": window, "steps": steps, "received": received, "syn_trained": trained,
+    return {"window_s": window, "steps": steps, "received": received, "extra_trained": trained,
             "steps_per_s": steps / window, "received_per_s": received / window, "producer_samples_per_s": producer_rate,
-            "syn_share_actual": last.get("train/syn_share_actual"),
+            "extra_share_actual": last.get("train/extra_share_actual"),
             "summary": (f"{window:.0f} s window: {steps} steps ({steps / window:.1f}/s), {received} samples received "
                         f"({received / window:.1f}/s), {trained} trained on; producer {producer_rate:.1f}/s")}
 

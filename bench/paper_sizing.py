@@ -131,7 +131,7 @@ def main() -> None:
         cfg = load_config(compose("config", overrides=list(args.overrides)))
     d = cfg.diffusion
     real = cfg.trainer.batch_size
-    syn = cfg.mix.syn_batch_size(real)
+    syn = cfg.mix.extra_batch_size(real)
     generator = d.model.removeprefix("random:")
     gen = generator_flops(generator, d.resolution)
     sample = per_sample_flops(gen, d.m, d.inversion_steps, d.steps, guidance=d.guidance != 1.0)

@@ -105,9 +105,9 @@ def _derive(cfg: Config) -> None:
 
 def _check_cross(cfg: Config) -> None:
     """Constraints between components, named by the key to change."""
-    if cfg.mix.mix_mode == "replace" and cfg.mix.syn_batch_size(cfg.trainer.batch_size) >= cfg.trainer.batch_size:
-        raise ValueError(f"mix.syn_share: must leave at least one real sample in mix_mode=replace, "
-                         f"got {cfg.mix.syn_share}")
+    if cfg.mix.mix_mode == "replace" and cfg.mix.extra_batch_size(cfg.trainer.batch_size) >= cfg.trainer.batch_size:
+        raise ValueError(f"mix.extra_share: must leave at least one real sample in mix_mode=replace, "
+                         f"got {cfg.mix.extra_share}")
     if cfg.loss.kind == "siglip" and cfg.model.init_logit_bias is None:
         raise ValueError("loss.kind: siglip needs a model with a logit bias; set model.init_logit_bias (e.g. -10)")
 

@@ -15,19 +15,19 @@ disjoint from the step's real batch and from each other.
 
 **What a starved step does** (docs/design.md, 'Replay buffer'):
 
-* Each step's synthetic slot has a fixed size ``syn_batch``. Its items come
+* Each step's synthetic slot has a fixed size ``extra_batch``. Its items come
   from the local buffer with a bounded wait shared by the whole slot
-  (``syn_wait_s`` per batch, not per item, so a dry buffer costs at most that
+  (``extra_wait_s`` per batch, not per item, so a dry buffer costs at most that
   much per step). A slot item the buffer cannot serve is filled with a *real*
   record from a separate fallback stream and flagged
-  ``syn_is_synthetic=False``. Fixed shapes matter: each loss term all-gathers
+  ``extra_genuine=False``. Fixed shapes matter: each loss term all-gathers
   its batch across ranks, which needs equal sizes on every rank.
 * The trainer sums the flags over all ranks each step. When the global slot
   holds no synthetic sample at all (warm-up before ``min_size_to_sample``, every
   producer down) the step trains on the real term alone and is
-  counted in ``train/steps_without_syn``. A partly starved step keeps the
+  counted in ``train/steps_without_extra``. A partly starved step keeps the
   synthetic term over its slot, fallback pairs included (counted per sample in
-  ``train/syn_fallback_samples``; ``train/syn_share_actual`` reports the true
+  ``train/extra_fallback_samples``; ``train/extra_share_actual`` reports the true
   synthetic share). The buffer itself counts ``buffer/starved``.
 * The fallback stream is a second ``RealSourceNode`` over the same data and
   partition, started at a far-away epoch (another shuffle of the same set), so
@@ -56,7 +56,7 @@ from PIL import Image
 from torchdata.nodes import BaseNode, Batcher, Loader, ParallelMapper, Prefetcher
 
 from edsam_online.buffer import ReplayBuffer
-from edsam_online.data import DataCounters, RealDataConfig, RealRecord, RealSourceNode, decode_record
+from edsam_online.data import DataCounters, RealDataConfig, RealRecord, RealSample, RealSourceNode, decode_record
 from edsam_online.runtime import RuntimeConfig
 from edsam_online.validation import require_at_least
 from edsam_online.wire import SyntheticSample
@@ -69,35 +69,37 @@ MIX_MODES = ("add", "replace")
 
 @dataclass
 class MixConfig:
-    """How a step combines real and synthetic pairs (Hydra key ``mix``).
+    """How a step combines its real batch with the extra batch of Eq. 11's second term (Hydra key ``mix``).
 
-    ``syn_share`` sets the synthetic batch size relative to ``trainer.batch_size``.
-    ``mix_mode="add"`` is Eq. 11 as written: ``round(syn_share * batch_size)`` synthetic
-    samples are *added* to the ``batch_size`` real ones. ``mix_mode="replace"`` is the
-    compute-matched ablation: the synthetic part replaces that many real samples, so a
-    step sees ``batch_size`` images in all (the second term's weight is ``loss.syn_weight``).
-    ``syn_wait_s`` is the bounded wait per step for the
-    synthetic slot (the module docstring says what a starved step does).
+    The extra batch is the method's (:mod:`edsam_online.methods`): generated samples for
+    ``edsam``, ``random`` and ``identity``, a second real batch for ``real2x``, augmented
+    views for ``masking``, ``ada`` and ``advstyle``. ``extra_share`` sets its size relative to
+    ``trainer.batch_size``. ``mix_mode="add"`` is Eq. 11 as written: ``round(extra_share *
+    batch_size)`` extra pairs are *added* to the ``batch_size`` real ones. ``mix_mode="replace"``
+    is the compute-matched ablation: the extra part replaces that many real pairs, so a step
+    sees ``batch_size`` images in all (the second term's weight is ``loss.extra_weight``).
+    ``extra_wait_s`` is the bounded wait per step for a synthetic slot (the module docstring
+    says what a starved step does).
     """
 
-    syn_share: float = 1.0
+    extra_share: float = 1.0
     mix_mode: str = "add"
-    syn_wait_s: float = 0.05
+    extra_wait_s: float = 0.05
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.syn_share <= 1.0:
-            raise ValueError(f"syn_share must be in [0, 1], got {self.syn_share}")
+        if not 0.0 <= self.extra_share <= 1.0:
+            raise ValueError(f"extra_share must be in [0, 1], got {self.extra_share}")
         if self.mix_mode not in MIX_MODES:
             raise ValueError(f"mix_mode must be one of {MIX_MODES}, got {self.mix_mode!r}")
-        require_at_least(self, 0, "syn_wait_s")
+        require_at_least(self, 0, "extra_wait_s")
 
-    def syn_batch_size(self, batch_size: int) -> int:
-        """Synthetic samples per rank per step."""
-        return round(self.syn_share * batch_size)
+    def extra_batch_size(self, batch_size: int) -> int:
+        """Extra-batch pairs per rank per step."""
+        return round(self.extra_share * batch_size)
 
     def real_batch_size(self, batch_size: int) -> int:
         """Real samples per rank per step (fewer than ``batch_size`` only in ``replace`` mode)."""
-        return batch_size - (self.syn_batch_size(batch_size) if self.mix_mode == "replace" else 0)
+        return batch_size - (self.extra_batch_size(batch_size) if self.mix_mode == "replace" else 0)
 
 
 class Drawn(NamedTuple):
@@ -109,13 +111,15 @@ class Drawn(NamedTuple):
 
 @dataclass
 class Example:
-    """One preprocessed pair, with its provenance (``producer``: the producer id of a
-    generated sample; ``inserted_step``: the trainer step at which the buffer took it in)."""
+    """One preprocessed pair, with its provenance (``extra``: a genuine extra-batch pair, i.e.
+    a generated sample or ``real2x``'s second real pair, not a real-batch pair nor a starved
+    slot's fallback; ``producer``: the producer id of a generated sample; ``inserted_step``:
+    the trainer step at which the buffer took it in)."""
 
     image: torch.Tensor
     tokens: torch.Tensor
     key: str
-    synthetic: bool
+    extra: bool
     alpha: float = float("nan")
     score: float = float("nan")  # the producer's fidelity score, NaN when it sent none
     caption: str = ""
@@ -125,10 +129,10 @@ class Example:
 
 @dataclass
 class MixedBatch:
-    """One step's data on one rank. ``syn_*`` has ``syn_batch`` rows (possibly 0).
+    """One step's data on one rank. ``extra_*`` has ``extra_batch`` rows (possibly 0).
 
-    The caption strings and the slot rows' provenance (``syn_producers``: producer id or
-    None; ``syn_inserted_steps``: the trainer step at which the buffer took the row in, or
+    The caption strings and the slot rows' provenance (``extra_producers``: producer id or
+    None; ``extra_inserted_steps``: the trainer step at which the buffer took the row in, or
     None for rows that did not come from it) are plain lists of references the loader
     already holds, read only when samples are logged (``logging.sample_every``). They are
     empty in a batch built without them; then nothing is known about those rows."""
@@ -136,20 +140,20 @@ class MixedBatch:
     real_images: torch.Tensor
     real_texts: torch.Tensor
     real_keys: list[str]
-    syn_images: torch.Tensor
-    syn_texts: torch.Tensor
-    syn_keys: list[str]
-    syn_is_synthetic: torch.Tensor  # bool [syn_batch]; True = an extra-batch pair, False = real fallback
-    syn_alpha: torch.Tensor  # float [syn_batch]; NaN for fallback rows
-    syn_score: torch.Tensor | None = None  # float [syn_batch]; NaN where a row has no score (None: no row has)
+    extra_images: torch.Tensor
+    extra_texts: torch.Tensor
+    extra_keys: list[str]
+    extra_genuine: torch.Tensor  # bool [extra_batch]; True = an extra-batch pair, False = real fallback
+    extra_alpha: torch.Tensor  # float [extra_batch]; NaN for fallback rows
+    extra_score: torch.Tensor | None = None  # float [extra_batch]; NaN where a row has no score (None: no row has)
     real_captions: list[str] = field(default_factory=list)
-    syn_captions: list[str] = field(default_factory=list)
-    syn_producers: list[str | None] = field(default_factory=list)
-    syn_inserted_steps: list[int | None] = field(default_factory=list)
+    extra_captions: list[str] = field(default_factory=list)
+    extra_producers: list[str | None] = field(default_factory=list)
+    extra_inserted_steps: list[int | None] = field(default_factory=list)
 
     @property
-    def num_synthetic(self) -> int:
-        return int(self.syn_is_synthetic.sum())
+    def num_genuine(self) -> int:
+        return int(self.extra_genuine.sum())
 
 
 class FromEpoch(BaseNode):
@@ -300,39 +304,50 @@ class ZipParts(BaseNode):
 class Preprocess:
     """Decode (real records), open_clip image transform, tokenize. Returns None for a corrupt image.
 
-    ``real_is_extra``: real records are genuine extra-batch pairs (``real2x``), flagged as
-    such, rather than the fallback of a starved synthetic slot."""
+    ``extra``: the real records are the method's own extra-batch pairs (``real2x``'s second
+    stream), not the fallback of a starved synthetic slot. Samples drawn from the replay
+    buffer are always genuine extra pairs and carry their producer's provenance."""
 
     def __init__(self, transform: Callable, tokenizer: Callable, resolution: int | None, counters: DataCounters,
-                 real_is_extra: bool = False):
+                 extra: bool = False):
         self.transform, self.tokenizer = transform, tokenizer
         self.resolution, self.counters = resolution, counters
-        self.real_is_extra = real_is_extra
+        self.extra = extra
 
-    def __call__(self, item: RealRecord | SyntheticSample | Drawn) -> Example | None:
-        score = float("nan")
-        producer = inserted_step = None
+    def __call__(self, item: RealRecord | Drawn) -> Example | None:
         if isinstance(item, Drawn):
-            item, inserted_step = item
-        if isinstance(item, SyntheticSample):
-            array, caption, key, synthetic, alpha = item.image, item.caption, item.source_key, True, item.alpha
-            producer = item.batch.header["producer_id"]
-            if item.score is not None:
-                score = item.score
-        else:
-            sample = decode_record(item, self.resolution, self.counters)
-            if sample is None:
-                return None
-            array, caption, key, alpha = sample.image, sample.caption, sample.key, float("nan")
-            synthetic = self.real_is_extra
-            if synthetic and "source_key" in sample.meta:  # an offline sample: its provenance
-                key, alpha = str(sample.meta["source_key"]), _meta_number(sample.meta, "alpha")
-                score = _meta_number(sample.meta, "score", 0.0, 1.0)
-                if isinstance(sample.meta.get("producer_id"), str):
-                    producer = sample.meta["producer_id"]
+            sample, inserted_step = item
+            score = float("nan") if sample.score is None else sample.score
+            return self.example(sample.image, sample.caption, sample.source_key, True, sample.alpha, score,
+                                sample.batch.header["producer_id"], inserted_step)
+        decoded = decode_record(item, self.resolution, self.counters)
+        if decoded is None:
+            return None
+        return self.record_example(decoded)
+
+    def record_example(self, sample: RealSample) -> Example:
+        return self.example(sample.image, sample.caption, sample.key, self.extra)
+
+    def example(self, array: np.ndarray, caption: str, key: str, extra: bool, alpha: float = float("nan"),
+                score: float = float("nan"), producer: str | None = None,
+                inserted_step: int | None = None) -> Example:
         image = self.transform(Image.fromarray(np.asarray(array)))
-        return Example(image, self.tokenizer([caption])[0], key, synthetic, alpha, score, caption, producer,
+        return Example(image, self.tokenizer([caption])[0], key, extra, alpha, score, caption, producer,
                        inserted_step)
+
+
+class ShardPreprocess(Preprocess):
+    """Generated samples a producer wrote to offline shards (``extra="shards"``): genuine
+    extra pairs whose provenance (source key, alpha, score, producer id: the fields of
+    :func:`edsam_online.wire.provenance`) is read back from each sample's JSON. A field
+    missing or out of range there is NaN (or None), never an error: a shard is not trusted."""
+
+    def record_example(self, sample: RealSample) -> Example:
+        meta = sample.meta
+        key = str(meta["source_key"]) if "source_key" in meta else sample.key
+        producer = meta["producer_id"] if isinstance(meta.get("producer_id"), str) else None
+        return self.example(sample.image, sample.caption, key, True, _meta_number(meta, "alpha"),
+                            _meta_number(meta, "score", 0.0, 1.0), producer)
 
 
 def _meta_number(meta: dict[str, Any], name: str, lo: float = -math.inf, hi: float = math.inf) -> float:
@@ -351,29 +366,29 @@ def collate(real: list[Example], slot: list[Example]) -> MixedBatch:
         return like.image.new_empty((0, *like.image.shape)), like.tokens.new_empty((0, *like.tokens.shape))
 
     real_images, real_texts = stack(real, real[0])
-    syn_images, syn_texts = stack(slot, real[0])
+    extra_images, extra_texts = stack(slot, real[0])
     return MixedBatch(
         real_images=real_images,
         real_texts=real_texts,
         real_keys=[e.key for e in real],
-        syn_images=syn_images,
-        syn_texts=syn_texts,
-        syn_keys=[e.key for e in slot],
-        syn_is_synthetic=torch.tensor([e.synthetic for e in slot], dtype=torch.bool),
-        syn_alpha=torch.tensor([e.alpha for e in slot], dtype=torch.float32),
-        syn_score=torch.tensor([e.score for e in slot], dtype=torch.float32),
+        extra_images=extra_images,
+        extra_texts=extra_texts,
+        extra_keys=[e.key for e in slot],
+        extra_genuine=torch.tensor([e.extra for e in slot], dtype=torch.bool),
+        extra_alpha=torch.tensor([e.alpha for e in slot], dtype=torch.float32),
+        extra_score=torch.tensor([e.score for e in slot], dtype=torch.float32),
         real_captions=[e.caption for e in real],
-        syn_captions=[e.caption for e in slot],
-        syn_producers=[e.producer for e in slot],
-        syn_inserted_steps=[e.inserted_step for e in slot],
+        extra_captions=[e.caption for e in slot],
+        extra_producers=[e.producer for e in slot],
+        extra_inserted_steps=[e.inserted_step for e in slot],
     )
 
 
 class MixedLoader:
     """Stateful iterable of :class:`MixedBatch` for one trainer rank.
 
-    ``syn_batch = 0`` gives real-only batches with an empty slot. ``mix`` gives the slot's
-    bounded wait (``syn_wait_s``), ``runtime`` the decoding threads and prefetched batches
+    ``extra_batch = 0`` gives real-only batches with an empty slot. ``mix`` gives the slot's
+    bounded wait (``extra_wait_s``), ``runtime`` the decoding threads and prefetched batches
     (``num_workers``, ``prefetch``); None takes their defaults. ``extra`` is where the
     slot's items come from: ``"stream"`` (the replay ``buffer``, with a real fallback;
     ``distinct_sources``: at most one sample per source key in a slot) or ``"real"`` (a
@@ -389,7 +404,7 @@ class MixedLoader:
         transform: Callable,
         tokenizer: Callable,
         real_batch: int,
-        syn_batch: int = 0,
+        extra_batch: int = 0,
         buffer: ReplayBuffer | None = None,
         *,
         mix: MixConfig | None = None,
@@ -402,15 +417,15 @@ class MixedLoader:
     ):
         if real_batch < 1:
             raise ValueError(f"real_batch must be >= 1, got {real_batch}")
-        if syn_batch < 0:
-            raise ValueError(f"syn_batch must be >= 0, got {syn_batch}")
+        if extra_batch < 0:
+            raise ValueError(f"extra_batch must be >= 0, got {extra_batch}")
         if extra not in EXTRAS:
             raise ValueError(f"extra must be one of {EXTRAS}, got {extra!r}")
-        if syn_batch > 0 and extra == "stream" and buffer is None:
-            raise ValueError("buffer is required when syn_batch > 0 and extra='stream'")
+        if extra_batch > 0 and extra == "stream" and buffer is None:
+            raise ValueError("buffer is required when extra_batch > 0 and extra='stream'")
         self.counters = DataCounters()
         mix, runtime = mix or MixConfig(), runtime or RuntimeConfig()
-        syn_wait_s, num_workers, prefetch = mix.syn_wait_s, runtime.num_workers, runtime.prefetch
+        extra_wait_s, num_workers, prefetch = mix.extra_wait_s, runtime.num_workers, runtime.prefetch
 
         def mapped(source: BaseNode, preprocess: Preprocess) -> BaseNode:
             items = ParallelMapper(source, preprocess, num_workers=num_workers, in_order=True, method="thread")
@@ -424,21 +439,21 @@ class MixedLoader:
         real = Batcher(mapped(RealSourceNode(data_cfg, rank, world_size, self.counters), preprocess), real_batch,
                        drop_last=True)
         slot = None
-        if syn_batch > 0 and extra == "stream":
-            source = SyntheticSlotNode(buffer, another_stream(FALLBACK_EPOCH), syn_batch, syn_wait_s,
+        if extra_batch > 0 and extra == "stream":
+            source = SyntheticSlotNode(buffer, another_stream(FALLBACK_EPOCH), extra_batch, extra_wait_s,
                                        distinct_sources)
             slot = mapped(source, preprocess)
-        elif syn_batch > 0:
-            extra_preprocess = Preprocess(transform, tokenizer, data_cfg.resolution, self.counters, real_is_extra=True)
+        elif extra_batch > 0:
             if extra == "real":
-                source: BaseNode = another_stream(EXTRA_EPOCH)
+                slot = mapped(another_stream(EXTRA_EPOCH),
+                              Preprocess(transform, tokenizer, data_cfg.resolution, self.counters, extra=True))
             else:  # offline shards a producer wrote: a webdataset source of their own
                 shard_cfg = RealDataConfig(kind="webdataset", path=shards, resolution=data_cfg.resolution,
                                            seed=data_cfg.seed, shuffle=data_cfg.shuffle,
                                            shuffle_buffer=data_cfg.shuffle_buffer)
-                source = RealSourceNode(shard_cfg, rank, world_size, self.counters)
-            slot = mapped(source, extra_preprocess)
-        zipped = ZipParts(real, slot, syn_batch, collate, distinct=extra == "real", counters=self.counters)
+                slot = mapped(RealSourceNode(shard_cfg, rank, world_size, self.counters),
+                              ShardPreprocess(transform, tokenizer, data_cfg.resolution, self.counters))
+        zipped = ZipParts(real, slot, extra_batch, collate, distinct=extra == "real", counters=self.counters)
         root = Prefetcher(zipped, prefetch_factor=prefetch)
         self._loader = Loader(root, restart_on_stop_iteration=False)
 

@@ -7,12 +7,12 @@ rows against the gathered global batch, so the mean of the per-rank losses is
 the single-process loss on the global batch and DDP's gradient averaging gives
 its gradient (docs/design.md, 'Known pitfalls'). SigLIP uses ``SigLipLoss(dist_impl="gather")``.
 
-A step whose global synthetic slot holds no synthetic sample trains on the real
-term alone (``use_syn=False``); the caller decides that collectively (every
-rank must agree, since the synthetic term's all_gather is a collective).
+A step whose global extra batch holds no genuine extra pair (every place a starved
+slot's fallback) trains on the real term alone (``use_extra=False``); the caller decides
+that collectively (every rank must agree, since the extra term's all_gather is a collective).
 
-``syn_weights`` (InfoNCE only) weights each synthetic row's loss, e.g. by its fidelity
-score: ``L_syn = sum_i w_i l_i / sum_i w_i`` over the global batch, where ``l_i`` is row
+``extra_weights`` (InfoNCE only) weights each extra row's loss, e.g. by its fidelity
+score: ``L_extra = sum_i w_i l_i / sum_i w_i`` over the global batch, where ``l_i`` is row
 i's mean of its image-to-text and text-to-image cross-entropies. open_clip's losses only
 average, hence the per-row term here; it reuses ``ClipLoss.get_logits`` and its labels.
 """
@@ -35,23 +35,23 @@ SYN_WEIGHTINGS = ("none", "score")
 @dataclass
 class LossConfig:
     """Eq. 11's loss (Hydra key ``loss``): ``kind`` of each contrastive term, ``clip``
-    (InfoNCE) or ``siglip``; ``syn_weight`` is ``w`` in ``L = L_real + w * L_syn``;
-    ``syn_weighting="score"`` weights each row of the second term by the fidelity score its
+    (InfoNCE) or ``siglip``; ``extra_weight`` is ``w`` in ``L = L_real + w * L_extra``;
+    ``extra_weighting="score"`` weights each row of the second term by the fidelity score its
     producer sent (``producer.scorer``; rows without a score, such as a starved slot's real
     fallback, weigh 1), ``"none"`` weighs every row alike."""
 
     kind: str = "clip"
-    syn_weight: float = 1.0
-    syn_weighting: str = "none"
+    extra_weight: float = 1.0
+    extra_weighting: str = "none"
 
     def __post_init__(self) -> None:
         if self.kind not in LOSS_KINDS:
             raise ValueError(f"kind must be one of {LOSS_KINDS}, got {self.kind!r}")
-        require_at_least(self, 0, "syn_weight")
-        if self.syn_weighting not in SYN_WEIGHTINGS:
-            raise ValueError(f"syn_weighting must be one of {SYN_WEIGHTINGS}, got {self.syn_weighting!r}")
-        if self.syn_weighting == "score" and self.kind != "clip":
-            raise ValueError("syn_weighting: score needs kind=clip (SigLIP's open_clip loss has no per-row weights)")
+        require_at_least(self, 0, "extra_weight")
+        if self.extra_weighting not in SYN_WEIGHTINGS:
+            raise ValueError(f"extra_weighting must be one of {SYN_WEIGHTINGS}, got {self.extra_weighting!r}")
+        if self.extra_weighting == "score" and self.kind != "clip":
+            raise ValueError("extra_weighting: score needs kind=clip (SigLIP's open_clip loss has no per-row weights)")
 
 
 def build_contrastive_loss(kind: str, rank: int = 0, world_size: int = 1) -> nn.Module:
@@ -67,7 +67,7 @@ def build_contrastive_loss(kind: str, rank: int = 0, world_size: int = 1) -> nn.
 
 
 class EDSAMLoss(nn.Module):
-    """Eq. 11: a real term plus a ``syn_weight``-weighted synthetic term.
+    """Eq. 11: a real term plus an ``extra_weight``-weighted term over the extra batch.
 
     Two separate loss modules, because each term is contrastive within its own
     batch: synthetic captions must not serve as negatives for real images (and
@@ -77,10 +77,10 @@ class EDSAMLoss(nn.Module):
     def __init__(self, cfg: LossConfig, rank: int = 0, world_size: int = 1):
         super().__init__()
         self.kind = cfg.kind
-        self.syn_weight = cfg.syn_weight
+        self.extra_weight = cfg.extra_weight
         self.world_size = world_size
         self.real_term = build_contrastive_loss(cfg.kind, rank, world_size)
-        self.syn_term = build_contrastive_loss(cfg.kind, rank, world_size)
+        self.extra_term = build_contrastive_loss(cfg.kind, rank, world_size)
 
     def _term(self, loss: nn.Module, img: torch.Tensor, txt: torch.Tensor, scale, bias) -> torch.Tensor:
         if self.kind == "siglip" and bias is None:
@@ -92,37 +92,37 @@ class EDSAMLoss(nn.Module):
         real_image_features: torch.Tensor,
         real_text_features: torch.Tensor,
         logit_scale: torch.Tensor,
-        syn_image_features: torch.Tensor | None = None,
-        syn_text_features: torch.Tensor | None = None,
+        extra_image_features: torch.Tensor | None = None,
+        extra_text_features: torch.Tensor | None = None,
         logit_bias: torch.Tensor | None = None,
-        use_syn: bool = True,
-        syn_weights: torch.Tensor | None = None,
+        use_extra: bool = True,
+        extra_weights: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Returns ``loss``, ``loss_real`` and ``loss_syn`` (zero when the step has no synthetic
-        term). ``syn_weights``: one weight >= 0 per synthetic row (see the module docstring)."""
+        """Returns ``loss``, ``loss_real`` and ``loss_extra`` (zero when the step has no extra
+        term). ``extra_weights``: one weight >= 0 per extra row (see the module docstring)."""
         loss_real = self._term(self.real_term, real_image_features, real_text_features, logit_scale, logit_bias)
-        if use_syn and syn_image_features is not None and syn_image_features.shape[0] > 0:
-            if syn_weights is not None:
-                loss_syn = self._weighted_syn_term(syn_image_features, syn_text_features, logit_scale, syn_weights)
+        if use_extra and extra_image_features is not None and extra_image_features.shape[0] > 0:
+            if extra_weights is not None:
+                loss_extra = self._weighted_extra_term(extra_image_features, extra_text_features, logit_scale, extra_weights)
             else:
-                loss_syn = self._term(self.syn_term, syn_image_features, syn_text_features, logit_scale, logit_bias)
-            loss = loss_real + self.syn_weight * loss_syn
+                loss_extra = self._term(self.extra_term, extra_image_features, extra_text_features, logit_scale, logit_bias)
+            loss = loss_real + self.extra_weight * loss_extra
         else:
-            loss_syn = torch.zeros_like(loss_real)
+            loss_extra = torch.zeros_like(loss_real)
             loss = loss_real
-        return {"loss": loss, "loss_real": loss_real, "loss_syn": loss_syn}
+        return {"loss": loss, "loss_real": loss_real, "loss_extra": loss_extra}
 
-    def _weighted_syn_term(self, image_f: torch.Tensor, text_f: torch.Tensor, logit_scale: torch.Tensor,
+    def _weighted_extra_term(self, image_f: torch.Tensor, text_f: torch.Tensor, logit_scale: torch.Tensor,
                            weights: torch.Tensor) -> torch.Tensor:
-        """The synthetic InfoNCE term with per-row weights. Each rank returns its rows' share,
+        """The extra InfoNCE term with per-row weights. Each rank returns its rows' share,
         normalised by the global mean weight, so the mean over ranks (DDP's gradient average)
         is the weighted mean over the global batch."""
         if self.kind != "clip":
-            raise ValueError("syn_weights need the clip loss")
+            raise ValueError("extra_weights need the clip loss")
         if weights.shape != (image_f.shape[0],) or not bool((weights >= 0).all()):
-            raise ValueError(f"syn_weights must be {image_f.shape[0]} values >= 0")
-        logits_image, logits_text = self.syn_term.get_logits(image_f, text_f, logit_scale)
-        labels = self.syn_term.get_ground_truth(image_f.device, logits_image.shape[0])
+            raise ValueError(f"extra_weights must be {image_f.shape[0]} values >= 0")
+        logits_image, logits_text = self.extra_term.get_logits(image_f, text_f, logit_scale)
+        labels = self.extra_term.get_ground_truth(image_f.device, logits_image.shape[0])
         per_row = (F.cross_entropy(logits_image, labels, reduction="none")
                    + F.cross_entropy(logits_text, labels, reduction="none")) / 2
         weights = weights.to(per_row)

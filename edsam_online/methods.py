@@ -1,7 +1,7 @@
 """What fills the second term of Eq. 11: the method a run compares (Hydra group ``method``).
 
 Every method trains on the same real batch (``trainer.batch_size``) with the same loss;
-those with an extra batch give it the same size (``mix.syn_share``) and its own
+those with an extra batch give it the same size (``mix.extra_share``) and its own
 contrastive term, so methods are compared at the same images per step:
 
 ============  ===============================================================  =========
@@ -110,11 +110,11 @@ class Augmentation:
     ``real2x``'s second real stream).
 
     A subclass may return the batch with its real part transformed, or with its slot
-    (``syn_images``, ``syn_texts``, ``syn_keys``, ``syn_is_synthetic``, ``syn_alpha``, ``syn_score``
-    and the provenance lists ``syn_captions``, ``syn_producers``, ``syn_inserted_steps``)
-    supplied by the method; rows flagged ``syn_is_synthetic`` count in the second term. It
+    (``extra_images``, ``extra_texts``, ``extra_keys``, ``extra_genuine``, ``extra_alpha``, ``extra_score``
+    and the provenance lists ``extra_captions``, ``extra_producers``, ``extra_inserted_steps``)
+    supplied by the method; rows flagged ``extra_genuine`` count in the second term. It
     runs on every rank, inside ``Trainer.train_step``, with the trainer at hand (its
-    model, loss, device and ``syn_batch``), and must give the slot ``trainer.syn_batch``
+    model, loss, device and ``extra_batch``), and must give the slot ``trainer.extra_batch``
     rows on every rank, since each loss term gathers its batch across ranks.
     """
 
@@ -123,7 +123,7 @@ class Augmentation:
 
 
 class BlockMasking(Augmentation):
-    """``masking``: the extra batch is the step's first ``syn_batch`` real images with
+    """``masking``: the extra batch is the step's first ``extra_batch`` real images with
     ``ratio`` of their ``block`` x ``block`` blocks set to zero (the normalised mean),
     exactly that many blocks per image, chosen at random; captions are theirs.
 
@@ -149,22 +149,22 @@ class BlockMasking(Augmentation):
         return grid.repeat_interleave(self.block, 2).repeat_interleave(self.block, 3)[:, :, :height, :width]
 
     def __call__(self, batch: MixedBatch, trainer: Any) -> MixedBatch:
-        images = batch.real_images[:trainer.syn_batch]
+        images = batch.real_images[:trainer.extra_batch]
         return _fill_slot(batch, images.masked_fill(self.mask(len(images), images.shape[-2], images.shape[-1]), 0.0))
 
 
 def _fill_slot(batch: MixedBatch, images: torch.Tensor) -> MixedBatch:
     """The slot becomes ``images``, made from the first rows of the real batch (their captions)."""
     n = images.shape[0]
-    batch.syn_images = images
-    batch.syn_texts = batch.real_texts[:n]
-    batch.syn_keys = list(batch.real_keys[:n])
-    batch.syn_is_synthetic = torch.ones(n, dtype=torch.bool)
-    batch.syn_alpha = torch.full((n,), float("nan"))
-    batch.syn_score = None
-    batch.syn_captions = list(batch.real_captions[:n])
-    batch.syn_producers = [None] * n
-    batch.syn_inserted_steps = [None] * n
+    batch.extra_images = images
+    batch.extra_texts = batch.real_texts[:n]
+    batch.extra_keys = list(batch.real_keys[:n])
+    batch.extra_genuine = torch.ones(n, dtype=torch.bool)
+    batch.extra_alpha = torch.full((n,), float("nan"))
+    batch.extra_score = None
+    batch.extra_captions = list(batch.real_captions[:n])
+    batch.extra_producers = [None] * n
+    batch.extra_inserted_steps = [None] * n
     return batch
 
 
@@ -212,7 +212,7 @@ class _GradientAscent(Augmentation):
 
 
 class ADA(_GradientAscent):
-    """``ada`` (Volpi et al., 2018): the extra batch is the step's first ``syn_batch`` real
+    """``ada`` (Volpi et al., 2018): the extra batch is the step's first ``extra_batch`` real
     images after ``steps`` ascent steps on ``L_clip(x', c) - gamma * ||f(x') - f(x)||^2``,
     ``f`` the normalised image embedding: images the current model finds hard that keep
     their meaning."""
@@ -223,7 +223,7 @@ class ADA(_GradientAscent):
 
     def __call__(self, batch: MixedBatch, trainer: Any) -> MixedBatch:
         model, device = trainer.model, trainer.device
-        n = trainer.syn_batch
+        n = trainer.extra_batch
         images = batch.real_images[:n].to(device)
         with torch.no_grad():
             reference = model.encode_image(images, normalize=True)
@@ -236,14 +236,14 @@ class ADA(_GradientAscent):
 
 
 class AdvStyle(_GradientAscent):
-    """``advstyle`` (Zhong et al., 2022): the extra batch is the step's first ``syn_batch``
+    """``advstyle`` (Zhong et al., 2022): the extra batch is the step's first ``extra_batch``
     real images re-styled: each image's per-channel mean and std become learnable,
     start at their own values and take ``steps`` ascent steps on the contrastive loss;
     the normalised image content is kept."""
 
     def __call__(self, batch: MixedBatch, trainer: Any) -> MixedBatch:
         model, device = trainer.model, trainer.device
-        n = trainer.syn_batch
+        n = trainer.extra_batch
         images = batch.real_images[:n].to(device)
         mean = images.mean(dim=(2, 3), keepdim=True)
         std = images.std(dim=(2, 3), keepdim=True) + 1e-5

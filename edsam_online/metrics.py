@@ -11,7 +11,7 @@ trainer metrics against ``trainer/step`` (added to every trainer record; it is t
 
 **Samples.** :meth:`MetricLogger.log_samples` logs a few training samples
 (:class:`SampleRow`: image, caption, alpha, producer, age, source key, score) as the W&B
-table ``samples/syn`` and, without W&B, as PNG files under ``<run_dir>/samples/step_<step>/``
+table ``samples/extra`` and, without W&B, as PNG files under ``<run_dir>/samples/step_<step>/``
 with one record per row in ``<run_dir>/samples/samples.jsonl`` (docs/metrics.md).
 """
 
@@ -37,7 +37,7 @@ STEP_AXES: dict[str, tuple[str, ...]] = {
     "trainer/step": ("train/*", "buffer/*", "eval/*", "data/*", "samples/*"),
     "producer/sent": ("producer/*",),
 }
-SAMPLES_KEY = "samples/syn"  # the W&B table of logged samples
+SAMPLES_KEY = "samples/extra"  # the W&B table of logged samples
 SAMPLE_COLUMNS = ("image", "caption", "alpha", "producer", "age_steps", "source_key", "score")
 SAMPLES_DIR = "samples"  # under the run folder: step_<step>/<row>.png and samples.jsonl
 
@@ -178,7 +178,7 @@ class MetricLogger:
 
     def log_samples(self, rows: list[SampleRow], step: int) -> None:
         """``rows`` as PNG files plus one ``samples.jsonl`` record each (with ``logging.jsonl``)
-        and as the W&B table ``samples/syn`` (with a W&B run). Logging a step again (a rerun
+        and as the W&B table ``samples/extra`` (with a W&B run). Logging a step again (a rerun
         after a crash) overwrites its images; its last records describe them."""
         if not rows:
             return

@@ -117,7 +117,7 @@ def render(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    _line(ax, records, ["train/loss", "train/loss_real", "train/loss_syn"], "losses (Eq. 11)")
+    _line(ax, records, ["train/loss", "train/loss_real", "train/loss_extra"], "losses (Eq. 11)")
     scale = ax.twinx()
     xs, ys = _series(records, "train/logit_scale")
     scale.plot(xs, ys, "k--", linewidth=0.8)

@@ -16,7 +16,7 @@ real-data stream exactly where it stopped.
 
 **Augmentation hook.** A method that changes what a step trains on implements
 :class:`edsam_online.methods.Augmentation`: it receives the loader's :class:`~edsam_online.loader.MixedBatch`
-and may transform the real part or supply the extra batch (the synthetic slot of Eq.
+and may transform the real part or supply the extra batch (Eq.
 11's second term), before the step decides whether that term runs.
 """
 
@@ -62,7 +62,7 @@ if TYPE_CHECKING:  # the root config composes this module's TrainerConfig
 class TrainerConfig:
     """The training loop of one trainer rank (Hydra key ``trainer``; sizes are per rank).
 
-    ``batch_size`` real pairs per step (``mix`` sets the synthetic part). ``steps`` sets
+    ``batch_size`` real pairs per step (``mix`` sets the extra part). ``steps`` sets
     the schedule's length; ``stop_at`` (0 = off) ends the run early at that step with a
     checkpoint, as a preemption would, so ``checkpoint.resume=latest`` continues it.
     ``record_keys`` writes every step's sample
@@ -88,34 +88,34 @@ class StepOutput:
 
     loss: torch.Tensor
     loss_real: torch.Tensor
-    loss_syn: torch.Tensor
+    loss_extra: torch.Tensor
     logit_scale: torch.Tensor
     num_real: int
-    num_synthetic: int
-    used_syn: bool
+    num_genuine: int
+    used_extra: bool
     stop_requested: bool  # some rank was asked to stop: every rank stops after this step
     sibling_pairs: int = 0  # pairs of extra-batch rows that share a source key, summed over ranks
-    syn_scores: list[float] = dataclasses.field(default_factory=list)  # this rank's trained synthetic rows' scores
-    syn_unscored: int = 0  # this rank's trained synthetic rows without a score
+    extra_scores: list[float] = dataclasses.field(default_factory=list)  # this rank's trained extra rows' scores
+    extra_unscored: int = 0  # this rank's trained extra rows without a score
 
 
 def _sibling_pairs(batch: MixedBatch) -> int:
     """Pairs of extra-batch pairs in ``batch`` generated from one source image (they share
     its caption, so each is a false negative of the other in that term's InfoNCE)."""
-    keys = [k for k, flag in zip(batch.syn_keys, batch.syn_is_synthetic.tolist()) if flag]
+    keys = [k for k, flag in zip(batch.extra_keys, batch.extra_genuine.tolist()) if flag]
     return sum(n * (n - 1) // 2 for n in collections.Counter(keys).values())
 
 
-def _trained_scores(batch: MixedBatch, used_syn: bool) -> dict[str, Any]:
-    """``syn_scores`` and ``syn_unscored`` of the extra-batch rows a step trained on."""
-    if not used_syn:
+def _trained_scores(batch: MixedBatch, used_extra: bool) -> dict[str, Any]:
+    """``extra_scores`` and ``extra_unscored`` of the extra-batch rows a step trained on."""
+    if not used_extra:
         return {}
-    flags = batch.syn_is_synthetic
-    if batch.syn_score is None:
-        return {"syn_unscored": int(flags.sum())}
-    scores = batch.syn_score[flags]
+    flags = batch.extra_genuine
+    if batch.extra_score is None:
+        return {"extra_unscored": int(flags.sum())}
+    scores = batch.extra_score[flags]
     known = ~torch.isnan(scores)
-    return {"syn_scores": scores[known].tolist(), "syn_unscored": int((~known).sum())}
+    return {"extra_scores": scores[known].tolist(), "extra_unscored": int((~known).sum())}
 
 
 def _normalization(transform: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,28 +135,28 @@ def _finite(value: float) -> float | None:
 
 
 def sample_rows(batch: MixedBatch, limit: int, step: int, mean: torch.Tensor, std: torch.Tensor) -> list[SampleRow]:
-    """Up to ``limit`` extra-batch rows of ``batch`` flagged ``syn_is_synthetic`` (never a
+    """Up to ``limit`` extra-batch rows of ``batch`` flagged ``extra_genuine`` (never a
     starved slot's real fallback), as :class:`~edsam_online.metrics.SampleRow`: the image as
     trained, un-normalised with the transform's ``mean``/``std`` to uint8, and its provenance.
     ``step``: the trainer step that trained on them (the age is counted up to it)."""
-    index = torch.nonzero(batch.syn_is_synthetic).flatten()[:limit].tolist()
+    index = torch.nonzero(batch.extra_genuine).flatten()[:limit].tolist()
     if not index:
         return []
-    images = batch.syn_images[index].detach().float().cpu() * std + mean
+    images = batch.extra_images[index].detach().float().cpu() * std + mean
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    n = len(batch.syn_keys)
+    n = len(batch.extra_keys)
 
     def known(values: list, i: int) -> Any:
         return values[i] if len(values) == n else None
 
     rows = []
     for image, i in zip(images, index):
-        inserted = known(batch.syn_inserted_steps, i)
-        score = None if batch.syn_score is None else _finite(float(batch.syn_score[i]))
-        rows.append(SampleRow(image=image, caption=known(batch.syn_captions, i) or "",
-                              alpha=_finite(float(batch.syn_alpha[i])), producer=known(batch.syn_producers, i),
+        inserted = known(batch.extra_inserted_steps, i)
+        score = None if batch.extra_score is None else _finite(float(batch.extra_score[i]))
+        rows.append(SampleRow(image=image, caption=known(batch.extra_captions, i) or "",
+                              alpha=_finite(float(batch.extra_alpha[i])), producer=known(batch.extra_producers, i),
                               age_steps=None if inserted is None else step - inserted,
-                              source_key=batch.syn_keys[i], score=score))
+                              source_key=batch.extra_keys[i], score=score))
     return rows
 
 
@@ -167,28 +167,28 @@ class _Window:
         self.reset()
 
     def reset(self) -> None:
-        self.steps = self.syn_steps = 0
+        self.steps = self.extra_steps = 0
         self.time = self.wait = 0.0
-        self.images = self.real = self.syn = 0.0
-        self.loss = self.loss_real = self.loss_syn = 0.0
+        self.images = self.real = self.genuine = 0.0
+        self.loss = self.loss_real = self.loss_extra = 0.0
         self.sibling_pairs = 0
         self.scores: list[float] = []
         self.unscored = 0
 
     def add(self, out: StepOutput, images: int, seconds: float, wait: float) -> None:
         self.steps += 1
-        self.syn_steps += int(out.used_syn)
+        self.extra_steps += int(out.used_extra)
         self.time += seconds
         self.wait += wait
         self.images += images
         self.real += out.num_real
-        self.syn += out.num_synthetic
+        self.genuine += out.num_genuine
         self.loss += out.loss.item()
         self.loss_real += out.loss_real.item()
-        self.loss_syn += out.loss_syn.item()
+        self.loss_extra += out.loss_extra.item()
         self.sibling_pairs += out.sibling_pairs
-        self.scores += out.syn_scores
-        self.unscored += out.syn_unscored
+        self.scores += out.extra_scores
+        self.unscored += out.extra_unscored
 
     def score_metrics(self) -> dict[str, float]:
         """``buffer/score_*``: the fidelity scores of the synthetic rows this rank trained on
@@ -209,7 +209,7 @@ class Trainer:
     logs a few of the extra-batch rows a step trained on every ``logging.sample_every``
     steps and at ``end``, the step the run stops after (:func:`sample_rows`).
     ``augmentation`` is the method's hook (:class:`Augmentation`; default: the one
-    ``cfg.method`` names, :func:`~edsam_online.methods.build_augmentation`). ``syn_batch``
+    ``cfg.method`` names, :func:`~edsam_online.methods.build_augmentation`). ``extra_batch``
     is the extra batch's size (0 for ``method=none``); the buffer and receiver exist only
     for methods whose extra batch streams from producers. ``close()`` (also run by ``train()`` and
     ``with Trainer(...)``) stops the receiver and closes the logger and files; it leaves
@@ -235,7 +235,7 @@ class Trainer:
                        device_ids=[dist_info.local_rank] if self.device.type == "cuda" else None)
 
         extra = cfg.method.extra_batch
-        self.syn_batch = cfg.mix.syn_batch_size(tcfg.batch_size) if extra != "none" else 0
+        self.extra_batch = cfg.mix.extra_batch_size(tcfg.batch_size) if extra != "none" else 0
         self.real_batch = cfg.mix.real_batch_size(tcfg.batch_size) if extra != "none" else tcfg.batch_size
         self.augmentation = augmentation or build_augmentation(cfg.method, model, cfg.seed + self.rank)
         self.optimizer = build_optimizer(model, cfg.optim)
@@ -244,12 +244,12 @@ class Trainer:
         self.loss_fn = EDSAMLoss(cfg.loss, self.rank, self.world)
         self.step = 0
         self.end = min(tcfg.stop_at or tcfg.steps, tcfg.steps)  # the step this run stops after
-        self.totals = {"steps_without_syn": 0, "syn_samples": 0, "syn_fallback_samples": 0}
+        self.totals = {"steps_without_extra": 0, "extra_samples": 0, "extra_fallback_samples": 0}
         self.buffer: ReplayBuffer | None = None
         self.receiver: Receiver | None = None
         self.keys_file = None
         with contextlib.ExitStack() as stack:  # on a failure below, what was started is stopped
-            if self.syn_batch > 0 and extra == "stream":
+            if self.extra_batch > 0 and extra == "stream":
                 self.buffer = ReplayBuffer(dataclasses.replace(cfg.buffer, seed=cfg.buffer.seed + self.rank),
                                            key=operator.attrgetter("source_key"))
                 stack.callback(self.buffer.close)
@@ -257,7 +257,7 @@ class Trainer:
                 stack.callback(self.receiver.stop)
             self.loader = MixedLoader(
                 cfg.data, preprocess_train, self.tokenizer, real_batch=self.real_batch,
-                syn_batch=self.syn_batch if extra != "augment" else 0,  # "augment": the hook makes it
+                extra_batch=self.extra_batch if extra != "augment" else 0,  # "augment": the hook makes it
                 buffer=self.buffer, mix=cfg.mix, runtime=rt, rank=self.rank, world_size=self.world,
                 extra=extra if extra in ("real", "shards") else "stream",
                 distinct_sources=cfg.buffer.distinct_sources, shards=cfg.method.offline_shards,
@@ -298,16 +298,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def forward_loss(self, batch: MixedBatch, use_syn: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Eq. 11 on ``batch`` (the synthetic term only if ``use_syn``): the loss dict of
+    def forward_loss(self, batch: MixedBatch, use_extra: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Eq. 11 on ``batch`` (the extra term only if ``use_extra``): the loss dict of
         :class:`~edsam_online.losses.EDSAMLoss` and the logit scale. Both terms go through
         the model in one forward pass; each is contrastive within its own rows."""
         rt = self.cfg.runtime
         real_n = batch.real_images.shape[0]
         images, texts = batch.real_images, batch.real_texts
-        if use_syn:
-            images = torch.cat([images, batch.syn_images])
-            texts = torch.cat([texts, batch.syn_texts])
+        if use_extra:
+            images = torch.cat([images, batch.extra_images])
+            texts = torch.cat([texts, batch.extra_texts])
         images = images.to(self.device, non_blocking=True)
         texts = texts.to(self.device, non_blocking=True)
         if rt.channels_last:
@@ -319,41 +319,42 @@ class Trainer:
             image_f[:real_n],
             text_f[:real_n],
             logit_scale,
-            image_f[real_n:] if use_syn else None,
-            text_f[real_n:] if use_syn else None,
+            image_f[real_n:] if use_extra else None,
+            text_f[real_n:] if use_extra else None,
             logit_bias=out[3].float() if len(out) > 3 else None,
-            use_syn=use_syn,
-            syn_weights=self._syn_weights(batch) if use_syn else None,
+            use_extra=use_extra,
+            extra_weights=self._syn_weights(batch) if use_extra else None,
         )
         return losses, logit_scale
 
     def _syn_weights(self, batch: MixedBatch) -> torch.Tensor | None:
-        """Per synthetic row, its score as the weight (``loss.syn_weighting=score``; 1 without a score)."""
-        if self.cfg.loss.syn_weighting != "score":
+        """Per extra row, its score as the weight (``loss.extra_weighting=score``; 1 without a score)."""
+        if self.cfg.loss.extra_weighting != "score":
             return None
-        n = batch.syn_images.shape[0]
-        if batch.syn_score is None:
+        n = batch.extra_images.shape[0]
+        if batch.extra_score is None:
             return torch.ones(n, device=self.device)
-        return torch.nan_to_num(batch.syn_score, nan=1.0).to(self.device)
+        return torch.nan_to_num(batch.extra_score, nan=1.0).to(self.device)
 
     def train_step(self, batch: MixedBatch, stop_requested: bool = False) -> StepOutput:
         """One optimizer step of Eq. 11 on this rank's ``batch`` (a collective: every rank calls it).
 
-        The ranks agree, in one all-reduce, on the global real and synthetic counts
+        The ranks agree, in one all-reduce, on the global real and genuine extra counts
         and on whether any rank asked to stop (``stop_requested``). A step whose global
-        synthetic slot holds no synthetic sample trains on the real term alone. On a
+        extra batch holds no genuine pair (a starved slot's fallbacks only) trains on the
+        real term alone. On a
         sample-logging step rank 0 also logs the batch's rows as trained.
         """
         optim = self.cfg.optim
         batch = self.augmentation(batch, self)
         if self.buffer is not None:
             self.buffer.set_step(self.step)
-        agreed = torch.tensor([batch.num_synthetic, batch.real_images.shape[0], float(stop_requested),
+        agreed = torch.tensor([batch.num_genuine, batch.real_images.shape[0], float(stop_requested),
                                _sibling_pairs(batch)], dtype=torch.float64)
         dist.all_reduce(agreed)
-        n_syn, n_real, stops, siblings = (int(v) for v in agreed.tolist())
-        use_syn = n_syn > 0
-        losses, logit_scale = self.forward_loss(batch, use_syn)
+        n_extra, n_real, stops, siblings = (int(v) for v in agreed.tolist())
+        use_extra = n_extra > 0
+        losses, logit_scale = self.forward_loss(batch, use_extra)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(losses["loss"]).backward()
@@ -368,21 +369,21 @@ class Trainer:
         self.scheduler.step()
         clamp_logit_scale(self.model, optim.logit_scale_max)
         self.step += 1
-        self.totals["steps_without_syn"] += int(not use_syn)
-        self.totals["syn_samples"] += n_syn
-        self.totals["syn_fallback_samples"] += self.world * self.syn_batch - n_syn
+        self.totals["steps_without_extra"] += int(not use_extra)
+        self.totals["extra_samples"] += n_extra
+        self.totals["extra_fallback_samples"] += self.world * self.extra_batch - n_extra
         if self.keys_file is not None:
-            record = {"step": self.step, "real": batch.real_keys, "syn": batch.syn_keys,
-                      "syn_is_synthetic": batch.syn_is_synthetic.tolist(), "used_syn": use_syn}
+            record = {"step": self.step, "real": batch.real_keys, "extra": batch.extra_keys,
+                      "extra_genuine": batch.extra_genuine.tolist(), "used_extra": use_extra}
             self.keys_file.write(json.dumps(record) + "\n")
         if self.rank == 0 and self._samples_due():
             rows = sample_rows(batch, self.cfg.logging.sample_rows, self.step - 1, self._pixel_mean, self._pixel_std)
             self.logger.log_samples(rows, step=self.step)
         return StepOutput(
             loss=losses["loss"].detach(), loss_real=losses["loss_real"].detach(),
-            loss_syn=losses["loss_syn"].detach(), logit_scale=logit_scale.detach(),
-            num_real=n_real, num_synthetic=n_syn, used_syn=use_syn, stop_requested=stops > 0,
-            sibling_pairs=siblings, **_trained_scores(batch, use_syn),
+            loss_extra=losses["loss_extra"].detach(), logit_scale=logit_scale.detach(),
+            num_real=n_real, num_genuine=n_extra, used_extra=use_extra, stop_requested=stops > 0,
+            sibling_pairs=siblings, **_trained_scores(batch, use_extra),
         )
 
     def _samples_due(self) -> bool:
@@ -412,20 +413,20 @@ class Trainer:
         return metrics
 
     def _log(self, window: _Window, out: StepOutput) -> None:
-        losses = torch.tensor([window.loss, window.loss_real, window.loss_syn], dtype=torch.float64)
+        losses = torch.tensor([window.loss, window.loss_real, window.loss_extra], dtype=torch.float64)
         dist.all_reduce(losses)
         losses /= self.world * window.steps
         span = max(window.time, 1e-9)
         metrics = {
             "train/loss": losses[0].item(),
             "train/loss_real": losses[1].item(),
-            "train/loss_syn": (losses[2].item() * window.steps / window.syn_steps) if window.syn_steps else 0.0,
+            "train/loss_extra": (losses[2].item() * window.steps / window.extra_steps) if window.extra_steps else 0.0,
             "train/logit_scale": out.logit_scale.item(),
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/samples_per_s": window.images / span,
             "train/data_wait_frac": window.wait / span,
-            "train/syn_share_actual": window.syn / max(window.real, 1.0),
-            "train/syn_sibling_pairs": window.sibling_pairs / window.steps,
+            "train/extra_share_actual": window.genuine / max(window.real, 1.0),
+            "train/extra_sibling_pairs": window.sibling_pairs / window.steps,
             **{f"train/{name}": value for name, value in self.totals.items()},
             "train/step_time_s": window.time / window.steps,
             **self.loader.stats(),
@@ -435,7 +436,7 @@ class Trainer:
             metrics.update(self.receiver.stats())
             metrics.update({"producer/sent": 0.0, **self.receiver.producer_stats()})  # producer/*'s W&B x axis
         self.logger.log(metrics, step=self.step)
-        self._bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", syn=f"{metrics['train/syn_share_actual']:.2f}")
+        self._bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", extra=f"{metrics['train/extra_share_actual']:.2f}")
 
     def train(self) -> dict[str, float]:
         """Train to ``trainer.steps`` (or ``stop_at``, the end of a finite data set, or a
@@ -465,7 +466,7 @@ class Trainer:
                     out = self.train_step(batch, stop.event.is_set())
                     self._bar.update(1)
                     now = time.perf_counter()
-                    window.add(out, out.num_real + (self.world * self.syn_batch if out.used_syn else 0), now - last,
+                    window.add(out, out.num_real + (self.world * self.extra_batch if out.used_extra else 0), now - last,
                                t_data)
                     last = now
                     if self.step % cfg.logging.log_every == 0 or self.step == end or out.stop_requested:

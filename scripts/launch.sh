@@ -212,7 +212,7 @@ pids+=("$trainer_pid")
 # producer.num_samples; one that fails is restarted after a backoff, at most
 # --producer-restarts times, each restart counted in its log and in
 # metrics/launch.jsonl (launch/producer_restarts). Meanwhile, and past the cap, the
-# trainers go on with the real-data fallback (train/steps_without_syn, train/syn_fallback_samples).
+# trainers go on with the real-data fallback (train/steps_without_extra, train/extra_fallback_samples).
 status=0 restarts_total=0
 mkdir -p "$run_dir/metrics"
 while kill -0 "$trainer_pid" 2>/dev/null; do

@@ -1,4 +1,4 @@
-"""Draw the samples table an offline W&B run logged (``samples/syn``), read back from the run
+"""Draw the samples table an offline W&B run logged (``samples/extra``), read back from the run
 folder's transaction log and W&B's staged table files, as one PNG laid out as the table: each
 row's image, caption, alpha, producer, age, source key and score. It shows what the run holds;
 it is not a picture of the W&B UI.

@@ -64,7 +64,7 @@ def test_root_config_is_typed():
          r"^diffusion\.model: no stored architecture for 'random:CompVis/ldm-text2im-large-512'; "
          r"random-weight models: random:CompVis/ldm-text2im-large-256 "),
         ("diffusion.deepcache_interval=0", r"^diffusion\.deepcache_interval: must be >= 1 \(1 = off\), got 0$"),
-        ("mix.syn_share=1.5", r"^mix\.syn_share: must be in \[0, 1\], got 1\.5$"),
+        ("mix.extra_share=1.5", r"^mix\.extra_share: must be in \[0, 1\], got 1\.5$"),
         ("model.name=ViT-Huge-999", r"^model\.name: unknown open_clip model 'ViT-Huge-999'"),
         ("trainer.batch_size=0", r"^trainer\.batch_size: must be >= 1, got 0$"),
         ("buffer.capacity=0", r"^buffer\.capacity: must be >= 1, got 0$"),
@@ -127,10 +127,10 @@ def test_paper_config_composes_and_builds_on_cpu_with_tiny_stand_ins(tmp_path):
     model, transform, _, tokenizer = create_clip(cfg.model)  # the real ViT-B-16 architecture
     batch_size = cfg.trainer.batch_size
     loader = MixedLoader(cfg.data, transform, tokenizer, cfg.mix.real_batch_size(batch_size),
-                         cfg.mix.syn_batch_size(batch_size), ReplayBuffer(cfg.buffer), mix=MixConfig(syn_wait_s=0.0),
+                         cfg.mix.extra_batch_size(batch_size), ReplayBuffer(cfg.buffer), mix=MixConfig(extra_wait_s=0.0),
                          runtime=RuntimeConfig(num_workers=1, prefetch=1))
     batch = next(iter(loader))
-    assert batch.real_images.shape == (2, 3, 224, 224) and batch.syn_images.shape == (2, 3, 224, 224)
+    assert batch.real_images.shape == (2, 3, 224, 224) and batch.extra_images.shape == (2, 3, 224, 224)
     opt = build_optimizer(model, cfg.optim)
     build_scheduler(opt, cfg.optim, cfg.trainer.steps)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

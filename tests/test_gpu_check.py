@@ -49,7 +49,7 @@ def test_the_cpu_tiny_mode_passes_every_step(tmp_path):
     modes = {m["mode"]: m for m in rows["trainer"]["result"]["modes"]}
     assert modes["mix"]["synthetic_fill"] > 0 and modes["real"]["synthetic_fill"] == 0
     assert rows["loss"]["result"]["backend"] == "gloo"
-    assert rows["stream"]["result"]["received"] > 0 and rows["stream"]["result"]["syn_trained"] > 0
+    assert rows["stream"]["result"]["received"] > 0 and rows["stream"]["result"]["extra_trained"] > 0
 
 
 def test_a_hanging_step_is_named_and_fails_the_check(tmp_path, monkeypatch, capsys):

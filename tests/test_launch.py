@@ -48,7 +48,7 @@ def test_a_missing_cuda_device_stops_the_launch_before_anything_starts(tmp_path)
     assert "CUDA device '99'" in out.stderr and "does not exist" in out.stderr
 
 
-STREAMING = ["trainer.batch_size=4", "mix.syn_share=0.5", "mix.syn_wait_s=0.05", "buffer.min_size_to_sample=1",
+STREAMING = ["trainer.batch_size=4", "mix.extra_share=0.5", "mix.extra_wait_s=0.05", "buffer.min_size_to_sample=1",
              "buffer.samples_per_insert=0", "buffer.max_times_sampled=1", "producer.batch_size=2", "producer.threads=1",
              "runtime.threads=1"]
 
@@ -138,7 +138,7 @@ def test_kill_9_of_the_producer_past_its_restart_cap_leaves_the_trainer_running_
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and launch.poll() is None:
             logs = _train_logs(run_dir, 0)
-            if logs and logs[-1]["train/syn_samples"] > 0:
+            if logs and logs[-1]["train/extra_samples"] > 0:
                 break
             time.sleep(0.2)
         before = _train_logs(run_dir, 0)[-1]
@@ -153,5 +153,5 @@ def test_kill_9_of_the_producer_past_its_restart_cap_leaves_the_trainer_running_
     assert len(re.findall(r"producer 0: pid \d+", text)) == 1 and not (run_dir / "metrics" / "launch.jsonl").exists()
     after = _train_logs(run_dir, 0)
     assert after[-1]["step"] == steps
-    assert after[-1]["train/steps_without_syn"] > before["train/steps_without_syn"]  # trained on the fallback
+    assert after[-1]["train/steps_without_extra"] > before["train/steps_without_extra"]  # trained on the fallback
     assert "zero-shot" in text

@@ -31,10 +31,10 @@ def _synthetic(i: int) -> SyntheticSample:
     return decode_message(encode_message(batch, "test", 0, i), WireLimits())[1][0]
 
 
-def _loader(clip_io, real_batch=4, syn_batch=0, buffer=None, data=None, syn_wait_s=MixConfig.syn_wait_s):
+def _loader(clip_io, real_batch=4, extra_batch=0, buffer=None, data=None, extra_wait_s=MixConfig.extra_wait_s):
     transform, tokenizer = clip_io
     data = data or RealDataConfig(kind="builtin", resolution=RES, length=64, seed=3)
-    return MixedLoader(data, transform, tokenizer, real_batch, syn_batch, buffer, mix=MixConfig(syn_wait_s=syn_wait_s),
+    return MixedLoader(data, transform, tokenizer, real_batch, extra_batch, buffer, mix=MixConfig(extra_wait_s=extra_wait_s),
                        runtime=RuntimeConfig(num_workers=1, prefetch=1))
 
 
@@ -47,31 +47,31 @@ def test_mixed_batches_keep_real_and_synthetic_parts_apart(clip_io):
     buffer = ReplayBuffer(BufferConfig(capacity=64, min_size_to_sample=1, samples_per_insert=0))
     for i in range(32):
         buffer.insert(_synthetic(i))
-    (batch,) = _take(_loader(clip_io, real_batch=4, syn_batch=3, buffer=buffer), 1)
+    (batch,) = _take(_loader(clip_io, real_batch=4, extra_batch=3, buffer=buffer), 1)
     assert batch.real_images.shape == (4, 3, RES, RES) and batch.real_texts.shape[0] == 4
-    assert batch.syn_images.shape == (3, 3, RES, RES) and batch.syn_texts.shape[0] == 3
-    assert batch.syn_is_synthetic.all() and batch.num_synthetic == 3
-    assert all(k.startswith("src") for k in batch.syn_keys)
+    assert batch.extra_images.shape == (3, 3, RES, RES) and batch.extra_texts.shape[0] == 3
+    assert batch.extra_genuine.all() and batch.num_genuine == 3
+    assert all(k.startswith("src") for k in batch.extra_keys)
     # alpha travels with its sample from the header
-    for key, alpha in zip(batch.syn_keys, batch.syn_alpha.tolist()):
+    for key, alpha in zip(batch.extra_keys, batch.extra_alpha.tolist()):
         assert alpha == pytest.approx(int(key[3:]) / 100)
-    assert not set(batch.real_keys) & set(batch.syn_keys)
+    assert not set(batch.real_keys) & set(batch.extra_keys)
 
 
 def test_starved_slot_falls_back_to_real_data_without_touching_the_real_stream(clip_io):
     reference = [b.real_keys for b in _take(_loader(clip_io, real_batch=4), 4)]
     buffer = ReplayBuffer(BufferConfig(capacity=8, min_size_to_sample=4, samples_per_insert=0))  # never reaches min size
-    batches = _take(_loader(clip_io, real_batch=4, syn_batch=4, buffer=buffer, syn_wait_s=0.01), 4)
+    batches = _take(_loader(clip_io, real_batch=4, extra_batch=4, buffer=buffer, extra_wait_s=0.01), 4)
     assert [b.real_keys for b in batches] == reference
     for b in batches:
-        assert b.syn_images.shape[0] == 4 and b.num_synthetic == 0
-        assert not b.syn_is_synthetic.any() and torch.isnan(b.syn_alpha).all()
+        assert b.extra_images.shape[0] == 4 and b.num_genuine == 0
+        assert not b.extra_genuine.any() and torch.isnan(b.extra_alpha).all()
     assert buffer.stats()["buffer/starved"] >= 16
 
 
 def test_slot_wait_is_bounded_per_batch_not_per_item(clip_io):
     buffer = ReplayBuffer(BufferConfig(capacity=8, min_size_to_sample=8, samples_per_insert=0))
-    loader = _loader(clip_io, real_batch=2, syn_batch=16, buffer=buffer, syn_wait_s=0.2)
+    loader = _loader(clip_io, real_batch=2, extra_batch=16, buffer=buffer, extra_wait_s=0.2)
     it = iter(loader)
     next(it)
     start = time.monotonic()
@@ -105,7 +105,7 @@ def test_resume_with_synthetic_slot_keeps_real_keys(clip_io):
     it = iter(first)
     head = [next(it).real_keys for _ in range(2)]
     empty = ReplayBuffer(BufferConfig(capacity=4, min_size_to_sample=1, samples_per_insert=0))
-    resumed = _loader(clip_io, 4, 2, empty, syn_wait_s=0.0)  # the buffer is empty now
+    resumed = _loader(clip_io, 4, 2, empty, extra_wait_s=0.0)  # the buffer is empty now
     resumed.load_state_dict(first.state_dict())
     assert head + [b.real_keys for b in _take(resumed, 4)] == full
 

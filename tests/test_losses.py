@@ -45,15 +45,15 @@ class _Towers(torch.nn.Module):
         return F.normalize(self.img(x), dim=-1), F.normalize(self.txt(t), dim=-1), self.logit_scale.exp()
 
 
-def _loss(model, batch, kind, rows_real, rows_syn, rank, world, use_syn, weighted=False):
-    loss_fn = EDSAMLoss(LossConfig(kind=kind, syn_weight=0.7), rank=rank, world_size=world)
+def _loss(model, batch, kind, rows_real, rows_syn, rank, world, use_extra, weighted=False):
+    loss_fn = EDSAMLoss(LossConfig(kind=kind, extra_weight=0.7), rank=rank, world_size=world)
     x = torch.cat([batch["real_x"][rows_real], batch["syn_x"][rows_syn]])
     t = torch.cat([batch["real_t"][rows_real], batch["syn_t"][rows_syn]])
     img, txt, scale = model(x, t)
     n = len(range(*rows_real.indices(len(batch["real_x"]))))
     inner = model.module if isinstance(model, DDP) else model
-    return loss_fn(img[:n], txt[:n], scale, img[n:], txt[n:], logit_bias=inner.logit_bias, use_syn=use_syn,
-                   syn_weights=batch["syn_w"][rows_syn] if weighted else None)
+    return loss_fn(img[:n], txt[:n], scale, img[n:], txt[n:], logit_bias=inner.logit_bias, use_extra=use_extra,
+                   extra_weights=batch["syn_w"][rows_syn] if weighted else None)
 
 
 CASES = [("clip", True, False), ("siglip", True, False), ("clip", False, False), ("clip", True, True)]
@@ -62,7 +62,7 @@ CASES = [("clip", True, False), ("siglip", True, False), ("clip", False, False),
 def _worker(rank, port, out_dir):
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-        for kind, use_syn, weighted in CASES:
+        for kind, use_extra, weighted in CASES:
             model = DDP(_Towers(kind == "siglip"))
             out = _loss(
                 model,
@@ -72,15 +72,15 @@ def _worker(rank, port, out_dir):
                 slice(rank * LOCAL_S, (rank + 1) * LOCAL_S),
                 rank,
                 WORLD,
-                use_syn,
+                use_extra,
                 weighted,
             )
             out["loss"].backward()
-            values = torch.stack([out["loss"], out["loss_real"], out["loss_syn"]]).detach()
+            values = torch.stack([out["loss"], out["loss_real"], out["loss_extra"]]).detach()
             dist.all_reduce(values)
             grads = {n: p.grad.clone() for n, p in model.module.named_parameters()}
             torch.save({"values": values / WORLD, "grads": grads},
-                       os.path.join(out_dir, f"{kind}{use_syn}{weighted}{rank}.pt"))
+                       os.path.join(out_dir, f"{kind}{use_extra}{weighted}{rank}.pt"))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:
@@ -91,17 +91,17 @@ def _worker(rank, port, out_dir):
 
 def test_distributed_loss_and_grad_equal_single_process(tmp_path):
     torch.multiprocessing.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD)
-    for kind, use_syn, weighted in CASES:
+    for kind, use_extra, weighted in CASES:
         model = _Towers(kind == "siglip")
-        out = _loss(model, _global_batch(), kind, slice(None), slice(None), 0, 1, use_syn, weighted)
+        out = _loss(model, _global_batch(), kind, slice(None), slice(None), 0, 1, use_extra, weighted)
         out["loss"].backward()
-        expected = torch.stack([out["loss"], out["loss_real"], out["loss_syn"]]).detach()
-        if use_syn:
+        expected = torch.stack([out["loss"], out["loss_real"], out["loss_extra"]]).detach()
+        if use_extra:
             assert expected[2] > 0
         else:
             assert expected[2] == 0 and expected[0] == expected[1]
         for rank in range(WORLD):
-            got = torch.load(tmp_path / f"{kind}{use_syn}{weighted}{rank}.pt")
+            got = torch.load(tmp_path / f"{kind}{use_extra}{weighted}{rank}.pt")
             torch.testing.assert_close(got["values"], expected, rtol=1e-5, atol=1e-6)
             for name, param in model.named_parameters():
                 torch.testing.assert_close(got["grads"][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -111,9 +111,9 @@ def test_eq11_adds_weighted_synthetic_term():
     torch.manual_seed(0)
     feats = [F.normalize(torch.randn(5, 8), dim=-1) for _ in range(4)]
     scale = torch.tensor(10.0)
-    out = EDSAMLoss(LossConfig(syn_weight=0.5))(feats[0], feats[1], scale, feats[2], feats[3])
-    assert out["loss_syn"] > 0
-    torch.testing.assert_close(out["loss"], out["loss_real"] + 0.5 * out["loss_syn"])
+    out = EDSAMLoss(LossConfig(extra_weight=0.5))(feats[0], feats[1], scale, feats[2], feats[3])
+    assert out["loss_extra"] > 0
+    torch.testing.assert_close(out["loss"], out["loss_real"] + 0.5 * out["loss_extra"])
 
 
 def test_weighted_synthetic_term_is_the_weighted_mean_of_row_losses():
@@ -121,17 +121,17 @@ def test_weighted_synthetic_term_is_the_weighted_mean_of_row_losses():
     img, txt = (F.normalize(torch.randn(4, 8), dim=-1) for _ in range(2))
     scale = torch.tensor(10.0)
     loss = EDSAMLoss(LossConfig())
-    plain = loss(img, txt, scale, img, txt)["loss_syn"]
-    torch.testing.assert_close(loss(img, txt, scale, img, txt, syn_weights=torch.full((4,), 0.3))["loss_syn"], plain)
+    plain = loss(img, txt, scale, img, txt)["loss_extra"]
+    torch.testing.assert_close(loss(img, txt, scale, img, txt, extra_weights=torch.full((4,), 0.3))["loss_extra"], plain)
     logits = scale * img @ txt.T
     rows = (F.cross_entropy(logits, torch.arange(4), reduction="none")
             + F.cross_entropy(logits.T, torch.arange(4), reduction="none")) / 2
     w = torch.tensor([1.0, 0.0, 0.5, 1.0])
-    torch.testing.assert_close(loss(img, txt, scale, img, txt, syn_weights=w)["loss_syn"], (w * rows).sum() / w.sum())
-    with pytest.raises(ValueError, match="syn_weights"):
-        loss(img, txt, scale, img, txt, syn_weights=torch.tensor([1.0, -1.0, 1.0, 1.0]))
+    torch.testing.assert_close(loss(img, txt, scale, img, txt, extra_weights=w)["loss_extra"], (w * rows).sum() / w.sum())
+    with pytest.raises(ValueError, match="extra_weights"):
+        loss(img, txt, scale, img, txt, extra_weights=torch.tensor([1.0, -1.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="clip"):
-        EDSAMLoss(LossConfig(kind="siglip"))(img, txt, scale, img, txt, logit_bias=torch.tensor(0.0), syn_weights=w)
+        EDSAMLoss(LossConfig(kind="siglip"))(img, txt, scale, img, txt, logit_bias=torch.tensor(0.0), extra_weights=w)
 
 
 def test_siglip_without_logit_bias_is_a_clear_error():

@@ -79,9 +79,9 @@ def test_real2x_draws_no_key_twice_within_a_step(clip_io):
     it = iter(loader)
     for _ in range(12):
         batch = next(it)
-        keys = batch.real_keys + batch.syn_keys
+        keys = batch.real_keys + batch.extra_keys
         assert len(keys) == len(set(keys)) == 16
-        assert batch.syn_is_synthetic.all()  # every extra row counts in the second term
+        assert batch.extra_genuine.all()  # every extra row counts in the second term
     assert loader.stats()["data/extra_duplicates_skipped"] > 0  # collisions happened and were skipped
 
 
@@ -132,7 +132,7 @@ def test_the_fallback_stream_starts_at_its_own_epoch():
 
 def _trainer(tmp_path, name: str, **groups) -> Trainer:
     tree = {"method": {"name": name}, "stream": {"endpoints": [f"tcp://127.0.0.1:{free_port()}"]},
-            "trainer": {"batch_size": 4, "steps": 6, "progress": False}, "mix": {"syn_share": 1.0, "syn_wait_s": 0.0},
+            "trainer": {"batch_size": 4, "steps": 6, "progress": False}, "mix": {"extra_share": 1.0, "extra_wait_s": 0.0},
             "runtime": {"device": "cpu", "num_workers": 1, "prefetch": 1}, "data": {"length": 64},
             "eval": {"domains": ["flat"], "samples_per_class": 2, "linear_probe": False},
             "logging": {"wandb": False, "log_every": 3}, "run_dir": str(tmp_path / name)}
@@ -145,17 +145,17 @@ def test_method_none_trains_the_real_term_alone_and_real2x_trains_both(tmp_path)
     from edsam_online.metrics import read_jsonl
 
     none = _trainer(tmp_path, "none")
-    assert none.syn_batch == 0 and none.buffer is None and none.receiver is None
+    assert none.extra_batch == 0 and none.buffer is None and none.receiver is None
     none.train()
     real2x = _trainer(tmp_path, "real2x")
-    assert real2x.syn_batch == 4 and real2x.buffer is None and real2x.receiver is None
+    assert real2x.extra_batch == 4 and real2x.buffer is None and real2x.receiver is None
     real2x.train()
     logs = {m: [r for r in read_jsonl(tmp_path / m / "metrics" / "trainer0.jsonl") if "train/loss" in r]
             for m in ("none", "real2x")}
-    assert logs["none"][-1]["train/syn_samples"] == 0 and logs["none"][-1]["train/steps_without_syn"] == 6
-    assert logs["real2x"][-1]["train/syn_samples"] == 24 and logs["real2x"][-1]["train/steps_without_syn"] == 0
-    assert all(r["train/loss_syn"] > 0 for r in logs["real2x"])
-    assert logs["real2x"][-1]["train/syn_sibling_pairs"] == 0  # disjoint keys
+    assert logs["none"][-1]["train/extra_samples"] == 0 and logs["none"][-1]["train/steps_without_extra"] == 6
+    assert logs["real2x"][-1]["train/extra_samples"] == 24 and logs["real2x"][-1]["train/steps_without_extra"] == 0
+    assert all(r["train/loss_extra"] > 0 for r in logs["real2x"])
+    assert logs["real2x"][-1]["train/extra_sibling_pairs"] == 0  # disjoint keys
 
 
 def test_a_step_counts_the_sibling_pairs_of_its_extra_batch(tmp_path):
@@ -182,7 +182,7 @@ def test_masking_masks_the_configured_fraction_of_every_image(ratio, block):
 
 def test_a_masking_trainer_trains_on_masked_copies_of_its_real_images(tmp_path):
     with _trainer(tmp_path, "masking", model={"name": "edsam-tiny"}, method={"mask_block": 2}) as trainer:
-        assert trainer.buffer is None and trainer.syn_batch == 4
+        assert trainer.buffer is None and trainer.extra_batch == 4
         assert trainer.augmentation.block == 4  # the tiny ViT's patch size, not mask_block
         texts = trainer.tokenizer(["a shape"] * 4)
         real = torch.rand(4, 3, 32, 32) + 0.5  # no pixel is 0 before masking
@@ -190,12 +190,12 @@ def test_a_masking_trainer_trains_on_masked_copies_of_its_real_images(tmp_path):
         batch = MixedBatch(real.clone(), texts, list("abcd"), empty, texts[:0], [], torch.zeros(0, dtype=torch.bool),
                            torch.zeros(0))
         out = trainer.train_step(batch)
-        assert out.used_syn and out.num_synthetic == 4 and out.loss_syn > 0
-        assert batch.syn_keys == list("abcd") and torch.equal(batch.real_images, real)  # the real term is untouched
-        masked = (batch.syn_images == 0).all(dim=1).float().mean().item()
+        assert out.used_extra and out.num_genuine == 4 and out.loss_extra > 0
+        assert batch.extra_keys == list("abcd") and torch.equal(batch.real_images, real)  # the real term is untouched
+        masked = (batch.extra_images == 0).all(dim=1).float().mean().item()
         assert masked == pytest.approx(0.5)
-        kept = batch.syn_images != 0
-        assert torch.equal(batch.syn_images[kept], real[kept])
+        kept = batch.extra_images != 0
+        assert torch.equal(batch.extra_images[kept], real[kept])
 
 
 def _real_batch(trainer: Trainer, n: int = 4) -> MixedBatch:
@@ -222,13 +222,13 @@ def test_ada_perturbs_the_real_images_so_that_the_clip_loss_rises(tmp_path):
         batch = _real_batch(trainer)
         real = batch.real_images.clone()
         trainer.augmentation(batch, trainer)
-        assert batch.syn_images.shape == real.shape and batch.syn_keys == batch.real_keys
-        assert (batch.syn_images - real).abs().max() <= 3 * 0.05 + 1e-6  # 3 signed steps of 0.05
-        assert _clip_loss(trainer, batch.syn_images, batch.syn_texts) > _clip_loss(trainer, real, batch.real_texts)
+        assert batch.extra_images.shape == real.shape and batch.extra_keys == batch.real_keys
+        assert (batch.extra_images - real).abs().max() <= 3 * 0.05 + 1e-6  # 3 signed steps of 0.05
+        assert _clip_loss(trainer, batch.extra_images, batch.extra_texts) > _clip_loss(trainer, real, batch.real_texts)
         assert all(p.grad is None for p in trainer.model.parameters())  # the ascent leaves no gradient behind
         assert trainer.model.training
         out = trainer.train_step(_real_batch(trainer))
-        assert out.used_syn and out.num_synthetic == 4
+        assert out.used_extra and out.num_genuine == 4
 
 
 def test_advstyle_moves_the_channel_statistics_and_keeps_the_content(tmp_path):
@@ -236,7 +236,7 @@ def test_advstyle_moves_the_channel_statistics_and_keeps_the_content(tmp_path):
         batch = _real_batch(trainer)
         real = batch.real_images.clone()
         trainer.augmentation(batch, trainer)
-        styled = batch.syn_images
+        styled = batch.extra_images
 
         def stats(x):
             return x.mean(dim=(2, 3)), x.std(dim=(2, 3))
@@ -245,7 +245,7 @@ def test_advstyle_moves_the_channel_statistics_and_keeps_the_content(tmp_path):
         assert (m1 - m0).abs().mean() > 0.1 and (s1 - s0).abs().mean() > 0.1  # 2 steps of 0.1: channels restyled
         assert torch.allclose((styled - m1[..., None, None]) / s1[..., None, None],
                               (real - m0[..., None, None]) / s0[..., None, None], atol=1e-3)
-        assert _clip_loss(trainer, styled, batch.syn_texts) > _clip_loss(trainer, real, batch.real_texts)
+        assert _clip_loss(trainer, styled, batch.extra_texts) > _clip_loss(trainer, real, batch.real_texts)
 
 
 def test_offline_shards_round_trip_from_a_producer_into_the_trainer(tmp_path, clip_io):
@@ -284,16 +284,16 @@ def test_offline_shards_round_trip_from_a_producer_into_the_trainer(tmp_path, cl
     loader = MixedLoader(RealDataConfig(length=64), transform, tokenizer, 4, 4, extra="shards", shards=str(shards),
                          runtime=RuntimeConfig(num_workers=1, prefetch=1))
     batch = next(iter(loader))
-    assert batch.syn_is_synthetic.all() and batch.syn_images.shape == (4, 3, 32, 32)
+    assert batch.extra_genuine.all() and batch.extra_images.shape == (4, 3, 32, 32)
     sources = {p["source_key"] for p in provenance}
-    assert set(batch.syn_keys) <= sources  # keyed by their source image, as online samples are
-    assert torch.isfinite(batch.syn_alpha).all()  # alpha and score read from the provenance
-    assert batch.syn_score.tolist() == [0.75] * 4
+    assert set(batch.extra_keys) <= sources  # keyed by their source image, as online samples are
+    assert torch.isfinite(batch.extra_alpha).all()  # alpha and score read from the provenance
+    assert batch.extra_score.tolist() == [0.75] * 4
 
     with _trainer(tmp_path, "edsam", method={"offline_shards": str(shards)}) as trainer:
-        assert trainer.buffer is None and trainer.receiver is None and trainer.syn_batch == 4
+        assert trainer.buffer is None and trainer.receiver is None and trainer.extra_batch == 4
         out = trainer.train_step(next(iter(trainer.loader)))
-        assert out.used_syn and out.num_synthetic == 4 and out.loss_syn > 0
+        assert out.used_extra and out.num_genuine == 4 and out.loss_extra > 0
 
 
 def test_offline_shards_need_a_generating_method():

@@ -72,7 +72,7 @@ def trained_run(tmp_path_factory):
     endpoint = _feed(stop)
     run_dir = tmp / "run"
     overrides = ["trainer.steps=8", "trainer.batch_size=4", "trainer.progress=false", "data.length=64",
-                 f"stream.endpoints=[{endpoint}]", "buffer.min_size_to_sample=4", "mix.syn_wait_s=2.0",
+                 f"stream.endpoints=[{endpoint}]", "buffer.min_size_to_sample=4", "mix.extra_wait_s=2.0",
                  "runtime.num_workers=1", "runtime.prefetch=1", "runtime.threads=1", "eval.domains=[flat]",
                  "eval.samples_per_class=2", "eval.linear_probe=false", "logging.log_every=4",
                  "logging.sample_every=4", "logging.sample_rows=3", f"run_dir={run_dir}"]
@@ -137,7 +137,7 @@ def test_the_docs_figure_draws_the_table_the_offline_run_holds(trained_run, tmp_
     with Image.open(tmp_path / "table.png") as png:
         assert png.width == 1000 and png.height > 3 * 62  # a header and three rows of 0.62 in at 100 dpi
     assert script.main([str(run_dir), "--out", str(tmp_path / "none.png"), "--step", "5"]) == 2
-    assert "no samples/syn table at step 5" in capsys.readouterr().err
+    assert "no samples/extra table at step 5" in capsys.readouterr().err
 
 
 def test_producer_and_trainer_runs_of_one_launch_share_a_group(tmp_path, monkeypatch):
@@ -179,7 +179,7 @@ def test_sample_rows_are_the_trained_images_un_normalised_with_their_provenance(
         ("cap a", "producer-1", 9, pytest.approx(0.9)), ("cap c", "producer-2", 2, None)]
     assert [r.alpha for r in rows] == [pytest.approx(0.1), pytest.approx(-0.2)]
     assert len(sample_rows(batch, limit=1, step=12, mean=mean, std=std)) == 1
-    batch.syn_captions = batch.syn_producers = batch.syn_inserted_steps = []  # a batch built without provenance
+    batch.extra_captions = batch.extra_producers = batch.extra_inserted_steps = []  # a batch built without provenance
     unknown = sample_rows(batch, 16, 12, mean, std)
     assert [(r.caption, r.producer, r.age_steps) for r in unknown] == [("", None, None)] * 2
 

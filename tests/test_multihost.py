@@ -32,13 +32,13 @@ def test_producers_on_one_address_trainer_on_another_and_an_unknown_key_delivers
     trainer = None
     try:
         trainer = _trainer(1, [f"run_dir={run_dir}", f"stream.endpoints=[{endpoints}]", "trainer.steps=100000",
-                               "trainer.batch_size=4", "mix.syn_share=0.5", "mix.syn_wait_s=0.5",
+                               "trainer.batch_size=4", "mix.extra_share=0.5", "mix.extra_wait_s=0.5",
                                "buffer.min_size_to_sample=2", "buffer.samples_per_insert=0", "stream.curve=true",
                                f"stream.curve_server_secret={keys}/receiver.key_secret",
                                f"stream.curve_allow_dir={keys}/allowed"],
                            tmp_path / "trainer.log")
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (_last(run_dir, "train/syn_samples")
+        while time.monotonic() < deadline and not (_last(run_dir, "train/extra_samples")
                                                    and _last(run_dir, "buffer/auth_failures")):
             assert trainer.poll() is None, (tmp_path / "trainer.log").read_text()[-4000:]
             time.sleep(0.2)
@@ -48,7 +48,7 @@ def test_producers_on_one_address_trainer_on_another_and_an_unknown_key_delivers
             _stop(p)
         if trainer is not None:
             _stop(trainer)
-    assert _last(run_dir, "train/syn_samples") > 0 and _last(run_dir, "buffer/accepted") > 0
+    assert _last(run_dir, "train/extra_samples") > 0 and _last(run_dir, "buffer/accepted") > 0
     assert _last(run_dir, "buffer/sessions") == 1  # producer-0 only
     assert _last(run_dir, "buffer/auth_failures") >= 1  # producer-1's handshakes, refused
     assert _last(run_dir, "buffer/dropped") == 0

@@ -24,7 +24,7 @@ def _trainer(tmp_path, augmentation=None, **groups) -> Trainer:
     tree = {
         "stream": {"endpoints": [f"tcp://127.0.0.1:{free_port()}"]},  # no producer
         "trainer": {"batch_size": 4, "steps": 10, "progress": False},
-        "mix": {"syn_share": 0.5, "syn_wait_s": 0.0},
+        "mix": {"extra_share": 0.5, "extra_wait_s": 0.0},
         "runtime": {"device": "cpu", "num_workers": 1, "prefetch": 1},
         "data": {"length": 64},
         "eval": {"domains": ["flat"], "samples_per_class": 2, "linear_probe": False},
@@ -48,8 +48,8 @@ def test_a_step_under_autocast_and_channels_last_is_finite_and_trains_both_terms
         assert (trainer.scaler is not None) == (precision == "fp16")
         before = [p.detach().clone() for p in trainer.model.parameters()]
         out = trainer.train_step(_batch(trainer))
-        assert torch.isfinite(out.loss) and out.loss_syn > 0 and out.used_syn
-        assert (out.num_real, out.num_synthetic, trainer.step) == (4, 1, 1)
+        assert torch.isfinite(out.loss) and out.loss_extra > 0 and out.used_extra
+        assert (out.num_real, out.num_genuine, trainer.step) == (4, 1, 1)
         after = list(trainer.model.parameters())
         assert all(torch.isfinite(p).all() for p in after)
         assert any(not torch.equal(a, b) for a, b in zip(after, before))
@@ -59,23 +59,23 @@ class _Flip(Augmentation):
     """A method that supplies the extra batch itself: horizontally flipped real images."""
 
     def __call__(self, batch: MixedBatch, trainer: Trainer) -> MixedBatch:
-        n = batch.syn_images.shape[0]
-        batch.syn_images = batch.real_images[:n].flip(-1)
-        batch.syn_texts = batch.real_texts[:n]
-        batch.syn_is_synthetic = torch.ones(n, dtype=torch.bool)
+        n = batch.extra_images.shape[0]
+        batch.extra_images = batch.real_images[:n].flip(-1)
+        batch.extra_texts = batch.real_texts[:n]
+        batch.extra_genuine = torch.ones(n, dtype=torch.bool)
         return batch
 
 
 def test_an_augmentation_supplies_the_extra_batch_of_a_step(tmp_path):
     with _trainer(tmp_path, augmentation=_Flip()) as trainer:
         batch = _batch(trainer)
-        batch.syn_is_synthetic[:] = False  # as the loader makes it when the buffer is dry
-        assert trainer.train_step(batch).num_synthetic == 2
+        batch.extra_genuine[:] = False  # as the loader makes it when the buffer is dry
+        assert trainer.train_step(batch).num_genuine == 2
     with _trainer(tmp_path) as trainer:
         batch = _batch(trainer)
-        batch.syn_is_synthetic[:] = False
+        batch.extra_genuine[:] = False
         out = trainer.train_step(batch)
-        assert (out.num_synthetic, out.used_syn, float(out.loss_syn)) == (0, False, 0.0)  # the real term alone
+        assert (out.num_genuine, out.used_extra, float(out.loss_extra)) == (0, False, 0.0)  # the real term alone
 
 
 def test_teardown_runs_when_training_fails(tmp_path):
@@ -94,8 +94,8 @@ def test_teardown_runs_when_training_fails(tmp_path):
 
 
 def test_a_real_only_trainer_has_no_stream(tmp_path):
-    with _trainer(tmp_path, mix={"syn_share": 0.0}) as trainer:
-        assert trainer.buffer is None and trainer.receiver is None and trainer.syn_batch == 0
+    with _trainer(tmp_path, mix={"extra_share": 0.0}) as trainer:
+        assert trainer.buffer is None and trainer.receiver is None and trainer.extra_batch == 0
         metrics = trainer.train()
     assert metrics["eval/zeroshot_top1/flat"] >= 0 and trainer.step == 10
 
@@ -103,22 +103,22 @@ def test_a_real_only_trainer_has_no_stream(tmp_path):
 def test_synthetic_rows_weigh_by_their_score_and_the_scores_are_logged(tmp_path):
     from edsam_online.trainer import _Window
 
-    with _trainer(tmp_path, loss={"syn_weighting": "score"}) as trainer:
+    with _trainer(tmp_path, loss={"extra_weighting": "score"}) as trainer:
         batch = _batch(trainer)
-        batch.syn_is_synthetic[:] = True
+        batch.extra_genuine[:] = True
         with torch.no_grad():
-            def loss_syn(score):
-                batch.syn_score = score
-                return trainer.forward_loss(batch, True)[0]["loss_syn"]
+            def loss_extra(score):
+                batch.extra_score = score
+                return trainer.forward_loss(batch, True)[0]["loss_extra"]
 
-            plain = loss_syn(None)  # no scores: every row weighs 1
-            torch.testing.assert_close(loss_syn(torch.tensor([0.5, 0.5])), plain)  # equal weights: the plain mean
-            assert not torch.allclose(loss_syn(torch.tensor([0.0, float("nan")])), plain)  # row e drops out
+            plain = loss_extra(None)  # no scores: every row weighs 1
+            torch.testing.assert_close(loss_extra(torch.tensor([0.5, 0.5])), plain)  # equal weights: the plain mean
+            assert not torch.allclose(loss_extra(torch.tensor([0.0, float("nan")])), plain)  # row e drops out
         out = trainer.train_step(batch)
-    assert (out.syn_scores, out.syn_unscored) == ([0.0], 1)
+    assert (out.extra_scores, out.extra_unscored) == ([0.0], 1)
     window = _Window()
     window.add(out, 6, 1.0, 0.0)
     assert window.score_metrics() == {"buffer/score_missing_share": 0.5, "buffer/score_mean": 0.0,
                                       "buffer/score_p10": 0.0, "buffer/score_p50": 0.0, "buffer/score_p90": 0.0}
-    with pytest.raises(ValueError, match="^loss.syn_weighting: score needs kind=clip"):
-        load_config({"loss": {"syn_weighting": "score", "kind": "siglip"}})
+    with pytest.raises(ValueError, match="^loss.extra_weighting: score needs kind=clip"):
+        load_config({"loss": {"extra_weighting": "score", "kind": "siglip"}})

@@ -98,11 +98,11 @@ def _uninterrupted_keys(args: list[str], steps: int, world: int) -> list[dict[in
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = load_config(compose("config", overrides=[*COMMON, *args]))
     _, transform, _, tokenizer = create_clip(cfg.model)
-    real, syn = cfg.mix.real_batch_size(cfg.trainer.batch_size), cfg.mix.syn_batch_size(cfg.trainer.batch_size)
+    real, syn = cfg.mix.real_batch_size(cfg.trainer.batch_size), cfg.mix.extra_batch_size(cfg.trainer.batch_size)
     out = []
     for rank in range(world):
         loader = MixedLoader(cfg.data, transform, tokenizer, real, syn, ReplayBuffer(cfg.buffer),
-                             mix=MixConfig(syn_wait_s=0.0), runtime=RuntimeConfig(num_workers=1, prefetch=1),
+                             mix=MixConfig(extra_wait_s=0.0), runtime=RuntimeConfig(num_workers=1, prefetch=1),
                              rank=rank, world_size=world)
         it = iter(loader)
         out.append({step: next(it).real_keys for step in range(1, steps + 1)})
@@ -116,7 +116,7 @@ def test_two_ranks_learn_from_real_and_streamed_synthetic_data(tmp_path):
     trainer = None
     try:
         trainer = _trainer(2, [f"run_dir={run_dir}", f"stream.endpoints=[{endpoint}]", "trainer.steps=30",
-                               "trainer.batch_size=8", "mix.syn_share=0.5", "mix.syn_wait_s=0.5",
+                               "trainer.batch_size=8", "mix.extra_share=0.5", "mix.extra_wait_s=0.5",
                                "buffer.min_size_to_sample=2", "buffer.samples_per_insert=0"],
                            tmp_path / "trainer.log")
         _wait(trainer, 240, tmp_path / "trainer.log")
@@ -133,15 +133,15 @@ def test_two_ranks_learn_from_real_and_streamed_synthetic_data(tmp_path):
     first, last = logs[0]["train/loss_real"], sum(r["train/loss_real"] for r in logs[-3:]) / 3
     chance = math.log(2 * 8)  # InfoNCE of a model that cannot tell the 16 gathered pairs apart
     assert last < first - 0.3 and last < chance - 0.3, [r["train/loss_real"] for r in logs]
-    assert logs[-1]["train/syn_samples"] > 0
-    assert any(r["train/syn_share_actual"] > 0 for r in logs)
+    assert logs[-1]["train/extra_samples"] > 0
+    assert any(r["train/extra_share_actual"] > 0 for r in logs)
     assert "zero-shot" in (tmp_path / "trainer.log").read_text()
 
 
 def test_resume_continues_the_real_data_stream_exactly(tmp_path):
     dead = f"tcp://127.0.0.1:{free_port()}"  # no producer: the synthetic slot falls back to real data
-    args = [f"stream.endpoints=[{dead}]", "trainer.steps=8", "trainer.batch_size=4", "mix.syn_share=0.5",
-            "mix.syn_wait_s=0", "trainer.record_keys=true", "eval.every_steps=0", f"run_dir={tmp_path / 'run'}"]
+    args = [f"stream.endpoints=[{dead}]", "trainer.steps=8", "trainer.batch_size=4", "mix.extra_share=0.5",
+            "mix.extra_wait_s=0", "trainer.record_keys=true", "eval.every_steps=0", f"run_dir={tmp_path / 'run'}"]
     _wait(_trainer(2, [*args, "trainer.stop_at=4"], tmp_path / "a.log"), 180, tmp_path / "a.log")
     assert sorted(_keys(tmp_path / "run", 0)) == [1, 2, 3, 4]
     _wait(_trainer(2, [*args, "checkpoint.resume=latest"], tmp_path / "b.log"), 180, tmp_path / "b.log")
@@ -149,7 +149,7 @@ def test_resume_continues_the_real_data_stream_exactly(tmp_path):
     for rank, keys in enumerate(_uninterrupted_keys(args, 8, 2)):
         assert _keys(tmp_path / "run", rank) == keys
     assert not set(sum(_keys(tmp_path / "run", 0).values(), [])) & set(sum(_keys(tmp_path / "run", 1).values(), []))
-    assert _train_logs(tmp_path / "run", 0)[-1]["train/steps_without_syn"] == 8  # counted across the resume
+    assert _train_logs(tmp_path / "run", 0)[-1]["train/steps_without_extra"] == 8  # counted across the resume
 
 
 def test_sigterm_leaves_a_checkpoint_at_the_current_step_and_resume_matches_an_uninterrupted_run(tmp_path):
@@ -161,8 +161,8 @@ def test_sigterm_leaves_a_checkpoint_at_the_current_step_and_resume_matches_an_u
     dead = f"tcp://127.0.0.1:{free_port()}"
     run_dir = tmp_path / "run"
     steps = 60
-    args = [f"stream.endpoints=[{dead}]", f"trainer.steps={steps}", "trainer.batch_size=4", "mix.syn_share=0.5",
-            "mix.syn_wait_s=0", "trainer.record_keys=true", "eval.every_steps=0", f"run_dir={run_dir}"]
+    args = [f"stream.endpoints=[{dead}]", f"trainer.steps={steps}", "trainer.batch_size=4", "mix.extra_share=0.5",
+            "mix.extra_wait_s=0", "trainer.record_keys=true", "eval.every_steps=0", f"run_dir={run_dir}"]
     log = tmp_path / "a.log"
     proc = _trainer(2, args, log)
     try:
@@ -211,18 +211,18 @@ def test_training_survives_a_producer_crash_and_uses_a_restarted_one(tmp_path):
 
     try:
         procs["trainer"] = _trainer(1, [f"run_dir={run_dir}", f"stream.endpoints=[{endpoint}]",
-                                        "trainer.steps=100000", "trainer.batch_size=4", "mix.syn_share=0.5",
-                                        "mix.syn_wait_s=0.05", "logging.log_every=1",
+                                        "trainer.steps=100000", "trainer.batch_size=4", "mix.extra_share=0.5",
+                                        "mix.extra_wait_s=0.05", "logging.log_every=1",
                                         "buffer.min_size_to_sample=1", "buffer.max_times_sampled=1",
                                         "buffer.samples_per_insert=0"], log)
-        before = wait_until(lambda r: r["train/syn_samples"] > 0, "synthetic samples")
+        before = wait_until(lambda r: r["train/extra_samples"] > 0, "synthetic samples")
         os.killpg(os.getpgid(procs["p1"].pid), signal.SIGKILL)
         procs["p1"].wait(10)
-        down = wait_until(lambda r: r["train/steps_without_syn"] > before["train/steps_without_syn"] + 3,
+        down = wait_until(lambda r: r["train/steps_without_extra"] > before["train/steps_without_extra"] + 3,
                           "real-data fallback steps after the crash")
-        assert down["train/syn_fallback_samples"] > before["train/syn_fallback_samples"]
+        assert down["train/extra_fallback_samples"] > before["train/extra_fallback_samples"]
         procs["p2"] = _producer(endpoint, run_dir, tmp_path / "p2.log")
-        wait_until(lambda r: r["train/syn_samples"] > down["train/syn_samples"], "synthetic samples again")
+        wait_until(lambda r: r["train/extra_samples"] > down["train/extra_samples"], "synthetic samples again")
         assert all(math.isfinite(r["train/loss"]) for r in _train_logs(run_dir, 0))
     finally:
         for proc in procs.values():
