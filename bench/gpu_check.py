@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,14 +95,14 @@ def step_sampler(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     base = load_sampler_ldm(cfg)
     build_s = time.perf_counter() - t0
-    samples = [render_sample(i, "flat", cfg.resolution) for i in range(batch)]
+    samples = [render_sample(i, "flat", cfg.resolution, 0) for i in range(batch)]
     images = np.stack([s.image for s in samples])
     captions, keys = [s.caption for s in samples], [s.key for s in samples]
     rows = []
     for name, dtype, channels_last, compile_ in SAMPLER_VARIANTS:
         ldm = LatentDiffusion(base.vae, base.unet, base.text_encoder, base.tokenizer, base.scheduler.config,
-                              model_id=base.model_id, layout=base.layout, device=cfg.device, dtype=dtype,
-                              channels_last=channels_last, compile=compile_)
+                              model_id=base.model_id, layout=base.layout,
+                              cfg=replace(cfg, dtype=dtype, channels_last=channels_last, compile=compile_))
         sampler = EDSAMSampler(ldm, cfg)
         t0 = time.perf_counter()
         for i in range(warmup):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from edsam_online.diffusion.config import SamplerConfig
 from edsam_online.diffusion.pipeline import LatentDiffusion
 from edsam_online.diffusion.tiny import tiny_components
 
@@ -32,10 +33,10 @@ class AnalyticUNet(torch.nn.Module):
 
 
 def _ldm(scheduler_config):
-    c = tiny_components()
+    c = tiny_components(32, 0)
     sched = DDIMScheduler.from_config(scheduler_config)
     return LatentDiffusion(c["vae"], AnalyticUNet(sched.alphas_cumprod), c["text_encoder"], c["tokenizer"],
-                           sched.config)
+                           sched.config, cfg=SamplerConfig(timestep_spacing=None))
 
 
 CONFIGS = {

@@ -94,7 +94,7 @@ def test_clip_scorer_loads_a_checkpoint_file_and_scores_cosines_in_unit_range(tm
     model = create_clip(ClipModelConfig("edsam-tiny-rn"))[0].eval()
     torch.save(model.state_dict(), tmp_path / "clip.pt")
     scorer = ClipScorer("edsam-tiny-rn", str(tmp_path / "clip.pt"), batch_size=2)
-    samples = [render_sample(i, SOURCE_DOMAIN, 32, seed=5) for i in range(3)]
+    samples = [render_sample(i, SOURCE_DOMAIN, 32, 5) for i in range(3)]
     images, captions = np.stack([s.image for s in samples]), [s.caption for s in samples]
     scores = scorer(images, captions)
     assert scores.shape == (3,) and scores.dtype == np.float32 and ((scores >= 0) & (scores <= 1)).all()

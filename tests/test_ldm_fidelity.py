@@ -12,7 +12,7 @@ from edsam_online.diffusion.train_ldm import TrainLDMConfig, train_ldm
 def test_train_ldm_saves_sd_layout_loadable_as_retrained(tmp_path, monkeypatch):
     monkeypatch.setenv("EDSAM_CACHE", str(tmp_path))
     monkeypatch.setattr(registry, "SHIPPED_DIR", tmp_path / "nothing-shipped")
-    out = train_ldm(TrainLDMConfig(out_dir=str(retrained_model_dir(str(tmp_path))), num_train=64,
+    out = train_ldm(TrainLDMConfig(out_dir=str(retrained_model_dir(str(tmp_path), 32)), num_train=64,
                                    vae_steps=2, unet_steps=2, batch_size=8, num_threads=1))
     for sub in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
         assert (out / sub).is_dir()
@@ -104,7 +104,7 @@ def test_the_main_jobs_generator_leaves_the_source_style_and_keeps_what_its_capt
 
     torch.set_num_threads(2)
     cfg = SamplerConfig(model="retrained", batch_size=64)  # the batch of the documented measurements
-    scorer, accuracy = load_attribute_scorer(default_cache_dir())
+    scorer, accuracy = load_attribute_scorer(default_cache_dir(), 32)
     assert min(accuracy.values()) >= 0.95, accuracy
     res = measure_fidelity(load_sampler_ldm(cfg), scorer, cfg, rhos=(cfg.rho,), n=500)
     at_preset = res[f"rho={cfg.rho:g}"]

@@ -24,7 +24,7 @@ def _generate(ldm, seed=3):
 
 @pytest.mark.parametrize("layout, vae_dir, text_dir", [("sd", "vae", "text_encoder"), ("compvis", "vqvae", "bert")])
 def test_save_pretrained_round_trip_is_bit_identical(tmp_path, layout, vae_dir, text_dir):
-    ldm = build_tiny_ldm(layout=layout, seed=1)
+    ldm = build_tiny_ldm(SamplerConfig(seed=1), layout=layout)
     before = _generate(ldm)
     ldm.save_pretrained(tmp_path)
     for sub in (vae_dir, text_dir, "unet", "tokenizer", "scheduler"):
@@ -85,7 +85,7 @@ def test_offline_bert_tokenizer_covers_any_word():
 
 
 def test_encode_decode_shapes_and_autocast_bf16_channels_last():
-    ldm = build_tiny_ldm(dtype="bf16", channels_last=True)
+    ldm = build_tiny_ldm(SamplerConfig(dtype="bf16", channels_last=True))
     z = ldm.encode(_images())
     assert z.shape == (2, 4, 16, 16) and z.dtype == torch.float32
     out = ldm.decode(z)

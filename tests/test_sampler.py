@@ -98,7 +98,7 @@ def _generate_embedding_every_chunk(sampler, images, captions, m, seed):
 
 @pytest.fixture(scope="module")
 def models(ldm):
-    return {"tiny-sd": ldm, "tiny-compvis": build_tiny_ldm(layout="compvis"), "retrained": load_ldm(ensure_retrained(None))}
+    return {"tiny-sd": ldm, "tiny-compvis": build_tiny_ldm(layout="compvis"), "retrained": load_ldm(ensure_retrained(None, 32))}
 
 
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-compvis", "retrained"])
@@ -130,7 +130,7 @@ def test_each_distinct_caption_goes_through_the_text_encoder_once(ldm, monkeypat
 
 
 def test_deepcache_runs_the_deep_blocks_on_every_interval_th_sampling_step_only():
-    cached = build_tiny_ldm(deepcache_interval=2)
+    cached = build_tiny_ldm(SamplerConfig(deepcache_interval=2))
     plain = build_tiny_ldm()
     computed = []
     cached.unet.mid_block.resnets[0].register_forward_hook(lambda *a: computed.append(1))
@@ -149,7 +149,7 @@ def test_deepcache_runs_the_deep_blocks_on_every_interval_th_sampling_step_only(
 
 def test_deepcache_does_not_combine_with_compile():
     with pytest.raises(ValueError, match="deepcache_interval"):
-        build_tiny_ldm(deepcache_interval=2, compile=True)
+        SamplerConfig(deepcache_interval=2, compile=True)
 
 
 def test_rows_slice_the_samples_with_only_the_sources_they_use(ldm):
@@ -233,7 +233,7 @@ def test_build_sampler_tiny_random():
 def test_retrained_cache_is_edsam_cache_unless_cache_dir_is_set(monkeypatch, tmp_path):
     monkeypatch.setenv("EDSAM_CACHE", str(tmp_path / "env"))
     assert SamplerConfig().cache_dir is None
-    assert retrained_model_dir(None) == tmp_path / "env" / retrained_model_id(32)
+    assert retrained_model_dir(None, 32) == tmp_path / "env" / retrained_model_id(32)
     assert retrained_model_dir(str(tmp_path / "own"), 64) == tmp_path / "own" / retrained_model_id(64)
     assert retrained_model_id(32).startswith("retrained-ldm-32px-") and retrained_model_id(64) != retrained_model_id(32)
 

@@ -96,13 +96,13 @@ def test_content_does_not_depend_on_resolution():
 
 def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="domain"):
-        render_sample(0, "watercolor")
+        render_sample(0, "watercolor", 32, 0)
     with pytest.raises(ValueError, match="resolution"):
-        render_sample(0, "flat", resolution=4)
+        render_sample(0, "flat", 4, 0)
     with pytest.raises(ValueError, match="index"):
-        render_sample(-1)
+        render_sample(-1, "flat", 32, 0)
     with pytest.raises(ValueError, match="seed"):
-        render_sample(0, seed=-2)
+        render_sample(0, "flat", 32, -2)
 
 
 def test_rendering_is_fast():

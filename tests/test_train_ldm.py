@@ -41,9 +41,11 @@ def test_the_command_line_sets_every_recipe_setting_and_records_its_version(tmp_
                               num_threads=1, caption_dropout=0.2, timestep_spacing="trailing")
     assert recorded["caption_dropout"] == 0.2 and recorded["version"] == recipe_version(expected)
     # the spacing travels in the saved scheduler config, which sampling and inversion both read
+    # when the sampler names none
+    from edsam_online.diffusion.config import SamplerConfig
     from edsam_online.diffusion.pipeline import load_ldm
 
-    ldm = load_ldm(tmp_path / "m")
+    ldm = load_ldm(tmp_path / "m", cfg=SamplerConfig(timestep_spacing=None))
     ldm.scheduler.set_timesteps(5)
     ldm.inverse_scheduler.set_timesteps(5)
     assert ldm.scheduler.timesteps.tolist() == [999, 799, 599, 399, 199]

@@ -167,7 +167,7 @@ def world_style(index: int, seed: int) -> str:
     return WORLD_STYLES[_block_styles(seed, index // len(WORLD_STYLES))[index % len(WORLD_STYLES)]]
 
 
-def render_sample(index: int, domain: str = SOURCE_DOMAIN, resolution: int = 32, seed: int = 0) -> RealSample:
+def render_sample(index: int, domain: str, resolution: int, seed: int) -> RealSample:
     """Render built-in sample `index` of `domain` (an evaluation domain, a world style, or
     ``"world"``: the style :func:`world_style` picks, captioned without a style with
     probability ``STYLE_FREE_SHARE``); the same arguments give the same pixels and caption."""

@@ -27,6 +27,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 import edsam_online.diffusion.config as names
+from edsam_online.diffusion.config import SamplerConfig
 from edsam_online.diffusion.pipeline import _TEXT_CLASSES, _VAE_CLASSES, LAYOUTS, LatentDiffusion, detect_layout
 
 
@@ -78,9 +79,9 @@ def parameter_counts(comps: dict) -> dict[str, int]:
     return {k: sum(p.numel() for p in comps[k].parameters()) for k in ("unet", "vae", "text_encoder")}
 
 
-def build_random_ldm(hub_id: str, seed: int = 0, **kwargs) -> LatentDiffusion:
-    """``hub_id``'s architecture with random weights as a LatentDiffusion; kwargs go to it."""
-    comps, layout = random_components(hub_id, seed=seed)
-    kwargs.setdefault("model_id", f"{names.RANDOM_PREFIX}{hub_id}-seed{seed}")
+def build_random_ldm(hub_id: str, cfg: SamplerConfig) -> LatentDiffusion:
+    """``hub_id``'s architecture with random weights drawn from ``cfg.seed``, run as ``cfg`` says."""
+    comps, layout = random_components(hub_id, seed=cfg.seed)
     return LatentDiffusion(comps["vae"], comps["unet"], comps["text_encoder"], comps["tokenizer"],
-                           comps["scheduler"].config, layout=layout, **kwargs)
+                           comps["scheduler"].config, model_id=f"{names.RANDOM_PREFIX}{hub_id}-seed{cfg.seed}",
+                           layout=layout, cfg=cfg)

@@ -122,7 +122,7 @@ class WorldMeasurer(nn.Module):
         return {head: float((predicted[head] == labels[head]).mean()) for head in HEADS}
 
 
-def train_measurer(resolution: int = 32, recipe: dict = MEASURER_RECIPE) -> tuple[WorldMeasurer, dict[str, float]]:
+def train_measurer(resolution: int, recipe: dict = MEASURER_RECIPE) -> tuple[WorldMeasurer, dict[str, float]]:
     """Train the measurer on world renders; returns it and each head's accuracy on 1400
     held-out world renders (200 per style).
 
@@ -157,7 +157,7 @@ def train_measurer(resolution: int = 32, recipe: dict = MEASURER_RECIPE) -> tupl
     return model, model.accuracy(held_images, held_labels)
 
 
-def load_or_train_measurer(cache_dir: str, resolution: int = 32) -> tuple[WorldMeasurer, dict[str, float]]:
+def load_or_train_measurer(cache_dir: str, resolution: int) -> tuple[WorldMeasurer, dict[str, float]]:
     """The measurer of :data:`MEASURER_RECIPE`, cached under ``cache_dir`` (a file named by the
     recipe's hash, loaded with ``weights_only=True``), and its held-out accuracy per head."""
     version = hashlib.sha256(json.dumps(MEASURER_RECIPE, sort_keys=True).encode()).hexdigest()[:8]
@@ -203,7 +203,7 @@ class AttributeScorer:
         return np.mean([agree[a] for a in ATTRIBUTES], axis=0).astype(np.float32)
 
 
-def load_attribute_scorer(cache_dir: str, resolution: int = 32) -> tuple[AttributeScorer, dict[str, float]]:
+def load_attribute_scorer(cache_dir: str, resolution: int) -> tuple[AttributeScorer, dict[str, float]]:
     """The scorer of the cached (or newly trained) measurer, and each head's accuracy on
     held-out world renders."""
     measurer, accuracy = load_or_train_measurer(cache_dir, resolution)

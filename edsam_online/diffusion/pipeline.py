@@ -40,6 +40,7 @@ from diffusers import (
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+from edsam_online.diffusion.config import SamplerConfig
 from edsam_online.runtime import PRECISION_DTYPES as DTYPES
 
 # folder layout name -> (vae subfolder, text encoder subfolder)
@@ -79,9 +80,12 @@ def ddim_sample(noise_fn: NoiseFn, scheduler: DDIMScheduler, z_t: torch.Tensor, 
 class LatentDiffusion:
     """A text-conditional latent diffusion model: encode, embed, invert, sample, decode.
 
-    ``dtype`` is the autocast dtype for the networks ("fp32" = no autocast); latents and the
-    scheduler arithmetic stay float32. ``unet_calls`` counts rows through the UNet (a
-    guided step on a batch of n latents counts 2n), the unit of the paper's cost figures.
+    ``cfg`` (a :class:`~edsam_online.diffusion.config.SamplerConfig`; None: its defaults)
+    gives how it runs: ``device``; ``dtype``, the autocast dtype for the networks ("fp32" =
+    no autocast; latents and the scheduler arithmetic stay float32); ``channels_last``;
+    ``compile``; ``timestep_spacing`` (None: the model's own); and DeepCache. ``unet_calls``
+    counts rows through the UNet (a guided step on a batch of n latents counts 2n), the unit
+    of the paper's cost figures.
 
     ``deepcache_interval`` > 1 turns on DeepCache (Ma et al., CVPR 2024; the ``DeepCache``
     package, extra ``edsam-online[deepcache]``) for *sampling* only: of every
@@ -94,37 +98,31 @@ class LatentDiffusion:
     """
 
     def __init__(self, vae, unet, text_encoder, tokenizer, scheduler_config, *, model_id: str = "",
-                 layout: str = "sd", device: str = "cpu", dtype: str = "fp32",
-                 channels_last: bool = False, compile: bool = False,
-                 deepcache_interval: int = 1, deepcache_branch: int = 0, timestep_spacing: str | None = None):
+                 layout: str = "sd", cfg: SamplerConfig | None = None):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if deepcache_interval > 1:
-            if compile:
-                raise ValueError("deepcache_interval > 1 does not combine with compile (DeepCache patches "
-                                 "the UNet's forward methods, which a compiled UNet has traced already)")
+        cfg = cfg or SamplerConfig()
+        if cfg.deepcache_interval > 1:  # SamplerConfig refuses it with compile
             try:
                 import DeepCache  # noqa: F401
             except ImportError as err:
                 raise ImportError("deepcache_interval > 1 needs the DeepCache package: "
                                   "pip install 'edsam-online[deepcache]'") from err
-        self.device = torch.device(device)
-        self.autocast_dtype = DTYPES[dtype]
+        self.device = torch.device(cfg.device)
+        self.autocast_dtype = DTYPES[cfg.dtype]
         self.model_id, self.layout = model_id, layout
         self.vae = vae.to(self.device).eval().requires_grad_(False)
         self.unet = unet.to(self.device).eval().requires_grad_(False)
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.channels_last = channels_last
-        if channels_last:
+        self.channels_last = cfg.channels_last
+        if cfg.channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
-        self._unet_fn = torch.compile(self.unet) if compile else self.unet
+        self._unet_fn = torch.compile(self.unet) if cfg.compile else self.unet
         # timestep_spacing None keeps the model's own (its scheduler config); both schedulers
         # share it, so the inversion still walks the levels the sampler walks back.
-        spacing = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
+        spacing = {} if cfg.timestep_spacing is None else {"timestep_spacing": cfg.timestep_spacing}
         self.scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False, **spacing)
         self.inverse_scheduler = DDIMInverseScheduler.from_config(self.scheduler.config, clip_sample=False)
         self.scaling_factor = float(self.vae.config.scaling_factor)
@@ -132,7 +130,7 @@ class LatentDiffusion:
         self.max_length = min(int(tokenizer.model_max_length), int(text_encoder.config.max_position_embeddings))
         self.unet_calls = 0
         self._uncond: torch.Tensor | None = None
-        self.deepcache_interval, self.deepcache_branch = int(deepcache_interval), int(deepcache_branch)
+        self.deepcache_interval, self.deepcache_branch = int(cfg.deepcache_interval), int(cfg.deepcache_branch)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -326,19 +324,20 @@ def load_components(path_or_id: str, cache_dir: str | None = None) -> tuple[dict
 
 
 def load_ldm(path_or_id: str | os.PathLike, *, cache_dir: str | None = None, model_id: str | None = None,
-             **kwargs) -> LatentDiffusion:
+             cfg: SamplerConfig | None = None) -> LatentDiffusion:
     """Load a text-to-image LDM from a folder or hub id, auto-detecting the SD or CompVis layout;
-    kwargs (device, dtype, ...) go to LatentDiffusion."""
+    ``cfg`` says how it runs (see :class:`LatentDiffusion`)."""
     comps, layout = load_components(str(path_or_id), cache_dir=cache_dir)
     return LatentDiffusion(comps["vae"], comps["unet"], comps["text_encoder"], comps["tokenizer"],
-                           comps["scheduler"].config, model_id=model_id or str(path_or_id), layout=layout, **kwargs)
+                           comps["scheduler"].config, model_id=model_id or str(path_or_id), layout=layout, cfg=cfg)
 
 
-def build_tiny_ldm(resolution: int = 32, seed: int = 0, layout: str = "sd", **kwargs) -> LatentDiffusion:
-    """A random-weight tiny LDM in memory (tests, smoke runs); kwargs go to LatentDiffusion."""
+def build_tiny_ldm(cfg: SamplerConfig | None = None, layout: str = "sd") -> LatentDiffusion:
+    """A random-weight tiny LDM in memory (tests, smoke runs) at ``cfg.resolution``, its weights
+    drawn from ``cfg.seed``; ``cfg`` also says how it runs (see :class:`LatentDiffusion`)."""
     from edsam_online.diffusion.tiny import tiny_components
 
-    c = tiny_components(resolution=resolution, seed=seed, layout=layout)
-    kwargs.setdefault("model_id", f"tiny-random-{layout}-{resolution}-seed{seed}")
+    cfg = cfg or SamplerConfig()
+    c = tiny_components(cfg.resolution, cfg.seed, layout)
     return LatentDiffusion(c["vae"], c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"].config,
-                           layout=layout, **kwargs)
+                           model_id=f"tiny-random-{layout}-{cfg.resolution}-seed{cfg.seed}", layout=layout, cfg=cfg)

@@ -37,7 +37,7 @@ def default_cache_dir() -> str:
     return os.environ.get("EDSAM_CACHE") or str(Path("~/.cache/edsam-online").expanduser())
 
 
-def retrained_model_id(resolution: int = 32) -> str:
+def retrained_model_id(resolution: int) -> str:
     """``retrained-ldm-<res>px-<recipe version>``: the retrained LDM's id and cache folder name."""
     # Imported here: the package would otherwise load train_ldm before
     # ``python -m edsam_online.diffusion.train_ldm`` runs it as __main__ (runpy warns).
@@ -46,12 +46,12 @@ def retrained_model_id(resolution: int = 32) -> str:
     return f"retrained-ldm-{resolution}px-{recipe_version(TrainLDMConfig(out_dir='-', resolution=resolution))}"
 
 
-def retrained_model_dir(cache_dir: str | None, resolution: int = 32) -> Path:
+def retrained_model_dir(cache_dir: str | None, resolution: int) -> Path:
     """The folder ``model="retrained"`` loads (``cache_dir=None``: :func:`default_cache_dir`)."""
     return Path(cache_dir or default_cache_dir()).expanduser() / retrained_model_id(resolution)
 
 
-def ensure_retrained(cache_dir: str | None, resolution: int = 32) -> Path:
+def ensure_retrained(cache_dir: str | None, resolution: int) -> Path:
     """Path of the retrained LDM: the shipped one if it is of this recipe and resolution, else
     the cached one, trained first if missing (one process trains; others wait)."""
     shipped = SHIPPED_DIR / retrained_model_id(resolution)
@@ -74,17 +74,14 @@ def ensure_retrained(cache_dir: str | None, resolution: int = 32) -> Path:
 
 
 def load_sampler_ldm(cfg: SamplerConfig) -> LatentDiffusion:
-    kw = dict(device=cfg.device, dtype=cfg.dtype, channels_last=cfg.channels_last, compile=cfg.compile,
-              deepcache_interval=cfg.deepcache_interval, deepcache_branch=cfg.deepcache_branch,
-              timestep_spacing=cfg.timestep_spacing)
     if cfg.model == TINY_RANDOM:
-        return build_tiny_ldm(resolution=cfg.resolution, seed=cfg.seed, **kw)
+        return build_tiny_ldm(cfg)
     if (arch := random_architecture(cfg.model)) is not None:
-        return build_random_ldm(arch, seed=cfg.seed, **kw)
+        return build_random_ldm(arch, cfg)
     if cfg.model == RETRAINED:
         path = ensure_retrained(cfg.cache_dir, cfg.resolution)
-        return load_ldm(path, model_id=path.name, **kw)
-    return load_ldm(cfg.model, **kw)  # hub ids resolve through the ordinary Hugging Face cache
+        return load_ldm(path, model_id=path.name, cfg=cfg)
+    return load_ldm(cfg.model, cfg=cfg)  # hub ids resolve through the ordinary Hugging Face cache
 
 
 def build_sampler(cfg: SamplerConfig) -> EDSAMSampler:

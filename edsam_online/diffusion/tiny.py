@@ -100,7 +100,7 @@ def sd_ddim_scheduler(timestep_spacing: str = "leading") -> DDIMScheduler:
                          set_alpha_to_one=False, steps_offset=1, timestep_spacing=timestep_spacing)
 
 
-def tiny_components(resolution: int = 32, seed: int = 0, layout: str = "sd") -> dict:
+def tiny_components(resolution: int, seed: int, layout: str = "sd") -> dict:
     """Random-weight components of a very small text-to-image LDM (fast on CPU; for tests).
 
     32 px images -> 16x16x4 latents; ``layout="compvis"`` gives a VQModel + LDMBert instead

@@ -220,7 +220,7 @@ def recipe_version(cfg: TrainLDMConfig, fingerprint: str | None = None) -> str:
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
-def build_components(resolution: int = 32, latent_channels: int = 4, timestep_spacing: str = "leading") -> dict:
+def build_components(resolution: int, latent_channels: int, timestep_spacing: str) -> dict:
     """Untrained components of the retrained LDM (resolution/2 latents, ``latent_channels`` deep)."""
     vae = small_kl_vae((16, 32), latent_channels, resolution)
     tokenizer = offline_clip_tokenizer(max_length=24)
