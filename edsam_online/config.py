@@ -28,6 +28,7 @@ from edsam_online.checkpoint import CheckpointConfig
 from edsam_online.data import RealDataConfig
 from edsam_online.diffusion.config import SamplerConfig
 from edsam_online.eval import EvalConfig
+from edsam_online.feedback import FeedbackConfig
 from edsam_online.loader import MixConfig
 from edsam_online.losses import LossConfig
 from edsam_online.methods import MethodConfig
@@ -59,6 +60,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     seed: int = 0
     run_dir: str = "runs/default"
 
@@ -110,6 +112,13 @@ def _check_cross(cfg: Config) -> None:
                          f"got {cfg.mix.extra_share}")
     if cfg.loss.kind == "siglip" and cfg.model.init_logit_bias is None:
         raise ValueError("loss.kind: siglip needs a model with a logit bias; set model.init_logit_bias (e.g. -10)")
+    if cfg.producer.policy == "adversarial":
+        if cfg.diffusion.mode != "transport" or cfg.method.extra_batch != "stream":
+            raise ValueError(f"producer.policy: adversarial steers the transport of a streaming method "
+                             f"(method=edsam), got method={cfg.method.name}")
+        if cfg.loss.kind != "clip":
+            raise ValueError("producer.policy: adversarial needs loss.kind=clip (the trainers report each "
+                             "row's InfoNCE loss)")
 
 
 def load_config(dictcfg: DictConfig | dict) -> Config:

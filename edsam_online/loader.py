@@ -102,6 +102,15 @@ class MixConfig:
         return batch_size - (self.extra_batch_size(batch_size) if self.mix_mode == "replace" else 0)
 
 
+class Origin(NamedTuple):
+    """Where a generated sample can be reported back to (:mod:`edsam_online.feedback`): its
+    producer's ``session``, its own ``seq`` number and the producer's ``feedback`` endpoint."""
+
+    session: int
+    seq: int
+    feedback: str
+
+
 class Drawn(NamedTuple):
     """A sample the replay buffer served, with the trainer step at which it was inserted."""
 
@@ -114,7 +123,8 @@ class Example:
     """One preprocessed pair, with its provenance (``extra``: a genuine extra-batch pair, i.e.
     a generated sample or ``real2x``'s second real pair, not a real-batch pair nor a starved
     slot's fallback; ``producer``: the producer id of a generated sample; ``inserted_step``:
-    the trainer step at which the buffer took it in)."""
+    the trainer step at which the buffer took it in; ``origin``: for a sample whose producer
+    takes feedback, where to report it)."""
 
     image: torch.Tensor
     tokens: torch.Tensor
@@ -125,6 +135,7 @@ class Example:
     caption: str = ""
     producer: str | None = None
     inserted_step: int | None = None
+    origin: Origin | None = None
 
 
 @dataclass
@@ -150,6 +161,7 @@ class MixedBatch:
     extra_captions: list[str] = field(default_factory=list)
     extra_producers: list[str | None] = field(default_factory=list)
     extra_inserted_steps: list[int | None] = field(default_factory=list)
+    extra_origins: list[Origin | None] = field(default_factory=list)
 
     @property
     def num_genuine(self) -> int:
@@ -318,8 +330,12 @@ class Preprocess:
         if isinstance(item, Drawn):
             sample, inserted_step = item
             score = float("nan") if sample.score is None else sample.score
-            return self.example(sample.image, sample.caption, sample.source_key, True, sample.alpha, score,
-                                sample.batch.header["producer_id"], inserted_step)
+            header = sample.batch.header
+            example = self.example(sample.image, sample.caption, sample.source_key, True, sample.alpha, score,
+                                   header["producer_id"], inserted_step)
+            if "feedback" in header:
+                example.origin = Origin(header["session"], header["seq"] + sample.index, header["feedback"])
+            return example
         decoded = decode_record(item, self.resolution, self.counters)
         if decoded is None:
             return None
@@ -381,6 +397,7 @@ def collate(real: list[Example], slot: list[Example]) -> MixedBatch:
         extra_captions=[e.caption for e in slot],
         extra_producers=[e.producer for e in slot],
         extra_inserted_steps=[e.inserted_step for e in slot],
+        extra_origins=[e.origin for e in slot],
     )
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from edsam_online.validation import require_at_least
 
 LOSS_KINDS = ("clip", "siglip")
-SYN_WEIGHTINGS = ("none", "score")
+EXTRA_WEIGHTINGS = ("none", "score")
 
 
 @dataclass
@@ -48,8 +48,8 @@ class LossConfig:
         if self.kind not in LOSS_KINDS:
             raise ValueError(f"kind must be one of {LOSS_KINDS}, got {self.kind!r}")
         require_at_least(self, 0, "extra_weight")
-        if self.extra_weighting not in SYN_WEIGHTINGS:
-            raise ValueError(f"extra_weighting must be one of {SYN_WEIGHTINGS}, got {self.extra_weighting!r}")
+        if self.extra_weighting not in EXTRA_WEIGHTINGS:
+            raise ValueError(f"extra_weighting must be one of {EXTRA_WEIGHTINGS}, got {self.extra_weighting!r}")
         if self.extra_weighting == "score" and self.kind != "clip":
             raise ValueError("extra_weighting: score needs kind=clip (SigLIP's open_clip loss has no per-row weights)")
 
@@ -97,34 +97,46 @@ class EDSAMLoss(nn.Module):
         logit_bias: torch.Tensor | None = None,
         use_extra: bool = True,
         extra_weights: torch.Tensor | None = None,
+        row_losses: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Returns ``loss``, ``loss_real`` and ``loss_extra`` (zero when the step has no extra
-        term). ``extra_weights``: one weight >= 0 per extra row (see the module docstring)."""
+        term). ``extra_weights``: one weight >= 0 per extra row (see the module docstring).
+        ``row_losses`` (clip only) adds ``extra_row_loss``: each of this rank's extra rows' own
+        InfoNCE loss, detached, from the logits the term computes anyway (what a trainer
+        reports to the producers, :mod:`edsam_online.feedback`)."""
         loss_real = self._term(self.real_term, real_image_features, real_text_features, logit_scale, logit_bias)
+        out = {"loss_real": loss_real}
         if use_extra and extra_image_features is not None and extra_image_features.shape[0] > 0:
-            if extra_weights is not None:
-                loss_extra = self._weighted_extra_term(extra_image_features, extra_text_features, logit_scale, extra_weights)
+            if extra_weights is not None or row_losses:
+                per_row = self._extra_rows(extra_image_features, extra_text_features, logit_scale)
+                loss_extra = per_row.mean() if extra_weights is None else self._weighted(per_row, extra_weights)
+                if row_losses:
+                    out["extra_row_loss"] = per_row.detach()
             else:
                 loss_extra = self._term(self.extra_term, extra_image_features, extra_text_features, logit_scale, logit_bias)
             loss = loss_real + self.extra_weight * loss_extra
         else:
             loss_extra = torch.zeros_like(loss_real)
             loss = loss_real
-        return {"loss": loss, "loss_real": loss_real, "loss_extra": loss_extra}
+        return {"loss": loss, **out, "loss_extra": loss_extra}
 
-    def _weighted_extra_term(self, image_f: torch.Tensor, text_f: torch.Tensor, logit_scale: torch.Tensor,
-                           weights: torch.Tensor) -> torch.Tensor:
-        """The extra InfoNCE term with per-row weights. Each rank returns its rows' share,
-        normalised by the global mean weight, so the mean over ranks (DDP's gradient average)
-        is the weighted mean over the global batch."""
+    def _extra_rows(self, image_f: torch.Tensor, text_f: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        """Each local extra row's InfoNCE loss against the global batch: the mean of its
+        image-to-text and text-to-image cross-entropies (open_clip's ``ClipLoss`` averages the
+        same values over the rows)."""
         if self.kind != "clip":
-            raise ValueError("extra_weights need the clip loss")
-        if weights.shape != (image_f.shape[0],) or not bool((weights >= 0).all()):
-            raise ValueError(f"extra_weights must be {image_f.shape[0]} values >= 0")
+            raise ValueError("per-row extra losses (extra_weights, row_losses) need the clip loss")
         logits_image, logits_text = self.extra_term.get_logits(image_f, text_f, logit_scale)
         labels = self.extra_term.get_ground_truth(image_f.device, logits_image.shape[0])
-        per_row = (F.cross_entropy(logits_image, labels, reduction="none")
-                   + F.cross_entropy(logits_text, labels, reduction="none")) / 2
+        return (F.cross_entropy(logits_image, labels, reduction="none")
+                + F.cross_entropy(logits_text, labels, reduction="none")) / 2
+
+    def _weighted(self, per_row: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The extra term with per-row weights. Each rank returns its rows' share, normalised
+        by the global mean weight, so the mean over ranks (DDP's gradient average) is the
+        weighted mean over the global batch."""
+        if weights.shape != per_row.shape or not bool((weights >= 0).all()):
+            raise ValueError(f"extra_weights must be {per_row.shape[0]} values >= 0")
         weights = weights.to(per_row)
         total = torch.stack([weights.sum(), weights.new_tensor(float(len(weights)))])
         if self.world_size > 1:

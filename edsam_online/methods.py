@@ -111,7 +111,7 @@ class Augmentation:
 
     A subclass may return the batch with its real part transformed, or with its slot
     (``extra_images``, ``extra_texts``, ``extra_keys``, ``extra_genuine``, ``extra_alpha``, ``extra_score``
-    and the provenance lists ``extra_captions``, ``extra_producers``, ``extra_inserted_steps``)
+    and the provenance lists ``extra_captions``, ``extra_producers``, ``extra_inserted_steps``, ``extra_origins``)
     supplied by the method; rows flagged ``extra_genuine`` count in the second term. It
     runs on every rank, inside ``Trainer.train_step``, with the trainer at hand (its
     model, loss, device and ``extra_batch``), and must give the slot ``trainer.extra_batch``
@@ -165,6 +165,7 @@ def _fill_slot(batch: MixedBatch, images: torch.Tensor) -> MixedBatch:
     batch.extra_captions = list(batch.real_captions[:n])
     batch.extra_producers = [None] * n
     batch.extra_inserted_steps = [None] * n
+    batch.extra_origins = [None] * n
     return batch
 
 

@@ -26,7 +26,7 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -34,9 +34,12 @@ from torchdata.nodes import BaseNode, Batcher, Mapper, Prefetcher
 from tqdm import tqdm
 
 from edsam_online.data import DataCounters, RealDataConfig, RealSample, decoded_samples
+from edsam_online.feedback import FeedbackConfig
 from edsam_online.metrics import LoggingConfig, MetricLogger
+from edsam_online.policy import POLICIES, AdversarialConfig, AdversarialPolicy
 from edsam_online.runtime import StopOnSignal
 from edsam_online.sinks import Handoff, open_sink
+from edsam_online.steering import ProducerSteering
 from edsam_online.streaming import StreamConfig
 from edsam_online.validation import require_at_least
 
@@ -77,6 +80,11 @@ class ProducerConfig:
     generated sample against its caption in [0, 1] before it is sent; the score travels in the
     header, and samples below ``min_score`` are dropped and counted (``producer/filtered``).
 
+    ``policy``: how each sample's alpha is chosen (:mod:`edsam_online.policy`): ``uniform``
+    is Eq. 9; ``adversarial`` steers it by the loss the trainers report back on the samples
+    (settings in ``adversarial``; the channel in the root config's ``feedback``,
+    :mod:`edsam_online.steering`).
+
     ``pipeline`` (default true): the generator never waits on the host. ``data_workers``
     threads decode and resize real images ahead and ``prefetch_batches`` batches wait ready
     for ``generate``; one background thread encodes and sends (or writes) the generated
@@ -110,6 +118,8 @@ class ProducerConfig:
     data_workers: int = 2
     prefetch_batches: int = 2
     queue_batches: int = 2
+    policy: str = "uniform"
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     @property
     def name(self) -> str:
@@ -138,6 +148,13 @@ class ProducerConfig:
             raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
         if self.min_score > 0 and self.scorer == "none":
             raise ValueError("min_score > 0 needs a scorer: set producer.scorer to attributes or clip")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.policy == "adversarial" and self.scorer == "none":
+            raise ValueError("policy adversarial needs a fidelity scorer, or it would steer towards samples that "
+                             "lost their caption: set producer.scorer to attributes or clip")
+        if self.policy == "adversarial" and self.sink != "stream":
+            raise ValueError("policy adversarial needs producer.sink=stream: offline shards get no feedback")
         if self.scorer == "clip" and not self.scorer_model:
             raise ValueError("scorer_model must name an open_clip model when producer.scorer is clip")
         require_at_least(self, 0, "send_timeout_s", "stop_grace_s", "log_every_s")
@@ -213,6 +230,7 @@ class Producer:
         on_bound: Callable[[str], None] | None = None,
         install_signal_handlers: bool = True,
         scorer: Callable[[np.ndarray, list[str]], np.ndarray] | None = None,
+        feedback: FeedbackConfig | None = None,
     ) -> None:
         if (scorer is None) != (cfg.scorer == "none"):
             raise ValueError(f"producer.scorer={cfg.scorer!r} needs {'no' if cfg.scorer == 'none' else 'a'} scorer")
@@ -220,6 +238,8 @@ class Producer:
         self.resolution, self.scorer = resolution, scorer
         self.logging_cfg, self.run_dir, self.resolved, self.on_bound = logging_cfg, run_dir, resolved, on_bound
         self.install_signal_handlers = install_signal_handlers
+        self.feedback = feedback or FeedbackConfig()
+        self.steering: ProducerSteering | None = None
         self._stop = threading.Event()
         self.counters = DataCounters()
         self.state = dict(sent=0, generated=0, dropped_unsent=0, unsent_at_stop=0, filtered=0, unet_calls=0,
@@ -267,7 +287,7 @@ class Producer:
         session = secrets.randbits(62)
         limit = pcfg.num_samples
         bar = tqdm(total=limit or None, desc=pcfg.name, unit="sample", mininterval=5.0, disable=None)
-        sink = open_sink(pcfg, stream_cfg, self.state, session, self._stop, self.metrics, bar, self.on_bound)
+        sink = self._open_delivery(session, bar)
         data_cfg = self.data_cfg if self.resolution is None else dataclasses.replace(self.data_cfg,
                                                                                      resolution=self.resolution)
         batches = real_batches(data_cfg, pcfg.rank, pcfg.num_producers, self.counters, pcfg.batch_size,
@@ -289,7 +309,7 @@ class Producer:
                 if generated is not None:
                     handoff.put(generated, self._stop.is_set)
                 if metric_logger is not None and time.monotonic() - last_log >= pcfg.log_every_s:
-                    metric_logger.log(self.metrics(), step=state["sent"])
+                    metric_logger.log(self.logged_metrics(), step=state["sent"])
                     last_log = time.monotonic()
             handoff.finish()
         except BaseException:
@@ -298,8 +318,10 @@ class Producer:
         finally:
             handoff.shutdown()
             bar.close()
-            final = self.metrics()
+            final = self.logged_metrics()
             sink.close()
+            if self.steering is not None:
+                self.steering.close()
             stop.restore()
             if metric_logger is not None:
                 metric_logger.log(final, step=state["sent"])
@@ -307,6 +329,35 @@ class Producer:
         log.info("producer %s: sent %d samples (%d dropped unsent)", pcfg.name, state["sent"],
                  state["dropped_unsent"])
         return final
+
+    def logged_metrics(self) -> dict[str, float]:
+        """:meth:`metrics`, and a steered producer's ``feedback/*`` and ``policy/*``
+        (:meth:`~edsam_online.steering.ProducerSteering.metrics`), which stay out of headers."""
+        return {**self.metrics(), **(self.steering.metrics() if self.steering is not None else {})}
+
+    def _open_delivery(self, session: int, bar: tqdm):
+        """The sink, and with ``policy=adversarial`` the steering it advertises and records to."""
+        self.steering = self._open_steering(session) if self.cfg.policy == "adversarial" else None
+        try:
+            return open_sink(self.cfg, self.stream_cfg, self.state, session, self._stop, self.metrics, bar,
+                             self.on_bound, self.steering)
+        except BaseException:
+            if self.steering is not None:
+                self.steering.close()
+            raise
+
+    def _open_steering(self, session: int) -> ProducerSteering:
+        """The feedback socket, ledger and policy of ``policy=adversarial``, bound beside the
+        data endpoint this producer binds (every interface when it connects)."""
+        pcfg, stream_cfg = self.cfg, self.stream_cfg
+        index = pcfg.rank if pcfg.endpoint_index is None else pcfg.endpoint_index
+        bound = stream_cfg.producers_bind and index < len(stream_cfg.endpoints)
+        curve = (stream_cfg.curve_client_secret, stream_cfg.curve_server_public) if stream_cfg.curve else None
+        policy = AdversarialPolicy(self.sampler.cfg.rho, pcfg.adversarial, seed=[pcfg.seed, pcfg.rank])
+        steering = ProducerSteering(policy, self.feedback, session,
+                                    data_endpoint=stream_cfg.endpoints[index] if bound else None, curve=curve)
+        log.info("producer %s: steered by its trainers' loss; feedback at %s", pcfg.name, steering.endpoint)
+        return steering
 
     # -- stages: read (real_batches) -> generate -> filter -> deliver (the sink)
 
@@ -327,8 +378,12 @@ class Producer:
     def _generate(self, batch: RealBatch, batch_index: int) -> GeneratedBatch:
         pcfg = self.cfg
         start = time.monotonic()
+        alpha = None
+        if self.steering is not None:
+            self.steering.poll()
+            alpha = self.steering.alphas(len(batch.images) * (pcfg.m or self.sampler.cfg.m))
         generated = self.sampler.generate(batch.images, batch.captions, batch.keys, m=pcfg.m,
-                                          seed=batch_seed(pcfg.seed, pcfg.rank, batch_index))
+                                          seed=batch_seed(pcfg.seed, pcfg.rank, batch_index), alpha=alpha)
         self.state["generate_s"] += time.monotonic() - start
         self.state["unet_calls"] += generated.unet_calls
         return generated

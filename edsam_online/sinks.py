@@ -39,6 +39,7 @@ from edsam_online.wire import encode_image, encode_message, provenance
 if TYPE_CHECKING:  # annotations only: this module needs no diffusion stack
     from edsam_online.diffusion import GeneratedBatch
     from edsam_online.producer import ProducerConfig
+    from edsam_online.steering import ProducerSteering
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,13 @@ class Sink(Protocol):
 
 def open_sink(pcfg: ProducerConfig, stream_cfg: StreamConfig, state: dict, session: int, stop: threading.Event,
               metrics: Callable[[], dict[str, float]], progress: Any,
-              on_bound: Callable[[str], None] | None = None) -> Sink:
+              on_bound: Callable[[str], None] | None = None, steering: ProducerSteering | None = None) -> Sink:
     """The sink ``pcfg.sink`` names. ``metrics`` gives the ``producer/*`` metrics a message
-    forwards; ``progress`` (a tqdm bar) is advanced by the samples delivered."""
+    forwards; ``progress`` (a tqdm bar) is advanced by the samples delivered; ``steering``
+    (a stream only) advertises its feedback endpoint and records what was sent."""
     if pcfg.sink == "shards":
         return ShardSink(pcfg, stream_cfg, state, session, progress)
-    return StreamSink(pcfg, stream_cfg, state, session, stop, metrics, progress, on_bound)
+    return StreamSink(pcfg, stream_cfg, state, session, stop, metrics, progress, on_bound, steering)
 
 
 # ----------------------------------------------------------------------------- sockets
@@ -121,7 +123,7 @@ def samples_per_message(stream_cfg: StreamConfig, sample_nbytes: int) -> int:
 
 def encode_fitting(
     generated: GeneratedBatch, first: int, last: int, stream_cfg: StreamConfig, producer_id: str, session: int,
-    seq: int, stats: dict[str, float] | None = None,
+    seq: int, stats: dict[str, float] | None = None, feedback: str | None = None,
 ) -> tuple[int, list | None]:
     """Encode rows ``first:last`` of ``generated`` as message ``seq``, halving the message
     until its header fits ``limits.max_header_bytes`` (K long captions can outgrow it, and a
@@ -129,7 +131,7 @@ def encode_fitting(
     None when a single sample's header does not fit."""
     while True:
         frames = encode_message(generated.rows(first, last), producer_id, session, seq, stats, stream_cfg.encoding,
-                                stream_cfg.quality)
+                                stream_cfg.quality, feedback)
         if len(frames[0]) <= stream_cfg.limits.max_header_bytes:
             return last, frames
         if last - first == 1:
@@ -149,8 +151,9 @@ class StreamSink:
 
     def __init__(self, pcfg: ProducerConfig, stream_cfg: StreamConfig, state: dict, session: int,
                  stop: threading.Event, metrics: Callable[[], dict[str, float]], progress: Any,
-                 on_bound: Callable[[str], None] | None = None) -> None:
+                 on_bound: Callable[[str], None] | None = None, steering: ProducerSteering | None = None) -> None:
         self.pcfg, self.stream_cfg, self.state, self.session = pcfg, stream_cfg, state, session
+        self.steering = steering
         self._stop, self._metrics, self._progress = stop, metrics, progress
         self._stopped_at: float | None = None
         # Random, not every N-th: behind a round-robin PUSH a fixed stride could keep some
@@ -178,10 +181,11 @@ class StreamSink:
                 return
             last = min(first + per_message, len(generated), first + limit - state["sent"] if limit else len(generated))
             forward = state["sent"] == 0 or self._stats_rng.random() < 1.0 / pcfg.stats_every
-            last, frames = encode_fitting(generated, first, last, stream_cfg, pcfg.name, self.session, state["sent"],
-                                          self._metrics() if forward else None)
+            seq = state["sent"]
+            last, frames = encode_fitting(generated, first, last, stream_cfg, pcfg.name, self.session, seq,
+                                          self._metrics() if forward else None,
+                                          self.steering.endpoint if self.steering is not None else None)
             chunk = last - first
-            first = last
             state["generated"] += chunk
             if frames is None:
                 state["dropped_unsent"] += chunk
@@ -190,10 +194,14 @@ class StreamSink:
             elif self._send(frames):
                 state["sent"] += chunk
                 self._progress.update(chunk)
+                if self.steering is not None:
+                    score = None if generated.score is None else generated.score[first:last]
+                    self.steering.record(seq, generated.alpha[first:last], score)
             else:
                 state["dropped_unsent"] += chunk
                 log.warning("producer %s: no trainer took a message within %.1fs, dropped its %d samples",
                             pcfg.name, pcfg.send_timeout_s, chunk)
+            first = last
 
     def close(self) -> None:
         """Give queued messages up to ``stop_grace_s`` to reach a trainer, then drop them."""

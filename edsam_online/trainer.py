@@ -52,6 +52,7 @@ from edsam_online.metrics import MetricLogger, SampleRow
 from edsam_online.models import create_clip
 from edsam_online.optim import build_optimizer, build_scheduler, clamp_logit_scale, clip_gradients
 from edsam_online.runtime import StopOnSignal, autocast, init_distributed
+from edsam_online.steering import FeedbackSender
 from edsam_online.streaming import Receiver
 from edsam_online.validation import require_at_least
 
@@ -247,6 +248,7 @@ class Trainer:
         self.totals = {"steps_without_extra": 0, "extra_samples": 0, "extra_fallback_samples": 0}
         self.buffer: ReplayBuffer | None = None
         self.receiver: Receiver | None = None
+        self.feedback: FeedbackSender | None = None  # opened by the first sample whose producer asks for feedback
         self.keys_file = None
         with contextlib.ExitStack() as stack:  # on a failure below, what was started is stopped
             if self.extra_batch > 0 and extra == "stream":
@@ -298,10 +300,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def forward_loss(self, batch: MixedBatch, use_extra: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def forward_loss(self, batch: MixedBatch, use_extra: bool,
+                     row_losses: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Eq. 11 on ``batch`` (the extra term only if ``use_extra``): the loss dict of
         :class:`~edsam_online.losses.EDSAMLoss` and the logit scale. Both terms go through
-        the model in one forward pass; each is contrastive within its own rows."""
+        the model in one forward pass; each is contrastive within its own rows. ``row_losses``:
+        the dict also holds each extra row's own loss (``extra_row_loss``)."""
         rt = self.cfg.runtime
         real_n = batch.real_images.shape[0]
         images, texts = batch.real_images, batch.real_texts
@@ -323,11 +327,12 @@ class Trainer:
             text_f[real_n:] if use_extra else None,
             logit_bias=out[3].float() if len(out) > 3 else None,
             use_extra=use_extra,
-            extra_weights=self._syn_weights(batch) if use_extra else None,
+            extra_weights=self._extra_weights(batch) if use_extra else None,
+            row_losses=row_losses,
         )
         return losses, logit_scale
 
-    def _syn_weights(self, batch: MixedBatch) -> torch.Tensor | None:
+    def _extra_weights(self, batch: MixedBatch) -> torch.Tensor | None:
         """Per extra row, its score as the weight (``loss.extra_weighting=score``; 1 without a score)."""
         if self.cfg.loss.extra_weighting != "score":
             return None
@@ -354,7 +359,8 @@ class Trainer:
         dist.all_reduce(agreed)
         n_extra, n_real, stops, siblings = (int(v) for v in agreed.tolist())
         use_extra = n_extra > 0
-        losses, logit_scale = self.forward_loss(batch, use_extra)
+        reports = use_extra and any(o is not None for o in batch.extra_origins)
+        losses, logit_scale = self.forward_loss(batch, use_extra, row_losses=reports)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(losses["loss"]).backward()
@@ -368,7 +374,11 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         clamp_logit_scale(self.model, optim.logit_scale_max)
+        if reports:
+            self._report(batch, losses["extra_row_loss"])
         self.step += 1
+        if self.feedback is not None and self.step % self.cfg.feedback.every_steps == 0:
+            self.feedback.flush(self.step)
         self.totals["steps_without_extra"] += int(not use_extra)
         self.totals["extra_samples"] += n_extra
         self.totals["extra_fallback_samples"] += self.world * self.extra_batch - n_extra
@@ -385,6 +395,18 @@ class Trainer:
             num_real=n_real, num_genuine=n_extra, used_extra=use_extra, stop_requested=stops > 0,
             sibling_pairs=siblings, **_trained_scores(batch, use_extra),
         )
+
+    def _report(self, batch: MixedBatch, row_loss: torch.Tensor) -> None:
+        """Queue each generated row's own loss (measured by the model at this step) for the
+        producer that made it, where that producer asked for feedback (:mod:`edsam_online.steering`)."""
+        if self.feedback is None:
+            stream = self.cfg.stream
+            curve = (stream.curve_server_secret, stream.curve_allow_dir) if stream.curve else None
+            self.feedback = FeedbackSender(f"trainer-{self.rank}", self.cfg.feedback, curve)
+        genuine = batch.extra_genuine.tolist()
+        for origin, loss, real in zip(batch.extra_origins, row_loss.tolist(), genuine):
+            if origin is not None and real:
+                self.feedback.add(origin.feedback, origin.session, origin.seq, loss, self.step)
 
     def _samples_due(self) -> bool:
         """Whether the step just done logs samples: every ``logging.sample_every`` steps and
@@ -432,6 +454,8 @@ class Trainer:
             **self.loader.stats(),
             **window.score_metrics(),
         }
+        if self.feedback is not None:
+            metrics.update(self.feedback.metrics())
         if self.receiver is not None:
             metrics.update(self.receiver.stats())
             metrics.update({"producer/sent": 0.0, **self.receiver.producer_stats()})  # producer/*'s W&B x axis
@@ -497,8 +521,12 @@ class Trainer:
         return metrics
 
     def close(self) -> None:
-        """Stop the receiver, close the buffer, the logger and the keys file (idempotent)."""
+        """Stop the receiver, close the buffer, the feedback sockets, the logger and the keys
+        file (idempotent)."""
         self._teardown.close()
+        if self.feedback is not None:
+            self.feedback.close()
+            self.feedback = None
 
     def __enter__(self) -> Trainer:
         return self

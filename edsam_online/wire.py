@@ -58,8 +58,10 @@ Optional (a receiver accepts a message without them; :func:`encode_message` writ
 but ``stats``, and ``score`` when the batch has none): message fields ``mode`` (str),
 ``steps``, ``inversion_steps`` (int), ``guidance`` (float) from the sampler's settings; the
 sample columns ``sample_index`` (<i8) and ``score`` (<f4, in [0, 1]: the producer's
-fidelity score of the sample against its caption); and ``stats`` (map
-``"producer/<name>" -> number``), the producer's own metrics forwarded now and then. A
+fidelity score of the sample against its caption); ``stats`` (map
+``"producer/<name>" -> number``), the producer's own metrics forwarded now and then; and
+``feedback`` (str, ``tcp://`` or ``ipc://``), the endpoint where a producer steered by
+the trainers' loss takes their reports (:mod:`edsam_online.feedback`). A
 received sample (:class:`SyntheticSample`) holds what training reads (image, caption,
 source key, alpha, score); its full ``header`` (the message fields plus
 its own source entry and column values as Python scalars, ``seq`` its own number) is
@@ -84,6 +86,8 @@ if TYPE_CHECKING:  # the sender's type only: receivers never import the diffusio
 
 SCHEMA_VERSION = 3
 ENCODINGS = ("raw", "jpeg", "webp")
+#: What a producer's advertised ``feedback`` endpoint may start with.
+FEEDBACK_TRANSPORTS = ("tcp://", "ipc://")
 _PIL_FORMATS = {"jpeg": "JPEG", "webp": "WEBP"}
 
 #: Every reason a message can be dropped for; the receiver reports each as ``buffer/dropped/<reason>``.
@@ -121,6 +125,7 @@ _OPTIONAL_MESSAGE_FIELDS: dict[str, str] = {
     "steps": _INT,
     "inversion_steps": _INT,
     "guidance": _FLOAT,
+    "feedback": _STR,
 }
 _SOURCE_FIELDS = ("source_key", "caption")
 #: Sample columns and their wire dtypes; ``nbytes`` comes first: it defines K.
@@ -293,7 +298,7 @@ def encode_image(image: np.ndarray, encoding: str = "raw", quality: int = 90) ->
 
 def encode_message(
     batch: GeneratedBatch, producer_id: str, session: int, seq: int, stats: dict[str, float] | None = None,
-    encoding: str = "raw", quality: int = 90,
+    encoding: str = "raw", quality: int = 90, feedback: str | None = None,
 ) -> list[bytes | zmq.Frame]:
     """Build ``[header, payload]`` for ``socket.send_multipart(frames, copy=False)``.
 
@@ -301,7 +306,7 @@ def encode_message(
     :class:`~edsam_online.diffusion.GeneratedBatch` or a slice of one; a message of one
     sample: ``GeneratedBatch.single``). Its source table and columns become the header's
     as they are; ``producer_id``, ``session``, ``seq`` (the first sample's number) and the
-    optional forwarded ``stats`` are the message's own fields. A raw payload is a
+    optional forwarded ``stats`` and ``feedback`` endpoint are the message's own fields. A raw payload is a
     :class:`zmq.Frame` over the images' memory: pyzmq sends it zero-copy above its copy
     threshold (64 KB) and copies below it. The caller must not modify the images until
     the message is sent. Raises ValueError naming a field of the wrong type or length.
@@ -317,6 +322,8 @@ def encode_message(
             raise ValueError(f"header field {name} must be {kind}, got {type(header[name]).__name__}")
     if stats is not None:
         header["stats"] = stats
+    if feedback is not None:
+        header["feedback"] = feedback
     u = len(batch.source_keys)
     for name, values in (("source_keys", batch.source_keys), ("captions", batch.captions)):
         if (not isinstance(values, (list, tuple)) or len(values) != u or not 1 <= u <= k
@@ -445,7 +452,7 @@ def decode_header(data: memoryview | bytes, limits: WireLimits) -> dict[str, Any
 def _check_values(header: dict, u: int, limits: WireLimits) -> None:
     """The header's strings, captions, source indices and numbers are within bounds (its
     fields' types are already checked; ``u``: entries of the source table)."""
-    for name in ("producer_id", "model_id", "mode"):
+    for name in ("producer_id", "model_id", "mode", "feedback"):
         if len(header.get(name, "")) > _MAX_SHORT_STR:
             raise WireError("bad_value", f"{name} longer than {_MAX_SHORT_STR}")
     if max(map(len, header["source_key"])) > _MAX_SHORT_STR:
@@ -473,6 +480,8 @@ def _check_values(header: dict, u: int, limits: WireLimits) -> None:
         raise WireError("bad_value", f"dtype {header['dtype']!r}")
     if header["encoding"] not in ENCODINGS:
         raise WireError("bad_value", f"encoding {header['encoding']!r}")
+    if "feedback" in header and not header["feedback"].startswith(FEEDBACK_TRANSPORTS):
+        raise WireError("bad_value", f"feedback endpoint {header['feedback']!r} is not one of {FEEDBACK_TRANSPORTS}")
 
 
 def _check_stats(stats: Any) -> None:

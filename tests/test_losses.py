@@ -1,5 +1,5 @@
 """Eq. 11 under DDP equals the single-process loss (and gradient) on the same global batch,
-with and without per-row synthetic weights."""
+with and without per-row weights, and each rank's per-row losses are those of its rows."""
 
 import os
 import traceback
@@ -45,7 +45,7 @@ class _Towers(torch.nn.Module):
         return F.normalize(self.img(x), dim=-1), F.normalize(self.txt(t), dim=-1), self.logit_scale.exp()
 
 
-def _loss(model, batch, kind, rows_real, rows_syn, rank, world, use_extra, weighted=False):
+def _loss(model, batch, kind, rows_real, rows_syn, rank, world, use_extra, extra="plain"):
     loss_fn = EDSAMLoss(LossConfig(kind=kind, extra_weight=0.7), rank=rank, world_size=world)
     x = torch.cat([batch["real_x"][rows_real], batch["syn_x"][rows_syn]])
     t = torch.cat([batch["real_t"][rows_real], batch["syn_t"][rows_syn]])
@@ -53,16 +53,18 @@ def _loss(model, batch, kind, rows_real, rows_syn, rank, world, use_extra, weigh
     n = len(range(*rows_real.indices(len(batch["real_x"]))))
     inner = model.module if isinstance(model, DDP) else model
     return loss_fn(img[:n], txt[:n], scale, img[n:], txt[n:], logit_bias=inner.logit_bias, use_extra=use_extra,
-                   extra_weights=batch["syn_w"][rows_syn] if weighted else None)
+                   extra_weights=batch["syn_w"][rows_syn] if extra == "weights" else None, row_losses=extra == "rows")
 
 
-CASES = [("clip", True, False), ("siglip", True, False), ("clip", False, False), ("clip", True, True)]
+#: (loss kind, whether the step has an extra term, how the extra term is formed)
+CASES = [("clip", True, "plain"), ("siglip", True, "plain"), ("clip", False, "plain"), ("clip", True, "weights"),
+         ("clip", True, "rows")]
 
 
 def _worker(rank, port, out_dir):
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-        for kind, use_extra, weighted in CASES:
+        for kind, use_extra, extra in CASES:
             model = DDP(_Towers(kind == "siglip"))
             out = _loss(
                 model,
@@ -73,14 +75,14 @@ def _worker(rank, port, out_dir):
                 rank,
                 WORLD,
                 use_extra,
-                weighted,
+                extra,
             )
             out["loss"].backward()
             values = torch.stack([out["loss"], out["loss_real"], out["loss_extra"]]).detach()
             dist.all_reduce(values)
             grads = {n: p.grad.clone() for n, p in model.module.named_parameters()}
-            torch.save({"values": values / WORLD, "grads": grads},
-                       os.path.join(out_dir, f"{kind}{use_extra}{weighted}{rank}.pt"))
+            torch.save({"values": values / WORLD, "grads": grads, "rows": out.get("extra_row_loss")},
+                       os.path.join(out_dir, f"{kind}{use_extra}{extra}{rank}.pt"))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:
@@ -91,9 +93,9 @@ def _worker(rank, port, out_dir):
 
 def test_distributed_loss_and_grad_equal_single_process(tmp_path):
     torch.multiprocessing.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD)
-    for kind, use_extra, weighted in CASES:
+    for kind, use_extra, extra in CASES:
         model = _Towers(kind == "siglip")
-        out = _loss(model, _global_batch(), kind, slice(None), slice(None), 0, 1, use_extra, weighted)
+        out = _loss(model, _global_batch(), kind, slice(None), slice(None), 0, 1, use_extra, extra)
         out["loss"].backward()
         expected = torch.stack([out["loss"], out["loss_real"], out["loss_extra"]]).detach()
         if use_extra:
@@ -101,7 +103,11 @@ def test_distributed_loss_and_grad_equal_single_process(tmp_path):
         else:
             assert expected[2] == 0 and expected[0] == expected[1]
         for rank in range(WORLD):
-            got = torch.load(tmp_path / f"{kind}{use_extra}{weighted}{rank}.pt")
+            got = torch.load(tmp_path / f"{kind}{use_extra}{extra}{rank}.pt")
+            if extra == "rows":  # each rank's rows' own losses are those rows' losses on the global batch
+                torch.testing.assert_close(got["rows"], out["extra_row_loss"][rank * LOCAL_S:(rank + 1) * LOCAL_S])
+            else:
+                assert got["rows"] is None
             torch.testing.assert_close(got["values"], expected, rtol=1e-5, atol=1e-6)
             for name, param in model.named_parameters():
                 torch.testing.assert_close(got["grads"][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -128,6 +134,10 @@ def test_weighted_synthetic_term_is_the_weighted_mean_of_row_losses():
             + F.cross_entropy(logits.T, torch.arange(4), reduction="none")) / 2
     w = torch.tensor([1.0, 0.0, 0.5, 1.0])
     torch.testing.assert_close(loss(img, txt, scale, img, txt, extra_weights=w)["loss_extra"], (w * rows).sum() / w.sum())
+    reported = loss(img, txt, scale, img.clone().requires_grad_(), txt, row_losses=True)
+    torch.testing.assert_close(reported["extra_row_loss"], rows)  # what a trainer sends back as feedback
+    torch.testing.assert_close(reported["loss_extra"].detach(), plain)  # and the term it trains on is open_clip's
+    assert not reported["extra_row_loss"].requires_grad
     with pytest.raises(ValueError, match="extra_weights"):
         loss(img, txt, scale, img, txt, extra_weights=torch.tensor([1.0, -1.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="clip"):

@@ -253,3 +253,17 @@ def test_a_changed_recipe_gets_a_new_cache_folder(monkeypatch):
     changed = retrained_model_id(32)
     monkeypatch.setattr(shapes, "RENDER_REVISION", shapes.RENDER_REVISION + 1)  # the world renders otherwise
     assert retrained_model_id(32) != changed
+
+
+def test_chosen_alphas_set_each_samples_shift_and_none_draws_as_eq_9(ldm):
+    sampler = EDSAMSampler(ldm, _cfg(m=2))
+    chosen = np.array([-0.5, -0.25, 0.0, 0.1, 0.3, 0.5])
+    steered = sampler.generate(_imgs(), CAPS, KEYS, seed=4, alpha=chosen)
+    np.testing.assert_allclose(steered.alpha, chosen, atol=1e-7)
+    blind, again = (sampler.generate(_imgs(), CAPS, KEYS, seed=4, alpha=a) for a in (None, None))
+    assert np.array_equal(blind.images, again.images) and not np.array_equal(blind.alpha, chosen)
+    assert not np.array_equal(steered.images, blind.images)
+    with pytest.raises(ValueError, match="alpha"):
+        sampler.generate(_imgs(), CAPS, KEYS, alpha=chosen[:5])
+    with pytest.raises(ValueError, match="alpha"):
+        sampler.generate(_imgs(), CAPS, KEYS, alpha=chosen * 2)  # beyond rho

@@ -82,6 +82,10 @@ def test_seeded_generator_reproduces_and_differs_across_seeds():
         (dict(rho=-0.1), "rho"),
         (dict(rho=float("nan")), "rho"),
         (dict(rho=0.5, mode="bogus"), "mode"),
+        (dict(rho=0.5, alpha=torch.tensor([0.1, 0.9])), "alpha"),
+        (dict(rho=0.5, alpha=torch.tensor([0.1])), "alpha"),
+        (dict(rho=0.5, alpha=torch.tensor([0.1, float("nan")])), "alpha"),
+        (dict(rho=0.5, mode="random", alpha=torch.tensor([0.1, 0.2])), "alpha"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
@@ -94,3 +98,15 @@ def test_rejects_unbatched_or_integer_latents():
         transport(torch.randn(4), 0.5)
     with pytest.raises(ValueError, match="z_s"):
         transport(torch.ones(2, 4, dtype=torch.int64), 0.5)
+
+
+def test_chosen_alphas_replace_the_uniform_draw_and_keep_proposition_1():
+    z_s = _source()
+    chosen = torch.linspace(-0.5, 0.5, B)
+    z_t, alpha = transport(z_s, 0.5, "transport", torch.Generator().manual_seed(1), alpha=chosen)
+    assert torch.equal(alpha, chosen)
+    flat = z_t.flatten(1).double()
+    assert torch.all((flat.mean(1) - chosen.double()).abs() < 5 / math.sqrt(D))
+    assert torch.all((flat.var(1) - 1).abs() < 5 * math.sqrt(2 / D))
+    again, _ = transport(z_s, 0.5, "transport", torch.Generator().manual_seed(1), alpha=chosen)
+    assert torch.equal(again, z_t)

@@ -113,6 +113,12 @@ def test_forwarded_stats_travel_in_the_message_header_only():
     assert header["stats"] == {"producer/samples_per_s": 2.5} and "stats" not in sample.header
 
 
+def test_a_steered_producers_feedback_endpoint_travels_with_every_sample():
+    header, (sample,) = decode_message(encode(one(), feedback="tcp://node3:41234"), LIMITS)
+    assert header["feedback"] == sample.header["feedback"] == "tcp://node3:41234"
+    assert "feedback" not in decode_message(encode(one()), LIMITS)[0]
+
+
 def test_many_samples_in_one_message_each_keep_their_own_fields():
     batch = many(5)
     header, samples = decode_message(encode(batch), LIMITS)
@@ -268,6 +274,9 @@ def test_more_hostile_values():
     assert reason(with_header(good, encoding="pickle")) == "bad_value"
     assert reason(with_header(good, caption=["   "])) == "bad_value"
     assert reason(with_header(good, stats={"train/loss": 1.0})) == "bad_stats"
+    assert reason(with_header(good, feedback="http://evil.example/")) == "bad_value"
+    assert reason(with_header(good, feedback="tcp://" + "h" * 300)) == "bad_value"
+    assert reason(with_header(good, feedback=5)) == "wrong_type"
     assert reason([b"\x92" * 3000, as_bytes(good)[1]]) == "not_msgpack"  # deeply nested / truncated
 
 

@@ -149,8 +149,12 @@ class EDSAMSampler:
 
     @torch.no_grad()
     def generate(self, images: np.ndarray, captions: list[str], keys: list[str],
-                 m: int | None = None, seed: int = 0) -> GeneratedBatch:
+                 m: int | None = None, seed: int = 0, alpha: np.ndarray | None = None) -> GeneratedBatch:
         """M transported samples of each image (rows ``i*M .. i*M+M-1`` from image ``i``).
+
+        ``alpha`` (one per row, ``B*M``; mode ``transport``) gives each row's shift in place of
+        Eq. 9's uniform draw: a steering policy's choice (:mod:`edsam_online.policy`). None
+        draws as Eq. 9 does.
 
         The UNet sees the chunks of ``batch_size`` rows it always has (a UNet batch may round
         floats differently, so the chunking is part of what a seed reproduces). The text encoder
@@ -164,6 +168,8 @@ class EDSAMSampler:
         """
         m = self._check(images, captions, keys, m)
         cfg, ldm = self.cfg, self.ldm
+        if alpha is not None and np.shape(alpha) != (len(images) * m,):
+            raise ValueError(f"alpha must hold one value per sample ({len(images) * m}), got shape {np.shape(alpha)}")
         calls0 = ldm.unet_calls
         images = self._resize(images)
         bs = cfg.batch_size
@@ -178,7 +184,8 @@ class EDSAMSampler:
         z_t, alphas = [], []
         for i in range(len(images)):
             gen = torch.Generator(device=ldm.device).manual_seed(seed + i)
-            zt, a = transport(z_s[i:i + 1].expand(m, *z_s.shape[1:]), cfg.rho, cfg.mode, gen)
+            chosen = None if alpha is None else torch.as_tensor(alpha[i * m:(i + 1) * m])
+            zt, a = transport(z_s[i:i + 1].expand(m, *z_s.shape[1:]), cfg.rho, cfg.mode, gen, chosen)
             z_t.append(zt)
             alphas.append(a)
         z_t, alphas = torch.cat(z_t), torch.cat(alphas)

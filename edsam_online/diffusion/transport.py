@@ -29,11 +29,14 @@ def transport(
     rho: float,
     mode: str = "transport",
     generator: torch.Generator | None = None,
+    alpha: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Transport a batch of latents ``z_s`` ([B, ...]); returns ``(z_t, alpha)`` with ``alpha`` [B].
 
     Noise is drawn in float32 on ``z_s``'s device from ``generator`` (pass a seeded
-    ``torch.Generator`` on the same device for reproducible output).
+    ``torch.Generator`` on the same device for reproducible output). ``alpha`` ([B], in
+    ``[-rho, rho]``; ``"transport"`` only) replaces Eq. 9's uniform draw with chosen shifts
+    (:mod:`edsam_online.policy`); the fresh noise is drawn as before.
     """
     if not isinstance(z_s, torch.Tensor) or z_s.ndim < 2:
         raise ValueError(f"z_s must be a tensor [B, ...] with a batch dimension, got {getattr(z_s, 'shape', type(z_s))}")
@@ -44,6 +47,8 @@ def transport(
         raise ValueError(f"rho must be a finite number >= 0, got {rho}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if alpha is not None and mode != "transport":
+        raise ValueError(f"alpha can be chosen only in mode 'transport', got mode {mode!r}")
 
     b = z_s.shape[0]
     shape_b = (b,) + (1,) * (z_s.ndim - 1)
@@ -55,8 +60,13 @@ def transport(
         noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
         return (noise + rho).to(z_s.dtype), alpha
     # Eq. 9
-    u = torch.rand((b,), generator=generator, device=z.device, dtype=torch.float32)
-    alpha = (2.0 * u - 1.0) * rho
+    if alpha is None:
+        u = torch.rand((b,), generator=generator, device=z.device, dtype=torch.float32)
+        alpha = (2.0 * u - 1.0) * rho
+    else:
+        alpha = torch.as_tensor(alpha, dtype=torch.float32, device=z.device).reshape(-1)
+        if alpha.shape[0] != b or not bool(((alpha.abs() <= rho) & alpha.isfinite()).all()):
+            raise ValueError(f"alpha must hold {b} finite values in [-rho, rho] = [-{rho}, {rho}]")
     eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
     eps = eps + alpha.view(shape_b) * math.sqrt(2.0)
     z_t = (z + eps) / math.sqrt(2.0)
