@@ -95,7 +95,11 @@ def _field_path(component_type: type, name: str) -> str | None:
 def _derive(cfg: Config) -> None:
     """Settings that one component decides for another: the method decides the generator's
     ``diffusion.mode`` (:data:`edsam_online.methods.GENERATOR_MODES`, its one home). A mode set
-    by hand that the method contradicts stops the run."""
+    by hand that the method contradicts stops the run. ``producer.policy=adversarial`` needs a
+    fidelity scorer: on the built-in data, whose captions the ``attributes`` measurer reads, it
+    takes that one unless another is named."""
+    if cfg.producer.policy == "adversarial" and cfg.producer.scorer == "none" and cfg.data.kind == "builtin":
+        cfg.producer = dataclasses.replace(cfg.producer, scorer="attributes")
     mode = cfg.method.generator_mode
     if mode is None or cfg.diffusion.mode == mode:
         return
@@ -113,6 +117,9 @@ def _check_cross(cfg: Config) -> None:
     if cfg.loss.kind == "siglip" and cfg.model.init_logit_bias is None:
         raise ValueError("loss.kind: siglip needs a model with a logit bias; set model.init_logit_bias (e.g. -10)")
     if cfg.producer.policy == "adversarial":
+        if cfg.producer.scorer == "none":
+            raise ValueError("producer.policy: adversarial needs a fidelity scorer, or it would steer towards samples "
+                             "that lost their caption: set producer.scorer=clip (or attributes for built-in captions)")
         if cfg.diffusion.mode != "transport" or cfg.method.extra_batch != "stream":
             raise ValueError(f"producer.policy: adversarial steers the transport of a streaming method "
                              f"(method=edsam), got method={cfg.method.name}")

@@ -58,12 +58,15 @@ class AdversarialConfig:
     """Settings of ``producer.policy=adversarial`` (Hydra key ``producer.adversarial``).
 
     ``lam`` is Eq. 6's lambda, in nats of trainer loss per unit of normalised transport cost;
-    ``temperature`` is the softmax's, in nats; ``explore`` the share of draws spread uniformly
-    over ``[-rho, rho]``; the rest as the module docstring says."""
+    ``temperature`` is the softmax's, in nats: about the standard error of a bin's mean (one
+    sample's loss varies by about a nat, and a bin hears a few dozen distinct samples within a
+    half-life), so noise alone does not pull the draws; ``explore`` the share of draws spread
+    uniformly over ``[-rho, rho]``; the rest as the module docstring says. Chosen before any
+    study run, not tuned."""
 
     bins: int = 15
     lam: float = 0.5
-    temperature: float = 0.1
+    temperature: float = 0.2
     explore: float = 0.1
     half_life_steps: float = 200.0
     min_score: float = 1.0

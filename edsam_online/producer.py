@@ -150,9 +150,6 @@ class ProducerConfig:
             raise ValueError("min_score > 0 needs a scorer: set producer.scorer to attributes or clip")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.policy == "adversarial" and self.scorer == "none":
-            raise ValueError("policy adversarial needs a fidelity scorer, or it would steer towards samples that "
-                             "lost their caption: set producer.scorer to attributes or clip")
         if self.policy == "adversarial" and self.sink != "stream":
             raise ValueError("policy adversarial needs producer.sink=stream: offline shards get no feedback")
         if self.scorer == "clip" and not self.scorer_model:
@@ -234,6 +231,8 @@ class Producer:
     ) -> None:
         if (scorer is None) != (cfg.scorer == "none"):
             raise ValueError(f"producer.scorer={cfg.scorer!r} needs {'no' if cfg.scorer == 'none' else 'a'} scorer")
+        if cfg.policy == "adversarial" and scorer is None:
+            raise ValueError("producer.policy=adversarial needs a fidelity scorer (producer.scorer)")
         self.stream_cfg, self.cfg, self.data_cfg, self.sampler = stream_cfg, cfg, data_cfg, sampler
         self.resolution, self.scorer = resolution, scorer
         self.logging_cfg, self.run_dir, self.resolved, self.on_bound = logging_cfg, run_dir, resolved, on_bound

@@ -72,7 +72,7 @@ def test_root_config_is_typed():
         ("mix.mix_mode=swap", r"^mix\.mix_mode: must be one of"),
         ("loss.kind=siglip", r"^loss\.kind: siglip needs .*model\.init_logit_bias"),
         ("producer.policy=bandit", r"^producer\.policy: must be one of \('uniform', 'adversarial'\)"),
-        ("producer.policy=adversarial", r"^producer\.policy: adversarial needs a fidelity scorer"),
+
         ("producer.adversarial.explore=0", r"^producer\.adversarial\.explore: must be in \(0, 1\], got 0"),
         ("feedback.every_steps=0", r"^feedback\.every_steps: must be >= 1, got 0$"),
     ],
@@ -83,15 +83,17 @@ def test_bad_values_name_the_full_key(override, message):
 
 
 @pytest.mark.parametrize("overrides, message", [
+    (["producer.scorer=none", "data=webdataset", "data.path=/x/a.tar"],
+     r"^producer\.policy: adversarial needs a fidelity scorer"),
     (["method=random"], r"^producer\.policy: adversarial steers the transport of a streaming method"),
     (["method=edsam", "method.offline_shards=/tmp/x"], r"^producer\.policy: adversarial steers the transport"),
     (["loss.kind=siglip", "model.init_logit_bias=-10"], r"^producer\.policy: adversarial needs loss\.kind=clip"),
 ])
 def test_the_adversarial_policy_is_refused_where_no_feedback_could_steer_it(overrides, message):
     with pytest.raises(ValueError, match=message):
-        load_config(_compose(["producer.policy=adversarial", "producer.scorer=attributes", *overrides]))
-    assert load_config(_compose(["producer.policy=adversarial", "producer.scorer=attributes"])).producer.policy \
-        == "adversarial"
+        load_config(_compose(["producer.policy=adversarial", *overrides]))
+    steered = load_config(_compose(["producer.policy=adversarial"]))  # built-in data: the attributes measurer
+    assert (steered.producer.policy, steered.producer.scorer) == ("adversarial", "attributes")
 
 
 def test_a_bad_value_stops_the_trainer_at_start_with_the_key():
