@@ -5,7 +5,9 @@ and the resolved config ``<run_dir>/hydra/config.yaml``, and writes into
 ``<run_dir>/report/`` (or ``--out``): ``losses.png`` (real, synthetic, total, logit scale),
 ``eval.png`` (zero-shot and linear probe per domain over steps), ``buffer.png`` (fill,
 inserts/s against samples/s, reuse histogram, sample age), ``producer.png`` (samples/s and
-send-blocked time per producer), ``data_wait.png`` and ``report.html``, which shows them
+send-blocked time per producer), ``policy.png`` (with ``producer.policy=adversarial``: the
+alpha histogram of the samples sent over time, feedback applied and dropped, the reward
+estimated per alpha bin), ``data_wait.png`` and ``report.html``, which shows them
 with the config and the final table, and, when the run logged samples
 (``logging.sample_every``, ``<run_dir>/samples/``), a grid of them per logged step, newest
 first: each image with its caption, alpha, producer, age, score and source key. W&B draws
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from edsam_online.metrics import SAMPLES_DIR, read_jsonl
 
-PLOTS = ("losses.png", "eval.png", "buffer.png", "producer.png", "data_wait.png")
+PLOTS = ("losses.png", "eval.png", "buffer.png", "producer.png", "policy.png", "data_wait.png")
 EVAL_PREFIXES = {"zero-shot top-1": "eval/zeroshot_top1/", "linear probe top-1": "eval/linear_probe/"}
 SAMPLE_STEPS_SHOWN = 8  # the newest logged steps drawn as grids; samples.jsonl keeps them all
 
@@ -154,12 +156,77 @@ def render(run_dir: str | Path, out: str | Path | None = None) -> Path:
             ax.text(0.5, 0.5, "no producer in this run", ha="center", va="center", transform=ax.transAxes)
     _save(fig, out / "producer.png")
 
+    _policy_figure(producers, _resolved_config(run_dir), out)
+
     fig, ax = plt.subplots(figsize=(7, 3.5))
     _line(ax, records, ["train/data_wait_frac"], "share of step time waiting for data")
     _save(fig, out / "data_wait.png")
 
     (out / "report.html").write_text(_page(run_dir, out, records), encoding="utf-8")
     return out / "report.html"
+
+
+def alpha_histogram(records: list[dict]) -> tuple[list[float], list[list[float]]]:
+    """A steered producer's alpha histogram over time: the samples sent at each of its records,
+    and per alpha bin (rows, lowest alpha first) the share of the samples sent since the record
+    before that fell in it (``policy/sent/<bin>``)."""
+    recs = [r for r in records if "policy/sent/00" in r]
+    if not recs:
+        return [], []
+    bins = sum(1 for k in recs[0] if k.startswith("policy/sent/"))
+    return ([r.get("producer/sent", i) for i, r in enumerate(recs)],
+            [[r.get(f"policy/sent/{k:02d}", math.nan) for r in recs] for k in range(bins)])
+
+
+def _policy_figure(producers: dict[str, list[dict]], config: dict, out: Path) -> None:
+    """``policy.png``: for ``producer.policy=adversarial``, the alpha histogram of the samples
+    sent over time (one column per record of the first steered producer), each steered
+    producer's feedback applied and dropped, and the reward it estimates per alpha bin at
+    the end."""
+    import matplotlib.pyplot as plt
+
+    steered = {name: recs for name, recs in producers.items() if any("policy/sent/00" in r for r in recs)}
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    if not steered:
+        for ax in axes:
+            ax.text(0.5, 0.5, "no steered producer in this run (producer.policy=uniform)", ha="center",
+                    va="center", transform=ax.transAxes, fontsize=8)
+            ax.set_axis_off()
+        _save(fig, out / "policy.png")
+        return
+    name, recs = next(iter(steered.items()))
+    sent, grid = alpha_histogram(recs)
+    bins = len(grid)
+    rho = float(config.get("diffusion", {}).get("rho", 1.0))
+    shown = axes[0].imshow(grid, aspect="auto", origin="lower", cmap="viridis",
+                           extent=(sent[0], max(sent[-1], sent[0] + 1), -rho, rho))
+    fig.colorbar(shown, ax=axes[0], label="share of samples sent")
+    axes[0].set_title(f"alpha of the samples sent ({name})")
+    axes[0].set_xlabel("samples sent")
+    axes[0].set_ylabel("alpha")
+    for label, recs_ in steered.items():
+        for key, style in (("feedback/applied", "-"), ("feedback/dropped/unknown_sample", ":")):
+            xs, ys = _series(recs_, key, x="producer/sent")
+            axes[1].plot(xs, ys, style, label=f"{label} {key.split('/', 1)[1]}")
+        last = recs_[-1]
+        centers = [-rho + (k + 0.5) * 2 * rho / bins for k in range(bins)]
+        axes[2].plot(centers, [last.get(f"policy/reward/{k:02d}", math.nan) for k in range(bins)], "o-", label=label)
+    axes[1].set_title("feedback entries (applied; unknown sample)")
+    axes[1].set_xlabel("samples sent")
+    axes[1].legend(fontsize=7)
+    axes[2].set_title("estimated reward per alpha bin (last record)")
+    axes[2].set_xlabel("alpha")
+    axes[2].set_ylabel("fidelity-gated loss (nats)")
+    axes[2].legend(fontsize=7)
+    _save(fig, out / "policy.png")
+
+
+def _resolved_config(run_dir: Path) -> dict:
+    """The run's resolved config (``hydra/config.yaml``) as a plain dict; {} without one."""
+    import yaml
+
+    path = run_dir / "hydra" / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def _page(run_dir: Path, out: Path, records: list[dict]) -> str:

@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("none", "real2x", "edsam", "random", "identity", "masking", "ada", "advstyle")
 CORE = ("none", "real2x", "edsam")  # the comparison that matters gets more seeds
 PREFIXES = {"zero-shot": "eval/zeroshot_top1/", "linear probe": "eval/linear_probe/"}
-COSTS = {"trainer s/step": "step_time_s", "run wall (s)": "wall_s", "producer samples/s": "producer_samples_per_s"}
+COSTS = {"trainer s/step": "step_time_s", "run wall (s)": "wall_s", "producer samples/s": "producer_samples_per_s",
+         "samples generated": "generated", "samples drawn": "drawn"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -186,8 +187,29 @@ def write_outputs(rows: list[dict], diffs: list[dict], out: Path) -> None:
             lines.append(f"| {name} | {control} | "
                          + " | ".join(cell.get((label, method, control, m), "-") for m in PREFIXES) + " |")
         lines.append("")
+    lines += _per_sample_gain(rows, diffs)
     (out / "table.md").write_text("\n".join(lines))
     _plot(rows, out / "bars.png")
+
+
+def _per_sample_gain(rows: list[dict], diffs: list[dict]) -> list[str]:
+    """Accuracy per generated sample: each generating method's mean target-mean gain over
+    ``none`` (paired by seed) divided by the mean number of samples its runs generated, per
+    1000 samples."""
+    generated = {(r["sweep"], r["method"]): r["mean"] for r in rows if r["measure"] == "samples generated"}
+    gain = {(d["sweep"], d["method"], d["measure"]): d["mean"] for d in diffs
+            if d["set"] == "target_mean" and d["control"] == "none"}
+    keys = [k for k, n in generated.items() if n > 0 and any(k + (m,) in gain for m in PREFIXES)]
+    if not keys:
+        return []
+    lines = ["### target-mean gain over none per 1000 generated samples (points)", "",
+             "| method | samples generated | zero-shot | linear probe |", "|---|---:|---:|---:|"]
+    for label, method in keys:
+        name = method if label == "base" else f"{method} ({label})"
+        cells = [f"{1000 * gain[(label, method, m)] / generated[(label, method)]:+.3f}"
+                 if (label, method, m) in gain else "-" for m in PREFIXES]
+        lines.append(f"| {name} | {generated[(label, method)]:.0f} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _set_order(name: str) -> tuple[int, str]:
@@ -233,10 +255,25 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def sample_counts(run_dir: Path) -> dict[str, float]:
+    """``generated``: the samples the run's producers sent (their own last records); ``drawn``:
+    the generated samples its trainer trained on, reuse included (0 for a method without a
+    producer)."""
+    generated = 0.0
+    for log in run_dir.glob("metrics/producer*.jsonl"):
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        generated += next((r["producer/sent"] for r in reversed(lines) if "producer/sent" in r), 0.0)
+    trainer = run_dir / "metrics" / "trainer0.jsonl"
+    drawn = final_record(trainer).get("train/extra_samples", 0.0) if generated and trainer.is_file() else 0.0
+    return {"generated": generated, "drawn": drawn}
+
+
 def finished_results(out: Path) -> list[dict]:
     """Every finished run in the study folder, this invocation's and earlier ones' (a later
-    sweep adds its rows to the table instead of replacing it), in plan order."""
-    results = [json.loads(f.read_text()) for f in sorted(out.glob(str(run_folder(Path()) / "result.json")))]
+    sweep adds its rows to the table instead of replacing it), in plan order, each with its
+    :func:`sample_counts`."""
+    results = [{**json.loads(f.read_text()), **sample_counts(f.parent)}
+               for f in sorted(out.glob(str(run_folder(Path()) / "result.json")))]
     order = {m: i for i, m in enumerate(METHODS)}
     return sorted(results, key=lambda r: (r["sweep"] != "base", r["sweep"], order[r["method"]], r["seed"]))
 

@@ -4,8 +4,9 @@
         [--steps 5] [--guidance 3] [--timestep-spacing trailing] [--json OUT] [--plot OUT.png]
     python scripts/ldm_fidelity.py --n 200 --steps 5 10 --guidance 2 3 --timestep-spacing leading trailing
 
-Trains (and caches) the world measurer of :mod:`edsam_online.diffusion.fidelity` on renders of
-every style of the generator's world and prints each head's held-out accuracy. Then, for
+Loads the world measurer of :mod:`edsam_online.diffusion.fidelity` (fitted on renders of every
+style of the generator's world; it ships with the package, and a changed recipe trains and
+caches its own) and prints each head's held-out accuracy. Then, for
 each sampler setting (every combination of ``--steps``, ``--guidance`` and
 ``--timestep-spacing``; the inversion uses the same step count), it prints the share of
 samples that keep their caption's class, colour, size and all three, and the share outside

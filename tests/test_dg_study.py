@@ -25,6 +25,9 @@ records = [{"step": 1, "train/step_time_s": 0.5, "train/loss": 1.0},
             "eval/linear_probe/target_mean": acc + 0.1, "producer/samples_per_s": 12.0,
             "eval/zeroshot_top1/generator_seen_mean": acc + seed / 100,
             "eval/linear_probe/generator_seen_mean": acc}]
+if base == 30:  # a generating method: its producer's records, and the samples its trainer drew
+    records[1]["train/extra_samples"] = 4000
+    open(f"{run}/metrics/producer0.jsonl", "w").write('{"producer/sent": 500}\n{"producer/sent": 1000}\n')
 open(f"{run}/metrics/trainer0.jsonl", "w").write("\n".join(map(json.dumps, records)))
 PY
 '''
@@ -58,6 +61,8 @@ def test_the_study_runs_every_method_and_seed_once_and_tabulates_mean_and_spread
     assert table.index("### source, method − control") < table.index("### target_mean, method − control")
     header = next(line for line in table.splitlines() if line.startswith("| method | flat"))
     assert header.endswith("| target_mean | generator_seen_mean |")  # group means after the target mean
+    assert "| edsam | 0.5 ± 0 | " in table and "| 1e+03 ± 0 | 4e+03 ± 0 |" in table  # generated, drawn
+    assert "| edsam | 1000 | +10.000 | +10.000 |" in table  # 10 points over none per 1000 generated samples
 
     dg_study.main(argv)  # resumed: every run is finished, none is started again
     dg_study.main(["--tables-only", "--out", str(out), "--launcher", str(launcher)])

@@ -58,6 +58,36 @@ def test_the_measurer_trains_on_every_world_style_and_reports_each_heads_held_ou
     assert all(predicted[h].shape == (14,) and predicted[h].max() < len(HEADS[h]) for h in HEADS)
 
 
+def test_the_shipped_measurer_is_of_the_current_recipe_and_reads_held_out_renders(tmp_path):
+    from edsam_online.diffusion import fidelity
+
+    shipped = fidelity.MEASURER_DIR / fidelity.measurer_file_name(32)
+    assert shipped.is_file()  # a changed recipe trains into the cache on first use: copy that file here to ship it
+    model, accuracy = fidelity.load_or_train_measurer(str(tmp_path), 32)  # an empty cache: nothing is trained
+    assert not list(tmp_path.iterdir()) and min(accuracy.values()) >= 0.95
+    images, labels = world_renders(350, 32, start=fidelity.MEASURER_RECIPE["n"])  # held out, 50 per style
+    assert model.accuracy(images, labels)["class"] >= 0.9
+
+
+def test_a_measurer_of_another_recipe_is_trained_into_the_cache_once_and_read_back_without_pickle(tmp_path,
+                                                                                                   monkeypatch):
+    from edsam_online.diffusion import fidelity
+
+    monkeypatch.setattr(fidelity, "MEASURER_RECIPE", {"revision": 0, "n": 70, "steps": 2, "batch": 8, "lr": 1e-3,
+                                                      "seed": 0})
+    monkeypatch.setattr(fidelity, "train_measurer",
+                        lambda res, recipe=None, real=fidelity.train_measurer: real(res, fidelity.MEASURER_RECIPE))
+    first, accuracy = fidelity.load_or_train_measurer(str(tmp_path), 32)
+    (cached,) = tmp_path.iterdir()
+    assert cached.name == fidelity.measurer_file_name(32)
+    assert cached.read_bytes()[8:9] == b"{"  # a safetensors JSON header, no pickle
+    monkeypatch.setattr(fidelity, "train_measurer", None)  # a second call must not train
+    again, same = fidelity.load_or_train_measurer(str(tmp_path), 32)
+    images, _ = world_renders(14, 32)
+    assert same == accuracy and all(np.array_equal(a, b) for a, b in zip(first.predict(images).values(),
+                                                                          again.predict(images).values()))
+
+
 def test_the_preset_point_is_the_most_off_style_one_that_keeps_class_and_colour():
     def row(cls, colour, off):
         return {"class": cls, "colour": colour, "size": 1.0, "all": min(cls, colour), "off_style": off}

@@ -3,7 +3,7 @@
 import shutil
 from pathlib import Path
 
-from edsam_online.report import PLOTS, final_table, main, render
+from edsam_online.report import PLOTS, alpha_histogram, final_table, main, render
 from edsam_online.metrics import read_jsonl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "edsam_run"  # metrics and config of a cpu_demo edsam run, thinned
@@ -44,3 +44,19 @@ def test_the_report_shows_the_logged_samples_newest_step_first_with_their_captio
         assert record["source_key"] in figure and f"score {record['score']:.2f}" in figure
     shutil.rmtree(run / "samples")
     assert "Training samples" not in render(run).read_text()  # a run that logged none has no such section
+
+
+def test_a_steered_producers_alpha_histogram_over_time_is_drawn(tmp_path):
+    import json
+
+    run = shutil.copytree(FIXTURE, tmp_path / "run")
+    records = [{"producer/sent": 64 * (i + 1), **{f"policy/sent/{k:02d}": float(k == min(i, 2)) for k in range(3)},
+                "feedback/applied": 100 * i, "policy/reward/00": 2.0, "policy/reward/01": 2.5, "policy/reward/02": 3.0}
+               for i in range(4)]
+    (run / "metrics" / "producer1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    sent, grid = alpha_histogram(records)
+    assert sent == [64, 128, 192, 256]
+    assert grid == [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]  # moving up the bins
+    assert alpha_histogram(read_jsonl(run / "metrics" / "producer0.jsonl")) == ([], [])  # a uniform producer
+    render(run)
+    assert (run / "report" / "policy.png").stat().st_size > 5000

@@ -122,3 +122,31 @@ def test_synthetic_rows_weigh_by_their_score_and_the_scores_are_logged(tmp_path)
                                       "buffer/score_p10": 0.0, "buffer/score_p50": 0.0, "buffer/score_p90": 0.0}
     with pytest.raises(ValueError, match="^loss.extra_weighting: score needs kind=clip"):
         load_config({"loss": {"extra_weighting": "score", "kind": "siglip"}})
+
+
+def test_a_step_reports_each_generated_rows_own_loss_to_the_producer_that_asked(tmp_path):
+    import zmq
+
+    from edsam_online.feedback import decode_feedback
+    from edsam_online.loader import Origin
+
+    ctx = zmq.Context()
+    producer = ctx.socket(zmq.PULL)
+    producer.linger = 0
+    port = producer.bind_to_random_port("tcp://127.0.0.1")
+    endpoint = f"tcp://127.0.0.1:{port}"
+    try:
+        with _trainer(tmp_path, feedback={"every_steps": 2}) as trainer:
+            for step in range(2):
+                batch = _batch(trainer)
+                batch.extra_genuine = torch.tensor([True, True])
+                batch.extra_origins = [Origin(77, 10 + step, endpoint), None]  # the second asked for nothing
+                trainer.train_step(batch)
+                assert trainer.feedback is not None
+            assert producer.poll(5000)
+            fb = decode_feedback(producer.recv(), 4096)
+            assert (fb.session, fb.seq.tolist(), fb.model_step.tolist(), fb.step) == (77, [10, 11], [0, 1], 2)
+            assert all(0 < loss < 10 for loss in fb.loss.tolist())  # InfoNCE over 2 rows: around log 2
+            assert trainer.feedback.metrics()["feedback/entries_sent"] == 2
+    finally:
+        ctx.destroy(linger=0)

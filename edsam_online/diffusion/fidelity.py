@@ -157,20 +157,41 @@ def train_measurer(resolution: int, recipe: dict = MEASURER_RECIPE) -> tuple[Wor
     return model, model.accuracy(held_images, held_labels)
 
 
-def load_or_train_measurer(cache_dir: str, resolution: int) -> tuple[WorldMeasurer, dict[str, float]]:
-    """The measurer of :data:`MEASURER_RECIPE`, cached under ``cache_dir`` (a file named by the
-    recipe's hash, loaded with ``weights_only=True``), and its held-out accuracy per head."""
+#: Where the measurer of the current recipe ships: ``<MEASURER_DIR>/<measurer_file_name(32)>``.
+MEASURER_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def measurer_file_name(resolution: int) -> str:
+    """``fidelity-world-measurer-<res>px-<recipe hash>.safetensors``: named by the recipe, so a
+    changed recipe is trained anew, never served from an older file."""
     version = hashlib.sha256(json.dumps(MEASURER_RECIPE, sort_keys=True).encode()).hexdigest()[:8]
-    path = Path(cache_dir).expanduser() / f"fidelity-world-measurer-{resolution}px-{version}.pt"
+    return f"fidelity-world-measurer-{resolution}px-{version}.safetensors"
+
+
+def load_or_train_measurer(cache_dir: str, resolution: int) -> tuple[WorldMeasurer, dict[str, float]]:
+    """The measurer of :data:`MEASURER_RECIPE` and its held-out accuracy per head: the shipped
+    file (32 px) when it is of this recipe, else the one cached under ``cache_dir``, trained
+    there first if missing. Weights and accuracy are stored as safetensors (its metadata holds
+    the accuracy): nothing is unpickled."""
+    from safetensors.torch import load_file, save_file
+
+    name = measurer_file_name(resolution)
+    path = MEASURER_DIR / name
+    if not path.is_file():
+        path = Path(cache_dir).expanduser() / name
     if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            accuracy = json.loads(f.metadata()["accuracy"])
         model = WorldMeasurer()
-        model.load_state_dict(state["model"])
-        return model.eval(), {k: float(v) for k, v in state["accuracy"].items()}
+        model.load_state_dict(load_file(str(path)))
+        return model.eval(), {k: float(v) for k, v in accuracy.items()}
     model, accuracy = train_measurer(resolution)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "accuracy": accuracy}, tmp)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+              metadata={"accuracy": json.dumps(accuracy), "recipe": json.dumps(MEASURER_RECIPE, sort_keys=True)})
     tmp.replace(path)
     return model, accuracy
 

@@ -53,8 +53,8 @@ class ClipScorer:
 def build_scorer(kind: str, sampler: SamplerConfig, clip_model: str = "", clip_pretrained: str | None = None
                  ) -> Scorer | None:
     """The scorer ``kind`` names (None for ``none``), on the generator's device: ``attributes``
-    trains its measurer at the generator's resolution on first use and caches it in the
-    generator's cache folder; ``clip`` scores with the open_clip model ``clip_model`` and the
+    loads the measurer that ships with the package (32 px), or trains one at another
+    resolution on first use and caches it in the generator's cache folder; ``clip`` scores with the open_clip model ``clip_model`` and the
     weights ``clip_pretrained`` (:class:`ClipScorer`)."""
     if kind == "none":
         return None
