@@ -126,6 +126,7 @@ def producer_ratio(args) -> dict:
         steering.poll()
         steering.alphas(len(out))
         steering.record(seq, out.alpha, np.ones(len(out)))
+        steering.count_sent(out.alpha)
         steer = time.perf_counter() - start
         seq += len(out)
         if r:  # the first round warms up

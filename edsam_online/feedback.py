@@ -129,8 +129,9 @@ class FeedbackConfig:
     latest ``ledger_size`` samples to match feedback to (a sample reported later, e.g. after a
     long stay in a replay buffer, counts as ``unknown_sample``) and counts at most
     ``max_reports`` reports of one sample (a replay buffer draws a sample
-    ``buffer.samples_per_insert`` times on average, at most ``buffer.max_times_sampled``); a loss above ``max_loss`` is not a contrastive loss of a batch
-    this model can have (``log`` of its size is far below) and counts as ``bad_value``."""
+    ``buffer.samples_per_insert`` times on average, at most ``buffer.max_times_sampled``); a
+    loss above ``max_loss`` is not a contrastive loss of a batch this model can have (``log``
+    of its size is far below) and counts as ``bad_value``."""
 
     every_steps: int = 5
     max_entries: int = 4096

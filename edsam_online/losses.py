@@ -113,7 +113,8 @@ class EDSAMLoss(nn.Module):
                 if row_losses:
                     out["extra_row_loss"] = per_row.detach()
             else:
-                loss_extra = self._term(self.extra_term, extra_image_features, extra_text_features, logit_scale, logit_bias)
+                loss_extra = self._term(self.extra_term, extra_image_features, extra_text_features, logit_scale,
+                                        logit_bias)
             loss = loss_real + self.extra_weight * loss_extra
         else:
             loss_extra = torch.zeros_like(loss_real)

@@ -39,7 +39,7 @@ from edsam_online.metrics import LoggingConfig, MetricLogger
 from edsam_online.policy import POLICIES, AdversarialConfig, AdversarialPolicy
 from edsam_online.runtime import StopOnSignal
 from edsam_online.sinks import Handoff, open_sink
-from edsam_online.steering import ProducerSteering
+from edsam_online.steering import ProducerSteering, open_steering
 from edsam_online.streaming import StreamConfig
 from edsam_online.validation import require_at_least
 
@@ -266,6 +266,9 @@ class Producer:
             "producer/filtered": state["filtered"],
         }
         out.update({f"producer/{k}": v for k, v in self.counters.snapshot().items()})  # "data/..." keys
+        if self.steering is not None:  # forwarded with the rest, so trainers' W&B runs show the loop
+            out["producer/feedback_applied"] = self.steering.ledger.applied
+            out["producer/feedback_dropped"] = sum(self.steering.ledger.dropped.values())
         return out
 
     def run(self) -> dict[str, float]:
@@ -346,15 +349,10 @@ class Producer:
             raise
 
     def _open_steering(self, session: int) -> ProducerSteering:
-        """The feedback socket, ledger and policy of ``policy=adversarial``, bound beside the
-        data endpoint this producer binds (every interface when it connects)."""
-        pcfg, stream_cfg = self.cfg, self.stream_cfg
-        index = pcfg.rank if pcfg.endpoint_index is None else pcfg.endpoint_index
-        bound = stream_cfg.producers_bind and index < len(stream_cfg.endpoints)
-        curve = (stream_cfg.curve_client_secret, stream_cfg.curve_server_public) if stream_cfg.curve else None
-        policy = AdversarialPolicy(self.sampler.cfg.rho, pcfg.adversarial, seed=[pcfg.seed, pcfg.rank])
-        steering = ProducerSteering(policy, self.feedback, session,
-                                    data_endpoint=stream_cfg.endpoints[index] if bound else None, curve=curve)
+        pcfg = self.cfg
+        steering = open_steering(self.stream_cfg, pcfg.rank if pcfg.endpoint_index is None else pcfg.endpoint_index,
+                                 AdversarialPolicy(self.sampler.cfg.rho, pcfg.adversarial, seed=[pcfg.seed, pcfg.rank]),
+                                 self.feedback, session)
         log.info("producer %s: steered by its trainers' loss; feedback at %s", pcfg.name, steering.endpoint)
         return steering
 

@@ -142,6 +142,21 @@ def render(run_dir: str | Path, out: str | Path | None = None) -> Path:
     _line(axes[1, 1], records, ["buffer/sample_age_steps_mean", "buffer/sample_age_steps_p90"], "sample age (steps)")
     _save(fig, out / "buffer.png")
 
+    _producer_figure(producers, out)
+    _policy_figure(producers, _resolved_config(run_dir), out)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    _line(ax, records, ["train/data_wait_frac"], "share of step time waiting for data")
+    _save(fig, out / "data_wait.png")
+
+    (out / "report.html").write_text(_page(run_dir, out, records), encoding="utf-8")
+    return out / "report.html"
+
+
+def _producer_figure(producers: dict[str, list[dict]], out: Path) -> None:
+    """``producer.png``: samples/s and send-blocked time per producer."""
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, recs in producers.items():
         for ax, key in zip(axes, ("producer/samples_per_s", "producer/send_blocked_s")):
@@ -155,15 +170,6 @@ def render(run_dir: str | Path, out: str | Path | None = None) -> Path:
         else:
             ax.text(0.5, 0.5, "no producer in this run", ha="center", va="center", transform=ax.transAxes)
     _save(fig, out / "producer.png")
-
-    _policy_figure(producers, _resolved_config(run_dir), out)
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    _line(ax, records, ["train/data_wait_frac"], "share of step time waiting for data")
-    _save(fig, out / "data_wait.png")
-
-    (out / "report.html").write_text(_page(run_dir, out, records), encoding="utf-8")
-    return out / "report.html"
 
 
 def alpha_histogram(records: list[dict]) -> tuple[list[float], list[list[float]]]:

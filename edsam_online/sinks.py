@@ -185,23 +185,26 @@ class StreamSink:
             last, frames = encode_fitting(generated, first, last, stream_cfg, pcfg.name, self.session, seq,
                                           self._metrics() if forward else None,
                                           self.steering.endpoint if self.steering is not None else None)
-            chunk = last - first
+            rows, first = slice(first, last), last
+            chunk = rows.stop - rows.start
             state["generated"] += chunk
             if frames is None:
                 state["dropped_unsent"] += chunk
                 log.warning("producer %s: one sample's header exceeds stream.limits.max_header_bytes=%d, "
                             "dropped it", pcfg.name, stream_cfg.limits.max_header_bytes)
-            elif self._send(frames):
+                continue
+            if self.steering is not None:  # before the send: a trainer may report the samples at once
+                self.steering.record(seq, generated.alpha[rows],
+                                     None if generated.score is None else generated.score[rows])
+            if self._send(frames):
                 state["sent"] += chunk
                 self._progress.update(chunk)
                 if self.steering is not None:
-                    score = None if generated.score is None else generated.score[first:last]
-                    self.steering.record(seq, generated.alpha[first:last], score)
+                    self.steering.count_sent(generated.alpha[rows])
             else:
                 state["dropped_unsent"] += chunk
                 log.warning("producer %s: no trainer took a message within %.1fs, dropped its %d samples",
                             pcfg.name, pcfg.send_timeout_s, chunk)
-            first = last
 
     def close(self) -> None:
         """Give queued messages up to ``stop_grace_s`` to reach a trainer, then drop them."""

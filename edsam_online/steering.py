@@ -41,6 +41,7 @@ from edsam_online import security
 from edsam_online.feedback import (DROP_REASONS, FeedbackConfig, FeedbackError, FeedbackLedger, decode_feedback,
                                    encode_feedback)
 from edsam_online.policy import AdversarialPolicy
+from edsam_online.streaming import StreamConfig
 
 log = logging.getLogger(__name__)
 _WILDCARD_HOSTS = ("*", "0.0.0.0", "[::]", "::")
@@ -127,9 +128,14 @@ class ProducerSteering:
             return self.policy.draw(n)
 
     def record(self, first_seq: int, alpha: np.ndarray, score: np.ndarray | None) -> None:
-        """Remember sent samples ``first_seq ...`` (their alpha and score) for their feedback."""
+        """Remember samples ``first_seq ...`` (their alpha and score) for their feedback, before
+        they are sent (a message that is dropped leaves its numbers to the next one)."""
         with self._lock:
             self.ledger.record(first_seq, alpha, score)
+
+    def count_sent(self, alpha: np.ndarray) -> None:
+        """Add samples that were sent to the alpha histogram (``policy/sent/*``)."""
+        with self._lock:
             np.add.at(self._sent, self.policy.bin_of(np.asarray(alpha)), 1)
 
     def metrics(self) -> dict[str, float]:
@@ -153,6 +159,17 @@ class ProducerSteering:
 
     def close(self) -> None:
         self._ctx.destroy(linger=0)
+
+
+def open_steering(stream_cfg: StreamConfig, endpoint_index: int, policy: AdversarialPolicy, cfg: FeedbackConfig,
+                  session: int) -> ProducerSteering:
+    """The steering of the producer at ``stream.endpoints[endpoint_index]``: its feedback socket
+    binds beside that endpoint when the producer binds it (every interface when it connects),
+    as a CURVE client under ``stream.curve``."""
+    bound = stream_cfg.producers_bind and endpoint_index < len(stream_cfg.endpoints)
+    curve = (stream_cfg.curve_client_secret, stream_cfg.curve_server_public) if stream_cfg.curve else None
+    return ProducerSteering(policy, cfg, session, data_endpoint=stream_cfg.endpoints[endpoint_index] if bound else None,
+                            curve=curve)
 
 
 class FeedbackSender:

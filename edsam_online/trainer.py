@@ -98,6 +98,7 @@ class StepOutput:
     sibling_pairs: int = 0  # pairs of extra-batch rows that share a source key, summed over ranks
     extra_scores: list[float] = dataclasses.field(default_factory=list)  # this rank's trained extra rows' scores
     extra_unscored: int = 0  # this rank's trained extra rows without a score
+    extra_alphas: list[float] = dataclasses.field(default_factory=list)  # this rank's trained generated rows' alphas
 
 
 def _sibling_pairs(batch: MixedBatch) -> int:
@@ -108,15 +109,18 @@ def _sibling_pairs(batch: MixedBatch) -> int:
 
 
 def _trained_scores(batch: MixedBatch, used_extra: bool) -> dict[str, Any]:
-    """``extra_scores`` and ``extra_unscored`` of the extra-batch rows a step trained on."""
+    """``extra_scores``, ``extra_unscored`` and ``extra_alphas`` of the extra-batch rows a step
+    trained on (alphas of generated rows only: others have none)."""
     if not used_extra:
         return {}
     flags = batch.extra_genuine
+    alphas = batch.extra_alpha[flags]
+    out = {"extra_alphas": alphas[~torch.isnan(alphas)].tolist()}
     if batch.extra_score is None:
-        return {"extra_unscored": int(flags.sum())}
+        return {**out, "extra_unscored": int(flags.sum())}
     scores = batch.extra_score[flags]
     known = ~torch.isnan(scores)
-    return {"extra_scores": scores[known].tolist(), "extra_unscored": int((~known).sum())}
+    return {**out, "extra_scores": scores[known].tolist(), "extra_unscored": int((~known).sum())}
 
 
 def _normalization(transform: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,6 +178,7 @@ class _Window:
         self.loss = self.loss_real = self.loss_extra = 0.0
         self.sibling_pairs = 0
         self.scores: list[float] = []
+        self.alphas: list[float] = []
         self.unscored = 0
 
     def add(self, out: StepOutput, images: int, seconds: float, wait: float) -> None:
@@ -189,6 +194,7 @@ class _Window:
         self.loss_extra += out.loss_extra.item()
         self.sibling_pairs += out.sibling_pairs
         self.scores += out.extra_scores
+        self.alphas += out.extra_alphas
         self.unscored += out.extra_unscored
 
     def score_metrics(self) -> dict[str, float]:
@@ -200,6 +206,15 @@ class _Window:
         return {"buffer/score_missing_share": self.unscored / (len(scores) + self.unscored),
                 "buffer/score_mean": float(scores.mean()),
                 **{f"buffer/score_p{q}": float(np.percentile(scores, q)) for q in (10, 50, 90)}}
+
+
+    def alpha_metrics(self, rho: float, bins: int) -> dict[str, float]:
+        """``train/alpha_hist/<bin>``: the share of the generated rows this rank trained on whose
+        alpha lies in each of ``bins`` equal bins over ``[-rho, rho]`` (nothing without any)."""
+        if not self.alphas or rho <= 0:
+            return {}
+        counts, _ = np.histogram(np.clip(self.alphas, -rho, rho), bins=bins, range=(-rho, rho))
+        return {f"train/alpha_hist/{k:02d}": float(c) / len(self.alphas) for k, c in enumerate(counts)}
 
 
 class Trainer:
@@ -453,6 +468,7 @@ class Trainer:
             "train/step_time_s": window.time / window.steps,
             **self.loader.stats(),
             **window.score_metrics(),
+            **window.alpha_metrics(self.cfg.diffusion.rho, self.cfg.producer.adversarial.bins),
         }
         if self.feedback is not None:
             metrics.update(self.feedback.metrics())

@@ -28,8 +28,8 @@ def _poll_until(steering, applied, timeout_s=10.0):
 
 
 @pytest.mark.parametrize("data, bound", [("tcp://127.0.0.1:5555", "tcp://127.0.0.1:*"), ("tcp://*:5555", "tcp://*:*"),
-                                         ("tcp://0.0.0.0:7", "tcp://*:*"), ("ipc:///tmp/x.sock", "ipc:///tmp/x.sock.feedback"),
-                                         (None, "tcp://*:*")])
+                                         ("tcp://0.0.0.0:7", "tcp://*:*"), (None, "tcp://*:*"),
+                                         ("ipc:///tmp/x.sock", "ipc:///tmp/x.sock.feedback")])
 def test_the_feedback_socket_binds_beside_the_data_endpoint(data, bound):
     assert feedback_bind_endpoint(data) == bound
 
