@@ -276,6 +276,21 @@ def test_pipelined_and_sequential_producers_send_the_same_samples_in_the_same_or
         assert 0 < result["producer/generate_s"]
 
 
+def test_a_steered_producer_that_hears_no_feedback_sends_what_a_uniform_one_sends(tiny):
+    received = {}
+    ones = lambda images, captions: np.ones(len(images), np.float32)  # noqa: E731
+    for policy in ("uniform", "adversarial"):
+        pcfg = ProducerConfig(num_samples=8, batch_size=2, m=2, seed=5, scorer="attributes", policy=policy)
+        thread, endpoint, _, producer = start_producer(tiny, pcfg, scorer=ones)
+        received[policy] = _pull_all(endpoint, 8)
+        thread.join(60)
+    uniform, steered = received["uniform"], received["adversarial"]
+    assert [h["alpha"] for h, _ in steered] == [h["alpha"] for h, _ in uniform]  # Eq. 9's draw, bit for bit
+    assert [img for _, img in steered] == [img for _, img in uniform]
+    assert all(h["feedback"].startswith("tcp://127.0.0.1:") for h, _ in steered)  # where to report them
+    assert all("feedback" not in h for h, _ in uniform)
+
+
 @pytest.mark.parametrize("pipeline", [True, False])
 def test_a_stop_while_the_sender_is_blocked_ends_within_the_grace_and_counts_what_went_unsent(tiny, pipeline):
     pcfg = ProducerConfig(batch_size=1, m=2, send_timeout_s=60, stop_grace_s=0.5, pipeline=pipeline)
