@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -120,6 +121,7 @@ def run_one(args: argparse.Namespace, label: str, method: str, seed: int, extra:
         "step_time_s": record["train/step_time_s_mean"],
         "producer_samples_per_s": record.get("producer/samples_per_s", 0.0),
         "metrics": {k: v for k, v in record.items() if k.startswith(tuple(PREFIXES.values()))},
+        **sample_counts(run_dir),
     }
     result_file.write_text(json.dumps(result, indent=1))
     return result
@@ -144,9 +146,11 @@ def aggregate(results: list[dict]) -> list[dict]:
                 rows.append({"sweep": label, "method": method, "measure": measure, "set": name,
                              "mean": mean, "std": std, "seeds": len(values)})
         for measure, key in COSTS.items():
-            mean, std = _mean_std([r[key] for r in runs])
-            rows.append({"sweep": label, "method": method, "measure": measure, "set": "-",
-                         "mean": mean, "std": std, "seeds": len(runs)})
+            values = [r[key] for r in runs if math.isfinite(r[key])]  # counts unknown for early results
+            if values:
+                mean, std = _mean_std(values)
+                rows.append({"sweep": label, "method": method, "measure": measure, "set": "-",
+                             "mean": mean, "std": std, "seeds": len(values)})
     return rows
 
 
@@ -196,7 +200,8 @@ def _per_sample_gain(rows: list[dict], diffs: list[dict]) -> list[str]:
     """Accuracy per generated sample: each generating method's mean target-mean gain over
     ``none`` (paired by seed) divided by the mean number of samples its runs generated, per
     1000 samples."""
-    generated = {(r["sweep"], r["method"]): r["mean"] for r in rows if r["measure"] == "samples generated"}
+    generated = {(r["sweep"], r["method"]): r["mean"] for r in rows
+                 if r["measure"] == "samples generated" and math.isfinite(r["mean"])}
     gain = {(d["sweep"], d["method"], d["measure"]): d["mean"] for d in diffs
             if d["set"] == "target_mean" and d["control"] == "none"}
     keys = [k for k, n in generated.items() if n > 0 and any(k + (m,) in gain for m in PREFIXES)]
@@ -270,10 +275,16 @@ def sample_counts(run_dir: Path) -> dict[str, float]:
 
 def finished_results(out: Path) -> list[dict]:
     """Every finished run in the study folder, this invocation's and earlier ones' (a later
-    sweep adds its rows to the table instead of replacing it), in plan order, each with its
-    :func:`sample_counts`."""
-    results = [{**json.loads(f.read_text()), **sample_counts(f.parent)}
-               for f in sorted(out.glob(str(run_folder(Path()) / "result.json")))]
+    sweep adds its rows to the table instead of replacing it), in plan order. A result written
+    before runs recorded their :func:`sample_counts` gets them from its run folder where the
+    metrics are still there (and keeps them); without them its counts are unknown (NaN)."""
+    results = []
+    for f in sorted(out.glob(str(run_folder(Path()) / "result.json"))):
+        result = json.loads(f.read_text())
+        if "generated" not in result and (f.parent / "metrics" / "trainer0.jsonl").is_file():
+            result.update(sample_counts(f.parent))
+            f.write_text(json.dumps(result, indent=1))
+        results.append({"generated": math.nan, "drawn": math.nan, **result})
     order = {m: i for i, m in enumerate(METHODS)}
     return sorted(results, key=lambda r: (r["sweep"] != "base", r["sweep"], order[r["method"]], r["seed"]))
 
