@@ -32,7 +32,7 @@ import torch
 import zmq
 
 
-def _stand_in_producer(ctx: zmq.Context, stop: threading.Event) -> str:
+def _stand_in_producer(ctx: zmq.Context, stop: threading.Event) -> tuple[str, threading.Thread]:
     """A PULL socket drained by a thread, as a steered producer's feedback endpoint."""
     sock = ctx.socket(zmq.PULL)
     sock.linger = 0
@@ -44,8 +44,9 @@ def _stand_in_producer(ctx: zmq.Context, stop: threading.Event) -> str:
                 sock.recv()
         sock.close()
 
-    threading.Thread(target=drain, daemon=True).start()
-    return f"tcp://127.0.0.1:{port}"
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    return f"tcp://127.0.0.1:{port}", thread
 
 
 def trainer_ratio(args) -> dict:
@@ -59,7 +60,7 @@ def trainer_ratio(args) -> dict:
             "model": {"name": "edsam-tiny-rn"}, "runtime": {"device": "cpu", "threads": args.threads},
             "logging": {"wandb": False, "jsonl": False}, "eval": {"linear_probe": False}}
     ctx, stop = zmq.Context(), threading.Event()
-    endpoint = _stand_in_producer(ctx, stop)
+    endpoint, drainer = _stand_in_producer(ctx, stop)
     with tempfile.TemporaryDirectory() as run_dir, Trainer(load_config({**tree, "run_dir": run_dir})) as trainer:
         texts = trainer.tokenizer([f"a small red shape number {i}" for i in range(2 * args.batch)])
         real, extra = torch.rand(args.batch, 3, 32, 32), torch.rand(args.batch, 3, 32, 32)
@@ -84,6 +85,7 @@ def trainer_ratio(args) -> dict:
                 times[mode].append((time.perf_counter() - start) / args.steps)
         sent = trainer.feedback.metrics()
     stop.set()
+    drainer.join()
     ctx.destroy(linger=0)
     plain, fed = statistics.median(times["plain"]), statistics.median(times["feedback"])
     return {"step_s_plain": plain, "step_s_feedback": fed, "ratio": fed / plain, **sent}

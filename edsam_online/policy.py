@@ -145,7 +145,8 @@ class AdversarialPolicy:
 
     def probabilities(self) -> np.ndarray | None:
         """The probability of drawing each bin; None while the policy draws as ``uniform``."""
-        if self.rho == 0 or self.weight.sum() < self.cfg.min_feedback:
+        heard = self.weight.sum()
+        if self.rho == 0 or heard == 0 or heard < self.cfg.min_feedback:
             return None
         value = self.estimates() - self.cfg.lam * self.cost
         logits = (value - value.max()) / self.cfg.temperature

@@ -207,7 +207,12 @@ class FeedbackSender:
         for (endpoint, session), entries in self._pending.items():
             for i in range(0, len(entries), self.cfg.max_entries):
                 seq, loss, model_step = (np.array(c) for c in zip(*entries[i:i + self.cfg.max_entries]))
-                data = encode_feedback(self.name, self.session, self._mseq, step, session, seq, loss, model_step)
+                try:
+                    data = encode_feedback(self.name, self.session, self._mseq, step, session, seq, loss,
+                                           model_step)
+                except ValueError:  # sample numbers 2^32 apart: the older ones are long forgotten there
+                    self.send_dropped += 1
+                    continue
                 self._mseq += 1
                 try:
                     self._socket(endpoint).send(data, zmq.NOBLOCK)

@@ -47,6 +47,7 @@ def test_without_feedback_the_policy_leaves_the_draw_to_eq_9():
     policy.update(np.zeros(10), np.ones(10), np.ones(10), np.zeros(10))  # fewer than min_feedback
     assert policy.draw(8) is None
     assert AdversarialPolicy(0.0, AdversarialConfig(min_feedback=0)).draw(8) is None  # rho = 0: nothing to choose
+    assert AdversarialPolicy(RHO, AdversarialConfig(min_feedback=0)).draw(8) is None  # nothing heard at all
 
 
 def test_samples_that_lose_their_content_do_not_pull_the_policy_however_high_their_loss():
