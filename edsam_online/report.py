@@ -211,13 +211,16 @@ def _policy_figure(producers: dict[str, list[dict]], config: dict, out: Path) ->
     axes[0].set_xlabel("samples sent")
     axes[0].set_ylabel("alpha")
     for label, recs_ in steered.items():
-        for key, style in (("feedback/applied", "-"), ("feedback/dropped/unknown_sample", ":")):
-            xs, ys = _series(recs_, key, x="producer/sent")
-            axes[1].plot(xs, ys, style, label=f"{label} {key.split('/', 1)[1]}")
+        xs, ys = _series(recs_, "feedback/applied", x="producer/sent")
+        axes[1].plot(xs, ys, "-", label=f"{label} applied")
+        dropped = [r for r in recs_ if "feedback/applied" in r and "producer/sent" in r]
+        axes[1].plot([r["producer/sent"] for r in dropped],
+                     [sum(v for k, v in r.items() if k.startswith("feedback/dropped/")) for r in dropped], ":",
+                     label=f"{label} dropped (all reasons)")
         last = recs_[-1]
         centers = [-rho + (k + 0.5) * 2 * rho / bins for k in range(bins)]
         axes[2].plot(centers, [last.get(f"policy/reward/{k:02d}", math.nan) for k in range(bins)], "o-", label=label)
-    axes[1].set_title("feedback entries (applied; unknown sample)")
+    axes[1].set_title("feedback entries")
     axes[1].set_xlabel("samples sent")
     axes[1].legend(fontsize=7)
     axes[2].set_title("estimated reward per alpha bin (last record)")
