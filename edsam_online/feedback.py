@@ -30,13 +30,12 @@ values out of range, replayed messages and samples already reported ``max_report
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import msgpack
 import numpy as np
 
-from edsam_online.validation import require_at_least
+from edsam_online.validation import require_at_least, require_positive
 
 FEEDBACK_VERSION = 1
 #: Why a feedback message (``message``) or entry (``entry``) was dropped: ``feedback/dropped/<reason>``.
@@ -155,8 +154,7 @@ class FeedbackConfig:
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "every_steps", "max_entries", "sndhwm", "ledger_size", "max_reports")
-        if not (self.max_loss > 0 and math.isfinite(self.max_loss)):
-            raise ValueError(f"max_loss must be a finite number > 0, got {self.max_loss}")
+        require_positive(self, "max_loss")
 
 
 class FeedbackLedger:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edsam_online.validation import require_at_least
+from edsam_online.validation import require_at_least, require_positive
 
 POLICIES = ("uniform", "adversarial")
 
@@ -75,12 +75,9 @@ class AdversarialConfig:
     def __post_init__(self) -> None:
         require_at_least(self, 2, "bins")
         require_at_least(self, 0, "lam", "min_feedback")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        require_positive(self, "temperature", "half_life_steps")
         if not 0 < self.explore <= 1:
             raise ValueError(f"explore must be in (0, 1], got {self.explore}")
-        if not (self.half_life_steps > 0 and math.isfinite(self.half_life_steps)):
-            raise ValueError(f"half_life_steps must be > 0, got {self.half_life_steps}")
         if not 0 <= self.min_score <= 1:
             raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
 
