@@ -82,6 +82,12 @@ class AdversarialConfig:
             raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
 
 
+def bin_edges(rho: float, bins: int) -> np.ndarray:
+    """The ``bins + 1`` edges of the policy's equal alpha bins over ``[-rho, rho]`` (also what
+    ``policy/*/<bin>`` and ``train/alpha_hist/<bin>`` index)."""
+    return np.linspace(-rho, rho, bins + 1)
+
+
 class AdversarialPolicy:
     """The steered alpha of ``producer.policy=adversarial`` for one producer (module docstring);
     its draws come from a generator seeded with ``seed``."""
@@ -90,7 +96,7 @@ class AdversarialPolicy:
         if not (rho >= 0 and math.isfinite(rho)):
             raise ValueError(f"rho must be a finite number >= 0, got {rho}")
         self.rho, self.cfg = float(rho), cfg
-        self.edges = np.linspace(-self.rho, self.rho, cfg.bins + 1)
+        self.edges = bin_edges(self.rho, cfg.bins)
         lo, hi = self.edges[:-1], self.edges[1:]
         # mean of (alpha / rho)^2 over each bin, alpha uniform in it
         self.cost = (lo**2 + lo * hi + hi**2) / 3 / max(self.rho, 1e-12) ** 2

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from edsam_online.metrics import SAMPLES_DIR, read_jsonl
+from edsam_online.policy import bin_edges
 
 PLOTS = ("losses.png", "eval.png", "buffer.png", "producer.png", "policy.png", "data_wait.png")
 EVAL_PREFIXES = {"zero-shot top-1": "eval/zeroshot_top1/", "linear probe top-1": "eval/linear_probe/"}
@@ -218,8 +219,8 @@ def _policy_figure(producers: dict[str, list[dict]], config: dict, out: Path) ->
                      [sum(v for k, v in r.items() if k.startswith("feedback/dropped/")) for r in dropped], ":",
                      label=f"{label} dropped (all reasons)")
         last = recs_[-1]
-        centers = [-rho + (k + 0.5) * 2 * rho / bins for k in range(bins)]
-        axes[2].plot(centers, [last.get(f"policy/reward/{k:02d}", math.nan) for k in range(bins)], "o-", label=label)
+        edges = bin_edges(rho, bins)
+        axes[2].plot((edges[:-1] + edges[1:]) / 2, [last.get(f"policy/reward/{k:02d}", math.nan) for k in range(bins)], "o-", label=label)
     axes[1].set_title("feedback entries")
     axes[1].set_xlabel("samples sent")
     axes[1].legend(fontsize=7)

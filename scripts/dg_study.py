@@ -5,6 +5,7 @@
     python scripts/dg_study.py --quick                 # one seed of none, real2x, edsam (a smoke check)
     python scripts/dg_study.py --tables-only           # the tables of the runs finished so far
     python scripts/dg_study.py --sweep diffusion.rho=0.2,0.5,1.0 --methods edsam   # Table 1 in kind
+    python scripts/dg_study.py --tables-only --against producer.policy=uniform     # also pair with that sweep
     python scripts/dg_study.py --imagefolder pacs_sketch=/data/pacs/sketch trainer.steps=300
 
 Each run is ``scripts/launch.sh --run-dir <out>/runs/<sweep>/<method>/seed<S> experiment=cpu_demo
@@ -36,12 +37,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("none", "real2x", "edsam", "random", "identity", "masking", "ada", "advstyle")
 CORE = ("none", "real2x", "edsam")  # the comparison that matters gets more seeds
 PREFIXES = {"zero-shot": "eval/zeroshot_top1/", "linear probe": "eval/linear_probe/"}
 COSTS = {"trainer s/step": "step_time_s", "run wall (s)": "wall_s", "producer samples/s": "producer_samples_per_s",
-         "samples generated": "generated", "samples drawn": "drawn"}
+         "samples generated": "generated", "samples drawn": "drawn", "feedback applied": "feedback_applied",
+         "feedback dropped": "feedback_dropped", "mean abs alpha sent": "alpha_abs_sent"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--imagefolder", action="append", default=[], metavar="NAME=PATH",
                    help="an extra ImageFolder evaluation set (repeatable)")
     p.add_argument("--sweep", default="", metavar="KEY=V1,V2", help="one override swept over values")
+    p.add_argument("--against", default="", metavar="KEY=V",
+                   help="also pair every sweep's runs with the same method's runs of this sweep")
     p.add_argument("--out", default=str(ROOT / "results" / "dg_study"))
     p.add_argument("--launcher", default=str(ROOT / "scripts" / "launch.sh"), help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="one seed of none, real2x and edsam")
@@ -121,7 +127,7 @@ def run_one(args: argparse.Namespace, label: str, method: str, seed: int, extra:
         "step_time_s": record["train/step_time_s_mean"],
         "producer_samples_per_s": record.get("producer/samples_per_s", 0.0),
         "metrics": {k: v for k, v in record.items() if k.startswith(tuple(PREFIXES.values()))},
-        **sample_counts(run_dir),
+        **producer_summary(run_dir),
     }
     result_file.write_text(json.dumps(result, indent=1))
     return result
@@ -260,55 +266,94 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def sample_counts(run_dir: Path) -> dict[str, float]:
-    """``generated``: the samples the run's producers sent (their own last records); ``drawn``:
-    the generated samples its trainer trained on, reuse included (0 for a method without a
-    producer)."""
-    generated = 0.0
-    for log in run_dir.glob("metrics/producer*.jsonl"):
-        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        generated += next((r["producer/sent"] for r in reversed(lines) if "producer/sent" in r), 0.0)
+def _alpha_abs_sent(records: list[dict], rho: float) -> float:
+    """Mean |alpha| of the samples a steered producer sent: its alpha histogram over time
+    (:func:`edsam_online.report.alpha_histogram`), weighted by the samples sent between
+    records, at the bins' centres."""
+    from edsam_online.policy import bin_edges
+    from edsam_online.report import alpha_histogram
+
+    sent, grid = alpha_histogram(records)
+    edges = bin_edges(rho, len(grid))
+    counts = np.asarray(grid) * np.diff([0.0, *sent])  # [bins, records]
+    return float((counts.sum(1) * np.abs((edges[:-1] + edges[1:]) / 2)).sum() / counts.sum())
+
+
+def producer_summary(run_dir: Path) -> dict[str, float]:
+    """From a run's metrics, the numbers that are known (JSON has no NaN): ``generated``, the
+    samples its producers sent (their own last records); ``drawn``, the generated samples its
+    trainer trained on, reuse included (0 for a method without a producer; left out where its
+    log lacks the count); for ``producer.policy=adversarial``, ``feedback_applied`` and
+    ``feedback_dropped`` (summed over producers) and ``alpha_abs_sent`` (mean |alpha| of the
+    samples sent; Eq. 9's uniform draw gives rho / 2)."""
+    import yaml
+
+    config = run_dir / "hydra" / "config.yaml"
+    rho = float((yaml.safe_load(config.read_text()) or {}).get("diffusion", {}).get("rho", 0.0)) \
+        if config.is_file() else 0.0
+    generated, applied, dropped, alphas = 0.0, [], [], []
+    for log in sorted(run_dir.glob("metrics/producer*.jsonl")):
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        last = next((r for r in reversed(records) if "producer/sent" in r), {})
+        generated += last.get("producer/sent", 0.0)
+        if "feedback/applied" in last:
+            applied.append(last["feedback/applied"])
+            dropped.append(sum(v for k, v in last.items() if k.startswith("feedback/dropped/")))
+            alphas.append(_alpha_abs_sent(records, rho))
     trainer = run_dir / "metrics" / "trainer0.jsonl"
-    drawn = final_record(trainer).get("train/extra_samples", 0.0) if generated and trainer.is_file() else 0.0
-    return {"generated": generated, "drawn": drawn}
+    # NaN where the trainer's log predates the metric (or is gone): unknown, not none
+    drawn = final_record(trainer).get("train/extra_samples", math.nan) if trainer.is_file() else math.nan
+    drawn = drawn if generated else 0.0
+    out = {"generated": generated, "drawn": drawn}
+    if applied:
+        out.update(feedback_applied=sum(applied), feedback_dropped=sum(dropped), alpha_abs_sent=statistics.fmean(alphas))
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+SUMMARY_KEYS = ("generated", "drawn", "feedback_applied", "feedback_dropped", "alpha_abs_sent")
 
 
 def finished_results(out: Path) -> list[dict]:
     """Every finished run in the study folder, this invocation's and earlier ones' (a later
     sweep adds its rows to the table instead of replacing it), in plan order. A result written
-    before runs recorded their :func:`sample_counts` gets them from its run folder where the
-    metrics are still there (and keeps them); without them its counts are unknown (NaN)."""
+    before runs recorded their :func:`producer_summary` gets it from its run folder where the
+    metrics are still there (and keeps it); a number no result holds is unknown (NaN)."""
     results = []
     for f in sorted(out.glob(str(run_folder(Path()) / "result.json"))):
         result = json.loads(f.read_text())
         if "generated" not in result and (f.parent / "metrics" / "trainer0.jsonl").is_file():
-            result.update(sample_counts(f.parent))
+            result.update(producer_summary(f.parent))
             f.write_text(json.dumps(result, indent=1))
-        results.append({"generated": math.nan, "drawn": math.nan, **result})
+        results.append({**dict.fromkeys(SUMMARY_KEYS, math.nan), **result})
     order = {m: i for i, m in enumerate(METHODS)}
     return sorted(results, key=lambda r: (r["sweep"] != "base", r["sweep"], order[r["method"]], r["seed"]))
 
 
-def paired_differences(results: list[dict], controls: tuple[str, ...] = ("none", "real2x")) -> list[dict]:
+def paired_differences(results: list[dict], controls: tuple[str, ...] = ("none", "real2x"),
+                       against: str = "") -> list[dict]:
     """Per-seed differences of top-1 on each of :func:`summary_sets` against each control of
     the base study (and, for a sweep's runs, against the same method's base runs: what the
-    swept setting changed), in points, with each seed's sign (``+``, ``-``, ``0``). Runs of
-    one seed share the data seed, so the pairing removes the between-seed variance that both
-    methods share."""
-    base = {(r["method"], r["seed"]): r["metrics"] for r in results if r["sweep"] == "base"}
+    swept setting changed; with ``against``, also against the same method's runs in that
+    sweep, e.g. a control run in the same session), in points, with each seed's sign (``+``,
+    ``-``, ``0``). Runs of one seed share the data seed, so the pairing removes the
+    between-seed variance that both methods share."""
+    by_run = {(r["sweep"], r["method"], r["seed"]): r["metrics"] for r in results}
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
         groups.setdefault((r["sweep"], r["method"]), []).append(r)
     rows = []
     for (label, method), runs in groups.items():
         own = (method,) if label != "base" and method not in controls else ()
-        for control in controls + own:
+        pairings = [(c, "base", c) for c in controls + own]
+        if against and label not in ("base", against):
+            pairings.append((f"{method} ({against})", against, method))
+        for control, control_sweep, control_method in pairings:
             if label == "base" and method in controls and controls.index(method) <= controls.index(control):
                 continue  # a control against itself, or against a later control (the reverse row is there)
             for summary in summary_sets(results):
                 for measure, prefix in PREFIXES.items():
                     key = prefix + summary
-                    pairs = [(r["metrics"], base.get((control, r["seed"]), {})) for r in runs]
+                    pairs = [(r["metrics"], by_run.get((control_sweep, control_method, r["seed"]), {})) for r in runs]
                     diffs = [100 * (m[key] - c[key]) for m, c in pairs if key in m and key in c]
                     if diffs:
                         mean, std = _mean_std(diffs)
@@ -324,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     for run in [] if args.tables_only else plan(args):
         run_one(args, *run)
     results = finished_results(Path(args.out))
-    write_outputs(aggregate(results), paired_differences(results), Path(args.out))
+    write_outputs(aggregate(results), paired_differences(results, against=args.against), Path(args.out))
     print((Path(args.out) / "table.md").read_text())
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from _scripts import load_script
 
 dg_study = load_script("scripts/dg_study.py")
@@ -80,6 +82,14 @@ def test_the_study_runs_every_method_and_seed_once_and_tabulates_mean_and_spread
     assert run_dirs[-1].endswith("/runs/buffer.distinct_sources_true/edsam/seed0")
     assert not any("=" in d for d in run_dirs)  # launch.sh hands it to Hydra as run_dir=<folder>
 
+    # --against pairs a sweep's runs with another sweep's (a control run in the same session)
+    dg_study.main(["--methods", "edsam", "--core-seeds", "1", "--sweep", "buffer.distinct_sources=false",
+                   "--against", "buffer.distinct_sources=true", "--out", str(out), "--launcher", str(launcher)])
+    table = (out / "table.md").read_text()
+    assert ("| edsam (buffer.distinct_sources=false) | edsam (buffer.distinct_sources=true) | +0.0 ± 0.0 (0/1 > 0: 0)"
+            in table)
+    assert "| edsam (buffer.distinct_sources=true) | edsam (buffer.distinct_sources=true) |" not in table
+
 
 def test_quick_and_sweep_plans():
     quick = dg_study.plan(dg_study.parse_args(["--quick"]))
@@ -91,3 +101,20 @@ def test_quick_and_sweep_plans():
                                                "--sweep", "diffusion.rho=0.2,1.0"]))
     assert [(label, extra) for label, _, _, extra in sweep] == [
         ("diffusion.rho=0.2", ["diffusion.rho=0.2"]), ("diffusion.rho=1.0", ["diffusion.rho=1.0"])]
+
+
+def test_a_steered_runs_feedback_and_the_alphas_it_sent_are_summarised(tmp_path):
+    (tmp_path / "hydra").mkdir()
+    (tmp_path / "hydra" / "config.yaml").write_text("diffusion:\n  rho: 1.0\n")
+    (tmp_path / "metrics").mkdir()
+    bins = lambda *shares: {f"policy/sent/{k:02d}": v for k, v in enumerate(shares)}  # noqa: E731
+    records = [{"producer/sent": 100, **bins(1.0, 0.0, 0.0), "feedback/applied": 10},
+               {"producer/sent": 300, **bins(0.0, 0.5, 0.5), "feedback/applied": 50,
+                "feedback/dropped/replay": 2, "feedback/dropped/over_reported": 3}]
+    (tmp_path / "metrics" / "producer0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "metrics" / "trainer0.jsonl").write_text(json.dumps({"step": 9, "train/extra_samples": 4000}) + "\n")
+    summary = dg_study.producer_summary(tmp_path)
+    # bins centred at -2/3, 0, +2/3: 100 samples at |2/3|, 100 at 0, 100 at 2/3
+    assert summary["alpha_abs_sent"] == pytest.approx(4 / 9)
+    assert (summary["generated"], summary["drawn"], summary["feedback_applied"], summary["feedback_dropped"]) \
+        == (300, 4000, 50, 5)
