@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from edsam_online.data import CLASSES, DOMAINS, SOURCE_DOMAIN, TARGET_DOMAINS, render_sample
-from edsam_online.eval import (EvalConfig, domain_samples, evaluate, fit_linear_probe, format_eval_table,
-                               linear_probe_eval, zero_shot_eval)
+from edsam_online.eval import (EvalConfig, check_eval_paths, domain_samples, evaluate, evaluate_detailed,
+                               fit_linear_probe, format_eval_table, linear_probe_eval, retrieval_eval,
+                               retrieval_recall, zero_shot_eval)
 
 from _scripts import load_script
 
@@ -84,12 +85,13 @@ def preprocess_np(image):
 
 
 def tokenizer(texts):
-    """Token = index of the built-in class a prompt names (the constructed text tower's input)."""
+    """Token = index of the built-in class a prompt names, any case (the constructed text
+    tower's input); DIM - 1 for a prompt naming none."""
     ids = []
     for text in texts:
-        named = [c for c in CLASSES if re.search(rf"\b{c}\b", text)]
-        assert len(named) == 1, text
-        ids.append([CLASSES.index(named[0])])
+        named = [c for c in CLASSES if re.search(rf"\b{c}\b", text, re.I)]
+        assert len(named) <= 1, text
+        ids.append([CLASSES.index(named[0]) if named else DIM - 1])
     return torch.tensor(ids)
 
 
@@ -164,7 +166,8 @@ def test_imagefolder_trees_are_evaluated_by_their_folder_names(tmp_path):
     assert metrics["eval/zeroshot_top1/my_sketches"] == 1.0
     assert metrics["eval/linear_probe/my_sketches"] == 1.0
     assert "eval/zeroshot_top1/target_mean" not in metrics  # ImageFolder trees are not built-in targets
-    assert "| my_sketches | 100.0 | 100.0 |" in format_eval_table(metrics)
+    assert metrics["eval/count/my_sketches"] == 30 and metrics["eval/count/flat"] == 40
+    assert "| my_sketches | 30 | 100.0 | 100.0 |" in format_eval_table(metrics)
 
 
 def test_tiny_open_clip_model_runs_end_to_end():
@@ -177,8 +180,9 @@ def test_tiny_open_clip_model_runs_end_to_end():
     metrics = evaluate(model, clip_tokenizer, preprocess_val, cfg)
     expected = {f"{p}/{d}" for p in ("eval/zeroshot_top1", "eval/linear_probe")
                 for d in ("flat", "sketch", "dark", "source", "target_mean")}
-    assert set(metrics) == expected
-    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    counts = {"eval/count/flat": 30, "eval/count/sketch": 30, "eval/count/dark": 30, "eval/count/probe_train": 50}
+    assert set(metrics) == expected | set(counts)
+    assert all(0.0 <= metrics[k] <= 1.0 for k in expected) and {k: metrics[k] for k in counts} == counts
 
 
 def test_format_eval_table():
@@ -212,7 +216,179 @@ def test_format_eval_table():
     (dict(target_groups={"mine": ["flat"]}), "target_groups.mine"),
     (dict(target_groups={"mine": []}), "target_groups.mine"),
     (dict(imagefolders={"generator_seen_mean": "/x"}), "imagefolders"),
+    (dict(imagefolders={"probe_train": "/x"}), "imagefolders"),
+    (dict(imagefolders={"x": "/x"}, probe_train="x", classnames={"probe_train": "/n"}), "classnames.probe_train"),
+    (dict(domains=[], imagefolders={"x": "/x"}, probe_train="x"), "domains: nothing to evaluate"),
+    (dict(retrieval={"a/b": "/x.csv"}), "retrieval"),
+    (dict(retrieval_max_images=0), "retrieval_max_images"),
 ])
 def test_eval_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         EvalConfig(**kwargs)
+
+
+def _names_file(path, names):
+    path.write_text("".join(f"{n}\n" for n in names))
+    return str(path)
+
+
+def test_top5_is_reported_only_for_sets_of_more_than_five_classes(tmp_path):
+    make_shards = _load_make_shards()
+    make_shards.write_imagefolder(tmp_path / "three", "sketch", 3, 16, seed=7)  # circle, square, triangle
+    cfg = EvalConfig(domains=["flat"], samples_per_class=2, resolution=16, top5=True, linear_probe=False,
+                     imagefolders={"three": str(tmp_path / "three")})
+    result = evaluate_detailed(ConstructedClip(cfg, folders=[("sketch", 7, 3)]), tokenizer, preprocess, cfg)
+    assert result.metrics["eval/zeroshot_top5/flat"] == 1.0 and "eval/zeroshot_top5/three" not in result.metrics
+    assert result.metrics["eval/count/three"] == 3
+    table = result.table()
+    assert "| three | 3 | 100.0 | – |" in table
+    assert "note: zero-shot top-5 is reported for sets of more than 5 classes only, not for three (3)" in table
+
+
+def test_probe_fit_on_a_named_split_scores_sets_whose_class_file_differs_in_case(tmp_path):
+    """`probe_train` names a configured tree: the probe fits on it (which is then not evaluated),
+    scores a set whose class-names file spells the classes capitalized, and a set with a class
+    it does not know gets a note instead of a silent gap."""
+    make_shards = _load_make_shards()
+    make_shards.write_imagefolder(tmp_path / "train", "sketch", 40, 16, seed=7)
+    make_shards.write_imagefolder(tmp_path / "test", "sketch", 20, 16, seed=8)
+    folders = sorted(p.name for p in (tmp_path / "test").iterdir())
+    odd = tmp_path / "odd"
+    make_shards.write_imagefolder(odd, "sketch", 20, 16, seed=8)
+    cfg = EvalConfig(domains=["flat"], samples_per_class=2, probe_train_per_class=2, resolution=16,
+                     imagefolders={"train": str(tmp_path / "train"), "test": str(tmp_path / "test"), "odd": str(odd)},
+                     classnames={"test": _names_file(tmp_path / "test.txt", [f.capitalize() for f in folders]),
+                                 "odd": _names_file(tmp_path / "odd.txt", ["blob", *folders[1:]])},
+                     probe_train="train")
+    check_eval_paths(cfg)
+    model = ConstructedClip(cfg, folders=[("sketch", 7, 40), ("sketch", 8, 20)])
+    result = evaluate_detailed(model, tokenizer, preprocess, cfg)
+    m = result.metrics
+    assert m["eval/linear_probe/test"] == 1.0 and m["eval/linear_probe/flat"] == 1.0
+    assert "eval/linear_probe/odd" not in m and "eval/zeroshot_top1/train" not in m
+    assert m["eval/count/probe_train"] == 40 and m["eval/count/test"] == 20
+    assert result.probe == "eval.imagefolders.train (40 images, 10 classes)"
+    assert result.notes == [
+        "linear probe: no number for odd: 1 of its 10 classes ('blob') are not among the probe's 10"]
+    assert result.sets["odd"].probe_correct is None and bool(result.sets["test"].probe_correct.all())
+    assert "linear probe fitted on: eval.imagefolders.train (40 images, 10 classes)" in result.table()
+    assert "| odd | 20 | " in result.table() and result.table().count("| – |") == 1  # odd's probe cell
+
+
+def test_confusion_matrix_rows_are_true_classes():
+    cfg = EvalConfig(domains=["flat", "sketch"], samples_per_class=6, resolution=16, linear_probe=False)
+    result = evaluate_detailed(ConstructedClip(cfg, blind=("sketch",)), tokenizer, preprocess, cfg)
+    flat, sketch = result.sets["flat"].confusion(), result.sets["sketch"].confusion()
+    assert torch.equal(flat, 6 * torch.eye(len(CLASSES), dtype=torch.long))
+    assert flat.sum() == sketch.sum() == 60 and sketch.sum(1).tolist() == [6] * len(CLASSES)
+    assert sketch.trace().item() == round(60 * result.metrics["eval/zeroshot_top1/sketch"])
+
+
+def test_retrieval_recall_on_hand_made_embeddings():
+    """Four images on a circle, text i a little past image i: image i's nearest texts are i,
+    then i-1; text i's nearest images are i, then i+1."""
+    n = 4
+    angle = torch.arange(n) * (2 * torch.pi / n)
+    images = torch.stack([angle.cos(), angle.sin()], 1)
+    texts = torch.stack([(angle + 0.3).cos(), (angle + 0.3).sin()], 1)
+    relevant = torch.eye(n, dtype=torch.bool)
+    assert retrieval_recall(images, texts, relevant) == {"i2t_r1": 1.0, "t2i_r1": 1.0}  # k >= 4 candidates left out
+    shifted = relevant.roll(-1, dims=1)  # image i matches text i-1: the second nearest both ways
+    assert retrieval_recall(images, texts, shifted, ks=(1, 2)) == {"i2t_r1": 0.0, "i2t_r2": 1.0,
+                                                                   "t2i_r1": 0.0, "t2i_r2": 1.0}
+    shifted[3, 3] = True  # image 3 matches text 3 as well
+    assert retrieval_recall(images, texts, shifted, ks=(1,)) == {"i2t_r1": 0.25, "t2i_r1": 0.25}
+
+
+def _captioned_images(folder, n):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"{i:03d}.png")
+        Image.new("RGB", (20, 20), (20 * i, 255 - 20 * i, 90)).save(paths[-1])
+    return paths
+
+
+def test_retrieval_on_a_captioned_webdataset_and_a_csv(tmp_path, caplog):
+    import webdataset as wds
+
+    from edsam_online.models import ClipModelConfig, create_clip
+
+    paths = _captioned_images(tmp_path / "img", 12)
+    with wds.TarWriter(str(tmp_path / "caps.tar")) as sink:
+        for i, p in enumerate(paths):
+            sink.write({"__key__": f"{i:04d}", "png": p.read_bytes(), "txt": f"picture number {i}".encode()})
+        sink.write({"__key__": "nocap", "png": paths[0].read_bytes(), "txt": b"  "})
+    rows = [f"img/{p.name},picture number {i}" for i, p in enumerate(paths)]
+    rows.insert(1, "img/missing.png,gone")
+    rows += ["img/000.png,a second caption of picture 0", "img/001.png,picture number 0"]
+    (tmp_path / "caps.csv").write_text("path,caption\n" + "\n".join(rows) + "\n")
+    cfg = EvalConfig(domains=["flat"], retrieval_max_images=11, batch_size=4,
+                     retrieval={"shards": str(tmp_path / "caps.tar"), "table": str(tmp_path / "caps.csv")})
+    check_eval_paths(cfg)
+    torch.manual_seed(0)
+    model, _, preprocess_val, clip_tokenizer = create_clip(ClipModelConfig(name="edsam-tiny"))
+    with caplog.at_level("WARNING", logger="edsam_online.eval"):
+        m = retrieval_eval(model, clip_tokenizer, preprocess_val, cfg)
+    assert "retrieval table: skipped img/missing.png" in caplog.text
+    assert m["eval/retrieval/images/shards"] == 11 and m["eval/retrieval/captions/shards"] == 11  # capped
+    # the CSV's first 11 distinct paths (000, missing, 001-009) with all their captions, one unreadable;
+    # "picture number 0" captions images 0 and 1
+    assert m["eval/retrieval/images/table"] == 10 and m["eval/retrieval/captions/table"] == 11
+    for name, left_out in (("shards", set()), ("table", {"t2i_r10"})):  # 10 images: R@10 would be 1
+        recalls = {k.split("/")[2]: v for k, v in m.items() if k.endswith("/" + name) and "_r" in k}
+        assert set(recalls) == {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)} - left_out
+        assert all(0 <= v <= 1 for v in recalls.values())
+        assert recalls["i2t_r1"] <= recalls["i2t_r5"] <= recalls["i2t_r10"]
+    table = format_eval_table(m)
+    assert table.startswith("| retrieval | images | captions | image→text R@1 (%)") and "| table | 10 | 11 |" in table
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(imagefolders={"pacs": "{tmp}/nothing"}), "eval.imagefolders.pacs: no such file or folder: {tmp}/nothing"),
+    (dict(imagefolders={"pacs": "{tmp}/names.txt"}), "eval.imagefolders.pacs: {tmp}/names.txt is not a folder"),
+    (dict(imagefolders={"pacs": "{tmp}/empty"}), "eval.imagefolders.pacs: {tmp}/empty holds no class folders"),
+    (dict(imagefolders={"pacs": "{tmp}/tree"}), "eval.imagefolders.pacs: class folder {tmp}/tree/b holds no images"),
+    (dict(webdatasets={"w": "{tmp}/{{0000..0002}}.tar"}, classnames={"w": "{tmp}/names.txt"}),
+     r"eval.webdatasets.w: .*shard\(s\) not found, e.g. {tmp}/0002.tar"),
+    (dict(probe_train="{tmp}/gone.tar", classnames={"probe_train": "{tmp}/names.txt"}),
+     "eval.probe_train: no such file or folder: {tmp}/gone.tar"),
+    (dict(retrieval={"coco": "{tmp}/coco.csv"}), "eval.retrieval.coco: no such file: {tmp}/coco.csv"),
+    (dict(retrieval={"bad": "{tmp}/names.txt.csv"}), r"eval.retrieval.bad: .* lacks column\(s\) \['caption', 'path'\]"),
+    (dict(retrieval={"cc": "{tmp}/empty"}), "eval.retrieval.cc: no shards found"),
+])
+def test_check_eval_paths_names_the_key(tmp_path, change, message):
+    (tmp_path / "names.txt").write_text("a\nb\n")
+    (tmp_path / "names.txt.csv").write_text("image,text\n")
+    (tmp_path / "empty").mkdir()
+    for i in range(2):
+        (tmp_path / f"{i:04d}.tar").write_bytes(b"")
+    (tmp_path / "tree" / "a").mkdir(parents=True)
+    (tmp_path / "tree" / "a" / "x.png").write_bytes(b"")  # named like an image: not opened
+    (tmp_path / "tree" / "b").mkdir()
+    (tmp_path / "tree" / "b" / "notes.txt").write_text("")
+    change = {k: {n: p.format(tmp=tmp_path) for n, p in v.items()} if isinstance(v, dict) else v.format(tmp=tmp_path)
+              for k, v in change.items()}
+    cfg = EvalConfig(domains=["flat"], **change)
+    with pytest.raises(ValueError, match="^" + message.format(tmp=re.escape(str(tmp_path)))):
+        check_eval_paths(cfg)
+    (tmp_path / "tree" / "b" / "y.JPG").write_bytes(b"")
+    check_eval_paths(EvalConfig(imagefolders={"pacs": str(tmp_path / "tree")},
+                                webdatasets={"w": str(tmp_path / "{0000..0001}.tar")},
+                                classnames={"w": str(tmp_path / "names.txt")}))
+
+
+def test_format_eval_table_with_counts_probe_and_notes():
+    metrics = {"eval/zeroshot_top1/flat": 0.5, "eval/zeroshot_top5/flat": 0.75, "eval/zeroshot_top1/fruit": 1.0,
+               "eval/linear_probe/flat": 0.25, "eval/count/flat": 40, "eval/count/fruit": 9,
+               "eval/count/probe_train": 500}
+    assert format_eval_table(metrics, "built-in source domain `flat` (500 images, 10 classes)", ["why"]) == "\n".join([
+        "| domain | images | zero-shot top-1 (%) | zero-shot top-5 (%) | linear probe top-1 (%) |",
+        "|---|---:|---:|---:|---:|",
+        "| flat (source) | 40 | 50.0 | 75.0 | 25.0 |",
+        "| fruit | 9 | 100.0 | – | – |",
+        "linear probe fitted on: built-in source domain `flat` (500 images, 10 classes)",
+        "note: why",
+    ])

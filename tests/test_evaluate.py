@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 from edsam_online.eval import EvalConfig, EvalSet, zero_shot_eval
@@ -47,15 +48,22 @@ def test_edsam_eval_scores_a_trained_run_on_an_image_folder_it_did_not_write(tmp
     out = _run(["consumers.evaluate", f"checkpoint={run}", f"+eval.imagefolders.fruit={tree}", *SMALL_EVAL],
                tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "step_00000002.pt" in out.stdout and "| fruit |" in out.stdout
+    assert "step_00000002.pt" in out.stdout and "| fruit | 9 | " in out.stdout and "| – |" in out.stdout
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    assert 0 <= metrics["eval/zeroshot_top1/fruit"] <= 1 and metrics["eval/zeroshot_top5/fruit"] == 1.0  # 3 classes
+    assert 0 <= metrics["eval/zeroshot_top1/fruit"] <= 1 and "eval/zeroshot_top5/fruit" not in metrics  # 3 classes
+    assert metrics["eval/count/fruit"] == 9 and metrics["eval/count/flat"] == 20
     rows = list(csv.DictReader(open(run / "eval" / "metrics.csv")))
     assert {"metric": "eval/zeroshot_top1", "set": "fruit", "value": str(metrics["eval/zeroshot_top1/fruit"])} in rows
+    per_class = [r for r in csv.DictReader(open(run / "eval" / "per_class.csv")) if r["set"] == "fruit"]
+    assert [(r["class"], r["images"], r["linear_probe_top1"]) for r in per_class] == [
+        ("blue plum", "3", ""), ("green pear", "3", ""), ("red apple", "3", "")]  # no probe: eval.linear_probe=false
+    confusion = list(csv.reader(open(run / "eval" / "confusion_fruit.csv")))
+    assert confusion[0] == ["true \\ predicted", "blue plum", "green pear", "red apple"]
+    assert [sum(map(int, row[1:])) for row in confusion[1:]] == [3, 3, 3]
 
 
 def test_edsam_eval_scores_an_open_clip_model_by_name(tmp_path):
-    out = _run(["consumers.evaluate", "model.name=RN50", "eval.resolution=224", "eval.templates=simple",
+    out = _run(["consumers.evaluate", "model=rn50", "eval.resolution=224", "eval.templates=simple",
                 f"out_dir={tmp_path / 'out'}", "eval.samples_per_class=1", "eval.domains=[flat,sketch]",
                 "eval.linear_probe=false"], tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -64,9 +72,54 @@ def test_edsam_eval_scores_an_open_clip_model_by_name(tmp_path):
     assert set(metrics) >= {"eval/zeroshot_top1/flat", "eval/zeroshot_top1/target_mean", "eval/zeroshot_top5/sketch"}
 
 
-def test_edsam_eval_names_a_missing_checkpoint(tmp_path):
+def test_edsam_eval_names_a_missing_checkpoint_or_eval_path(tmp_path):
     out = _run(["consumers.evaluate", f"checkpoint={tmp_path / 'nothing'}"], tmp_path)
     assert out.returncode == 2 and "config error: checkpoint: no run folder or checkpoint file" in out.stderr
+    out = _run(["consumers.evaluate", f"+eval.retrieval.coco={tmp_path / 'coco.csv'}"], tmp_path)
+    assert out.returncode == 2
+    assert f"config error: eval.retrieval.coco: no such file: {tmp_path / 'coco.csv'}" in out.stderr
+
+
+@pytest.mark.parametrize("group,name", [("vit_b16", "ViT-B-16"), ("tiny", "edsam-tiny"), ("rn50", "RN50"),
+                                        ("tiny_rn", "edsam-tiny-rn")])
+def test_every_model_group_option_composes_into_an_evaluate_config(group, name):
+    from hydra import compose, initialize_config_dir
+
+    from consumers.evaluate import CONFIG_DIR, EvaluateConfig
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose("evaluate", overrides=[f"model={group}", "eval.domains=[dark]"]))
+        hydra_cfg = compose("evaluate", return_hydra_config=True).hydra
+    assert isinstance(cfg, EvaluateConfig) and cfg.model.name == name and cfg.eval.domains == ["dark"]
+    help_text = hydra_cfg.help.template
+    assert "model: rn50, tiny, tiny_rn, vit_b16" in help_text  # the only group --help lists
+    assert not any(f"\n{g}:" in help_text for g in ("data", "diffusion", "method", "runtime", "experiment"))
+
+
+def test_per_class_and_confusion_files(tmp_path):
+    from consumers.evaluate import write_results
+    from edsam_online.eval import EvalResult, SetResult
+
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    zs = torch.tensor([0, 0, 1, 1, 2, 2, 2, 0])
+    result = EvalResult({"eval/zeroshot_top1/zoo": 5 / 8, "eval/count/zoo": 8},
+                        {"zoo": SetResult(["ant", "bee", "cat", "dog"], labels, zs,
+                                          torch.tensor([1, 1, 1, 0, 1, 1, 0, 0], dtype=torch.bool))},
+                        "built-in source domain `flat` (500 images, 10 classes)", ["a note"])
+    written = write_results(result, tmp_path, "edsam-tiny (random weights)")
+    assert [p.name for p in written] == ["metrics.json", "metrics.csv", "per_class.csv", "confusion_zoo.csv",
+                                         "info.json"]
+    rows = [(r["class"], r["images"], r["zeroshot_top1"], r["linear_probe_top1"])
+            for r in csv.DictReader(open(tmp_path / "per_class.csv"))]
+    third = str(1 / 3)
+    assert rows == [("ant", "3", str(2 / 3), "1.0"), ("bee", "2", "0.5", "0.5"), ("cat", "3", str(2 / 3), third),
+                    ("dog", "0", "", "")]
+    assert list(csv.reader(open(tmp_path / "confusion_zoo.csv"))) == [
+        ["true \\ predicted", "ant", "bee", "cat", "dog"], ["ant", "2", "1", "0", "0"], ["bee", "0", "1", "1", "0"],
+        ["cat", "1", "0", "2", "0"], ["dog", "0", "0", "0", "0"]]
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info == {"model": "edsam-tiny (random weights)", "notes": ["a note"],
+                    "linear_probe_fitted_on": "built-in source domain `flat` (500 images, 10 classes)"}
 
 
 class _OneHotText:
