@@ -10,7 +10,10 @@
 
 A sink is driven by one thread at a time (the producer's delivery thread, :class:`Handoff`, or
 its loop) and counts what it delivers in the producer's ``state``: ``sent``, ``generated``,
-``dropped_unsent``, ``unsent_at_stop`` and ``blocked_s``.
+``dropped_unsent``, ``unsent_at_stop`` and ``blocked_s``. It says where samples go
+(:meth:`Sink.destination`) and what it delivered (:meth:`Sink.totals`) in its own terms: messages
+for a stream, shard files and bytes for shards. What a stop costs is counted, not logged per
+message or batch: :meth:`Sink.totals` says it once, in the producer's last line.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from edsam_online.wire import encode_image, encode_message, provenance
 
 if TYPE_CHECKING:  # annotations only: this module needs no diffusion stack
     from edsam_online.diffusion import GeneratedBatch
+    from edsam_online.metrics import MetricLogger
     from edsam_online.producer import ProducerConfig
     from edsam_online.steering import ProducerSteering
 
@@ -54,16 +58,26 @@ class Sink(Protocol):
     def close(self) -> None:
         """Release the socket or the shard writer (after the last :meth:`deliver`)."""
 
+    def destination(self) -> str:
+        """Where the samples go, for the producer's first line."""
+
+    def totals(self) -> str:
+        """What was delivered so far, for the progress lines and the last line."""
+
 
 def open_sink(pcfg: ProducerConfig, stream_cfg: StreamConfig, state: dict, session: int, stop: threading.Event,
               metrics: Callable[[], dict[str, float]], progress: Any,
               on_bound: Callable[[str], None] | None = None, steering: ProducerSteering | None = None) -> Sink:
     """The sink ``pcfg.sink`` names. ``metrics`` gives the ``producer/*`` metrics a message
     forwards; ``progress`` (a tqdm bar) is advanced by the samples delivered; ``steering``
-    (a stream only) advertises its feedback endpoint and records what was sent."""
+    (a stream only) advertises its feedback endpoint and records what was sent. Logs where
+    the samples go."""
     if pcfg.sink == "shards":
-        return ShardSink(pcfg, stream_cfg, state, session, progress)
-    return StreamSink(pcfg, stream_cfg, state, session, stop, metrics, progress, on_bound, steering)
+        sink: Sink = ShardSink(pcfg, stream_cfg, state, session, progress)
+    else:
+        sink = StreamSink(pcfg, stream_cfg, state, session, stop, metrics, progress, on_bound, steering)
+    log.info("producer %s: %s", pcfg.name, sink.destination())
+    return sink
 
 
 # ----------------------------------------------------------------------------- sockets
@@ -156,6 +170,8 @@ class StreamSink:
         self.steering = steering
         self._stop, self._metrics, self._progress = stop, metrics, progress
         self._stopped_at: float | None = None
+        self.messages = 0  # sent
+        self.dropped_at_stop = 0  # rows of messages still unsent when the stop's grace ran out
         # Random, not every N-th: behind a round-robin PUSH a fixed stride could keep some
         # trainers from ever seeing producer stats.
         self._stats_rng = random.Random(session)
@@ -198,9 +214,13 @@ class StreamSink:
                                      None if generated.score is None else generated.score[rows])
             if self._send(frames):
                 state["sent"] += chunk
+                self.messages += 1
                 self._progress.update(chunk)
                 if self.steering is not None:
                     self.steering.count_sent(generated.alpha[rows])
+            elif self._stop.is_set():  # the grace bounded this send: said once, in totals()
+                state["dropped_unsent"] += chunk
+                self.dropped_at_stop += chunk
             else:
                 state["dropped_unsent"] += chunk
                 log.warning("producer %s: no trainer took a message within %.1fs, dropped its %d samples",
@@ -210,6 +230,21 @@ class StreamSink:
         """Give queued messages up to ``stop_grace_s`` to reach a trainer, then drop them."""
         self.sock.close(linger=int(self.pcfg.stop_grace_s * 1000))
         self._ctx.term()
+
+    def destination(self) -> str:
+        if self.stream_cfg.producers_bind:
+            return f"streams to trainers from {self.sock.last_endpoint.decode()} (bound)"
+        return f"streams to trainers at {', '.join(self.stream_cfg.endpoints)} (connected)"
+
+    def totals(self) -> str:
+        state = self.state
+        text = (f"sent {_count(state['sent'], 'sample')} in {_count(self.messages, 'message')}, "
+                f"{state['dropped_unsent']} dropped unsent")
+        if self.dropped_at_stop:
+            text += f" ({self.dropped_at_stop} when the stop's stop_grace_s={self.pcfg.stop_grace_s:g}s ran out)"
+        if state["unsent_at_stop"]:
+            text += f", {_count(state['unsent_at_stop'], 'generated sample')} left unsent at the stop"
+        return text
 
     def _stop_deadline(self) -> float | None:
         """None while running; after a stop, until when generated samples may still be sent."""
@@ -225,13 +260,11 @@ class StreamSink:
 
     def _abandon(self, rows: int) -> None:
         """Count the rows of a batch that the stop's grace left unattempted (rows past
-        ``num_samples`` would never have been sent and are not counted)."""
+        ``num_samples`` would never have been sent and are not counted). Each batch queued at
+        the stop comes here: :meth:`totals` says the sum once."""
         if self.pcfg.num_samples:
             rows = max(0, min(rows, self.pcfg.num_samples - self.state["sent"] - self.state["unsent_at_stop"]))
         self.state["unsent_at_stop"] += rows
-        if rows:
-            log.warning("producer %s: stopping, %d generated samples left unsent after stop_grace_s=%.1fs",
-                        self.pcfg.name, rows, self.pcfg.stop_grace_s)
 
     def _send(self, frames: list) -> bool:
         """Bounded send: at most ``send_timeout_s``, and never past the stop's grace."""
@@ -248,6 +281,10 @@ class StreamSink:
                 return True
             if budget <= SEND_SLICE_S:
                 return False
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _image_file(image: np.ndarray, encoding: str, quality: int) -> bytes:
@@ -271,6 +308,7 @@ class ShardSink:
         os.makedirs(pcfg.shard_dir, exist_ok=True)
         pattern = os.path.join(pcfg.shard_dir, f"{pcfg.name}-{session:016x}-%06d.tar")
         self.writer = wds.ShardWriter(pattern, maxcount=pcfg.shard_samples, verbose=0)
+        self.files: list[str] = []  # the shard files samples went to, in order
 
     def deliver(self, generated: GeneratedBatch) -> None:
         """Write the rows of ``generated`` (up to ``num_samples`` samples in all) as shard samples."""
@@ -285,12 +323,64 @@ class ShardSink:
                 "txt": generated.captions[source],
                 "json": json.dumps(provenance(generated, r, pcfg.name, self.session, state["sent"])).encode(),
             })
+            if self.writer.fname not in self.files[-1:]:
+                self.files.append(self.writer.fname)
             state["generated"] += 1
             state["sent"] += 1
             self._progress.update(1)
 
     def close(self) -> None:
         self.writer.close()
+
+    def destination(self) -> str:
+        return f"writes shards of {self.pcfg.shard_samples} samples to {self.pcfg.shard_dir}"
+
+    def totals(self) -> str:
+        """Samples, files and bytes written (the open file's bytes so far)."""
+        nbytes = sum(os.path.getsize(f) for f in self.files if os.path.exists(f))
+        return (f"wrote {_count(self.state['sent'], 'sample')} to {_count(len(self.files), 'shard file')} "
+                f"({nbytes / 1e6:.1f} MB) in {self.pcfg.shard_dir}")
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class ProgressLog:
+    """``producer.log_every_s``: every that many seconds of ``clock`` (0: never) the producer
+    logs one progress line and, with ``metric_logger``, a JSONL record of its metrics. The
+    line gives the rates over the interval since the previous one, then the totals. The
+    producer checks :meth:`due` between batches, so a batch longer than the period delays a
+    line, never skips it; the last record and line come at the end either way."""
+
+    def __init__(self, name: str, every_s: float, metric_logger: MetricLogger | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name, self.every_s, self.metric_logger, self.clock = name, every_s, metric_logger, clock
+        self._since = (clock(), 0.0, 0.0, 0.0)  # time, sent, send_blocked_s, generate_s
+
+    def due(self) -> bool:
+        return self.every_s > 0 and self.clock() - self._since[0] >= self.every_s
+
+    def report(self, metrics: dict[str, float], totals: str, waiting: int) -> None:
+        """Log the record and the line (:meth:`line`)."""
+        if self.metric_logger is not None:
+            self.metric_logger.log(metrics, step=int(metrics["producer/sent"]))
+        log.info(self.line(metrics, totals, waiting))
+
+    def line(self, metrics: dict[str, float], totals: str, waiting: int) -> str:
+        """One line from the ``producer/*`` metrics, the sink's ``totals`` and the samples
+        ``waiting`` for delivery; starts the next interval."""
+        now = self.clock()
+        sent, blocked, busy = (metrics[f"producer/{k}"] for k in ("sent", "send_blocked_s", "generate_s"))
+        then, sent0, blocked0, busy0 = self._since
+        span = max(now - then, 1e-9)
+        self._since = (now, sent, blocked, busy)
+        text = (f"producer {self.name}: {(sent - sent0) / span:.2f} samples/s over the last {span:.0f} s "
+                f"(generator busy {min(1.0, (busy - busy0) / span):.0%}, "
+                f"send blocked {min(1.0, (blocked - blocked0) / span):.0%}); {totals}; "
+                f"{int(metrics['producer/filtered'])} filtered below min_score; {waiting} waiting for delivery")
+        if "producer/feedback_applied" in metrics:
+            text += f"; feedback applied {int(metrics['producer/feedback_applied'])}"
+        return text
 
 
 # ----------------------------------------------------------------------------- the delivery thread

@@ -21,7 +21,7 @@ from torchvision import transforms
 from edsam_online.config import load_config
 from edsam_online.diffusion import GeneratedBatch
 from edsam_online.loader import MixedBatch
-from edsam_online.metrics import SAMPLE_COLUMNS, SAMPLES_KEY, LoggingConfig, MetricLogger, read_jsonl
+from edsam_online.metrics import SAMPLE_COLUMNS, SAMPLE_FIELDS, SAMPLES_KEY, LoggingConfig, MetricLogger, read_jsonl
 from edsam_online.trainer import _normalization, sample_rows
 from edsam_online.wandb_offline import read_run, read_table
 from edsam_online.wire import encode_message
@@ -32,11 +32,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a small red star on a light background", "a large blue ring on a light background"]
 
 
+def _thumb(source: int) -> np.ndarray:
+    return np.full((8, 8, 3), 40 * source, np.uint8)
+
+
 def _frames(seq: int) -> list:
-    """One scored sample from "producer-7", as a producer sends it, with forwarded stats."""
+    """One scored sample from "producer-7", as a producer sends it, with its source's thumbnail
+    and forwarded stats."""
     image = np.random.default_rng(seq).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     batch = GeneratedBatch.single(image, f"src{seq % 5}", CAPTIONS[seq % 2], alpha=0.25 + seq % 3 / 10, seed=seq,
                                   model_id="test", rho=0.5).scored(np.array([0.5 + seq % 2 / 4]))
+    batch.source_thumbs = _thumb(seq % 5)[None]
     return encode_message(batch, "producer-7", 1, seq, stats={"producer/sent": float(seq + 1),
                                                               "producer/samples_per_s": 5.0})
 
@@ -66,7 +72,7 @@ def _feed(stop: threading.Event) -> str:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A short ``python -m consumers.train`` run (8 steps, samples every 4) fed by a stand-in
-    producer, W&B offline; W&B's artifact staging goes to a folder of its own."""
+    producer, W&B offline (the logger keeps W&B's staging inside the run folder)."""
     tmp = tmp_path_factory.mktemp("monitoring")
     stop = threading.Event()
     endpoint = _feed(stop)
@@ -76,8 +82,7 @@ def trained_run(tmp_path_factory):
                  "runtime.num_workers=1", "runtime.prefetch=1", "runtime.threads=1", "eval.domains=[flat]",
                  "eval.samples_per_class=2", "eval.linear_probe=false", "logging.log_every=4",
                  "logging.sample_every=4", "logging.sample_rows=3", f"run_dir={run_dir}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_DATA_DIR=str(tmp / "wandb-data"),
-               PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
     try:
         out = subprocess.run([sys.executable, "-m", "consumers.train", *overrides], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=300)
@@ -101,6 +106,9 @@ def test_the_offline_wandb_run_holds_the_sample_table_with_images_captions_and_a
             assert row["source_key"].startswith("src") and 0 <= row["age_steps"] <= table.step
             with Image.open(row["image"]) as image:
                 assert image.size == (32, 32) and image.mode == "RGB"
+            with Image.open(row["source"]) as source:  # the thumbnail its producer sent with it
+                assert np.array_equal(np.asarray(source), _thumb(int(row["source_key"][3:])))
+            assert row["image"].is_relative_to(trained_run[0]) and row["source"].is_relative_to(trained_run[0])
 
 
 def test_the_run_folder_holds_the_same_samples_as_png_files_and_jsonl(trained_run):
@@ -109,10 +117,13 @@ def test_the_run_folder_holds_the_same_samples_as_png_files_and_jsonl(trained_ru
     assert [(r["step"], r["row"]) for r in records] == [(4, 0), (4, 1), (4, 2), (8, 0), (8, 1), (8, 2)]
     logged = [row for t in read_table(run, SAMPLES_KEY) for row in t.rows]
     for record, row in zip(records, logged):  # the same rows, in the same order
-        assert {k: record[k] for k in SAMPLE_COLUMNS[1:]} == {k: row[k] for k in SAMPLE_COLUMNS[1:]}
+        assert {k: record[k] for k in SAMPLE_FIELDS} == {k: row[k] for k in SAMPLE_FIELDS}
         assert record["image"] == f"samples/step_{record['step']:08d}/{record['row']:02d}.png"
+        assert record["source_image"] == f"step_{record['step']:08d}/{record['row']:02d}_source.png"
         with Image.open(run_dir / record["image"]) as png, Image.open(row["image"]) as staged:
             assert np.array_equal(np.asarray(png), np.asarray(staged))  # the same pixels in both
+        with Image.open(run_dir / "samples" / record["source_image"]) as png, Image.open(row["source"]) as staged:
+            assert np.array_equal(np.asarray(png), np.asarray(staged))
 
 
 def test_the_step_axes_config_and_group_of_the_trainer_run(trained_run):
@@ -206,3 +217,103 @@ def test_samples_are_written_without_wandb_and_nothing_when_off(tmp_path):
     quiet = MetricLogger(LoggingConfig(wandb=False, jsonl=False), tmp_path / "quiet", role="trainer")
     quiet.log_samples([row], step=1)
     assert not (tmp_path / "quiet" / "samples").exists()
+
+
+# ----------------------------------------------------------------------------- buffer-monitor on a run folder
+
+
+def _run_folder(tmp_path, records, steps=20, stop_at=0, method="edsam"):
+    """A run folder as a trainer leaves it: ``hydra/config.yaml`` and ``metrics/trainer0.jsonl``."""
+    (tmp_path / "hydra").mkdir()
+    (tmp_path / "hydra" / "config.yaml").write_text(
+        f"trainer:\n  steps: {steps}\n  stop_at: {stop_at}\nmethod:\n  name: {method}\n")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "trainer0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return tmp_path
+
+
+def _buffer_record(step, size):
+    return {"step": step, "role": "trainer", "train/loss": 1.0, "buffer/size": size, "buffer/capacity": 64,
+            "buffer/fill": size / 64}
+
+
+@pytest.fixture
+def no_sleep(monkeypatch):
+    """buffer-monitor's waits, counted and skipped; a clock that each wait moves by its length."""
+    from edsam_online import monitor
+
+    clock = {"now": 0.0, "sleeps": 0}
+
+    def sleep(seconds):
+        clock["sleeps"] += 1
+        assert clock["sleeps"] < 100, "buffer-monitor never stopped"
+        clock["now"] += seconds
+
+    monkeypatch.setattr(monitor, "sleep", sleep)
+    monkeypatch.setattr(monitor, "monotonic", lambda: clock["now"])
+    return clock
+
+
+@pytest.mark.parametrize("steps,stop_at,end", [(20, 0, 20), (50, 20, 20)])
+def test_buffer_monitor_stops_on_a_finished_run_with_a_final_line(tmp_path, capsys, no_sleep, steps, stop_at, end):
+    from edsam_online import monitor
+
+    run = _run_folder(tmp_path, [_buffer_record(10, 8), _buffer_record(20, 32), {"step": 20, "eval/top1": 0.5}],
+                      steps=steps, stop_at=stop_at)
+    assert monitor.main(["--run-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert no_sleep["sleeps"] == 0  # no second look at a run that has ended
+    assert f"step 20/{end} @" in out and "size 32/64 (50%)" in out  # the trainer step, the last buffer state
+    assert out.rstrip().splitlines()[-1].startswith(f"buffer-monitor: the run finished: its trainers logged step {end}")
+    assert monitor.main(["--run-dir", str(run), "--json"]) == 0  # stdout stays JSON lines; the final line on stderr
+    captured = capsys.readouterr()
+    (record,) = map(json.loads, captured.out.splitlines())
+    assert (record["buffer/size"], record["trainer/step"]) == (32, 20) and "the run finished" in captured.err
+
+
+def test_buffer_monitor_follows_a_running_run_and_leaves_a_silent_one_after_idle_exit(tmp_path, capsys, no_sleep,
+                                                                                      monkeypatch):
+    from edsam_online import monitor
+
+    run = _run_folder(tmp_path, [_buffer_record(10, 8)], steps=30)
+    log = run / "metrics" / "trainer0.jsonl"
+    real_sleep = monitor.sleep
+
+    def sleep_and_log(seconds):  # the trainer logs step 20 during the first wait, then nothing
+        if no_sleep["sleeps"] == 0:
+            log.write_text(log.read_text() + json.dumps(_buffer_record(20, 16)) + "\n")
+        real_sleep(seconds)
+
+    monkeypatch.setattr(monitor, "sleep", sleep_and_log)
+    assert monitor.main(["--jsonl", str(log), "--interval", "2", "--idle-exit", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "step 10/30" in out and "step 20/30" in out and "size 16/64" in out and "finished" not in out
+    assert out.rstrip().splitlines()[-1].startswith("buffer-monitor: nothing new for 5 s (--idle-exit)")
+    assert no_sleep["sleeps"] == 4 and no_sleep["now"] == 8  # step 20 came at t=2; idle from then: 6 >= 5 at t=8
+
+
+def test_buffer_monitor_says_a_run_without_a_buffer_has_none(tmp_path, capsys):
+    from edsam_online import monitor
+
+    run = _run_folder(tmp_path, [{"step": 10, "train/loss": 2.0}], method="none")
+    assert monitor.main(["--run-dir", str(run), "--once"]) == 0
+    out = capsys.readouterr().out
+    assert "no buffer (method=none)" in out and "size 0/0" not in out and "step 10/20" in out
+    (run / "metrics" / "trainer0.jsonl").write_text("")
+    assert monitor.main(["--run-dir", str(run), "--once"]) == 0
+    assert "no trainer record yet" in capsys.readouterr().out
+
+
+def test_buffer_monitor_without_a_run_config_shows_the_step_and_never_calls_the_run_finished(tmp_path, capsys,
+                                                                                          no_sleep):
+    from edsam_online import monitor
+
+    log = tmp_path / "trainer0.jsonl"
+    log.write_text(json.dumps(_buffer_record(600, 64)) + "\n")
+    assert monitor.read_run_info(tmp_path) == monitor.RunInfo(None, None)
+    assert monitor.main(["--jsonl", str(log), "--idle-exit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "step 600 @" in out and "finished" not in out and "--idle-exit" in out
+    with pytest.raises(SystemExit):
+        monitor.main(["--jsonl", str(log), "--idle-exit", "-1"])
+    assert "--idle-exit must be >= 0" in capsys.readouterr().err
