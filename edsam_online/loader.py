@@ -124,7 +124,8 @@ class Example:
     a generated sample or ``real2x``'s second real pair, not a real-batch pair nor a starved
     slot's fallback; ``producer``: the producer id of a generated sample; ``inserted_step``:
     the trainer step at which the buffer took it in; ``origin``: for a sample whose producer
-    takes feedback, where to report it)."""
+    takes feedback, where to report it; ``source_thumb``: the thumbnail of the image a generated
+    sample came from, where its producer sent one)."""
 
     image: torch.Tensor
     tokens: torch.Tensor
@@ -136,6 +137,7 @@ class Example:
     producer: str | None = None
     inserted_step: int | None = None
     origin: Origin | None = None
+    source_thumb: np.ndarray | None = None
 
 
 @dataclass
@@ -144,9 +146,10 @@ class MixedBatch:
 
     The caption strings and the slot rows' provenance (``extra_producers``: producer id or
     None; ``extra_inserted_steps``: the trainer step at which the buffer took the row in, or
-    None for rows that did not come from it) are plain lists of references the loader
-    already holds, read only when samples are logged (``logging.sample_every``). They are
-    empty in a batch built without them; then nothing is known about those rows."""
+    None for rows that did not come from it; ``extra_source_thumbs``: the thumbnail of each
+    row's source image, or None) are plain lists of references the loader already holds,
+    read only when samples are logged (``logging.sample_every``). They are empty in a batch
+    built without them; then nothing is known about those rows."""
 
     real_images: torch.Tensor
     real_texts: torch.Tensor
@@ -162,6 +165,7 @@ class MixedBatch:
     extra_producers: list[str | None] = field(default_factory=list)
     extra_inserted_steps: list[int | None] = field(default_factory=list)
     extra_origins: list[Origin | None] = field(default_factory=list)
+    extra_source_thumbs: list[np.ndarray | None] = field(default_factory=list)
 
     @property
     def num_genuine(self) -> int:
@@ -335,6 +339,7 @@ class Preprocess:
                                    header["producer_id"], inserted_step)
             if "feedback" in header:
                 example.origin = Origin(header["session"], header["seq"] + sample.index, header["feedback"])
+            example.source_thumb = sample.source_thumb
             return example
         decoded = decode_record(item, self.resolution, self.counters)
         if decoded is None:
@@ -398,6 +403,7 @@ def collate(real: list[Example], slot: list[Example]) -> MixedBatch:
         extra_producers=[e.producer for e in slot],
         extra_inserted_steps=[e.inserted_step for e in slot],
         extra_origins=[e.origin for e in slot],
+        extra_source_thumbs=[e.source_thumb for e in slot],
     )
 
 

@@ -38,10 +38,11 @@ from edsam_online.feedback import FeedbackConfig
 from edsam_online.metrics import LoggingConfig, MetricLogger
 from edsam_online.policy import POLICIES, AdversarialConfig, AdversarialPolicy
 from edsam_online.runtime import StopOnSignal
-from edsam_online.sinks import Handoff, open_sink
+from edsam_online.sinks import Handoff, ProgressLog, open_sink
 from edsam_online.steering import ProducerSteering, open_steering
 from edsam_online.streaming import StreamConfig
-from edsam_online.validation import require_at_least
+from edsam_online.validation import require_at_least, require_at_most
+from edsam_online.wire import MAX_THUMB_PX, source_thumbnails
 
 if TYPE_CHECKING:  # annotations only: the sampler is passed in, this module needs no diffusion stack
     from edsam_online.diffusion import EDSAMSampler, GeneratedBatch
@@ -66,7 +67,7 @@ class ProducerConfig:
     stats in one header out of N on average (chosen at random, so that every trainer
     behind the round-robin PUSH gets them). ``threads`` > 0 sets torch's intra-op
     threads (0: torch's default); on a small CPU box shared with a trainer, 1 avoids
-    oversubscribed OpenMP spinning.
+    oversubscribed OpenMP spinning. ``log_every_s``: see :class:`~edsam_online.sinks.ProgressLog`.
 
     ``sink="shards"`` is the paper's offline pipeline: instead of streaming, the producer
     writes its samples to webdataset shards in the img2dataset layout under ``shard_dir``
@@ -91,7 +92,8 @@ class ProducerConfig:
     batches in order, with at most ``queue_batches`` of them waiting for it. ``pipeline=false``
     is the sequential loop (read, generate, filter, encode, send, one after another in one
     thread): the baseline of ``bench/bench_producer.py`` and the choice for a one-core box;
-    it ignores the three sizes.
+    it ignores the three sizes. ``source_thumb_px``: the side of a thumbnail of each source image
+    sent with its samples, which trainers show beside the samples they log (0 = none).
     """
 
     rank: int = 0
@@ -119,6 +121,7 @@ class ProducerConfig:
     prefetch_batches: int = 2
     queue_batches: int = 2
     policy: str = "uniform"
+    source_thumb_px: int = 32
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     @property
@@ -133,7 +136,7 @@ class ProducerConfig:
             raise ValueError(f"rank must be in [0, num_producers={self.num_producers}), got {self.rank}")
         if self.endpoint_index is not None and self.endpoint_index < 0:
             raise ValueError(f"endpoint_index must be >= 0 or null, got {self.endpoint_index}")
-        require_at_least(self, 0, "num_samples", "threads", "data_workers")
+        require_at_least(self, 0, "num_samples", "threads", "data_workers", "source_thumb_px")
         require_at_least(self, 1, "batch_size", "stats_every", "prefetch_batches", "queue_batches")
         if self.m is not None and self.m < 1:
             raise ValueError(f"m must be >= 1 or null, got {self.m}")
@@ -155,6 +158,7 @@ class ProducerConfig:
         if self.scorer == "clip" and not self.scorer_model:
             raise ValueError("scorer_model must name an open_clip model when producer.scorer is clip")
         require_at_least(self, 0, "send_timeout_s", "stop_grace_s", "log_every_s")
+        require_at_most(self, MAX_THUMB_PX, "source_thumb_px")
 
 
 def batch_seed(seed: int, rank: int, batch_index: int) -> int:
@@ -280,12 +284,10 @@ class Producer:
             import torch
 
             torch.set_num_threads(pcfg.threads)
-        stop = StopOnSignal(self._stop, f"producer {pcfg.name} stops: no new batch, {pcfg.stop_grace_s:g} s to send "
-                            "what was generated", self.install_signal_handlers)
-        metric_logger = None
-        if self.logging_cfg is not None and self.run_dir is not None:
-            metric_logger = MetricLogger(self.logging_cfg, self.run_dir, role="producer", rank=pcfg.rank,
-                                         config=self.resolved)
+        stop = StopOnSignal(self._stop, f"producer {pcfg.name} stops: no new batch; what was generated is delivered "
+                            f"first (a stream: stop_grace_s={pcfg.stop_grace_s:g}s)", self.install_signal_handlers)
+        metric_logger = (MetricLogger(self.logging_cfg, self.run_dir, role="producer", rank=pcfg.rank,
+                                      config=self.resolved) if self.logging_cfg is not None and self.run_dir else None)
         session = secrets.randbits(62)
         limit = pcfg.num_samples
         bar = tqdm(total=limit or None, desc=pcfg.name, unit="sample", mininterval=5.0, disable=None)
@@ -298,7 +300,7 @@ class Producer:
         handoff = Handoff(sink.deliver, pcfg.queue_batches if pcfg.pipeline else 0, f"{pcfg.name}-send")
         state = self.state
         self._start = time.monotonic()
-        last_log = time.monotonic()
+        progress = ProgressLog(pcfg.name, pcfg.log_every_s, metric_logger)
         try:
             for batch_index in itertools.count():
                 if not self._wants_more(handoff, limit):
@@ -310,9 +312,8 @@ class Producer:
                 generated = self._filter(self._generate(batch, batch_index))
                 if generated is not None:
                     handoff.put(generated, self._stop.is_set)
-                if metric_logger is not None and time.monotonic() - last_log >= pcfg.log_every_s:
-                    metric_logger.log(self.logged_metrics(), step=state["sent"])
-                    last_log = time.monotonic()
+                if progress.due():
+                    progress.report(self.logged_metrics(), sink.totals(), handoff.pending())
             handoff.finish()
         except BaseException:
             self._stop.set()  # the batch in flight gets the grace, the queued ones are dropped
@@ -328,8 +329,8 @@ class Producer:
             if metric_logger is not None:
                 metric_logger.log(final, step=state["sent"])
                 metric_logger.close()
-        log.info("producer %s: sent %d samples (%d dropped unsent)", pcfg.name, state["sent"],
-                 state["dropped_unsent"])
+        log.log(logging.WARNING if state["dropped_unsent"] or state["unsent_at_stop"] else logging.INFO,
+                "producer %s: done: %s; %d filtered below min_score", pcfg.name, sink.totals(), state["filtered"])
         return final
 
     def logged_metrics(self) -> dict[str, float]:
@@ -383,6 +384,7 @@ class Producer:
                                           seed=batch_seed(pcfg.seed, pcfg.rank, batch_index), alpha=alpha)
         self.state["generate_s"] += time.monotonic() - start
         self.state["unet_calls"] += generated.unet_calls
+        generated.source_thumbs = source_thumbnails(batch.images, pcfg.source_thumb_px)  # None for 0
         return generated
 
     def _filter(self, generated: GeneratedBatch) -> GeneratedBatch | None:

@@ -40,15 +40,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm.auto import tqdm
 
 from edsam_online.buffer import ReplayBuffer
 from edsam_online.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from edsam_online.eval import evaluate, format_eval_table
+from edsam_online.data.domains import DOMAINS
+from edsam_online.data.shapes import render_sample
+from edsam_online.eval import LP_PREFIX, ZS_PREFIX, EvalConfig, evaluate, format_eval_table
 from edsam_online.loader import MixedBatch, MixedLoader
 from edsam_online.losses import EDSAMLoss
 from edsam_online.methods import Augmentation, build_augmentation
-from edsam_online.metrics import MetricLogger, SampleRow
+from edsam_online.metrics import MetricLogger, Progress, SampleRow
 from edsam_online.models import create_clip
 from edsam_online.optim import build_optimizer, build_scheduler, clamp_logit_scale, clip_gradients
 from edsam_online.runtime import StopOnSignal, autocast, init_distributed
@@ -68,7 +69,8 @@ class TrainerConfig:
     checkpoint, as a preemption would, so ``checkpoint.resume=latest`` continues it.
     ``record_keys`` writes every step's sample
     keys to ``<run_dir>/keys/trainer<rank>.jsonl`` (an audit trail of what each step
-    trained on). ``progress``: a tqdm bar on rank 0. The loss is the root's ``loss``
+    trained on). ``progress``: rank 0 shows its progress on stderr, a tqdm bar on a terminal and
+    otherwise a line every ``logging.progress_every`` steps. The loss is the root's ``loss``
     (:class:`~edsam_online.losses.LossConfig`).
     """
 
@@ -123,6 +125,23 @@ def _trained_scores(batch: MixedBatch, used_extra: bool) -> dict[str, Any]:
     return {**out, "extra_scores": scores[known].tolist(), "extra_unscored": int((~known).sum())}
 
 
+EVAL_TABLE_KEY = "eval/table"  # the W&B table of each evaluation
+EVAL_TABLE_COLUMNS = ("set", "zeroshot_top1", "linear_probe_top1", "example")
+
+
+def eval_table(metrics: dict[str, float], cfg: EvalConfig) -> list[list[Any]]:
+    """One row per evaluation set and summary of ``metrics`` (:func:`~edsam_online.eval.evaluate`'s
+    output), in their order there, as :data:`EVAL_TABLE_COLUMNS`: its zero-shot and linear-probe
+    top-1 (None where not measured) and, for a built-in domain, its first evaluation image."""
+    names: dict[str, None] = {}
+    for key in metrics:
+        for prefix in (ZS_PREFIX, LP_PREFIX):
+            if key.startswith(prefix + "/") and key != prefix + "/source":  # "source" repeats the source domain
+                names.setdefault(key[len(prefix) + 1:])
+    return [[name, metrics.get(f"{ZS_PREFIX}/{name}"), metrics.get(f"{LP_PREFIX}/{name}"),
+             render_sample(0, name, cfg.resolution, cfg.seed).image if name in DOMAINS else None] for name in names]
+
+
 def _normalization(transform: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-channel mean and std (``[3, 1, 1]``) of the ``Normalize`` in an open_clip
     image transform (mean 0, std 1 if it has none)."""
@@ -142,7 +161,8 @@ def _finite(value: float) -> float | None:
 def sample_rows(batch: MixedBatch, limit: int, step: int, mean: torch.Tensor, std: torch.Tensor) -> list[SampleRow]:
     """Up to ``limit`` extra-batch rows of ``batch`` flagged ``extra_genuine`` (never a
     starved slot's real fallback), as :class:`~edsam_online.metrics.SampleRow`: the image as
-    trained, un-normalised with the transform's ``mean``/``std`` to uint8, and its provenance.
+    trained, un-normalised with the transform's ``mean``/``std`` to uint8, its provenance and
+    its source's thumbnail where its producer sent one.
     ``step``: the trainer step that trained on them (the age is counted up to it)."""
     index = torch.nonzero(batch.extra_genuine).flatten()[:limit].tolist()
     if not index:
@@ -161,7 +181,8 @@ def sample_rows(batch: MixedBatch, limit: int, step: int, mean: torch.Tensor, st
         rows.append(SampleRow(image=image, caption=known(batch.extra_captions, i) or "",
                               alpha=_finite(float(batch.extra_alpha[i])), producer=known(batch.extra_producers, i),
                               age_steps=None if inserted is None else step - inserted,
-                              source_key=batch.extra_keys[i], score=score))
+                              source_key=batch.extra_keys[i], score=score,
+                              source_image=known(batch.extra_source_thumbs, i)))
     return rows
 
 
@@ -431,25 +452,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def save(self) -> None:
-        """A checkpoint at the current step (a collective: every rank's loader state goes in)."""
+    def save(self) -> Path | None:
+        """A checkpoint at the current step (a collective: every rank's loader state goes in);
+        returns its file on rank 0 (None elsewhere)."""
         states = [None] * self.world
         dist.all_gather_object(states, self.loader.state_dict())
+        path = None
         if self.rank == 0:
-            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler, states,
-                            extra={"totals": self.totals}, keep_last=self.cfg.checkpoint.keep)
+            path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.scheduler, self.scaler,
+                                   states, extra={"totals": self.totals}, keep_last=self.cfg.checkpoint.keep)
         dist.barrier()
+        return path
 
     def evaluate(self) -> dict[str, float]:
-        """Zero-shot and linear-probe metrics on rank 0 (logged; ``{}`` on other ranks)."""
+        """Zero-shot and linear-probe metrics on rank 0 (logged, and as the W&B table
+        ``eval/table``: :func:`eval_table`; ``{}`` on other ranks)."""
         metrics = {}
         if self.rank == 0:
             metrics = evaluate(self.model, self.tokenizer, self.preprocess_val, self.cfg.eval, device=str(self.device))
             self.logger.log(metrics, step=self.step)
+            self.logger.log_table(EVAL_TABLE_KEY, list(EVAL_TABLE_COLUMNS), eval_table(metrics, self.cfg.eval),
+                                  step=self.step)
         dist.barrier()
         return metrics
 
-    def _log(self, window: _Window, out: StepOutput) -> None:
+    def _log(self, window: _Window, out: StepOutput) -> dict[str, Any]:
         losses = torch.tensor([window.loss, window.loss_real, window.loss_extra], dtype=torch.float64)
         dist.all_reduce(losses)
         losses /= self.world * window.steps
@@ -476,7 +503,7 @@ class Trainer:
             metrics.update(self.receiver.stats())
             metrics.update({"producer/sent": 0.0, **self.receiver.producer_stats()})  # producer/*'s W&B x axis
         self.logger.log(metrics, step=self.step)
-        self._bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", extra=f"{metrics['train/extra_share_actual']:.2f}")
+        return metrics
 
     def train(self) -> dict[str, float]:
         """Train to ``trainer.steps`` (or ``stop_at``, the end of a finite data set, or a
@@ -489,9 +516,9 @@ class Trainer:
         try:
             message = "the trainer finishes its step, then writes a checkpoint"
             with StopOnSignal(threading.Event(), message) as stop:
-                self._bar = tqdm(total=end, initial=self.step, desc="train",
-                                 disable=self.rank != 0 or not tcfg.progress, dynamic_ncols=True)
-                self._teardown.callback(self._bar.close)
+                progress = Progress(end, self.step, cfg.logging.progress_every,
+                                    enabled=self.rank == 0 and tcfg.progress)
+                self._teardown.callback(progress.close)
                 window = _Window()
                 data_iter = iter(self.loader)
                 self.ddp.train()
@@ -504,15 +531,16 @@ class Trainer:
                         break
                     t_data = time.perf_counter() - t0
                     out = self.train_step(batch, stop.event.is_set())
-                    self._bar.update(1)
                     now = time.perf_counter()
                     window.add(out, out.num_real + (self.world * self.extra_batch if out.used_extra else 0), now - last,
                                t_data)
                     last = now
+                    logged = None
                     if self.step % cfg.logging.log_every == 0 or self.step == end or out.stop_requested:
-                        self._log(window, out)
+                        logged = self._log(window, out)
                         window.reset()
                         last = time.perf_counter()
+                    progress.update(self.step, logged)
                     if out.stop_requested:
                         break
                     if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < end:
@@ -520,8 +548,10 @@ class Trainer:
                     if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < tcfg.steps:
                         self.evaluate()
                         last = time.perf_counter()
-                self._bar.close()
-                self.save()  # always a final model, and what resume=latest continues from
+                progress.close()
+                final = self.save()  # always a final model, and what resume=latest continues from
+                if final is not None and cfg.logging.wandb_checkpoint:
+                    self.logger.log_checkpoint(final, self.step)
                 if self.step >= tcfg.steps:
                     metrics = self.evaluate()
                     if self.rank == 0:

@@ -15,6 +15,14 @@ def require_at_least(obj: object, minimum: float, *names: str) -> None:
             raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def require_at_most(obj: object, maximum: float, *names: str) -> None:
+    """Raise ValueError for the first of ``obj``'s fields ``names`` above ``maximum``."""
+    for name in names:
+        value = getattr(obj, name)
+        if value > maximum:
+            raise ValueError(f"{name} must be <= {maximum}, got {value}")
+
+
 def require_positive(obj: object, *names: str) -> None:
     """Raise ValueError for the first of ``obj``'s fields ``names`` that is not a finite number > 0."""
     for name in names:

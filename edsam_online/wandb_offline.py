@@ -11,7 +11,8 @@ protobuf classes. Used by the tests and ``scripts/wandb_samples.py``.
 
 A logged ``wandb.Table`` becomes a ``run_table`` artifact whose files (the table JSON and
 its images) W&B stages under ``$WANDB_DATA_DIR/artifacts/staging`` (default
-``~/.local/share/wandb``) until ``wandb sync`` uploads them; the run folder's
+``~/.local/share/wandb``; :class:`~edsam_online.metrics.MetricLogger` points it into the run
+folder) until ``wandb sync`` uploads them; the run folder's
 ``files/media/table/*.table.json`` keeps the rows without their images. :func:`read_table`
 follows the log's artifact manifest to the staged files.
 """

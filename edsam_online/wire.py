@@ -66,6 +66,19 @@ received sample (:class:`SyntheticSample`) holds what training reads (image, cap
 source key, alpha, score); its full ``header`` (the message fields plus
 its own source entry and column values as Python scalars, ``seq`` its own number) is
 built when asked for.
+
+Optional source thumbnails (``producer.source_thumb_px``), both fields or neither:
+
+===================  =======  ===============================================
+``source_thumb_px``  int      side S of every thumbnail, 1 <= S <= :data:`MAX_THUMB_PX`
+``source_thumb``     bin      U thumbnails of the source images, uint8 RGB
+                              ``[U, S, S, 3]`` row-major: entry u is source u's
+===================  =======  ===============================================
+
+They let logged samples show the image they were generated from (a sample's
+:attr:`SyntheticSample.source_thumb`). One per source, not per sample: the M samples of
+a source share it, so 32 px cost 3 KB per source image. They travel in the header and
+count towards ``max_header_bytes`` (a producer halves a message whose header is too big).
 """
 
 from __future__ import annotations
@@ -89,6 +102,8 @@ ENCODINGS = ("raw", "jpeg", "webp")
 #: What a producer's advertised ``feedback`` endpoint may start with.
 FEEDBACK_TRANSPORTS = ("tcp://", "ipc://")
 _PIL_FORMATS = {"jpeg": "JPEG", "webp": "WEBP"}
+#: The largest source thumbnail side a message may carry (a thumbnail, not a second image).
+MAX_THUMB_PX = 128
 
 #: Every reason a message can be dropped for; the receiver reports each as ``buffer/dropped/<reason>``.
 DROP_REASONS = (
@@ -101,10 +116,10 @@ DROP_REASONS = (
     "missing_field",
     "wrong_type",
     "bad_value",  # NaN alpha, score outside [0, 1], unknown encoding/dtype, negative seq, empty caption ...
-    "bad_shape",  # negative, zero or absurd dimensions, channels != 3
+    "bad_shape",  # negative, zero or absurd dimensions, channels != 3, a thumbnail side out of range
     "bad_count",  # columns of different lengths, none, more than allowed, or a source table longer than K
     "caption_too_long",
-    "size_mismatch",  # nbytes / H*W*3 disagree with the payload length
+    "size_mismatch",  # nbytes / H*W*3 disagree with the payload length; thumbnails of the wrong size
     "undecodable",  # JPEG/WebP that does not decode to the declared shape
     "bad_stats",  # malformed forwarded producer stats
 )
@@ -150,7 +165,8 @@ _REQUIRED_PRESENT = (*_SOURCE_FIELDS, *_COLUMN_DTYPES, "shape")  # types checked
 _MISSING = object()
 _MAX_SHORT_STR = 256  # producer_id, source_key, model_id, mode
 _MAX_STATS = 64
-_NOT_PER_SAMPLE = frozenset((*_SOURCE_FIELDS, *_ALL_COLUMNS, "stats"))
+_THUMB_FIELDS = ("source_thumb_px", "source_thumb")
+_NOT_PER_SAMPLE = frozenset((*_SOURCE_FIELDS, *_ALL_COLUMNS, *_THUMB_FIELDS, "stats"))
 
 
 class WireError(ValueError):
@@ -206,6 +222,12 @@ class SyntheticSample:
         """Its full provenance (:meth:`SampleBatch.sample_header`), built on each access: for audits."""
         return self.batch.sample_header(self.index)
 
+    @property
+    def source_thumb(self) -> np.ndarray | None:
+        """The thumbnail of its source image (uint8 ``[S, S, 3]``, read-only, a view shared by
+        the source's samples), or None when its producer sent none."""
+        return self.batch.source_thumb(self.index)
+
 
 class SampleBatch:
     """The K validated samples of one message, kept as received: the header (its source
@@ -230,8 +252,9 @@ class SampleBatch:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of its K images (for raw payloads, the received frame's)."""
-        return self.images.nbytes
+        """Bytes of its K images (for raw payloads, the received frame's) and source thumbnails."""
+        thumbs = self.header.get("source_thumb")
+        return self.images.nbytes + (0 if thumbs is None else thumbs.nbytes)
 
     def _index(self, i: int) -> int:
         k = len(self.images)
@@ -246,6 +269,11 @@ class SampleBatch:
         score = header.get("score")
         return SyntheticSample(self.images[i], header["caption"][source], header["source_key"][source],
                                float(header["alpha"][i]), None if score is None else float(score[i]), self, i)
+
+    def source_thumb(self, i: int) -> np.ndarray | None:
+        """Sample ``i``'s source thumbnail (None when the message has none)."""
+        thumbs = self.header.get("source_thumb")
+        return None if thumbs is None else thumbs[self.header["source"][self._index(i)]]
 
     def sample_header(self, i: int) -> dict[str, Any]:
         """Sample ``i``'s header: the message fields, its source entry and its column values
@@ -330,6 +358,8 @@ def encode_message(
                 or not _KIND_TYPES[_STR].issuperset(map(type, values))):
             raise ValueError(f"{name} must be 1 to {k} str values, one per source (as many keys as captions)")
     header["source_key"], header["caption"] = batch.source_keys, batch.captions
+    if batch.source_thumbs is not None:
+        header["source_thumb_px"], header["source_thumb"] = _thumbs_field(batch.source_thumbs, u)
     columns = {name: np.asarray(getattr(batch, name)) for name in _COLUMN_KINDS
                if getattr(batch, name) is not None or name in _COLUMN_DTYPES}
     for name, column in columns.items():
@@ -353,6 +383,25 @@ def encode_message(
     header.update(v=SCHEMA_VERSION, shape=[int(s) for s in images.shape[1:]], dtype="uint8", encoding=encoding,
                   created_at=time.time())
     return [msgpack.packb(header, use_bin_type=True), zmq.Frame(payload, copy=None)]
+
+
+def _thumbs_field(thumbs: Any, u: int) -> tuple[int, bytes]:
+    """``source_thumb_px`` and ``source_thumb`` for ``u`` sources' thumbnails."""
+    shape = getattr(thumbs, "shape", ())
+    if (not isinstance(thumbs, np.ndarray) or thumbs.dtype != np.uint8 or len(shape) != 4 or shape[0] != u
+            or shape[1] != shape[2] or shape[3] != 3 or not 1 <= shape[1] <= MAX_THUMB_PX):
+        raise ValueError(f"source_thumbs must be a uint8 numpy array [{u}, S, S, 3] (one per source, "
+                         f"1 <= S <= {MAX_THUMB_PX}), got {type(thumbs).__name__} {getattr(thumbs, 'dtype', '')} "
+                         f"{list(shape)}")
+    return int(shape[1]), np.ascontiguousarray(thumbs).tobytes()
+
+
+def source_thumbnails(images: np.ndarray, side: int) -> np.ndarray | None:
+    """Thumbnails ``[B, side, side, 3]`` of ``B`` source images (uint8 ``[B, H, W, 3]``),
+    squashed to a square with PIL's antialiasing bilinear filter; None for ``side`` 0 (none)."""
+    if side == 0:
+        return None
+    return np.stack([np.asarray(Image.fromarray(img).resize((side, side), Image.BILINEAR)) for img in images])
 
 
 def _check_images(images: Any) -> np.ndarray:
@@ -413,6 +462,27 @@ def _read_source_table(header: dict, k: int) -> int:
     return u
 
 
+def _read_thumbs(header: dict, u: int) -> None:
+    """Replace ``source_thumb`` by a read-only uint8 ``[U, S, S, 3]`` array (both thumbnail
+    fields or neither)."""
+    present = [name in header for name in _THUMB_FIELDS]
+    if not any(present):
+        return
+    if not all(present):
+        raise WireError("missing_field", f"{_THUMB_FIELDS[present.index(False)]} (the thumbnail fields go together)")
+    side, data = header["source_thumb_px"], header["source_thumb"]
+    if type(side) is not int:
+        raise WireError("wrong_type", f"source_thumb_px must be int, got {type(side).__name__}")
+    if type(data) is not bytes:
+        raise WireError("wrong_type", f"source_thumb must be bin, got {type(data).__name__}")
+    if not 1 <= side <= MAX_THUMB_PX:
+        raise WireError("bad_shape", f"source_thumb_px {side} (1..{MAX_THUMB_PX})")
+    if len(data) != u * side * side * 3:
+        raise WireError("size_mismatch", f"source_thumb has {len(data)} bytes, {u} sources of {side}x{side}x3 need "
+                                         f"{u * side * side * 3}")
+    header["source_thumb"] = np.frombuffer(data, np.uint8).reshape(u, side, side, 3)
+
+
 def decode_header(data: memoryview | bytes, limits: WireLimits) -> dict[str, Any]:
     """Unpack and validate a header frame (everything but the payload itself). The
     returned header holds each sample column as a read-only numpy array."""
@@ -437,6 +507,7 @@ def decode_header(data: memoryview | bytes, limits: WireLimits) -> dict[str, Any
         raise WireError("bad_count", f"nbytes of {len(nbytes)} bytes (1..{limits.max_samples_per_message} samples allowed)")
     _read_columns(header, k)
     u = _read_source_table(header, k)
+    _read_thumbs(header, u)
     shape = header["shape"]
     if not isinstance(shape, list) or len(shape) != 3 or not all(type(s) is int for s in shape):
         raise WireError("wrong_type", "shape must be a list of 3 ints")

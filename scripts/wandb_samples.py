@@ -1,6 +1,7 @@
 """Draw the samples table an offline W&B run logged (``samples/extra``), read back from the run
 folder's transaction log and W&B's staged table files, as one PNG laid out as the table: each
-row's image, caption, alpha, producer, age, source key and score. It shows what the run holds;
+row's image, its source image's thumbnail (where its producer sent one), caption, alpha,
+producer, age, source key and score. It shows what the run holds;
 it is not a picture of the W&B UI.
 
     python scripts/wandb_samples.py RUN_DIR --out docs/wandb_samples.png [--step S] [--rows 12]
@@ -33,33 +34,38 @@ def _offline_folder(path: Path) -> Path:
 
 # column -> (x position as a share of the figure's width, how its value is written)
 _COLUMNS = {
-    "caption": (0.085, str),
-    "alpha": (0.465, lambda v: f"{v:+.3f}"),
-    "producer": (0.54, str),
-    "age_steps": (0.655, str),
-    "source_key": (0.745, str),
+    "caption": (0.145, str),
+    "alpha": (0.49, lambda v: f"{v:+.3f}"),
+    "producer": (0.56, str),
+    "age_steps": (0.67, str),
+    "source_key": (0.75, str),
     "score": (0.925, lambda v: f"{v:.3f}"),
 }
+_IMAGES = {"image": 0.01, "source": 0.075}  # image columns -> x position
 
 
 def _draw(rows: list[dict], title: str, out: str) -> None:
-    """The table as W&B lays it out: one line per row, the image first, then the columns."""
+    """The table as W&B lays it out: one line per row, the images first, then the columns."""
     line_in, head_in, width_in = 0.62, 0.9, 10.0
     height_in = head_in + line_in * len(rows) + 0.1
     fig = plt.figure(figsize=(width_in, height_in))
     fig.text(0.01, 1 - 0.2 / height_in, title, fontsize=8.5, va="top")
     y_head = 1 - (head_in - 0.12) / height_in
-    fig.text(0.01, y_head, "image", fontsize=8, weight="bold", va="center")
+    for name, x in _IMAGES.items():
+        fig.text(x, y_head, name, fontsize=8, weight="bold", va="center")
     for name, (x, _) in _COLUMNS.items():
         fig.text(x, y_head, name, fontsize=8, weight="bold", va="center")
     for i, row in enumerate(rows):
         top = 1 - (head_in + line_in * i) / height_in
         size = (line_in - 0.06) / height_in
-        ax = fig.add_axes((0.01, top - size - 0.03 / height_in, size * height_in / width_in, size))
-        with Image.open(row["image"]) as image:
-            ax.imshow(image.convert("RGB"), interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        for name, x in _IMAGES.items():
+            if row.get(name) is None:  # a sample without a source thumbnail
+                continue
+            ax = fig.add_axes((x, top - size - 0.03 / height_in, size * height_in / width_in, size))
+            with Image.open(row[name]) as image:
+                ax.imshow(image.convert("RGB"), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
         y = top - line_in / 2 / height_in
         for name, (x, fmt) in _COLUMNS.items():
             value = row.get(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import tarfile
 import threading
 import time
@@ -14,7 +15,7 @@ from PIL import Image
 from _streaming_helpers import tiny_configs, wait_for
 from edsam_online.buffer import BufferConfig, ReplayBuffer
 from edsam_online.producer import Producer, ProducerConfig, batch_seed
-from edsam_online.sinks import encode_fitting
+from edsam_online.sinks import ProgressLog, encode_fitting
 from edsam_online.streaming import Receiver, StreamConfig
 from edsam_online.wire import WireLimits
 
@@ -73,6 +74,7 @@ def test_samples_carry_provenance_and_forwarded_stats(tiny):
         assert abs(h["alpha"]) <= h["rho"] == tiny[1].cfg.rho
         assert h["mode"] == "transport" and h["sample_index"] in (0, 1)
         assert s.image.shape == (32, 32, 3)
+        assert s.source_thumb.shape == (32, 32, 3)  # producer.source_thumb_px's default
     # M=2 samples per real image share caption and source key, with distinct alphas.
     by_source = {}
     for s in items:
@@ -91,7 +93,8 @@ def test_samples_carry_provenance_and_forwarded_stats(tiny):
     # one 32x32 image fits
     (dict(samples_per_message=16, limits=WireLimits(max_message_bytes=12_000, max_header_bytes=4000)), 7),
 ])
-def test_samples_are_packed_per_message_within_the_limits(tiny, stream_kw, messages):
+def test_samples_are_packed_per_message_within_the_limits(tiny, stream_kw, messages, caplog):
+    caplog.set_level(logging.INFO, logger="edsam_online")
     buf = ReplayBuffer(BufferConfig(capacity=100, max_times_sampled=1, min_size_to_sample=1, samples_per_insert=0))
     pcfg = ProducerConfig(num_samples=7, batch_size=2, m=2, seed=3)
     stream = StreamConfig(endpoints=["tcp://127.0.0.1:*"], **stream_kw)
@@ -103,6 +106,7 @@ def test_samples_are_packed_per_message_within_the_limits(tiny, stream_kw, messa
     assert stats["buffer/received"] == messages and stats["buffer/dropped"] == 0 and stats["buffer/seq_gaps"] == 0
     assert sorted(s.header["seq"] for s in collect(buf)) == list(range(7))
     assert result["producer/sent"] == 7 == result["producer/generated"]
+    assert f"producer producer-0: done: sent 7 samples in {messages} messages, 0 dropped unsent;" in caplog.text
 
 
 def test_a_message_is_split_until_its_header_fits():
@@ -157,16 +161,45 @@ def test_producer_never_waits_on_missing_trainers(tiny):
     assert result["producer/send_blocked_s"] >= 0.1 * result["producer/dropped_unsent"] * 0.9
 
 
-def test_metrics_go_to_the_metric_logger(tiny, tmp_path):
+@pytest.mark.parametrize("every_s,records", [(1e-9, 2), (0, 1)])  # after each batch; off: the last record only
+def test_metrics_go_to_the_metric_logger_and_the_log(tiny, tmp_path, caplog, every_s, records):
     from edsam_online.metrics import LoggingConfig
 
+    caplog.set_level(logging.INFO, logger="edsam_online")
     buf = ReplayBuffer(BufferConfig(capacity=100, min_size_to_sample=1, samples_per_insert=0))
-    pcfg = ProducerConfig(num_samples=2, m=1, log_every_s=0)
+    pcfg = ProducerConfig(num_samples=2, m=1, log_every_s=every_s)  # one batch of 2
     thread, endpoint, _, _ = start_producer(tiny, pcfg, logging_cfg=LoggingConfig(wandb=False), run_dir=str(tmp_path))
     with Receiver(StreamConfig(endpoints=[endpoint]), buf):
         thread.join(60)
     lines = [json.loads(x) for x in (tmp_path / "metrics" / "producer0.jsonl").read_text().splitlines()]
+    assert len(lines) == records
     assert lines[-1]["producer/sent"] == 2 and lines[-1]["role"] == "producer"
+    progress = [r.getMessage() for r in caplog.records if "samples/s over the last" in r.getMessage()]
+    assert len(progress) == records - 1  # a line with each periodic record
+    assert all(" waiting for delivery" in line and "filtered below min_score" in line for line in progress)
+    assert "producer producer-0: streams to trainers from tcp://127.0.0.1:" in caplog.text
+
+
+def test_the_progress_line_gives_the_rates_over_its_interval_and_the_totals():
+    now = [100.0]
+    progress = ProgressLog("p-1", 30, clock=lambda: now[0])
+    metrics = {"producer/sent": 60, "producer/send_blocked_s": 3.0, "producer/generate_s": 24.0,
+               "producer/filtered": 5}
+    now[0] = 129.9
+    assert not progress.due()
+    now[0] = 130.0
+    assert progress.due()
+    line = progress.line(metrics, "sent 60 samples in 4 messages, 8 dropped unsent", waiting=12)
+    assert line == ("producer p-1: 2.00 samples/s over the last 30 s (generator busy 80%, send blocked 10%); "
+                    "sent 60 samples in 4 messages, 8 dropped unsent; 5 filtered below min_score; "
+                    "12 waiting for delivery")
+    assert not progress.due()  # a line starts the next interval
+    now[0] = 150.0
+    metrics.update({"producer/sent": 100, "producer/send_blocked_s": 13.0, "producer/feedback_applied": 7})
+    line = progress.line(metrics, "sent 100", waiting=0)
+    assert line.startswith("producer p-1: 2.00 samples/s over the last 20 s (generator busy 0%, send blocked 50%)")
+    assert line.endswith("; feedback applied 7")
+    assert not ProgressLog("p-1", 0, clock=lambda: now[0] + 1e6).due()  # 0: never
 
 
 class KnownScorer:
@@ -215,11 +248,14 @@ def test_a_scorer_must_match_the_config():
         (dict(batch_size=0), "batch_size"),
         (dict(m=0), "m"),
         (dict(send_timeout_s=-1), "send_timeout_s"),
+        (dict(log_every_s=-1), "log_every_s"),
         (dict(endpoint_index=-1), "endpoint_index"),
         (dict(scorer="blip"), "scorer"),
         (dict(scorer="attributes", min_score=1.5), "min_score"),
         (dict(min_score=0.5), "min_score"),
         (dict(scorer="clip"), "scorer_model"),
+        (dict(source_thumb_px=-1), "source_thumb_px"),
+        (dict(source_thumb_px=129), "source_thumb_px"),
     ],
 )
 def test_producer_config_errors_name_the_field(kwargs, name):
@@ -292,7 +328,9 @@ def test_a_steered_producer_that_hears_no_feedback_sends_what_a_uniform_one_send
 
 
 @pytest.mark.parametrize("pipeline", [True, False])
-def test_a_stop_while_the_sender_is_blocked_ends_within_the_grace_and_counts_what_went_unsent(tiny, pipeline):
+def test_a_stop_while_the_sender_is_blocked_ends_within_the_grace_and_counts_what_went_unsent(tiny, pipeline,
+                                                                                            caplog):
+    caplog.set_level(logging.INFO, logger="edsam_online")
     pcfg = ProducerConfig(batch_size=1, m=2, send_timeout_s=60, stop_grace_s=0.5, pipeline=pipeline)
     thread, _, result, producer = start_producer(tiny, pcfg)  # no receiver: the first send blocks
     assert wait_for(lambda: producer.state["blocked_s"] > 0.5 or producer.metrics()["producer/send_blocked_s"] > 0.5)
@@ -308,6 +346,16 @@ def test_a_stop_while_the_sender_is_blocked_ends_within_the_grace_and_counts_wha
     if pipeline:  # the batches queued behind it were never tried
         assert result["producer/unsent_at_stop"] >= 2 * pcfg.queue_batches
     assert result["producer/generated"] == result["producer/dropped_unsent"]
+    # What the stop cost is said once (each batch queued at the stop used to add a line), and truly:
+    # the blocked send was cut by the grace, not by send_timeout_s.
+    unsent = [r for r in caplog.records if "unsent" in r.getMessage()]
+    assert len(unsent) == 1 and unsent[0].levelno == logging.WARNING
+    line = unsent[0].getMessage()
+    assert line.startswith("producer producer-0: done: sent 0 samples in 0 messages, "
+                           "2 dropped unsent (2 when the stop's stop_grace_s=0.5s ran out)")
+    if pipeline:
+        assert f", {result['producer/unsent_at_stop']} generated samples left unsent at the stop" in line
+    assert "within 60.0s" not in caplog.text
 
 
 def test_a_failure_in_the_delivery_thread_is_raised_by_run(tiny, monkeypatch):
@@ -361,16 +409,25 @@ def _csv_with_a_corrupt_image(tmp_path, good=5):
     return str(tmp_path / "data.csv")
 
 
-def test_the_pipelined_reader_skips_and_counts_a_corrupt_image(tiny, tmp_path):
+def test_the_pipelined_reader_skips_and_counts_a_corrupt_image(tiny, tmp_path, caplog):
     from edsam_online.data import RealDataConfig
+
+    caplog.set_level(logging.INFO, logger="edsam_online")
 
     data = RealDataConfig(kind="csv", path=_csv_with_a_corrupt_image(tmp_path), epochs=1, shuffle=False, resolution=32)
     pcfg = ProducerConfig(batch_size=2, m=1, sink="shards", shard_dir=str(tmp_path / "shards"), data_workers=2)
     result = Producer(StreamConfig(), pcfg, data, tiny[1], install_signal_handlers=False).run()
     assert result["producer/data/corrupt_images"] == 1
     assert result["producer/sent"] == 5  # every good image once (m=1); the data ran out after one epoch
-    captions = [m for t in (tmp_path / "shards").glob("*.tar") for m in tarfile.open(t).getnames()]
+    (shard,) = (tmp_path / "shards").glob("*.tar")
+    captions = tarfile.open(shard).getnames()
     assert len([c for c in captions if c.endswith(".txt")]) == 5
+    # The shard sink says where it writes and what it wrote, never "sent"
+    assert f"producer producer-0: writes shards of 1000 samples to {tmp_path / 'shards'}" in caplog.text
+    size = f"{shard.stat().st_size / 1e6:.1f} MB"
+    assert (f"producer producer-0: done: wrote 5 samples to 1 shard file ({size}) in {tmp_path / 'shards'}; "
+            "0 filtered below min_score") in caplog.text
+    assert " sent " not in caplog.text and "messages" not in caplog.text
 
 
 def test_a_producer_whose_data_decodes_to_nothing_stops_with_a_clear_error(tiny, tmp_path):

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 from edsam_online.config import load_config
+from edsam_online.eval import EvalConfig
 from edsam_online.loader import MixedBatch
 from edsam_online.runtime import free_port
 from edsam_online.methods import Augmentation
-from edsam_online.trainer import Trainer
+from edsam_online.trainer import EVAL_TABLE_COLUMNS, EVAL_TABLE_KEY, Trainer, eval_table
+from edsam_online.wandb_offline import read_run, read_table, records
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,11 +100,49 @@ def test_teardown_runs_when_training_fails(tmp_path):
     assert trainer.logger._file is None  # the metrics file is closed
 
 
-def test_a_real_only_trainer_has_no_stream(tmp_path):
-    with _trainer(tmp_path, mix={"extra_share": 0.0}) as trainer:
+def test_a_real_only_trainer_has_no_stream_and_logs_progress_eval_table_and_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    logging = {"wandb": True, "wandb_mode": "offline", "wandb_checkpoint": True, "progress_every": 4}
+    with _trainer(tmp_path, mix={"extra_share": 0.0}, trainer={"progress": True}, logging=logging) as trainer:
         assert trainer.buffer is None and trainer.receiver is None and trainer.extra_batch == 0
         metrics = trainer.train()
     assert metrics["eval/zeroshot_top1/flat"] >= 0 and trainer.step == 10
+    err = capsys.readouterr().err  # not a terminal: whole lines, no tqdm bar
+    assert "\r" not in err
+    assert [line.split(" | ")[0] for line in err.splitlines() if line.startswith("[train]")] == [
+        "[train] step 4/10 (40%)", "[train] step 8/10 (80%)", "[train] step 10/10 (100%)"]
+    (folder,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    (table,) = read_table(read_run(folder), EVAL_TABLE_KEY)
+    assert table.step == 10 and table.columns == list(EVAL_TABLE_COLUMNS)
+    assert [(r["set"], r["zeroshot_top1"], r["linear_probe_top1"]) for r in table.rows] == [
+        ("flat", metrics["eval/zeroshot_top1/flat"], None)]
+    (model,) = [r.artifact for r in records(folder) if r.WhichOneof("record_type") == "artifact"
+                and r.artifact.type == "model"]
+    assert [Path(c.local_path).name for c in model.manifest.contents] == ["step_00000010.pt"]
+
+
+def test_the_eval_table_has_a_row_per_set_with_both_accuracies_and_an_example():
+    metrics = {"eval/zeroshot_top1/flat": 0.5, "eval/zeroshot_top1/source": 0.5, "eval/zeroshot_top1/sketch": 0.25,
+               "eval/zeroshot_top1/target_mean": 0.25, "eval/linear_probe/flat": 0.75, "eval/linear_probe/mine": 0.1}
+    rows = eval_table(metrics, EvalConfig(resolution=16))
+    assert [row[:3] for row in rows] == [["flat", 0.5, 0.75], ["sketch", 0.25, None], ["target_mean", 0.25, None],
+                                         ["mine", None, 0.1]]  # "source" repeats the source domain: no row
+    assert rows[0][3].shape == (16, 16, 3) and rows[0][3].dtype == np.uint8 and rows[2][3] is None
+
+
+def test_logged_samples_carry_their_source_thumbnail(tmp_path):
+    thumb = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    with _trainer(tmp_path, logging={"sample_every": 1}) as trainer:
+        batch = _batch(trainer)
+        batch.extra_genuine = torch.tensor([True, True])
+        batch.extra_source_thumbs = [thumb, None]  # the second one's producer sent none
+        trainer.train_step(batch)
+    samples = tmp_path / "run" / "samples"
+    records = [json.loads(line) for line in (samples / "samples.jsonl").read_text().splitlines()]
+    assert [(r["source_key"], r["source_image"]) for r in records] == [("e", "step_00000001/00_source.png"),
+                                                                      ("f", None)]
+    with Image.open(samples / records[0]["source_image"]) as png:
+        assert np.array_equal(np.asarray(png), thumb)
 
 
 def test_synthetic_rows_weigh_by_their_score_and_the_scores_are_logged(tmp_path):

@@ -11,12 +11,14 @@ from PIL import Image
 from edsam_online.diffusion import GeneratedBatch
 from edsam_online.wire import (
     DROP_REASONS,
+    MAX_THUMB_PX,
     SCHEMA_VERSION,
     WireError,
     WireLimits,
     decode_message,
     encode_message,
     provenance,
+    source_thumbnails,
 )
 
 LIMITS = WireLimits(max_message_bytes=1 << 20, max_header_bytes=4096, max_side=512, max_caption_chars=200)
@@ -361,3 +363,46 @@ def test_a_shards_provenance_is_what_a_receiver_reads_for_the_same_sample(scored
         assert expected == {k: header[k] for k in expected}
         assert set(header) - set(expected) == {"v", "created_at", "shape", "dtype", "encoding", "nbytes"}  # transport
     assert ("score" in provenance(batch, 0, "p", 0, 0)) == scored
+
+
+def thumbs(u, side=4):
+    return np.stack([np.full((side, side, 3), 10 * j, np.uint8) for j in range(u)])
+
+
+def test_source_thumbnails_travel_once_per_source_and_are_optional():
+    batch = many(5, source_thumbs=thumbs(3))  # sources 0 0 1 1 2
+    frames = encode(batch)
+    assert len(header_of(frames)["source_thumb"]) == 3 * 4 * 4 * 3 and header_of(frames)["source_thumb_px"] == 4
+    header, samples = decode_message(frames, LIMITS)
+    for i, s in enumerate(samples):
+        np.testing.assert_array_equal(s.source_thumb, batch.source_thumbs[i // 2])
+        assert not s.source_thumb.flags.writeable and "source_thumb" not in s.header
+    assert np.shares_memory(samples[0].source_thumb, samples[1].source_thumb)  # one thumbnail, two samples
+    assert samples.nbytes == batch.images.nbytes + batch.source_thumbs.nbytes
+    _, sliced = decode_message(encode(batch.rows(2, 5)), LIMITS)  # sources 1 and 2 only
+    assert [int(s.source_thumb[0, 0, 0]) for s in sliced] == [10, 10, 20]
+    kept = batch.select(np.array([True, False, False, False, True]))
+    assert [int(s.source_thumb[0, 0, 0]) for s in decode_message(encode(kept), LIMITS)[1]] == [0, 20]
+    _, plain = decode_message(encode(many(2)), LIMITS)  # an older producer, or source_thumb_px=0
+    assert [s.source_thumb for s in plain] == [None, None] and "source_thumb" not in header_of(encode(many(2)))
+    np.testing.assert_array_equal(source_thumbnails(np.full((2, 24, 40, 3), 7, np.uint8), 8),
+                                  np.full((2, 8, 8, 3), 7, np.uint8))
+    assert source_thumbnails(np.zeros((2, 8, 8, 3), np.uint8), 0) is None  # producer.source_thumb_px=0
+
+
+def test_malformed_source_thumbnails_are_dropped_with_their_reason():
+    good = encode(many(4, source_thumbs=thumbs(2)))  # 2 sources of 4x4
+    assert reason(with_header(good, source_thumb=b"\x00" * 95)) == "size_mismatch"
+    assert reason(with_header(good, source_thumb=b"\x00" * 48)) == "size_mismatch"  # one source's worth
+    assert reason(with_header(good, source_thumb_px=5)) == "size_mismatch"
+    assert reason(with_header(good, source_thumb_px=0, source_thumb=b"")) == "bad_shape"
+    assert reason(with_header(good, source_thumb_px=MAX_THUMB_PX + 1)) == "bad_shape"
+    assert reason(with_header(good, source_thumb_px=4.0)) == "wrong_type"
+    assert reason(with_header(good, source_thumb_px=True)) == "wrong_type"
+    assert reason(with_header(good, source_thumb=[0] * 96)) == "wrong_type"
+    assert reason(with_header(good, source_thumb=KeyError)) == "missing_field"
+    assert reason(with_header(good, source_thumb_px=KeyError)) == "missing_field"
+    for bad in (thumbs(2).astype(np.float32), thumbs(3), thumbs(2)[:, :, :3], thumbs(2, side=MAX_THUMB_PX + 1),
+                list(thumbs(2))):
+        with pytest.raises(ValueError, match="source_thumbs"):
+            encode(many(4, source_thumbs=bad))

@@ -25,6 +25,8 @@ class GeneratedBatch:
     ``guidance`` hold for every row. ``unet_calls``: UNet evaluations that generated the rows
     (0 in a slice: the cost is counted once, on the generated batch). ``score``: each row's
     fidelity score in [0, 1] once a producer's scorer has set it (:meth:`scored`), else None.
+    ``source_thumbs``: a thumbnail of each source image (uint8 ``[U, S, S, 3]``, in the order of
+    ``source_keys``) where the producer adds them (``producer.source_thumb_px``), else None.
     """
 
     images: np.ndarray
@@ -42,6 +44,7 @@ class GeneratedBatch:
     guidance: float
     unet_calls: int = 0
     score: np.ndarray | None = None  # float32 [K]
+    source_thumbs: np.ndarray | None = None  # uint8 [U, S, S, 3]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -56,7 +59,8 @@ class GeneratedBatch:
                        captions=self.captions[lo:hi], source=self.source[first:last] - lo,
                        alpha=self.alpha[first:last], seed=self.seed[first:last],
                        sample_index=self.sample_index[first:last], unet_calls=0,
-                       score=None if self.score is None else self.score[first:last])
+                       score=None if self.score is None else self.score[first:last],
+                       source_thumbs=None if self.source_thumbs is None else self.source_thumbs[lo:hi])
 
     def row_captions(self) -> list[str]:
         """Each row's caption (its source's)."""
@@ -79,7 +83,8 @@ class GeneratedBatch:
         return replace(self, images=self.images[keep], source_keys=[self.source_keys[u] for u in used.tolist()],
                        captions=[self.captions[u] for u in used.tolist()], source=source.astype(np.int64),
                        alpha=self.alpha[keep], seed=self.seed[keep], sample_index=self.sample_index[keep],
-                       score=None if self.score is None else self.score[keep])
+                       score=None if self.score is None else self.score[keep],
+                       source_thumbs=None if self.source_thumbs is None else self.source_thumbs[used])
 
     @classmethod
     def single(cls, image: np.ndarray, source_key: str, caption: str, *, alpha: float, seed: int, model_id: str,
