@@ -5,7 +5,7 @@
 #   scripts/launch.sh trainer.steps=50     # the demo with an override (it adds to experiment=cpu_demo)
 #   scripts/launch.sh --producers 8 --trainers 8 \
 #       --producer-devices 0,1,2,3,4,5,6,7 --trainer-devices 8,9,10,11,12,13,14,15 \
-#       experiment=paper_cc3m data.path=/data/cc3m/{00000..00331}.tar
+#       experiment=paper_cc3m data.path='/data/cc3m/{00000..00331}.tar'
 #
 # Options (everything else is a Hydra override passed to every role, added to the embedded
 # experiment=cpu_demo unless one names experiment=...; ~experiment is the bare base tree):
@@ -20,12 +20,16 @@
 #   --producer-restarts N    restarts of a producer that exits abnormally, 1 s backoff doubling to 30 s (default 5)
 #   --curve-keys DIR         CURVE on the stream with the keys of scripts/gen_curve_keys.py DIR: producer r
 #                            uses DIR/producers/producer-<r>.key_secret, trainers accept DIR/allowed/*.key
-#   --dry-run                print every command it would start, start none
+#   --dry-run                check the config, print every command it would start, start none
+#   --cfg job|hydra|all      print the composed config (Hydra's --cfg), start none
 #
+# The config of every role is checked first (python -m edsam_online.preflight): a wrong key,
+# value or path exits 2 naming the key, before a run folder or a process exists.
 # Each node runs its own producers; its trainers connect to them over loopback.
 # The job ends when the trainers end. A producer that exits abnormally is restarted (a new
 # session of the same rank); past the cap the trainers go on with real data. A failed
-# trainer rank stops everything, and the script prints the command that resumes the run.
+# trainer rank stops everything, and the script prints the command that resumes the run
+# from its last checkpoint, when it left one.
 # The script stops every child when it exits or is signalled.
 set -euo pipefail
 launch_args=("$@")
@@ -33,7 +37,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 
 producers=1 trainers=1 producer_devices="" trainer_devices="" nnodes=1 node_rank=0
-rdzv_endpoint="" base_port=5555 run_dir="" dry_run=0 producer_restarts=5 curve_keys=""
+rdzv_endpoint="" base_port=5555 run_dir="" dry_run=0 producer_restarts=5 curve_keys="" print_cfg=""
 overrides=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -49,8 +53,9 @@ while [ $# -gt 0 ]; do
     --dry-run) dry_run=1; shift ;;
     --producer-restarts) producer_restarts="$2"; shift 2 ;;
     --curve-keys) curve_keys="$2"; shift 2 ;;
+    --cfg) print_cfg="$2"; shift 2 ;;
     run_dir=*) run_dir="${1#run_dir=}"; shift ;;  # same as --run-dir
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     --*) echo "launch.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) overrides+=("$1"); shift ;;
   esac
@@ -75,6 +80,26 @@ if [ -z "$experiment" ]; then
 else
   echo "launch.sh: experiment=$experiment" >&2
 fi
+# --cfg job|hydra|all: the composed config, as Hydra prints it, and nothing started.
+if [ -n "$print_cfg" ]; then
+  exec python -m consumers.train "${overrides[@]}" --cfg "$print_cfg"
+fi
+
+# --producers 0 is the real-only baseline (method=none) unless a method is named.
+named_method=0
+for o in "${overrides[@]}"; do [[ "$o" == method=* ]] && named_method=1; done
+if [ "$producers" -eq 0 ] && [ "$named_method" -eq 0 ]; then
+  overrides=("method=none" "${overrides[@]}")
+fi
+# One validation pass before anything exists (edsam_online/preflight.py): every key, value
+# and path of every role's config; a problem exits 2 with one line naming the key. Its last
+# line says whether the method generates (method=none, method=real2x start no producer).
+plan="$(python -m edsam_online.preflight --plan "${overrides[@]}")" || exit 2
+if [ "$producers" -gt 0 ] && [ "$(tail -1 <<< "$plan")" = "no" ]; then
+  echo "launch.sh: the method uses no generator; starting no producer" >&2
+  producers=0
+fi
+
 run_dir="${run_dir:-runs/$(date +%Y%m%d-%H%M%S)}"
 if [ "$dry_run" -eq 1 ]; then
   run_dir="$(realpath -m "$run_dir")"
@@ -94,18 +119,6 @@ if [ -n "$producer_devices$trainer_devices" ]; then
       exit 2
     fi
   done
-fi
-
-# --producers 0 is the real-only baseline (method=none) unless a method is named.
-named_method=0
-for o in "${overrides[@]}"; do [[ "$o" == method=* ]] && named_method=1; done
-if [ "$producers" -eq 0 ] && [ "$named_method" -eq 0 ]; then
-  overrides=("method=none" "${overrides[@]}")
-fi
-# A method that generates nothing (method=none, method=real2x) starts no producer.
-if [ "$producers" -gt 0 ] && [ "$(python -m producers.plan "${overrides[@]}" | tail -1)" = "no" ]; then
-  echo "launch.sh: the method uses no generator; starting no producer" >&2
-  producers=0
 fi
 
 # Launch-wired values first, the user's overrides after them, so an explicit
@@ -250,9 +263,12 @@ while kill -0 "$trainer_pid" 2>/dev/null; do
 done
 wait "$trainer_pid" || status=$?
 if [ "$status" -ne 0 ]; then
-  printf -v resume '%q ' scripts/launch.sh "${launch_args[@]}" --run-dir "$run_dir" checkpoint.resume=latest
-  echo "launch.sh: a trainer rank failed (status $status); every rank is stopped. Continue the run from its last checkpoint with:" >&2
-  echo "  ${resume% }" >&2
+  echo "launch.sh: a trainer rank failed (status $status); every rank is stopped." >&2
+  if compgen -G "$run_dir/checkpoints/step_*.pt" > /dev/null; then
+    printf -v resume '%q ' scripts/launch.sh "${launch_args[@]}" --run-dir "$run_dir" checkpoint.resume=latest
+    echo "launch.sh: continue the run from its last checkpoint with:" >&2
+    echo "  ${resume% }" >&2
+  fi
 fi
 
 echo

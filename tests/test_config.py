@@ -26,7 +26,9 @@ CONFIGS = ROOT / "configs"
 GROUPS = ("data", "diffusion", "model", "runtime", "method", "experiment")
 # options whose mandatory value (???) is the user's to give
 NEEDS = {("data", "webdataset"): ["data.path='/x/{0..1}.tar'"], ("data", "csv"): ["data.path=/x/d.csv"],
-         ("data", "imagefolder"): ["data.path=/x/pairs"]}
+         ("data", "imagefolder"): ["data.path=/x/pairs"], ("diffusion", "local"): ["diffusion.model=/x/sd"],
+         ("experiment", "sd_1gpu"): ["data.path='/x/{0..1}.tar'", "diffusion.model=/x/sd"],
+         ("experiment", "sd_2gpu"): ["data.path='/x/{0..1}.tar'", "diffusion.model=/x/sd"]}
 
 
 def _compose(overrides=()):
@@ -62,7 +64,7 @@ def test_root_config_is_typed():
         ("diffusion.rho=-0.5", r"^diffusion\.rho: must be >= 0, got -0\.5$"),
         ("diffusion.model=random:CompVis/ldm-text2im-large-512",
          r"^diffusion\.model: no stored architecture for 'random:CompVis/ldm-text2im-large-512'; "
-         r"random-weight models: random:CompVis/ldm-text2im-large-256 "),
+         r"random-weight models: random:CompVis/ldm-text2im-large-256, random:runwayml/stable-diffusion-v1-5 "),
         ("diffusion.deepcache_interval=0", r"^diffusion\.deepcache_interval: must be >= 1 \(1 = off\), got 0$"),
         ("mix.extra_share=1.5", r"^mix\.extra_share: must be in \[0, 1\], got 1\.5$"),
         ("model.name=ViT-Huge-999", r"^model\.name: unknown open_clip model 'ViT-Huge-999'"),

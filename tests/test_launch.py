@@ -109,17 +109,34 @@ def test_per_producer_curve_keys_let_only_allowed_producers_deliver(tmp_path):
     assert missing.returncode == 2 and "producer-2.key_secret is missing" in missing.stderr
 
 
+def _trainer_worker(run_dir: Path) -> int | None:
+    """The pid of the trainer rank (not torchrun) of the launch writing ``run_dir``."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        text = b" ".join(argv).decode(errors="replace")
+        if "consumers.train" in text and f"run_dir={run_dir}" in text and "torch.distributed.run" not in text \
+                and "torchrun" not in text:
+            return int(proc.name)
+    return None
+
+
 def test_a_failed_trainer_stops_the_launch_and_prints_the_resume_command(tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "launch.out"
-    missing = tmp_path / "missing.pt"  # the trainer fails at start (the producers never read it)
-    launch = _launch(run_dir, out, "trainer.steps=5", f"checkpoint.resume={missing}")
+    launch = _launch(run_dir, out, "trainer.steps=100000", "checkpoint.every=2")
     try:
-        assert launch.wait(240) != 0
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not list((run_dir / "checkpoints").glob("step_*.pt")):
+            time.sleep(0.2)
+        os.kill(_trainer_worker(run_dir), signal.SIGKILL)  # the rank dies after its first checkpoint
+        assert launch.wait(120) != 0
         text = out.read_text()
         assert "a trainer rank failed" in text, text[-4000:]
-        resume = text.split("Continue the run from its last checkpoint with:")[1].strip().splitlines()[0]
+        resume = text.split("continue the run from its last checkpoint with:")[1].strip().splitlines()[0]
         assert resume.startswith("scripts/launch.sh ") and resume.endswith(f"--run-dir {run_dir} checkpoint.resume=latest")
-        assert "trainer.steps=5" in resume  # the failed launch's own arguments, then the resume
+        assert "trainer.steps=100000" in resume  # the failed launch's own arguments, then the resume
         producer_pid = int(re.search(r"producer 0: pid (\d+)", text).group(1))
         try:  # every rank is stopped: the producer is gone too
             os.kill(producer_pid, 0)
@@ -128,6 +145,15 @@ def test_a_failed_trainer_stops_the_launch_and_prints_the_resume_command(tmp_pat
             pass
     finally:
         _stop(launch)
+
+
+def test_a_launch_stopped_by_its_config_makes_nothing_and_suggests_no_resume(tmp_path):
+    run_dir, out = tmp_path / "run", tmp_path / "launch.out"
+    launch = _launch(run_dir, out, "trainer.steps=5", f"checkpoint.resume={tmp_path / 'missing.pt'}")
+    assert launch.wait(120) == 2
+    text = out.read_text()
+    assert text.strip().splitlines()[-1] == f"config error: checkpoint.resume: no file at '{tmp_path / 'missing.pt'}'"
+    assert "checkpoint.resume=latest" not in text and not run_dir.exists()
 
 
 def test_kill_9_of_the_producer_past_its_restart_cap_leaves_the_trainer_running_to_its_last_step(tmp_path):

@@ -25,6 +25,7 @@ import csv
 import io
 import itertools
 import json
+import glob
 import logging
 import os
 import random
@@ -243,18 +244,27 @@ class _ImageFolderReader(_CsvReader):
 
 
 def resolve_shards(path: str | list[str]) -> list[str]:
-    """Shard URLs from a brace pattern, a list of patterns or a directory of *.tar."""
+    """Shard URLs from a brace pattern, a glob (``/data/*.tar``), a list of patterns or a
+    directory of *.tar. Local shards must exist; URLs and ``pipe:`` commands are taken as given."""
     patterns = [path] if isinstance(path, str) else list(path)
     shards: list[str] = []
     for pattern in patterns:
         if os.path.isdir(pattern):
             shards.extend(sorted(str(p) for p in Path(pattern).glob("*.tar")))
-        else:
-            shards.extend(braceexpand.braceexpand(pattern))
+            continue
+        for url in braceexpand.braceexpand(pattern):
+            remote = "://" in url or url.startswith("pipe:")
+            if not remote and glob.has_magic(url):
+                matched = sorted(glob.glob(os.path.expanduser(url)))
+                if not matched:
+                    raise ValueError(f"path: no shard matches {url!r}")
+                shards.extend(matched)
+            else:
+                shards.append(url)
     local = [s for s in shards if "://" not in s and not s.startswith("pipe:")]
     missing = [s for s in local if not os.path.isfile(s)]
     if missing:
-        raise ValueError(f"path: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+        raise ValueError(f"path: {len(missing)} of {len(shards)} shard(s) not found, e.g. {missing[0]}")
     if not shards:
         raise ValueError(f"path: no shards found in {path!r}")
     return shards

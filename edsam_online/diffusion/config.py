@@ -92,7 +92,8 @@ class SamplerConfig:
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
-            raise ValueError(f"model must be a non-empty string, got {self.model!r}")
+            raise ValueError(f"model: required, got {self.model!r}: a diffusers folder (Stable Diffusion or "
+                             f"CompVis LDM layout), a hub id in the local cache, retrained or random:<hub id>")
         try:
             random_architecture(self.model)
         except ValueError as err:
