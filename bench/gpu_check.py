@@ -19,6 +19,11 @@ Steps (``--tiny`` on ``--device cpu`` runs the same steps with tiny models, in s
   loss, with the same gradients, and an all_reduce crosses the backend.
 - ``stream``: ``scripts/launch.sh`` with one producer and one trainer on the device for
   ``--stream-seconds``: the trainer must have received and trained on generated samples.
+- ``sd_1gpu``: ``scripts/launch.sh experiment=sd_1gpu`` for ``--sd-steps`` steps (default 300), producer
+  and trainer sharing the device: Stable Diffusion v1.5's architecture with random weights at 512 px,
+  CLIP ViT-B-32 at 224 px, shards written by ``scripts/make_shards.py``; the trainer's and the
+  producer's samples/s, the step time and the GPU's peak memory. On a 15-minute lend run it alone
+  first: ``--only sd_1gpu``.
 """
 
 from __future__ import annotations
@@ -242,9 +247,82 @@ def step_stream(args: argparse.Namespace) -> dict:
                         f"({received / window:.1f}/s), {trained} trained on; producer {producer_rate:.1f}/s")}
 
 
+SD_GENERATOR = "random:runwayml/stable-diffusion-v1-5"
+
+
+def _gpu_memory_mib() -> float | None:
+    """Memory in use on the GPU, all processes (nvidia-smi), or None without it."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        return float(out.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def step_sd_1gpu(args: argparse.Namespace) -> dict:
+    """``experiment=sd_1gpu`` through launch.sh for ``--sd-steps`` steps, producer and trainer on
+    one device: Stable Diffusion v1.5's architecture (random weights) at 512 px and CLIP
+    ViT-B-32 at 224 px on webdataset shards of built-in images; with ``--tiny``, a tiny SD folder
+    and a cut-down ViT-B-32 on CPU. Reports the trainer's samples/s and step time, the producer's
+    samples/s and the GPU memory both used at their peak."""
+    from edsam_online.metrics import read_jsonl
+
+    work = Path(args.json).parent / "sd_1gpu"
+    shutil.rmtree(work, ignore_errors=True)
+    run_dir = work / "run"
+    resolution, per_domain = (64, 64) if args.tiny else (256, 1024)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_shards.py"), "--webdataset", str(work / "data"),
+                    "--domains", "flat", "--per-domain", str(per_domain), "--resolution", str(resolution)],
+                   check=True, cwd=ROOT)
+    cmd = ["bash", str(ROOT / "scripts" / "launch.sh"), "--run-dir", str(run_dir), "--producer-restarts", "0",
+           "experiment=sd_1gpu", f"data.path={work / 'data' / 'flat'}", f"trainer.steps={args.sd_steps}",
+           "logging.wandb=false", "trainer.progress=false", "checkpoint.every=0", "logging.log_every=10"]
+    if args.device == "cuda":  # a smaller warm-up than the preset's, so that a short check trains on samples
+        cmd[2:2] = ["--producer-devices", "0", "--trainer-devices", "0"]
+        cmd += [f"diffusion.model={SD_GENERATOR}", "buffer.min_size_to_sample=32"]
+    else:
+        from edsam_online.diffusion import SamplerConfig, build_tiny_ldm
+        from edsam_online.models import write_stand_in
+
+        build_tiny_ldm(SamplerConfig(resolution=64), layout="sd").save_pretrained(work / "sd")
+        cmd += [f"diffusion.model={work / 'sd'}", f"model.name={write_stand_in('ViT-B-32', work / 'clip')}",
+                "runtime=cpu", "diffusion.device=cpu", "diffusion.dtype=fp32", "diffusion.channels_last=false",
+                "diffusion.resolution=64", "diffusion.m=2", "diffusion.steps=2", "diffusion.inversion_steps=2",
+                "trainer.batch_size=8", "buffer.min_size_to_sample=2", "buffer.samples_per_insert=0",
+                "buffer.error_buffer=null", "mix.extra_wait_s=2.0", "runtime.num_workers=1", "eval.samples_per_class=2",
+                "eval.probe_train_per_class=3", "eval.domains=[flat]"]
+    peak_memory = None
+    with open(Path(args.json).with_suffix(".log"), "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        while proc.poll() is None:
+            used = _gpu_memory_mib() if args.device == "cuda" else None
+            peak_memory = used if peak_memory is None or (used or 0) > peak_memory else peak_memory
+            time.sleep(1.0)
+    if proc.returncode != 0:
+        raise RuntimeError(f"launch.sh experiment=sd_1gpu ended with status {proc.returncode}; see {log.name}")
+    records = [r for r in read_jsonl(run_dir / "metrics" / "trainer0.jsonl") if "train/loss" in r]
+    last = records[-1]
+    if last["step"] != args.sd_steps or last.get("train/extra_samples", 0) <= 0:
+        raise RuntimeError(f"sd_1gpu: ended at step {last['step']} of {args.sd_steps} with "
+                           f"{last.get('train/extra_samples', 0)} generated samples trained on")
+    later = records[len(records) // 2:]  # past start-up
+    rate = sum(r.get("train/samples_per_s", 0.0) for r in later) / len(later)
+    step_s = sum(r.get("train/step_time_s", 0.0) for r in later) / len(later)
+    producer = [r.get("producer/samples_per_s", 0.0) for r in read_jsonl(run_dir / "metrics" / "producer0.jsonl")]
+    producer_rate = max(producer, default=float("nan"))
+    return {"steps": last["step"], "trainer_samples_per_s": rate, "step_time_s": step_s,
+            "producer_samples_per_s": producer_rate, "gpu_memory_peak_mib": peak_memory,
+            "extra_share_actual": last.get("train/extra_share_actual"),
+            "summary": (f"{last['step']} steps: trainer {rate:.0f} samples/s ({step_s:.3f} s/step), producer "
+                        f"{producer_rate:.1f} samples/s, extra share {last.get('train/extra_share_actual', 0):.2f}"
+                        + (f", GPU memory peak {peak_memory:.0f} MiB" if peak_memory else ""))}
+
+
 #: In the order they run: the sampler, whose torch.compile variant takes longest, last.
 STEP_FUNCTIONS = {"env": step_env, "loss": step_loss, "trainer": step_trainer, "stream": step_stream,
-                  "sampler": step_sampler}
+                  "sd_1gpu": step_sd_1gpu, "sampler": step_sampler}
 
 
 def _partial(args: argparse.Namespace, result: dict) -> None:
@@ -256,14 +334,16 @@ def _partial(args: argparse.Namespace, result: dict) -> None:
 
 def _timeouts(args: argparse.Namespace) -> dict[str, int]:
     if args.tiny:
-        return {"env": 120, "sampler": 240, "trainer": 180, "loss": 120, "stream": args.stream_seconds + 120}
-    return {"env": 90, "sampler": 240, "trainer": 120, "loss": 60, "stream": args.stream_seconds + 90}
+        return {"env": 120, "sampler": 240, "trainer": 180, "loss": 120, "stream": args.stream_seconds + 120,
+                "sd_1gpu": 300}
+    return {"env": 90, "sampler": 240, "trainer": 120, "loss": 60, "stream": args.stream_seconds + 90, "sd_1gpu": 420}
 
 
 def _child_cmd(step: str, args: argparse.Namespace, json_path: Path) -> list[str]:
     flags = ["--device", args.device, "--json", str(json_path), "--stream-seconds", str(args.stream_seconds),
              "--sampler-batch", str(args.sampler_batch), "--sampler-iters", str(args.sampler_iters),
-             "--trainer-batch", str(args.trainer_batch), *(["--tiny"] if args.tiny else [])]
+             "--trainer-batch", str(args.trainer_batch), "--sd-steps", str(args.sd_steps),
+             *(["--tiny"] if args.tiny else [])]
     if step == "loss":
         torchrun = str(Path(sys.executable).with_name("torchrun"))
         launcher = [torchrun] if Path(torchrun).exists() else [sys.executable, "-m", "torch.distributed.run"]
@@ -330,6 +410,7 @@ def main() -> None:
     parser.add_argument("--sampler-iters", type=int, default=3, help="timed generate calls per variant")
     parser.add_argument("--trainer-batch", type=int, default=512,
                         help="images per step, real-only and mix alike (paper_cc3m: 256 real + 256 generated)")
+    parser.add_argument("--sd-steps", type=int, default=300, help="trainer steps of the sd_1gpu step")
     parser.add_argument("--json", help="with mode 'step': where the step writes its result")
     args = parser.parse_args()
     if args.mode == "run":

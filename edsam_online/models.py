@@ -94,3 +94,32 @@ def create_clip(cfg: ClipModelConfig, device: str = "cpu"):
         raise
     tokenizer = open_clip.get_tokenizer(cfg.name, cache_dir=cfg.cache_dir)
     return model, preprocess_train, preprocess_val, tokenizer
+
+
+def write_stand_in(name: str, folder: str | Path, width: int = 64, layers: int = 2) -> str:
+    """A ``local-dir:`` open_clip folder holding ``name``'s architecture with every width and
+    depth cut down (image size, patch size, context length and vocabulary kept), for random
+    weights: a preset's model runs on a CPU in seconds, through the path a user's own folder
+    takes. Returns the ``model.name`` that loads it. open_clip has no such option: it builds a
+    named model at its full size."""
+    import json
+
+    import open_clip
+
+    register_tiny_models()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"name: unknown open_clip model {name!r}")
+    vision, text = dict(cfg["vision_cfg"]), dict(cfg["text_cfg"])
+    vision["layers"] = [1] * len(vision["layers"]) if isinstance(vision["layers"], (list, tuple)) else layers
+    vision["width"] = width if isinstance(vision["layers"], int) else max(8, width // 4)
+    if isinstance(vision["layers"], int):
+        vision["head_width"] = width // 2
+    text.update(width=width, heads=2, layers=layers)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stand_in = {"model_cfg": {**cfg, "embed_dim": width // 2, "vision_cfg": vision, "text_cfg": text},
+                "preprocess_cfg": {}}
+    (folder / "open_clip_config.json").write_text(json.dumps(stand_in, indent=1))
+    return f"local-dir:{folder}"
+

@@ -14,6 +14,7 @@ from edsam_online.diffusion import architectures as arch
 from edsam_online.diffusion import config as names
 
 PAPER = "CompVis/ldm-text2im-large-256"
+SD = "runwayml/stable-diffusion-v1-5"
 
 
 def test_the_papers_generator_is_stored_with_its_published_sizes():
@@ -32,6 +33,17 @@ def test_the_papers_generator_is_stored_with_its_published_sizes():
     ids = tok(["a small red star on a light background"], padding="max_length", max_length=77,
               return_tensors="pt").input_ids
     assert ids.shape == (1, 77) and int(ids.max()) < 30522
+
+
+def test_stable_diffusion_v1_5_is_stored_with_its_published_sizes():
+    """The sd_1gpu / sd_2gpu presets' generator, for speed and memory on a GPU without weights."""
+    comps, layout = arch.random_components(SD, device="meta")
+    assert layout == "sd"
+    assert arch.parameter_counts(comps) == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    assert comps["unet"].config.cross_attention_dim == comps["text_encoder"].config.hidden_size == 768
+    assert comps["unet"].config.sample_size * 2 ** (len(comps["vae"].config.block_out_channels) - 1) == 512
+    ids = comps["tokenizer"](["a photo of a dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert ids.shape == (1, 77) and int(ids.max()) < 49408
 
 
 def _scaled_down_copy(root):
@@ -75,6 +87,6 @@ def test_a_random_model_name_builds_through_the_sampler(tmp_path, monkeypatch):
 
 def test_an_unknown_random_architecture_is_refused_naming_the_stored_ones():
     with pytest.raises(ValueError, match=r"^model: no stored architecture for 'random:CompVis/ldm-text2im-large-512'; "
-                                         r"random-weight models: random:CompVis/ldm-text2im-large-256"):
+                                         r"random-weight models: random:CompVis/ldm-text2im-large-256, random:runwayml/stable-diffusion-v1-5"):
         SamplerConfig(model="random:CompVis/ldm-text2im-large-512")
     assert names.random_architecture("retrained") is None and names.random_architecture(f"random:{PAPER}") == PAPER
