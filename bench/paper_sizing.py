@@ -23,7 +23,7 @@ Then, per trainer GPU with the config's real + synthetic images per step:
 generated samples drawn per second = trainer steps/s x synthetic batch; the producer side
 must insert ``drawn / samples_per_insert`` of them, so producer GPUs per trainer GPU =
 ``drawn / (samples_per_insert x producer samples/s)``. Buffer memory per trainer rank =
-capacity x 256 x 256 x 3 bytes (received images are kept decoded).
+capacity x resolution² x 3 bytes (received images are kept decoded).
 
 Online against generate-then-train, projected to dedicated GPUs (``producer.num_producers`` beside
 ``--trainer-gpus``) for the same run: the generation takes ``G`` = distinct samples / (producer
@@ -180,7 +180,7 @@ def main() -> None:
         print(f"| {row['samples_per_insert']:.3g} | {h['generate_s']:.2f} | {h['train_s']:.2f} | {h['online_s']:.2f} "
               f"| {h['offline_dedicated_s']:.2f} | {p['online_s'] / p['offline_dedicated_s']:.2f} "
               f"| {h['offline_pooled_s']:.2f} | {p['online_s'] / p['offline_pooled_s']:.2f} |")
-    item = 256 * 256 * 3
+    item = d.resolution * d.resolution * 3  # a received sample is kept decoded, at the generator's size
     print("\n| buffer capacity per rank | host memory per rank | minutes of inserts it holds at 1 producer/trainer |"
           "\n|---:|---:|---:|")
     for capacity in (8192, 16384, 32768, 65536):

@@ -113,31 +113,34 @@ def _fields(cls: ast.ClassDef) -> list[tuple[str, str, str]]:
             and not ast.unparse(n.annotation).startswith("ClassVar")]
 
 
-def root_components() -> list[tuple[str, str, str]]:
-    """(root key, dataclass name, module) of every field of the root ``Config``."""
-    config = _find_class("edsam_online.config", "Config")
-    imports = _imports(ast.parse(_module_path("edsam_online.config").read_text(encoding="utf-8")),
-                       "edsam_online.config")
-    out = []
-    for name, annotation, _ in _fields(config):
-        if annotation in imports:
-            out.append((name, annotation, imports[annotation]))
-    return out
+#: The root dataclass of the trainer's, the producers' and ``edsam-prepare``'s config tree.
+TRAINING_ROOT = ("edsam_online.config", "Config")
 
 
-def group_options() -> dict[str, list[str]]:
+def root_components(root: tuple[str, str] = TRAINING_ROOT) -> list[tuple[str, str, str]]:
+    """(root key, dataclass name, module) of every dataclass field of the root dataclass."""
+    module, name = root
+    imports = _imports(ast.parse(_module_path(module).read_text(encoding="utf-8")), module)
+    return [(key, annotation, imports[annotation]) for key, annotation, _ in _fields(_find_class(module, name))
+            if annotation in imports]
+
+
+def group_options(only: tuple[str, ...] | None = None) -> dict[str, list[str]]:
     """Config group -> its options (the YAML files under ``configs/<group>/``)."""
-    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(CONFIG_DIR.iterdir()) if d.is_dir()}
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(CONFIG_DIR.iterdir())
+            if d.is_dir() and (only is None or d.name in only)}
 
 
-def help_text(program: str, usage: str) -> str:
-    """The ``--help`` of a Hydra entry point: usage, groups and every component's keys with
-    defaults and its dataclass docstring."""
+def help_text(program: str, usage: str, root: tuple[str, str] = TRAINING_ROOT,
+              groups: tuple[str, ...] | None = None) -> str:
+    """The ``--help`` of a Hydra entry point: usage, its groups (``groups``; None: all) and every
+    component's keys with defaults and its dataclass docstring."""
     lines = [f"usage: {program} [KEY=VALUE ...] [GROUP=OPTION ...]", "", textwrap.dedent(usage).strip(), "",
              "Groups (GROUP=OPTION picks a file under configs/GROUP/):"]
-    lines += [f"  {group:<11} {', '.join(options)}" for group, options in group_options().items()]
+    lines += [f"  {group:<11} {', '.join(options)}" for group, options in group_options(groups).items()]
     lines += ["", "Keys (KEY=VALUE; defaults below, a group option or experiment may change them):"]
-    for key, cls_name, module in root_components():
+    components = root_components(root)
+    for key, cls_name, module in components:
         cls = _find_class(module, cls_name)
         if cls is None:
             continue
@@ -151,20 +154,20 @@ def help_text(program: str, usage: str) -> str:
                 lines.append(f"  {key}.{name}: {annotation} = {default}")
             else:
                 lines += [f"  {key}.{name}.{n}: {a} = {d}" for n, a, d in _fields(nested)]
-    config = _find_class("edsam_online.config", "Config")
     lines.append("\nTop level")
-    lines += [f"  {name}: {annotation} = {default}" for name, annotation, default in _fields(config)
-              if name not in {k for k, _, _ in root_components()}]
+    lines += [f"  {name}: {annotation} = {default}" for name, annotation, default in _fields(_find_class(*root))
+              if name not in {k for k, _, _ in components}]
     lines += ["", "Hydra's own options: --hydra-help; print the composed config without running: --cfg job.",
               "Every key in detail: docs/configuration.md."]
     return "\n".join(lines)
 
 
-def prepare_argv(program: str, usage: str) -> None:
+def prepare_argv(program: str, usage: str, root: tuple[str, str] = TRAINING_ROOT,
+                 groups: tuple[str, ...] | None = None) -> None:
     """Answer ``-h``/``--help`` (then exit 0) and quote brace patterns in ``sys.argv``, before
     the entry point imports anything heavy or Hydra parses the overrides."""
     args = sys.argv[1:]
     if "-h" in args or "--help" in args:
-        print(help_text(program, usage))
+        print(help_text(program, usage, root, groups))
         raise SystemExit(0)
     sys.argv[1:] = quote_brace_patterns(args)

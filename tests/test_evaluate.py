@@ -85,19 +85,20 @@ def test_edsam_eval_names_a_missing_checkpoint_or_eval_path(tmp_path):
 def test_every_model_group_option_composes_into_an_evaluate_config(group, name):
     from hydra import compose, initialize_config_dir
 
-    from consumers.evaluate import CONFIG_DIR, EvaluateConfig
+    from consumers.evaluation import CONFIG_DIR, EvaluateConfig
+    from edsam_online.cli import help_text
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = OmegaConf.to_object(compose("evaluate", overrides=[f"model={group}", "eval.domains=[dark]"]))
-        hydra_cfg = compose("evaluate", return_hydra_config=True).hydra
     assert isinstance(cfg, EvaluateConfig) and cfg.model.name == name and cfg.eval.domains == ["dark"]
-    help_text = hydra_cfg.help.template
-    assert "model: rn50, tiny, tiny_rn, vit_b16" in help_text  # the only group --help lists
-    assert not any(f"\n{g}:" in help_text for g in ("data", "diffusion", "method", "runtime", "experiment"))
+    text = help_text("edsam-eval", "", root=("consumers.evaluation", "EvaluateConfig"), groups=("model",))
+    assert f"  model       {', '.join(sorted(p.stem for p in (ROOT / 'configs' / 'model').glob('*.yaml')))}" in text
+    assert not any(f"\n  {g} " in text for g in ("data", "diffusion", "method", "runtime", "experiment"))
+    assert "  eval.retrieval_max_images: int = " in text and "  model.name: str = " in text
 
 
 def test_per_class_and_confusion_files(tmp_path):
-    from consumers.evaluate import write_results
+    from consumers.evaluation import write_results
     from edsam_online.eval import EvalResult, SetResult
 
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])

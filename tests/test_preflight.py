@@ -125,15 +125,26 @@ def test_an_entry_point_checks_before_it_loads_anything(tmp_path):
         "config error: trainer.batchsize: unknown key (did you mean trainer.batch_size?)"
 
 
-def test_help_describes_every_group_from_the_dataclasses_without_importing_torch():
-    code = ("import sys\nsys.argv = ['edsam-train', '--help']\nimport consumers.train as entry\n"
+def _help(module: str) -> str:
+    """``--help`` of an entry point, asserting that answering it imported no torch."""
+    code = (f"import sys\nsys.argv = ['x', '--help']\nimport {module} as entry\n"
             "try:\n    entry.main()\nexcept SystemExit as stop:\n    assert stop.code == 0\n"
             "print('torch imported' if 'torch' in sys.modules else 'no torch')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.rstrip().endswith("no torch")
-    text = out.stdout
+    assert out.stdout.rstrip().endswith("no torch"), module
+    return out.stdout
+
+
+def test_every_entry_point_answers_help_without_importing_torch():
+    for module in ("producers.__main__", "producers.prepare", "consumers.evaluate"):
+        assert "Keys (KEY=VALUE" in _help(module)
+    assert "  eval.retrieval_max_images: int = " in _help("consumers.evaluate")
+
+
+def test_help_describes_every_group_from_the_dataclasses():
+    text = _help("consumers.train")
     for section in ("data  (RealDataConfig)", "trainer  (TrainerConfig)", "buffer  (BufferConfig)",
                     "eval  (EvalConfig)"):
         assert section in text

@@ -57,10 +57,12 @@ def test_sd_1gpu_runs_end_to_end_on_a_users_webdataset(tmp_path):
 
 
 def _documented_commands() -> list[tuple[str, str]]:
-    """(where, command) of every launch.sh / trainer / producer command in the README, docs,
-    launch.sh's help and the configs' comments, joined across line continuations."""
+    """(where, command) of every launch.sh / trainer / producer / edsam-eval command in the README,
+    docs, launch.sh's and the entry points' help and the configs' comments, joined across line
+    continuations."""
     sources = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "scripts" / "launch.sh",
-               *sorted((ROOT / "configs").rglob("*.yaml"))]
+               *sorted((ROOT / "configs").rglob("*.yaml")), *sorted((ROOT / "consumers").glob("*.py")),
+               *sorted((ROOT / "producers").glob("*.py"))]  # the entry points' --help
     found = []
     for path in sources:
         text = path.read_text(encoding="utf-8")
@@ -69,13 +71,16 @@ def _documented_commands() -> list[tuple[str, str]]:
             spans = [" ".join(s.split()) for s in re.findall(r"`([^`\n]+(?:\n[^`\n]+)*)`", re.sub(r"```.*?```", "", text,
                                                                                                 flags=re.S))]
             candidates = "\n".join(blocks).replace("\\\n", " ").splitlines() + spans
-        else:  # comments
-            lines = [re.sub(r"^\s*#\s?", "", line) for line in text.splitlines()]
+        else:  # comments, and the lines of a docstring that start with a command
+            lines = [re.sub(r"^\s*#\s?", "", line).strip().removesuffix('"""') for line in text.splitlines()]
             candidates = "\n".join(lines).replace("\\\n", " ").splitlines()
+            if path.suffix == ".py":
+                candidates = [c for c in candidates if re.match(r"(scripts/|python -m |torchrun |edsam-)", c)]
         for line in candidates:
-            match = re.search(r"(scripts/launch\.sh|python -m consumers\.train|python -m producers(?:\.prepare)?"
-                              r"|edsam-train|edsam-produce|edsam-prepare)\b(.*)", line)
-            if match and "<" not in match.group(2) and "..." not in match.group(2):
+            match = re.search(r"(scripts/launch\.sh|python -m consumers\.(?:train|evaluate)|python -m producers"
+                              r"(?:\.prepare)?|edsam-train|edsam-produce|edsam-prepare|edsam-eval)\b(.*)", line)
+            rest = match.group(2) if match else ""
+            if match and "..." not in rest and "OVERRIDES" not in rest and not rest.lstrip().startswith("("):
                 found.append((f"{path.relative_to(ROOT)}", match.group(0).strip().strip("`")))
     return found
 
@@ -83,7 +88,8 @@ def _documented_commands() -> list[tuple[str, str]]:
 def _overrides(command: str) -> list[str]:
     """The Hydra overrides a shell passes (quotes removed, comments dropped), launch.sh's options
     and their values skipped; with launch.sh, its embedded experiment first unless one is named."""
-    words = shlex.split(command.split("`")[0], comments=True)
+    # <time>, <run>: a placeholder the reader fills in
+    words = shlex.split(re.sub(r"<[\w -]+>", "PLACEHOLDER", command.split("`")[0]), comments=True)
     valued = {"--producers", "--trainers", "--producer-devices", "--trainer-devices", "--nnodes", "--node-rank",
               "--rdzv-endpoint", "--base-port", "--run-dir", "--producer-restarts", "--curve-keys", "--cfg"}
     out, skip = [], False
@@ -110,7 +116,18 @@ def test_the_docs_show_commands_to_check():
 @pytest.mark.parametrize("where,command", DOCUMENTED, ids=[f"{w}:{c[:60]}" for w, c in DOCUMENTED])
 def test_every_documented_command_composes_as_written(where, command):
     """Keys, values and syntax hold as shown (paths are the reader's: they are not checked here)."""
+    overrides = quote_brace_patterns(_overrides(command))
+    if "edsam-eval" in command or "consumers.evaluate" in command:
+        from hydra import compose, initialize_config_dir
+        from omegaconf import OmegaConf
+
+        from consumers.evaluation import EvaluateConfig  # registers its schema
+
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+            cfg = compose("evaluate", overrides=overrides)  # keys and types; its paths are the reader's
+        assert OmegaConf.get_type(cfg) is EvaluateConfig
+        return
     try:
-        compose_checked(quote_brace_patterns(_overrides(command)))
+        compose_checked(overrides)
     except PreflightError as err:
         pytest.fail(f"{where}: {command}\n  -> {err}")
