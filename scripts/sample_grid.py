@@ -3,6 +3,11 @@ samples beside each, labelled with each sample's alpha and, with ``--measure``, 
 world measurer sees and a check mark where the sample keeps its caption's class, colour and size.
 
     python scripts/sample_grid.py --out grid.png [--model retrained] [--rows 6] [--m 6] [--rho R] [--measure]
+    python scripts/sample_grid.py --out mine.png --model /models/stable-diffusion-v1-5 --resolution 512 \
+        --data-kind webdataset --data-path '/data/mine/{00000..00099}.tar'      # your data, your generator
+
+The real images are the built-in source domain, or the first ``--rows`` of your data
+(``--data-kind webdataset|csv|imagefolder --data-path ...``, read as ``data.*`` reads them).
 """
 
 import argparse
@@ -13,6 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+import itertools  # noqa: E402
+
+from edsam_online.data import RealDataConfig, iter_real_samples  # noqa: E402
 from edsam_online.data.shapes import SOURCE_DOMAIN, render_sample  # noqa: E402
 from edsam_online.diffusion import SamplerConfig, build_sampler  # noqa: E402
 
@@ -35,13 +43,19 @@ def main(argv=None):
     # 64: the batch docs/sample_grid.png was drawn with (a UNet batch may round floats differently)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--data-seed", type=int, default=7)
+    p.add_argument("--data-kind", default="builtin", choices=("builtin", "webdataset", "csv", "imagefolder"))
+    p.add_argument("--data-path", help="your shards, CSV or image folder (with --data-kind)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     cfg = SamplerConfig(model=a.model, rho=a.rho, m=a.m, mode=a.mode, guidance=a.guidance, steps=a.steps,
                         inversion_steps=a.steps, timestep_spacing=a.timestep_spacing, resolution=a.resolution,
                         batch_size=a.batch_size)
     sampler = build_sampler(cfg)
-    real = [render_sample(i, SOURCE_DOMAIN, a.resolution, a.data_seed) for i in range(a.rows)]
+    if a.data_kind == "builtin":
+        real = [render_sample(i, SOURCE_DOMAIN, a.resolution, a.data_seed) for i in range(a.rows)]
+    else:
+        data = RealDataConfig(kind=a.data_kind, path=a.data_path, resolution=a.resolution, shuffle=False)
+        real = list(itertools.islice(iter_real_samples(data), a.rows))
     out = sampler.generate(np.stack([r.image for r in real]), [r.caption for r in real],
                            [r.key for r in real], seed=a.seed)
     labels = [""] * len(out.images)
