@@ -22,6 +22,7 @@ producers lag), and a long trainer stall cannot bank unbounded reuse.
 from __future__ import annotations
 
 import collections
+import math
 import random
 import threading
 import time
@@ -38,6 +39,10 @@ _REUSE_BINS = 8  # buffer/reuse_hist/0 .. /7, then /ge8
 _AGE_WINDOW = 1024  # sampled-item ages kept for the age statistics
 _RATE_WINDOW_S = 10.0
 _EXCLUDE_TRIES = 64  # draws a sample(exclude=...) makes before it reports that it cannot serve
+#: The table's counters (``ReplayBuffer._<name>``) a :class:`BufferSnapshot` carries: the
+#: limiter's (inserts, samples, forgiven credit) and those behind :meth:`ReplayBuffer.stats`.
+COUNTERS = ("inserts", "samples", "forgiven", "evicted", "evicted_never_sampled", "retired", "starved",
+            "starved_min_size", "starved_rate", "excluded_draws", "starved_exclude", "reused")
 
 
 @dataclass
@@ -84,6 +89,51 @@ class BufferConfig:
         require_at_least(self, 0, "sample_timeout_s")
 
 
+@dataclass
+class BufferSnapshot(Generic[T]):
+    """A table's state (:meth:`ReplayBuffer.snapshot`, :meth:`ReplayBuffer.restore`): its live
+    items oldest first (item i is ``seqs[i][index[i]]``) with their uses, insert step and age in
+    seconds, the :data:`COUNTERS`, the reuse histogram of the items that left, the trainer step
+    and the sampling RNG's state (``random.Random.getstate()``; None leaves the RNG as it is)."""
+
+    seqs: list[Sequence[T]]
+    index: np.ndarray  # int64
+    uses: np.ndarray  # int64
+    inserted_step: np.ndarray  # int64
+    age_s: np.ndarray  # float64
+    counters: dict[str, int | float]
+    reuse_hist: np.ndarray  # int64 [_REUSE_BINS + 1]
+    step: int = 0
+    rng_state: tuple | None = None
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def check(self) -> None:
+        """Raise ValueError unless this can be a table's state (one read from a file may not be)."""
+        n = len(self.seqs)
+        for name, dtype, size in (("index", np.int64, n), ("uses", np.int64, n), ("inserted_step", np.int64, n),
+                                  ("age_s", np.float64, n), ("reuse_hist", np.int64, _REUSE_BINS + 1)):
+            column = getattr(self, name)
+            if not isinstance(column, np.ndarray) or column.dtype != dtype or column.shape != (size,):
+                raise ValueError(f"{name} must be {size} {np.dtype(dtype).name} values")
+            if size and not (np.isfinite(column).all() and column.min() >= 0):
+                raise ValueError(f"{name} must hold finite values >= 0")
+        if set(self.counters) != set(COUNTERS):
+            raise ValueError(f"counters must be {COUNTERS}, got {sorted(self.counters)}")
+        for name, value in self.counters.items():
+            kinds = (int, float) if name == "forgiven" else (int,)
+            if type(value) not in kinds or not math.isfinite(value) or value < 0:
+                raise ValueError(f"counter {name} must be a number >= 0, got {value!r}")
+        if type(self.step) is not int or self.step < 0:
+            raise ValueError(f"step must be an int >= 0, got {self.step!r}")
+        if self.rng_state is not None:
+            try:
+                random.Random().setstate(self.rng_state)
+            except (TypeError, ValueError, OverflowError) as err:
+                raise ValueError(f"not a random.Random state: {err}") from None
+
+
 class ReplayBuffer(Generic[T]):
     """Thread-safe bounded table: ``insert`` from the receiver thread, ``sample`` from loaders.
 
@@ -105,6 +155,9 @@ class ReplayBuffer(Generic[T]):
     every inserted sequence with at least one live item (a message's images stay in memory
     until its last sample leaves), so it can exceed ``size`` x item bytes by the partly
     evicted or retired messages. Sequences without ``nbytes`` count 0.
+
+    :meth:`snapshot` and :meth:`restore` carry the table across a trainer restart
+    (``checkpoint.buffer``; the file format is :mod:`edsam_online.buffer_snapshot`).
     """
 
     def __init__(self, cfg: BufferConfig, key: Callable[[T], str] | None = None) -> None:
@@ -138,6 +191,7 @@ class ReplayBuffer(Generic[T]):
         self._starved_rate = 0
         self._excluded_draws = 0
         self._starved_exclude = 0
+        self._reused = 0  # draws of an item drawn before
         self._reuse_hist = np.zeros(_REUSE_BINS + 1, np.int64)
         self._ages_s: collections.deque[float] = collections.deque(maxlen=_AGE_WINDOW)
         self._ages_steps: collections.deque[int] = collections.deque(maxlen=_AGE_WINDOW)
@@ -256,6 +310,7 @@ class ReplayBuffer(Generic[T]):
             uses = int(self._uses[pos]) + 1
             self._uses[pos] = uses
             self._samples += 1
+            self._reused += uses > 1
             now = time.monotonic()
             self._ages_s.append(now - float(self._inserted_at[pos]))
             inserted_step = int(self._inserted_step[pos])
@@ -337,6 +392,59 @@ class ReplayBuffer(Generic[T]):
             while len(marks) > 2 and now - marks[1][0] > _RATE_WINDOW_S:
                 marks.popleft()
 
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self) -> BufferSnapshot[T]:
+        """The table now: references to its items, copies of its columns and counters (the
+        receiver may go on inserting meanwhile)."""
+        now = time.monotonic()
+        with self._cond:
+            pos = self._head + np.flatnonzero(self._live[self._head:self._tail])
+            return BufferSnapshot(
+                seqs=[self._seqs[p] for p in pos.tolist()], index=self._index[pos], uses=self._uses[pos],
+                inserted_step=self._inserted_step[pos], age_s=now - self._inserted_at[pos],
+                counters={name: getattr(self, f"_{name}") for name in COUNTERS}, reuse_hist=self._reuse_hist.copy(),
+                step=self._step, rng_state=self._rng.getstate())
+
+    def restore(self, snap: BufferSnapshot[T]) -> int:
+        """Put ``snap``'s items back, older than any the table holds, and add its counters and
+        reuse histogram to the table's: a fresh table (same config) becomes the one snapshotted,
+        down to its limiter and sampling RNG. The oldest items that do not fit are evicted (and
+        counted so); returns how many. Credit beyond the limiter's bound is forgiven as after an
+        insert (module doc). Raises ValueError, leaving the table as it was, for a snapshot that
+        fails :meth:`BufferSnapshot.check`."""
+        snap.check()
+        n = len(snap)
+        now = time.monotonic()
+        with self._cond:
+            self._compact()
+            existing = self._size
+            keep = min(n, self.cfg.capacity - existing)
+            dropped = n - keep
+            self._seqs[keep:keep + existing] = self._seqs[:existing]
+            self._seqs[:keep] = snap.seqs[dropped:]
+            for column, values in ((self._index, snap.index), (self._uses, snap.uses),
+                                   (self._inserted_step, snap.inserted_step), (self._inserted_at, now - snap.age_s)):
+                column[keep:keep + existing] = column[:existing].copy()
+                column[:keep] = values[dropped:]
+            self._live[:keep + existing] = True
+            self._head, self._tail, self._size = 0, keep + existing, keep + existing
+            for name in COUNTERS:
+                setattr(self, f"_{name}", getattr(self, f"_{name}") + snap.counters[name])
+            gone = np.bincount(np.minimum(snap.uses[:dropped], _REUSE_BINS), minlength=_REUSE_BINS + 1)
+            self._reuse_hist += snap.reuse_hist + gone
+            self._evicted += dropped
+            self._evicted_never_sampled += int(gone[0])
+            self._step = max(self._step, int(snap.step))
+            if snap.rng_state is not None:
+                self._rng.setstate(snap.rng_state)
+            excess = self._credit() - self._max_diff
+            if self.cfg.samples_per_insert > 0 and self._size > self.cfg.min_size_to_sample and excess > 0:
+                self._forgiven += excess
+            if self._can_sample() is None:
+                self._cond.notify_all()
+        return dropped
+
     def set_step(self, step: int) -> None:
         """The trainer's current step, for the age-in-steps statistics."""
         with self._cond:
@@ -365,6 +473,7 @@ class ReplayBuffer(Generic[T]):
                 "buffer/fill": size / self.cfg.capacity,
                 "buffer/inserts": self._inserts,
                 "buffer/samples": self._samples,
+                "buffer/reused": self._reused,
                 "buffer/evicted": self._evicted,
                 "buffer/evicted_never_sampled": self._evicted_never_sampled,
                 "buffer/retired": self._retired,

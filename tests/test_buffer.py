@@ -1,5 +1,6 @@
 """Replay buffer: Reverb table semantics, asserted on its counters (not on timing)."""
 
+import dataclasses
 import random
 import threading
 import time
@@ -111,16 +112,20 @@ def test_lagging_trainer_cannot_bank_unbounded_reuse():
 
 def test_bounded_wait_returns_none_and_an_insert_wakes_a_waiter():
     buf = ReplayBuffer(BufferConfig(capacity=10, sample_timeout_s=0.05, min_size_to_sample=1, samples_per_insert=0))
-    t0 = time.monotonic()
-    assert buf.sample() is None
-    assert time.monotonic() - t0 < 2.0
+    got, t0 = [], time.monotonic()
+    starved = threading.Thread(target=lambda: got.append((buf.sample(), time.monotonic() - t0)))
+    starved.start()
+    starved.join(120)  # bounded: it returns (a loaded machine may take long, never forever)
+    assert not starved.is_alive() and got[0][0] is None and got[0][1] >= 0.05  # after waiting its timeout
     assert buf.stats()["buffer/starved"] == 1
     got = []
-    waiter = threading.Thread(target=lambda: got.append(buf.sample(timeout_s=30)))
+    waiter = threading.Thread(target=lambda: got.append(buf.sample(timeout_s=600)))
     waiter.start()
-    time.sleep(0.05)
+    deadline = time.monotonic() + 120
+    while len(buf._cond._waiters) < 1 and time.monotonic() < deadline:  # waiting inside sample()
+        time.sleep(0.01)
     buf.insert("x")
-    waiter.join(10)
+    waiter.join(120)  # the insert wakes it: its own timeout is far longer
     assert got == ["x"]
     assert buf.stats()["buffer/starved"] == 1
 
@@ -167,12 +172,15 @@ def test_concurrent_inserts_and_samples_keep_counters_consistent():
 def test_stats_report_rates_and_ages_in_seconds_and_steps():
     buf = ReplayBuffer(BufferConfig(capacity=10, min_size_to_sample=1, samples_per_insert=0))
     buf.set_step(5)
+    t0 = time.monotonic()
     buf.insert("a")
     buf.set_step(12)
     assert buf.sample(0) == "a"
+    elapsed = time.monotonic() - t0
     s = buf.stats()
     assert s["buffer/sample_age_steps_mean"] == 7 and s["buffer/sample_age_steps_max"] == 7
-    assert s["buffer/sample_age_s_max"] >= 0
+    # the age in seconds is the time from the insert to the draw: within the span that holds both
+    assert 0 <= s["buffer/sample_age_s_max"] == s["buffer/sample_age_s_mean"] <= elapsed
     assert s["buffer/inserts_per_s"] > 0 and s["buffer/samples_per_s"] > 0
     assert all(k.startswith("buffer/") for k in s)
 
@@ -290,3 +298,78 @@ def test_a_draw_tells_the_trainer_step_at_which_its_item_was_inserted():
     draws = {buf.sample_with_step(0) for _ in range(100)}
     assert draws == {("a", 3), ("b", 3), ("c", 10)}
     assert buf.stats()["buffer/sample_age_steps_max"] == 7  # the age statistics count the same steps
+
+
+def _table(buf):
+    """What a snapshot must carry over, as comparable values: the items oldest first with their
+    uses and insert steps, the counters (limiter's included), the reuse histogram, step and RNG."""
+    snap = buf.snapshot()
+    items = [seq[i] for seq, i in zip(snap.seqs, snap.index.tolist())]
+    return (items, snap.uses.tolist(), snap.inserted_step.tolist(), snap.counters, snap.reuse_hist.tolist(),
+            snap.step, snap.rng_state)
+
+
+def _counters(buf):
+    """stats() without what depends on the clock, the sampled-age windows or memory held."""
+    return {k: v for k, v in buf.stats().items()
+            if not ("_per_s" in k or "sample_age" in k or k == "buffer/bytes")}
+
+
+@pytest.mark.parametrize("max_times_sampled", [0, 3])
+def test_a_restored_table_equals_the_snapshotted_one_and_its_limiter_serves_alike(max_times_sampled):
+    cfg = BufferConfig(capacity=16, min_size_to_sample=4, samples_per_insert=2.0, error_buffer=6.0,
+                       max_times_sampled=max_times_sampled, seed=3)
+    buf = ReplayBuffer(cfg)
+    rng = random.Random(max_times_sampled)
+    for step in range(60):  # evictions, rate- and size-starved draws, retirements
+        buf.set_step(step)
+        if rng.random() < 0.45:
+            buf.insert_many([f"{step}-{j}" for j in range(rng.randint(1, 5))])
+        else:
+            for _ in range(rng.randint(1, 6)):
+                buf.sample(0)
+    s = buf.stats()
+    assert s["buffer/evicted"] > 0 and s["buffer/starved_rate_limited"] > 0 and s["buffer/size"] >= 4
+    assert (s["buffer/retired"] > 0) == (max_times_sampled > 0)
+
+    twin = ReplayBuffer(cfg)
+    assert twin.restore(buf.snapshot()) == 0
+    assert _table(twin) == _table(buf)
+    assert _counters(twin) == _counters(buf)
+    if max_times_sampled == 0:  # no holes in the original's window: the same RNG draws the same items
+        for i in range(5):
+            for b in (buf, twin):
+                b.insert_many([f"new{i}-{j}" for j in range(2)])
+            assert drain(twin) == drain(buf)  # the limiter stops both after the same draws
+        assert _counters(twin) == _counters(buf)
+
+
+def test_restored_items_go_before_those_already_there_and_what_does_not_fit_is_evicted():
+    cfg = BufferConfig(capacity=5, min_size_to_sample=1, samples_per_insert=0)
+    old = ReplayBuffer(cfg)
+    old.insert_many(["a", "b", "c", "d"])
+    new = ReplayBuffer(cfg)
+    new.insert_many(["x", "y"])  # received before the restore
+    assert new.restore(old.snapshot()) == 1  # 4 + 2 > 5: the oldest restored item goes
+    assert _table(new)[0] == ["b", "c", "d", "x", "y"]
+    s = new.stats()
+    assert (s["buffer/inserts"], s["buffer/evicted"], s["buffer/evicted_never_sampled"]) == (6, 1, 1)
+    new.insert("z")  # FIFO continues from the restored order
+    assert _table(new)[0] == ["c", "d", "x", "y", "z"]
+
+
+def test_a_snapshot_that_is_not_a_tables_is_refused_and_the_table_left_alone():
+    import numpy as np
+
+    buf = ReplayBuffer(BufferConfig(capacity=5, min_size_to_sample=1, samples_per_insert=0))
+    buf.insert_many(["a", "b"])
+    good = buf.snapshot()
+    for change, match in [({"uses": np.array([0, -1])}, "uses"), ({"age_s": np.array([0.0, np.nan])}, "age_s"),
+                          ({"index": np.array([0], np.int64)}, "index"), ({"counters": {"inserts": 2}}, "counters"),
+                          ({"counters": {**good.counters, "samples": 1.5}}, "samples"),
+                          ({"rng_state": (3, (1, 2), None)}, "random")]:
+        bad = dataclasses.replace(good, **change)
+        table = ReplayBuffer(BufferConfig(capacity=5, min_size_to_sample=1, samples_per_insert=0))
+        with pytest.raises(ValueError, match=match):
+            table.restore(bad)
+        assert len(table) == 0 and table.stats()["buffer/inserts"] == 0
