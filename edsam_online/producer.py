@@ -15,7 +15,8 @@ on trainers for longer than that. SIGINT/SIGTERM stop it: no new batch is starte
 samples already generated get at most ``stop_grace_s`` (from the stop) to be sent (a
 message still blocked then is dropped, the ones not tried are counted in
 ``producer/unsent_at_stop``), then sockets close (flushing for at most ``stop_grace_s``
-more) and :meth:`Producer.run` returns (the CLI exits 0).
+more) and :meth:`Producer.run` returns (the CLI exits 0). Every generated sample is counted
+once, where it left (:mod:`edsam_online.ledger`); the last JSONL record is marked final.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tqdm import tqdm
 
 from edsam_online.data import DataCounters, RealDataConfig, RealSample, decoded_samples
 from edsam_online.feedback import FeedbackConfig
+from edsam_online.ledger import FINAL_KEY, PRODUCER_COUNTERS
 from edsam_online.metrics import LoggingConfig, MetricLogger
 from edsam_online.policy import POLICIES, AdversarialConfig, AdversarialPolicy
 from edsam_online.runtime import StopOnSignal
@@ -245,8 +247,7 @@ class Producer:
         self.steering: ProducerSteering | None = None
         self._stop = threading.Event()
         self.counters = DataCounters()
-        self.state = dict(sent=0, generated=0, dropped_unsent=0, unsent_at_stop=0, filtered=0, unet_calls=0,
-                          blocked_s=0.0, generate_s=0.0)
+        self.state = {**dict.fromkeys(PRODUCER_COUNTERS, 0), "unet_calls": 0, "blocked_s": 0.0, "generate_s": 0.0}
         self._start = time.monotonic()
 
     def stop(self) -> None:
@@ -263,11 +264,7 @@ class Producer:
             "producer/generate_s": state["generate_s"],
             "producer/generator_busy_frac": min(1.0, state["generate_s"] / elapsed),
             "producer/send_blocked_s": state["blocked_s"],
-            "producer/sent": state["sent"],
-            "producer/generated": state["generated"],
-            "producer/dropped_unsent": state["dropped_unsent"],
-            "producer/unsent_at_stop": state["unsent_at_stop"],
-            "producer/filtered": state["filtered"],
+            **{f"producer/{k}": state[k] for k in PRODUCER_COUNTERS},
         }
         out.update({f"producer/{k}": v for k, v in self.counters.snapshot().items()})  # "data/..." keys
         if self.steering is not None:  # forwarded with the rest, so trainers' W&B runs show the loop
@@ -297,7 +294,7 @@ class Producer:
         batches = real_batches(data_cfg, pcfg.rank, pcfg.num_producers, self.counters, pcfg.batch_size,
                                pcfg.data_workers if pcfg.pipeline else 0, pcfg.prefetch_batches if pcfg.pipeline else 0)
         # The sink belongs to the delivery thread until it has ended.
-        handoff = Handoff(sink.deliver, pcfg.queue_batches if pcfg.pipeline else 0, f"{pcfg.name}-send")
+        handoff = Handoff(sink, pcfg.queue_batches if pcfg.pipeline else 0, f"{pcfg.name}-send")
         state = self.state
         self._start = time.monotonic()
         progress = ProgressLog(pcfg.name, pcfg.log_every_s, metric_logger)
@@ -327,7 +324,7 @@ class Producer:
                 self.steering.close()
             stop.restore()
             if metric_logger is not None:
-                metric_logger.log(final, step=state["sent"])
+                metric_logger.log({**final, FINAL_KEY: 1}, step=state["sent"])
                 metric_logger.close()
         log.log(logging.WARNING if state["dropped_unsent"] or state["unsent_at_stop"] else logging.INFO,
                 "producer %s: done: %s; %d filtered below min_score", pcfg.name, sink.totals(), state["filtered"])
@@ -383,6 +380,7 @@ class Producer:
         generated = self.sampler.generate(batch.images, batch.captions, batch.keys, m=pcfg.m,
                                           seed=batch_seed(pcfg.seed, pcfg.rank, batch_index), alpha=alpha)
         self.state["generate_s"] += time.monotonic() - start
+        self.state["generated"] += len(generated)
         self.state["unet_calls"] += generated.unet_calls
         generated.source_thumbs = source_thumbnails(batch.images, pcfg.source_thumb_px)  # None for 0
         return generated

@@ -19,13 +19,15 @@ samples sent over time, feedback applied and dropped, the reward estimated per a
 metrics files) on the x axis of every time series instead of the trainer step (producer
 plots: samples sent).
 
-``report.html`` holds the final table, every plot, the config and, when a run logged samples
-(``logging.sample_every``, ``<run>/samples/``), a grid of them per logged step, newest first:
-each image with its caption, alpha, producer, age, score and source key, beside a thumbnail
-of the real image it came from where ``samples.jsonl`` names one (``source_image``, a path
-under ``<run>/samples/``). Every image is embedded as a ``data:`` URI, so the page alone can
-be copied or mailed. W&B draws the same curves and table from its own run; this is for runs
-without it (offline clusters, CI), so nothing here imports wandb.
+``report.html`` holds the final table, the sample ledger (:mod:`edsam_online.ledger`: where every
+generated sample went, over all producers and trainer ranks, and whether the counts balance),
+every plot, the config and, when a run logged samples (``logging.sample_every``,
+``<run>/samples/``), a grid of them per logged step, newest first: each image with its caption,
+alpha, producer, age, score and source key, beside a thumbnail of the real image it came from
+where ``samples.jsonl`` names one (``source_image``, a path under ``<run>/samples/``). Every
+image is embedded as a ``data:`` URI, so the page alone can be copied or mailed. W&B draws the
+same curves and table from its own run; this is for runs without it (offline clusters, CI), so
+nothing here imports wandb.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from edsam_online.ledger import format_ledger, ledger
 from edsam_online.metrics import SAMPLES_DIR, read_jsonl
 from edsam_online.policy import bin_edges
 
@@ -544,6 +547,8 @@ def _page(runs: Sequence[Run], out: Path, xaxis: XAxis) -> str:
     configs = "".join(
         f'<h2>Config{"" if single else ": " + html.escape(r.label)}</h2><pre>{html.escape(_config_text(r.dir))}</pre>'
         for r in runs)
+    ledgers = "".join(f'<h2>Sample ledger{"" if single else ": " + html.escape(r.label)}</h2>'
+                      f"<pre>{html.escape(format_ledger(ledger(r.dir)))}</pre>" for r in runs)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>edsam-online {html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}td,th{{padding:2px 10px;text-align:right}}
 img{{max-width:100%}}pre{{background:#f4f4f4;padding:8px;overflow:auto;max-height:400px}}
@@ -555,6 +560,7 @@ figure img{{width:128px;height:128px;object-fit:contain;image-rendering:pixelate
 <p>x axis: {html.escape(xaxis.label())}.</p>
 <h2>Final evaluation (top-1, %)</h2>
 {_table(runs)}
+{ledgers}
 {samples}
 {plots}
 {configs}

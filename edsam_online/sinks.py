@@ -9,8 +9,9 @@
   generate-then-train pipeline: image, caption and the sample's provenance as JSON.
 
 A sink is driven by one thread at a time (the producer's delivery thread, :class:`Handoff`, or
-its loop) and counts what it delivers in the producer's ``state``: ``sent``, ``generated``,
-``dropped_unsent``, ``unsent_at_stop`` and ``blocked_s``. It says where samples go
+its loop) and counts where each row it is handed went in the producer's ``state``, once: ``sent``,
+``dropped_unsent``, ``unsent_at_stop`` or ``over_limit`` (the producer counts ``generated`` and
+``filtered``: :mod:`edsam_online.ledger`), and ``blocked_s``. It says where samples go
 (:meth:`Sink.destination`) and what it delivered (:meth:`Sink.totals`) in its own terms: messages
 for a stream, shard files and bytes for shards. What a stop costs is counted, not logged per
 message or batch: :meth:`Sink.totals` says it once, in the producer's last line.
@@ -63,6 +64,9 @@ class Sink(Protocol):
 
     def totals(self) -> str:
         """What was delivered so far, for the progress lines and the last line."""
+
+    def abandon(self, rows: int) -> None:
+        """Count ``rows`` generated samples that a stop (or a failure) left untried."""
 
 
 def open_sink(pcfg: ProducerConfig, stream_cfg: StreamConfig, state: dict, session: int, stop: threading.Event,
@@ -191,10 +195,7 @@ class StreamSink:
         pcfg, stream_cfg, state, limit = self.pcfg, self.stream_cfg, self.state, self.pcfg.num_samples
         per_message = samples_per_message(stream_cfg, generated.images[0].nbytes)
         first = 0
-        while first < len(generated) and not (limit and state["sent"] >= limit):
-            if self._grace_over():
-                self._abandon(len(generated) - first)
-                return
+        while first < len(generated) and not (limit and state["sent"] >= limit) and not self._grace_over():
             last = min(first + per_message, len(generated), first + limit - state["sent"] if limit else len(generated))
             forward = state["sent"] == 0 or self._stats_rng.random() < 1.0 / pcfg.stats_every
             seq = state["sent"]
@@ -203,7 +204,6 @@ class StreamSink:
                                           self.steering.endpoint if self.steering is not None else None)
             rows, first = slice(first, last), last
             chunk = rows.stop - rows.start
-            state["generated"] += chunk
             if frames is None:
                 state["dropped_unsent"] += chunk
                 log.warning("producer %s: one sample's header exceeds stream.limits.max_header_bytes=%d, "
@@ -225,6 +225,11 @@ class StreamSink:
                 state["dropped_unsent"] += chunk
                 log.warning("producer %s: no trainer took a message within %.1fs, dropped its %d samples",
                             pcfg.name, pcfg.send_timeout_s, chunk)
+        rest = len(generated) - first  # the stop's grace ran out, or num_samples were sent
+        if rest and self._grace_over():
+            self.abandon(rest)
+        else:
+            state["over_limit"] += rest
 
     def close(self) -> None:
         """Give queued messages up to ``stop_grace_s`` to reach a trainer, then drop them."""
@@ -258,13 +263,10 @@ class StreamSink:
         deadline = self._stop_deadline()
         return deadline is not None and time.monotonic() >= deadline
 
-    def _abandon(self, rows: int) -> None:
-        """Count the rows of a batch that the stop's grace left unattempted (rows past
-        ``num_samples`` would never have been sent and are not counted). Each batch queued at
-        the stop comes here: :meth:`totals` says the sum once."""
-        if self.pcfg.num_samples:
-            rows = max(0, min(rows, self.pcfg.num_samples - self.state["sent"] - self.state["unsent_at_stop"]))
-        self.state["unsent_at_stop"] += rows
+    def abandon(self, rows: int) -> None:
+        """Count the rows of a batch that the stop's grace left unattempted (:func:`_abandon`).
+        Each batch queued at the stop comes here: :meth:`totals` says the sum once."""
+        _abandon(self.pcfg, self.state, rows)
 
     def _send(self, frames: list) -> bool:
         """Bounded send: at most ``send_timeout_s``, and never past the stop's grace."""
@@ -281,6 +283,16 @@ class StreamSink:
                 return True
             if budget <= SEND_SLICE_S:
                 return False
+
+
+def _abandon(pcfg: ProducerConfig, state: dict, rows: int) -> None:
+    """Count ``rows`` generated samples left untried at a stop: ``unsent_at_stop`` up to
+    ``num_samples`` (less those sent or already counted), the rest ``over_limit``."""
+    unsent = rows
+    if pcfg.num_samples:
+        unsent = max(0, min(rows, pcfg.num_samples - state["sent"] - state["unsent_at_stop"]))
+    state["unsent_at_stop"] += unsent
+    state["over_limit"] += rows - unsent
 
 
 def _count(n: int, noun: str) -> str:
@@ -325,12 +337,15 @@ class ShardSink:
             })
             if self.writer.fname not in self.files[-1:]:
                 self.files.append(self.writer.fname)
-            state["generated"] += 1
             state["sent"] += 1
             self._progress.update(1)
+        state["over_limit"] += len(generated) - rows
 
     def close(self) -> None:
         self.writer.close()
+
+    def abandon(self, rows: int) -> None:
+        _abandon(self.pcfg, self.state, rows)
 
     def destination(self) -> str:
         return f"writes shards of {self.pcfg.shard_samples} samples to {self.pcfg.shard_dir}"
@@ -387,22 +402,24 @@ class ProgressLog:
 
 
 class Handoff:
-    """Hands generated batches to ``deliver``: in the calling thread (``depth=0``, the
+    """Hands generated batches to ``sink``: in the calling thread (``depth=0``, the
     sequential loop), or in order to one background thread with at most ``depth`` batches
     waiting beside the one it delivers. A ``ThreadPoolExecutor`` of one worker is that thread
     and its FIFO queue; each batch's future keeps its failure, which the calling thread
     re-raises at its next :meth:`put`, :meth:`pending`, :meth:`wait` or :meth:`finish`.
-    After a failure the thread delivers nothing more.
+    After a failure the thread delivers nothing more. A batch never delivered (after a failure,
+    or dropped by :meth:`shutdown`) is counted by ``sink.abandon``.
     """
 
-    def __init__(self, deliver: Callable[[GeneratedBatch], None], depth: int, name: str) -> None:
-        self._deliver, self._depth = deliver, depth
+    def __init__(self, sink: Sink, depth: int, name: str) -> None:
+        self._sink, self._deliver, self._depth = sink, sink.deliver, depth
         self._pool = futures.ThreadPoolExecutor(1, thread_name_prefix=name) if depth else None
         self._queued: deque[tuple[futures.Future, int]] = deque()  # (future, rows), oldest first
         self._failed = False
 
     def _run(self, generated: GeneratedBatch) -> None:
         if self._failed:  # a batch before this one failed: send nothing after it
+            self._sink.abandon(len(generated))
             return
         try:
             self._deliver(generated)
@@ -442,6 +459,8 @@ class Handoff:
             self.wait()
 
     def shutdown(self) -> None:
-        """Drop the batches not started yet and end the thread (a stop bounds the one in flight)."""
+        """Drop (and count) the batches not started yet and end the thread (a stop bounds the one in flight)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            dropped = sum(rows for future, rows in self._queued if future.cancel())
+            self._pool.shutdown(wait=True)
+            self._sink.abandon(dropped)

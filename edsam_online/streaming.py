@@ -25,6 +25,13 @@ before. A mark pushed ahead anyway (by in-window jumps) makes the session's real
 messages duplicates; after ``seq_resync_after`` consecutive refused messages the
 tracker re-anchors on the next one and counts ``buffer/seq_resyncs``, so whatever a
 peer sends costs a stream at most that many messages, never the rest of it.
+
+The sample ledger (:mod:`edsam_online.ledger`): every sample a producer sent ends in one
+count of some receiver: ``buffer/accepted``, ``buffer/dropped_samples/<reason>`` (a dropped
+message's samples, as its header states them; ``buffer/dropped_unsized`` counts the dropped
+messages whose header is unreadable), or ``buffer/in_flight``: the samples still queued on
+the socket when the receiver stops, which it takes off and counts (validated, not inserted)
+before closing it, rather than losing them uncounted.
 """
 
 from __future__ import annotations
@@ -61,12 +68,14 @@ _MONITOR_EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
 #: The receiver's ``buffer/<name>`` counters (docs/metrics.md).
-_COUNTERS = ("received", "received_samples", "received_bytes", "accepted", "seq_gaps", "seq_resyncs", "sessions",
-             "peer_connects", "peer_disconnects", "auth_failures", "handshake_failures", "stats_requests", "rearms")
+_COUNTERS = ("received", "received_samples", "received_bytes", "accepted", "in_flight", "dropped_unsized", "seq_gaps",
+             "seq_resyncs", "sessions", "peer_connects", "peer_disconnects", "auth_failures", "handshake_failures",
+             "stats_requests", "rearms")
 _PRODUCER_STALE_S = 60.0  # forwarded producer stats older than this are not reported
 _MAX_SESSIONS = 4096  # sequence trackers kept (oldest forgotten first)
 _SERVICE_EVERY_S = 0.05  # how often a busy receiver looks at its monitor and stats sockets
 _REARM_AFTER_S = 1.0  # a connect that libzmq gave up on is re-made after this long
+_DRAIN_MAX_S = 2.0  # at the stop, the longest the receiver takes messages off its socket (live producers)
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -191,6 +200,42 @@ def _open_sockets(ctx: zmq.Context, cfg: StreamConfig, endpoints: list[str], ran
     return sock, monitor, stats_sock
 
 
+def _claimed_samples(frames: list, limits: WireLimits) -> int | None:
+    """How many samples a message says it carries (the length of its header's ``nbytes``
+    column), read without validating the rest; None when the header does not say."""
+    if len(frames) != 2 or len(frames[0]) > limits.max_header_bytes:
+        return None
+    try:
+        header = msgpack.unpackb(getattr(frames[0], "buffer", frames[0]), raw=False)
+    except Exception:  # noqa: BLE001 - a dropped message's header may be anything
+        return None
+    nbytes = header.get("nbytes") if isinstance(header, dict) else None
+    return len(nbytes) // 8 if isinstance(nbytes, bytes) and nbytes and len(nbytes) % 8 == 0 else None
+
+
+def _drain(sock: zmq.Socket, handle: Callable[[list], None], poll_timeout_ms: int) -> None:
+    """Hand every message still queued on ``sock`` (and arriving within ``poll_timeout_ms`` of
+    the last, for at most ``_DRAIN_MAX_S``) to ``handle``: what a stop would otherwise lose."""
+    sock.rcvtimeo = poll_timeout_ms
+    deadline = time.monotonic() + _DRAIN_MAX_S
+    while time.monotonic() < deadline:
+        try:
+            handle(sock.recv_multipart(copy=False))
+        except zmq.Again:
+            return
+
+
+def _answer_stats(stats_sock: zmq.Socket, receiver: Receiver) -> None:
+    """Answer a ``buffer-monitor`` request waiting on ``stats_sock``, if any."""
+    try:
+        stats_sock.recv(zmq.NOBLOCK)
+    except zmq.Again:
+        return
+    receiver._count("stats_requests")
+    reply = {**receiver.stats(), **receiver.producer_stats(), "receiver/rank": receiver.rank, "time": time.time()}
+    stats_sock.send(msgpack.packb(reply))
+
+
 def _close_sockets(opened: list[zmq.Socket]) -> None:
     """Close what :func:`_open_sockets` opened, the data socket's monitor first."""
     if opened:
@@ -285,8 +330,8 @@ class Receiver:
     ``rank`` picks the endpoint a receiver binds when ``producers_bind`` is false,
     and fills ``{rank}`` in ``cfg.stats_endpoint``. ``endpoints`` overrides
     ``cfg.endpoints`` (e.g. for tests). ``start()`` returns once the socket is set
-    up (raising what went wrong, e.g. a bad key file); ``stop()`` returns within
-    about ``poll_timeout_ms``. The buffer keeps serving after ``stop()``.
+    up (raising what went wrong, e.g. a bad key file); ``stop()`` drains the socket
+    (``buffer/in_flight``) and returns. The buffer keeps serving after ``stop()``.
     """
 
     def __init__(self, cfg: StreamConfig, buffer: ReplayBuffer, rank: int = 0, endpoints: list[str] | None = None,
@@ -305,6 +350,7 @@ class Receiver:
         self._thread: threading.Thread | None = None
         self.bound_endpoints: list[str] = []  # resolved addresses of what this receiver bound
         self._dropped = dict.fromkeys(RECEIVER_DROP_REASONS, 0)
+        self._dropped_samples = dict.fromkeys(RECEIVER_DROP_REASONS, 0)
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._latency_ema = 0.0
         self._sequences = SequenceTracker(cfg.seq_window, cfg.seq_resync_after, _MAX_SESSIONS)
@@ -347,14 +393,16 @@ class Receiver:
         return self._counters["accepted"]
 
     def stats(self) -> dict[str, float]:
-        """Buffer stats plus receiver counters: ``buffer/received`` (messages),
-        ``buffer/received_samples``, ``buffer/accepted`` (samples),
-        ``buffer/dropped`` (messages, total) and ``buffer/dropped/<reason>``, ``buffer/seq_gaps``, ..."""
+        """Buffer stats plus receiver counters: ``buffer/received`` (messages), ``buffer/received_samples``,
+        ``buffer/accepted`` (samples), ``buffer/dropped`` (messages, total) and ``buffer/dropped/<reason>``,
+        the same in samples (``buffer/dropped_samples``...), ``buffer/in_flight``, ``buffer/seq_gaps``, ..."""
         out = self.buffer.stats()
         with self._lock:
             out.update({f"buffer/{k}": v for k, v in self._counters.items()})
             out["buffer/dropped"] = sum(self._dropped.values())
             out.update({f"buffer/dropped/{k}": v for k, v in self._dropped.items()})
+            out["buffer/dropped_samples"] = sum(self._dropped_samples.values())
+            out.update({f"buffer/dropped_samples/{k}": v for k, v in self._dropped_samples.items()})
             out["buffer/latency_s"] = self._latency_ema
         return out
 
@@ -409,31 +457,38 @@ class Receiver:
                 except zmq.Again:  # nothing for poll_timeout_ms
                     frames = None
                 if frames is not None:
-                    try:
-                        self._handle(frames)
-                    except Exception:  # noqa: BLE001 - a bug here must not kill the receiver
-                        log.exception("receiver: unexpected error handling a message (dropped)")
-                        self._drop("internal_error", "")
+                    self._take(frames)
                 now = time.monotonic()
                 if frames is None or now >= next_service:
                     next_service = now + _SERVICE_EVERY_S
                     peers.drain(monitor, sock)
                     if stats_sock is not None:
-                        self._answer_stats(stats_sock)
+                        _answer_stats(stats_sock, self)
                     peers.rearm(sock)
+            _drain(sock, lambda frames: self._take(frames, insert=False), self.cfg.poll_timeout_ms)
         finally:
             _close_sockets(sockets)
             if auth is not None:
                 auth.stop()
             ctx.term()
 
-    def _drop(self, reason: str, detail: str) -> None:
+    def _drop(self, reason: str, detail: str, samples: int | None) -> None:
         with self._lock:
             self._dropped[reason] += 1
+            self._dropped_samples[reason] += samples or 0
+            self._counters["dropped_unsized"] += samples is None
             first = self._dropped[reason] == 1
         (log.warning if first else log.debug)("receiver %d dropped a message: %s %s", self.rank, reason, detail)
 
-    def _handle(self, frames: list[zmq.Frame]) -> None:
+    def _take(self, frames: list[zmq.Frame], insert: bool = True) -> None:
+        try:
+            self._handle(frames, insert)
+        except Exception:  # noqa: BLE001 - a bug here must not kill the receiver
+            log.exception("receiver: unexpected error handling a message (dropped)")
+            self._drop("internal_error", "", _claimed_samples(frames, self.cfg.limits))
+
+    def _handle(self, frames: list[zmq.Frame], insert: bool = True) -> None:
+        """Validate and insert a message (``insert=False``, the stop's drain: count it in flight)."""
         now = time.time()
         try:
             header, samples = decode_message(frames, self.cfg.limits, received_at=now)
@@ -441,7 +496,7 @@ class Receiver:
             with self._lock:
                 self._counters["received"] += 1
                 self._counters["received_bytes"] += sum(len(f.buffer) for f in frames)
-            self._drop(err.reason, err.detail)
+            self._drop(err.reason, err.detail, _claimed_samples(frames, self.cfg.limits))
             return
         key = (header["producer_id"], header["session"])
         seq, k = header["seq"], len(samples)
@@ -456,23 +511,13 @@ class Receiver:
                 self._counters["seq_gaps"] += verdict.gaps
                 if "stats" in header:
                     self._producer_stats[header["producer_id"]] = (time.monotonic(), header["stats"])
-                self._counters["accepted"] += k
+                self._counters["accepted" if insert else "in_flight"] += k
                 self._latency_ema += 0.05 * ((now - header["created_at"]) - self._latency_ema)
         if verdict.refused is not None:
-            self._drop(verdict.refused, f"{key} seq {seq}, high-water mark {verdict.mark}")
-            return
-        self.buffer.insert_many(samples)
+            self._drop(verdict.refused, f"{key} seq {seq}, high-water mark {verdict.mark}", k)
+        elif insert:
+            self.buffer.insert_many(samples)
 
     def _count(self, name: str) -> None:
         with self._lock:
             self._counters[name] += 1
-
-    def _answer_stats(self, stats_sock: zmq.Socket) -> None:
-        try:
-            stats_sock.recv(zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        with self._lock:
-            self._counters["stats_requests"] += 1
-        reply = {**self.stats(), **self.producer_stats(), "receiver/rank": self.rank, "time": time.time()}
-        stats_sock.send(msgpack.packb(reply))

@@ -46,10 +46,34 @@ def test_every_group_has_options_and_is_in_the_tree():
     assert {g for g, _ in _options()} == set(GROUPS)
 
 
+def _leaves(node, path=()):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, (*path, key))
+    else:
+        yield ".".join(path), node
+
+
+def _at(cfg, key: str):
+    for name in key.split("."):
+        cfg = cfg[name] if isinstance(cfg, dict) else getattr(cfg, name)
+    return list(cfg) if isinstance(cfg, tuple) else cfg
+
+
 @pytest.mark.parametrize("group,option", list(_options()))
-def test_every_config_composes_and_validates(group, option):
-    cfg = load_config(_compose([f"{group}={option}", *NEEDS.get((group, option), [])]))
+def test_every_config_composes_validates_and_sets_what_its_file_says(group, option):
+    needs = NEEDS.get((group, option), [])
+    cfg = load_config(_compose([f"{group}={option}", *needs]))
     assert isinstance(cfg, Config)
+    path = CONFIGS / group / f"{option}.yaml"
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    node.pop("defaults", None)
+    prefix = "" if path.read_text().startswith("# @package _global_") else f"{group}."
+    given = {prefix + key: value for key, value in _leaves(node)
+             if value != "???" and not any(n.startswith(f"{prefix + key}=") for n in needs)}
+    assert {key: _at(cfg, key) for key in given} == given  # every value it sets reaches the built config
+    if not given:  # an empty option (runtime=cpu) is its dataclass's defaults
+        assert _at(cfg, group) == type(_at(cfg, group))()
 
 
 def test_root_config_is_typed():

@@ -1,7 +1,5 @@
 """The trainer's loader: real + buffer mix, starvation fallback, exact resume, corrupt records."""
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -69,16 +67,30 @@ def test_starved_slot_falls_back_to_real_data_without_touching_the_real_stream(c
     assert buffer.stats()["buffer/starved"] >= 16
 
 
+class _TimedBuffer(ReplayBuffer):
+    """Records the wait each draw is allowed."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.timeouts = []
+
+    def sample_with_step(self, timeout_s=None, exclude=None):
+        self.timeouts.append(timeout_s)
+        return super().sample_with_step(timeout_s, exclude)
+
+
 def test_slot_wait_is_bounded_per_batch_not_per_item(clip_io):
-    buffer = ReplayBuffer(BufferConfig(capacity=8, min_size_to_sample=8, samples_per_insert=0))
+    buffer = _TimedBuffer(BufferConfig(capacity=8, min_size_to_sample=8, samples_per_insert=0))  # stays dry
     loader = _loader(clip_io, real_batch=2, extra_batch=16, buffer=buffer, extra_wait_s=0.2)
     it = iter(loader)
-    next(it)
-    start = time.monotonic()
-    for _ in range(3):
-        next(it)
-    # per-item waits would take 16 * 0.2 s per batch
-    assert time.monotonic() - start < 3 * 0.2 + 1.5
+    for _ in range(4):
+        assert next(it).num_genuine == 0
+    # A slot's draws share one deadline: the first may wait up to extra_wait_s, and since it waits
+    # out its whole allowance on a dry buffer, the other 15 are allowed nothing (per-item waits
+    # would allow each 0.2 s).
+    slots = [buffer.timeouts[i:i + 16] for i in range(0, 64, 16)]
+    assert len(buffer.timeouts) >= 64
+    assert all(slot[0] <= 0.2 and slot[1:] == [0.0] * 15 for slot in slots), slots
 
 
 def test_resumed_loader_continues_the_real_stream_exactly(clip_io):

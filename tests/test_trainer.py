@@ -16,6 +16,7 @@ from edsam_online.eval import EvalConfig
 from edsam_online.loader import MixedBatch
 from edsam_online.runtime import free_port
 from edsam_online.methods import Augmentation
+from edsam_online.metrics import read_jsonl
 from edsam_online.trainer import EVAL_TABLE_COLUMNS, EVAL_TABLE_KEY, Trainer, eval_table
 from edsam_online.wandb_offline import read_run, read_table, records
 
@@ -100,13 +101,20 @@ def test_teardown_runs_when_training_fails(tmp_path):
     assert trainer.logger._file is None  # the metrics file is closed
 
 
+EVAL_KEY = "eval/zeroshot_top1/flat"
+
+
 def test_a_real_only_trainer_has_no_stream_and_logs_progress_eval_table_and_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     logging = {"wandb": True, "wandb_mode": "offline", "wandb_checkpoint": True, "progress_every": 4}
     with _trainer(tmp_path, mix={"extra_share": 0.0}, trainer={"progress": True}, logging=logging) as trainer:
         assert trainer.buffer is None and trainer.receiver is None and trainer.extra_batch == 0
         metrics = trainer.train()
-    assert metrics["eval/zeroshot_top1/flat"] >= 0 and trainer.step == 10
+    assert trainer.step == 10
+    (logged,) = [r for r in read_jsonl(tmp_path / "run" / "metrics" / "trainer0.jsonl") if EVAL_KEY in r]
+    assert logged["step"] == 10 and {k: logged[k] for k in metrics} == metrics  # the evaluation it logged
+    count = metrics["eval/count/flat"]  # 2 images per class of 10: the accuracy is a share of them
+    assert count == 20 and metrics[EVAL_KEY] * count == pytest.approx(round(metrics[EVAL_KEY] * count))
     err = capsys.readouterr().err  # not a terminal: whole lines, no tqdm bar
     assert "\r" not in err
     assert [line.split(" | ")[0] for line in err.splitlines() if line.startswith("[train]")] == [

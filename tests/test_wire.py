@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import time
 
 import msgpack
 import numpy as np
@@ -92,7 +93,10 @@ def reason(frames, limits=LIMITS):
 
 def test_raw_round_trip_is_exact_and_carries_provenance():
     img = image()
-    header, (sample,) = decode_message(encode(one(img)), LIMITS)
+    before = time.time()
+    frames = encode(one(img))
+    after = time.time()
+    header, (sample,) = decode_message(frames, LIMITS)
     np.testing.assert_array_equal(sample.image, img)
     assert (sample.caption, sample.source_key, sample.alpha) == ("a small red star on a light background",
                                                                  "flat-0-001", -0.25)
@@ -103,7 +107,7 @@ def test_raw_round_trip_is_exact_and_carries_provenance():
     assert (h["source_key"], h["caption"], h["sample_index"], h["mode"]) == (
         "flat-0-001", sample.caption, 2, "transport")
     assert (h["steps"], h["inversion_steps"], h["guidance"], h["rho"], h["model_id"]) == (10, 4, 3.0, 0.5, "tiny")
-    assert h["nbytes"] == img.nbytes and h["created_at"] > 0
+    assert h["nbytes"] == img.nbytes and before <= h["created_at"] <= after  # the wall clock when it was encoded
     assert all(type(h[name]) is int for name in ("seed", "nbytes", "sample_index")) and type(h["alpha"]) is float
     assert "source" not in h and "stats" not in h
     assert header["nbytes"].tolist() == [img.nbytes] and header["source_key"] == ["flat-0-001"]
