@@ -42,10 +42,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from edsam_online.buffer import ReplayBuffer
-from edsam_online.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from edsam_online.checkpoint import (buffer_restore_summary, load_checkpoint, restore_buffer_snapshots, resolve_resume,
+                                     save_buffer_snapshot, save_checkpoint)
 from edsam_online.data.domains import DOMAINS
 from edsam_online.data.shapes import render_sample
 from edsam_online.eval import LP_PREFIX, ZS_PREFIX, EvalConfig, evaluate, format_eval_table
+from edsam_online.ledger import FINAL_KEY, format_ledger, ledger
 from edsam_online.loader import MixedBatch, MixedLoader
 from edsam_online.losses import EDSAMLoss
 from edsam_online.methods import Augmentation, build_augmentation
@@ -331,8 +333,22 @@ class Trainer:
         elif self.rank == 0:
             print(f"[trainer] checkpoint has {len(loader_states)} loader states for world size {self.world}: "
                   "the real-data stream restarts", file=sys.stderr)
+        if self.cfg.checkpoint.buffer and self.buffer is not None:
+            self._restore_buffer(ckpt)
         if self.rank == 0:
             print(f"[trainer] resumed from {ckpt} at step {self.step}", file=sys.stderr)
+
+    def _restore_buffer(self, ckpt: Path) -> None:
+        """Refill this rank's buffer from the snapshots beside ``ckpt`` (under its lock: the
+        receiver may already be inserting); rank 0 says what came back on all ranks."""
+        found, restored, dropped = restore_buffer_snapshots(ckpt, self.buffer, self.rank, self.world,
+                                                            self.cfg.stream.limits)
+        counts = [None] * self.world
+        dist.all_gather_object(counts, (restored, dropped))
+        if self.rank == 0:
+            total_restored, total_dropped = (sum(c) for c in zip(*counts))
+            print(f"[trainer] {buffer_restore_summary(ckpt, found, self.world, total_restored, total_dropped)}",
+                  file=sys.stderr)
 
     # ------------------------------------------------------------------ one step
 
@@ -453,8 +469,10 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def save(self) -> Path | None:
-        """A checkpoint at the current step (a collective: every rank's loader state goes in);
-        returns its file on rank 0 (None elsewhere)."""
+        """A checkpoint at the current step (a collective: every rank's loader state goes in, and
+        with ``checkpoint.buffer`` every rank's buffer beside it); returns its file on rank 0 (None elsewhere)."""
+        if self.cfg.checkpoint.buffer and self.buffer is not None:
+            save_buffer_snapshot(self.run_dir, self.step, self.rank, self.buffer)  # before the gather: see its doc
         states = [None] * self.world
         dist.all_gather_object(states, self.loader.state_dict())
         path = None
@@ -506,10 +524,9 @@ class Trainer:
         return metrics
 
     def train(self) -> dict[str, float]:
-        """Train to ``trainer.steps`` (or ``stop_at``, the end of a finite data set, or a
-        stop signal), write the final checkpoint, evaluate after the last step, and tear
-        down. Returns the final evaluation metrics (``{}`` when it stopped early or on
-        ranks other than 0)."""
+        """Train to ``trainer.steps`` (or ``stop_at``, the end of a finite data set, or a stop signal), write
+        the final checkpoint, evaluate after the last step, log the final counts (:meth:`_log_ledger`) and
+        tear down. Returns the final evaluation metrics (``{}`` when it stopped early or on ranks other than 0)."""
         tcfg, cfg = self.cfg.trainer, self.cfg
         end = self.end
         metrics: dict[str, float] = {}
@@ -560,11 +577,25 @@ class Trainer:
                 else:
                     print(f"[trainer] rank {self.rank} stopped at step {self.step} of {tcfg.steps}; "
                           "checkpoint.resume=latest continues it", file=sys.stderr, flush=True)
+                self._log_ledger()
         finally:
             self.close()
         if self.rank == 0:
             print(f"[trainer] run folder: {self.run_dir}", flush=True)
         return metrics
+
+    def _log_ledger(self) -> None:
+        """The rank's final counts (:mod:`edsam_online.ledger`): the receiver stops (counting what is
+        still queued as in flight), the buffer closes (no more draws) and the record is marked
+        final; then rank 0 prints the run's ledger, over every rank and producer."""
+        if self.receiver is None:
+            return
+        self.receiver.stop()
+        self.buffer.close()
+        self.logger.log({**self.receiver.stats(), FINAL_KEY: 1}, step=self.step)
+        dist.barrier()
+        if self.rank == 0 and self.logger.path is not None:
+            print(format_ledger(ledger(self.run_dir)), flush=True)
 
     def close(self) -> None:
         """Stop the receiver, close the buffer, the feedback sockets, the logger and the keys

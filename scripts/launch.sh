@@ -30,7 +30,11 @@
 # session of the same rank); past the cap the trainers go on with real data. A failed
 # trainer rank stops everything, and the script prints the command that resumes the run
 # from its last checkpoint, when it left one.
-# The script stops every child when it exits or is signalled.
+# SIGTERM or Ctrl-C (to this script, or to every process of the job, as SLURM's scancel and
+# preemption send it): every trainer rank finishes its step and checkpoints at the same step,
+# the producers stop, and the script exits 0 printing the command that resumes the run;
+# a second Ctrl-C stops everything at once. EDSAM_STOP_GRACE_S (default 60) bounds the
+# wait for that checkpoint before ranks are killed. The script stops every child when it exits.
 set -euo pipefail
 launch_args=("$@")
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -177,14 +181,42 @@ if [ "$dry_run" -eq 1 ]; then  # one line per command, quoted so it can be paste
   exit 0
 fi
 
-pids=()
+pids=() trainer_pid="" stopping="" checkpoint_at_stop=""
 # A trainer rank sent SIGTERM finishes its step and writes a checkpoint before it exits;
-# give it this long before SIGKILL (torchrun itself waits 30 s for its workers).
+# give it this long before SIGKILL. torchrun, when it is signalled itself (scancel signals
+# every process), passes TERM on to its ranks and waits as long (TORCH_ELASTIC_SHUTDOWN_TIMEOUT).
 stop_grace_s="${EDSAM_STOP_GRACE_S:-60}"
+[[ "$stop_grace_s" =~ ^[0-9]+$ ]] || { echo "launch.sh: EDSAM_STOP_GRACE_S: expected a number, got '$stop_grace_s'" >&2; exit 2; }
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-$stop_grace_s}"
+newest_checkpoint() { compgen -G "$run_dir/checkpoints/step_*.pt" | sort | tail -1 || true; }
+trainer_ranks() {  # torchrun's workers, the trainer ranks: each leads its own session
+  [ -z "$trainer_pid" ] || pgrep -P "$trainer_pid" || true
+}
+on_signal() {  # SIG$1: TERM goes to the trainer ranks themselves, once, and the loop below waits for them
+  if [ -n "$stopping" ]; then
+    [ "$1" = INT ] || return 0
+    echo "launch.sh: second interrupt: stopping every rank now" >&2
+    exit 130
+  fi
+  stopping="$1" checkpoint_at_stop="$(newest_checkpoint)" stop_deadline=$((SECONDS + stop_grace_s))
+  if [ -z "$trainer_pid" ]; then
+    echo "launch.sh: SIG$1 received before the trainers started: stopping every rank" >&2
+    exit 130
+  fi
+  echo "launch.sh: SIG$1 received: the trainer ranks finish their step and write a checkpoint (up to $stop_grace_s s)" >&2
+  # Signalled directly, the ranks exit 0 and torchrun with them; torchrun itself is signalled
+  # only when its ranks have not started yet.
+  local ranks
+  ranks="$(trainer_ranks)"
+  [ -n "$ranks" ] || ranks="$trainer_pid"
+  for r in $ranks; do kill -TERM -- "-$r" 2>/dev/null || kill -TERM "$r" 2>/dev/null || true; done
+}
 cleanup() {
   trap - EXIT INT TERM
   # Every rank runs in its own session (setsid): signal the whole group, so
   # torchrun's workers and a producer's children go too.
+  local ranks
+  ranks="$(trainer_ranks)"
   for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
   for ((tick = 0; tick < 2 * stop_grace_s; tick++)); do
     alive=0
@@ -192,11 +224,12 @@ cleanup() {
     [ "$alive" -eq 0 ] && break
     sleep 0.5
   done
-  for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}" $ranks; do kill -KILL -- "-$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
-trap 'echo "launch.sh: signal received, stopping every rank" >&2; exit 130' INT TERM
+trap 'on_signal INT' INT
+trap 'on_signal TERM' TERM
 
 # A producer whose generator must be trained first (model=retrained) trains it
 # here, once, so trainers do not start against an empty stream.
@@ -216,7 +249,8 @@ for ((i = 0; i < producers; i++)); do
 done
 
 echo "trainers: torchrun ${torchrun_args[*]} -> $run_dir/logs/trainer.log"
-CUDA_VISIBLE_DEVICES="$trainer_devices" setsid "${trainer_cmd[@]}" > >(tee "$run_dir/logs/trainer.log") 2>&1 &
+# tee ignores INT and TERM: signalled with the job, it would close the ranks' output mid-checkpoint.
+CUDA_VISIBLE_DEVICES="$trainer_devices" setsid "${trainer_cmd[@]}" > >(trap '' INT TERM; exec tee "$run_dir/logs/trainer.log") 2>&1 &
 trainer_pid=$!
 pids+=("$trainer_pid")
 
@@ -237,8 +271,8 @@ while kill -0 "$trainer_pid" 2>/dev/null; do
       pstatus=0
       wait "$pid" || pstatus=$?
       producer_pid[$i]=""
-      if [ "$pstatus" -eq 0 ]; then
-        echo "launch.sh: producer $rank finished (status 0)" >&2
+      if [ "$pstatus" -eq 0 ] || [ -n "$stopping" ]; then
+        echo "launch.sh: producer $rank finished (status $pstatus)" >&2
       elif [ "${restarts[$i]}" -lt "$producer_restarts" ]; then
         restarts[$i]=$((restarts[$i] + 1))
         delay=$((1 << (restarts[$i] - 1)))
@@ -251,7 +285,7 @@ while kill -0 "$trainer_pid" 2>/dev/null; do
           | tee -a "$run_dir/logs/producer$rank.log" >&2
       fi
     fi
-    if [ -n "${restart_at[$i]}" ] && [ "$now" -ge "${restart_at[$i]}" ]; then
+    if [ -n "${restart_at[$i]}" ] && [ -z "$stopping" ] && [ "$now" -ge "${restart_at[$i]}" ]; then
       restart_at[$i]=""
       start_producer "$i"
       restarts_total=$((restarts_total + 1))
@@ -259,16 +293,39 @@ while kill -0 "$trainer_pid" 2>/dev/null; do
         "$restarts_total" "$now" "$node_rank" "$restarts_total" "$rank" >> "$run_dir/metrics/launch.jsonl"
     fi
   done
-  sleep 1
+  if [ -n "$stopping" ] && [ "$SECONDS" -ge "$stop_deadline" ]; then
+    echo "launch.sh: the trainer ranks did not stop within $stop_grace_s s (EDSAM_STOP_GRACE_S): killing them" >&2
+    for pid in $(trainer_ranks) "$trainer_pid"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  fi
+  sleep 1 & wait $! || true  # a signal ends the wait at once (and its trap runs)
 done
 wait "$trainer_pid" || status=$?
-if [ "$status" -ne 0 ]; then
+# Stopped by a signal: a checkpoint written since then means every rank stopped at its step
+# (torchrun exits 1 when it was signalled itself, though its ranks ended cleanly).
+newest="$(newest_checkpoint)" stopped_at=""
+[ -z "$stopping" ] || [ "$newest" = "$checkpoint_at_stop" ] || stopped_at="$newest"
+if [ -n "$stopped_at" ]; then
+  echo "launch.sh: stopped by SIG$stopping; every trainer rank checkpointed at ${stopped_at##*/}" >&2
+  status=0
+elif [ -n "$stopping" ] && [ "$status" -ne 0 ]; then
+  echo "launch.sh: stopped by SIG$stopping before the trainers wrote a checkpoint (status $status)" >&2
+  status=130
+elif [ "$status" -ne 0 ]; then
   echo "launch.sh: a trainer rank failed (status $status); every rank is stopped." >&2
-  if compgen -G "$run_dir/checkpoints/step_*.pt" > /dev/null; then
-    printf -v resume '%q ' scripts/launch.sh "${launch_args[@]}" --run-dir "$run_dir" checkpoint.resume=latest
-    echo "launch.sh: continue the run from its last checkpoint with:" >&2
-    echo "  ${resume% }" >&2
-  fi
+fi
+if [ -n "$newest" ] && { [ -n "$stopped_at" ] || [ "$status" -ne 0 ]; }; then
+  resume_args=() skip=0  # the launch's own arguments, less its run folder and resume
+  for a in "${launch_args[@]}"; do
+    if [ "$skip" -eq 1 ]; then skip=0; continue; fi
+    case "$a" in
+      --run-dir) skip=1 ;;
+      run_dir=*|checkpoint.resume=*|+checkpoint.resume=*|++checkpoint.resume=*) ;;
+      *) resume_args+=("$a") ;;
+    esac
+  done
+  printf -v resume '%q ' scripts/launch.sh "${resume_args[@]}" --run-dir "$run_dir" checkpoint.resume=latest
+  echo "launch.sh: continue the run from its last checkpoint with:" >&2
+  echo "  ${resume% }" >&2
 fi
 
 echo

@@ -1,6 +1,7 @@
 """scripts/launch.sh: what it starts (--dry-run), and end to end: per-producer CURVE keys admit only allowed
 producers; a producer that dies is restarted or, past its cap, does not stop the job; a trainer that fails
-stops it and says how to resume."""
+stops it and says how to resume; SIGTERM, to the script or to the whole job, checkpoints every rank at
+one step, exits 0 and says how to resume."""
 
 import json
 import os
@@ -10,8 +11,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from test_trainer_dist import COMMON, _env, _stop, _train_logs
 
+from edsam_online.checkpoint import list_checkpoints
 from edsam_online.metrics import read_jsonl
 from edsam_online.runtime import free_port
 from edsam_online.security import generate_keys
@@ -181,3 +185,89 @@ def test_kill_9_of_the_producer_past_its_restart_cap_leaves_the_trainer_running_
     assert after[-1]["step"] == steps
     assert after[-1]["train/steps_without_extra"] > before["train/steps_without_extra"]  # trained on the fallback
     assert "zero-shot" in text
+
+
+def _job(pid: int) -> list[int]:
+    """``pid`` and every process started under it, whatever its session: what SLURM signals
+    when it cancels or preempts a job."""
+    parents = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [pid], {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier}
+        found += sorted(frontier)
+    return found
+
+
+def _signal_at_step(launch: subprocess.Popen, run_dir: Path, out: Path, step: int, pids) -> None:
+    """Once trainer rank 0 has logged ``step``, SIGTERM to each of ``pids(launch.pid)``."""
+    deadline = time.monotonic() + 240
+    while not (_train_logs(run_dir, 0) and _train_logs(run_dir, 0)[-1]["step"] >= step):
+        assert time.monotonic() < deadline and launch.poll() is None, out.read_text()[-4000:]
+        time.sleep(0.1)
+    for pid in pids(launch.pid):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def _stopped_at(text: str, steps: int, ranks: int, run_dir: Path) -> int:
+    """The step every rank checkpointed at, as launch.sh and the ranks report it; checks the
+    checkpoint and the printed resume command."""
+    stopped = int(re.search(r"stopped by SIGTERM; every trainer rank checkpointed at step_(\d+)\.pt", text).group(1))
+    assert 2 <= stopped < steps, "the run ended before the signal could interrupt it"
+    assert all(f"rank {r} stopped at step {stopped} of {steps}" in text for r in range(ranks)), text[-4000:]
+    assert list_checkpoints(run_dir)[-1].name == f"step_{stopped:08d}.pt"
+    assert "launch.sh: continue the run from its last checkpoint with:" in text
+    return stopped
+
+
+@pytest.mark.slow  # two launches, about 2 minutes on 2 cores
+def test_sigterm_to_launch_sh_checkpoints_exits_0_and_its_resume_command_runs_to_the_end(tmp_path):
+    """TERM to launch.sh alone: the rank finishes its step and checkpoints, torchrun ends with it
+    (status 0, no traceback), the producer stops, launch.sh exits 0 with the resume command; that
+    command continues from the checkpoint to the last step, past a newer one that does not load."""
+    run_dir, out, steps = tmp_path / "run", tmp_path / "launch.out", 30
+    launch = _launch(run_dir, out, f"trainer.steps={steps}")
+    try:
+        _signal_at_step(launch, run_dir, out, 2, lambda pid: [pid])
+        assert launch.wait(120) == 0, out.read_text()[-4000:]
+    finally:
+        _stop(launch)
+    text = out.read_text()
+    stopped = _stopped_at(text, steps, 1, run_dir)
+    assert "Traceback" not in text, text[-4000:]
+    assert "SIGTERM received: producer producer-0 stops" in (run_dir / "logs" / "producer0.log").read_text()
+    resume = text.split("continue the run from its last checkpoint with:")[1].strip().splitlines()[0]
+    assert resume.startswith("scripts/launch.sh --base-port ") and f"trainer.steps={steps}" in resume
+    assert resume.endswith(f"--run-dir {run_dir} checkpoint.resume=latest"), resume
+
+    garbage = run_dir / "checkpoints" / "step_99999999.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    resumed = subprocess.run(["bash", "-c", resume], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                             timeout=300, start_new_session=True)
+    text = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, text[-4000:]
+    assert f"skipping {garbage}, which does not load" in text
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped:08d}.pt'} at step {stopped}" in text
+    assert _train_logs(run_dir, 0)[-1]["step"] == steps and "zero-shot" in text
+
+
+def test_sigterm_to_every_process_of_the_job_checkpoints_every_rank_at_the_same_step(tmp_path):
+    """TERM to every process at once (launch.sh's group, the producer, torchrun and its ranks:
+    scancel, preemption): both ranks checkpoint at one step and launch.sh exits 0."""
+    run_dir, out, steps = tmp_path / "run", tmp_path / "launch.out", 100000
+    launch = _launch(run_dir, out, "--trainers", "2", f"trainer.steps={steps}")
+    try:
+        _signal_at_step(launch, run_dir, out, 2, _job)
+        assert launch.wait(120) == 0, out.read_text()[-4000:]
+    finally:
+        _stop(launch)
+    text = out.read_text()
+    _stopped_at(text, steps, 2, run_dir)
+    assert "Traceback" not in (run_dir / "logs" / "producer0.log").read_text()

@@ -1,10 +1,15 @@
 """scripts/slurm/edsam.sbatch: which node runs what, as SLURM would start it (scontrol, srun and
-python replaced by stand-ins that print what they are given)."""
+python replaced by stand-ins that print what they are given); the time limit's USR1 and
+preemption's TERM stop the steps, a USR1 requeues the job, and a requeued job resumes."""
 
 import os
 import shlex
+import signal
 import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -92,3 +97,59 @@ def test_curve_keys_give_every_producer_rank_its_own_pair(tmp_path):
 def test_an_allocation_without_trainer_nodes_is_refused(tmp_path):
     out = _dry_run(tmp_path, "gpu1,gpu2", EDSAM_PRODUCER_NODES="2")
     assert out.returncode == 2 and "no producer or no trainer node" in out.stderr
+
+
+def _live_bin(tmp_path: Path) -> Path:
+    """_bin, plus an srun whose step waits for TERM and records it (the trainer step then exits 1,
+    as torchrun does when signalled, the producer step 0) and an scontrol that records a requeue."""
+    b = _bin(tmp_path)
+    (b / "scontrol").write_text('#!/bin/bash\ncase "$1" in\n  show) tr , "\\n" <<< "$3" ;;\n'
+                                '  requeue) echo "requeue $2" >> "$CALLS" ;;\nesac\n')
+    (b / "srun").write_text('#!/bin/bash\nrole=producers code=0\n'
+                            '[[ " $* " == *" torchrun "* ]] && role=trainers code=1\n'
+                            'sleep 600 & nap=$!\n'
+                            'trap \'kill $nap; echo "$role TERM" >> "$CALLS"; exit $code\' TERM\n'
+                            'touch "$CALLS.$role"\nwait $nap\n')
+    (b / "srun").chmod(0o755)
+    return b
+
+
+@pytest.mark.parametrize("sig, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)])
+def test_the_time_limit_signal_stops_every_step_and_requeues_preemption_only_stops(tmp_path, sig, requeued):
+    calls = tmp_path / "calls"
+    env = dict(os.environ, PATH=f"{_live_bin(tmp_path)}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu1,gpu2",
+               SLURM_GPUS_PER_NODE="1", SLURM_JOB_ID="7", EDSAM_SYSTEM_PYTHON="1",
+               EDSAM_RUN_DIR=str(tmp_path / "run"), CALLS=str(calls))
+    job = subprocess.Popen(["bash", str(SBATCH), "trainer.steps=10"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (Path(f"{calls}.trainers").exists() and Path(f"{calls}.producers").exists()):
+            assert time.monotonic() < deadline and job.poll() is None, job.communicate()[0]
+            time.sleep(0.05)
+        job.send_signal(sig)
+        out = job.communicate(timeout=60)[0]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, out
+    recorded = calls.read_text().splitlines()
+    assert "trainers TERM" in recorded and "producers TERM" in recorded  # both steps stopped cleanly
+    assert ("requeue 7" in recorded) == requeued, out
+    assert f"SIG{sig.name[3:]}: the trainers stopped (status 1)" in out
+
+
+def test_the_sbatch_file_asks_for_requeue_and_a_signal_before_the_limit_and_a_requeued_job_resumes(tmp_path):
+    header = [line for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --requeue" in header and "#SBATCH --signal=B:USR1@180" in header
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    first = shlex.split(_dry_run(tmp_path / "a", "gpu1,gpu2").stdout.splitlines()[2])
+    assert not any(w.startswith("checkpoint.resume") for w in first)  # a new job starts fresh
+    checkpoints = tmp_path / "b" / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "step_00000040.pt").touch()
+    out = _dry_run(tmp_path / "b", "gpu1,gpu2", SLURM_RESTART_COUNT="1")
+    trainers = shlex.split(out.stdout.splitlines()[2])
+    assert trainers.index("checkpoint.resume=latest") > trainers.index("trainer.steps=10")  # after the user's
+    assert f"continuing from the newest checkpoint in {tmp_path / 'b' / 'run'}" in out.stderr

@@ -231,7 +231,7 @@ def test_library_functions_stay_short_and_the_producer_and_receiver_focused():
 #: The library's layers, lowest first; a module may import its own layer and the ones below.
 LAYERS = (
     ("edsam_online", "cli", "validation", "allocator", "security", "wire", "sequence", "wandb_offline", "policy", "feedback"),  # no torch model
-    ("data", "runtime", "buffer", "metrics"),  # data, devices and storage every component shares
+    ("data", "runtime", "buffer", "buffer_snapshot", "metrics", "ledger"),  # data, devices and storage every component shares
     ("streaming", "sinks", "steering", "checkpoint", "optim", "losses", "models", "eval", "loader", "diffusion", "monitor",
      "report"),  # components
     ("methods", "producer", "trainer"),  # what a role runs
