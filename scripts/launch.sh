@@ -167,7 +167,8 @@ if [ -n "$rdzv_endpoint" ]; then
 else
   torchrun_args+=(--standalone)
 fi
-trainer_cmd=(torchrun "${torchrun_args[@]}" -m consumers.train "${common[@]}")
+# torchrun through consumers/torchrun.py: signalled itself, it ends without a traceback.
+trainer_cmd=(python -m consumers.torchrun "${torchrun_args[@]}" -m consumers.train "${common[@]}")
 [ -n "$trainer_devices" ] && trainer_cmd+=("runtime.device=cuda")
 
 if [ "$dry_run" -eq 1 ]; then  # one line per command, quoted so it can be pasted into a shell

@@ -32,7 +32,7 @@ def test_dry_run_shows_overrides_added_to_the_embedded_experiment_and_starts_not
     out = _dry_run(tmp_path, "trainer.steps=5")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert [line.split(" -m ")[1].split()[0] for line in lines] == ["producers.prepare", "producers", "consumers.train"]
+    assert [line.split(" -m ")[-1].split()[0] for line in lines] == ["producers.prepare", "producers", "consumers.train"]
     for line in lines:  # every role gets the demo, then the user's override (which wins)
         assert line.index("experiment=cpu_demo") < line.index("trainer.steps=5"), line
     assert "experiment=cpu_demo (the embedded default" in out.stderr

@@ -47,9 +47,9 @@ def test_producer_nodes_bind_trainer_nodes_connect_to_every_producer_by_host_nam
     assert prepare[:3] == ["python", "-m", "producers.prepare"] and "experiment=paper_cc3m" in prepare
     assert producers[:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--nodelist=gpu1,gpu2"]
     assert trainers[:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--nodelist=gpu3,gpu4"]
-    torchrun = trainers[5:trainers.index("-m")]
-    assert torchrun == ["torchrun", "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-                        "--rdzv-endpoint", "gpu3:29400"]
+    torchrun = trainers[5:trainers.index("consumers.train") - 1]
+    assert torchrun == ["python", "-m", "consumers.torchrun", "--nnodes", "2", "--nproc-per-node", "2",
+                        "--rdzv-backend", "c10d", "--rdzv-endpoint", "gpu3:29400"]
     endpoints = [f"tcp://{h}:{p}" for h in ("gpu1", "gpu2") for p in (5555, 5556)]
     assert trainers[-1] == "stream.endpoints=[" + ",".join(f"'{e}'" for e in endpoints) + "]"
     assert (tmp_path / "run" / "endpoints.txt").read_text().split() == endpoints  # for separate jobs
@@ -106,7 +106,7 @@ def _live_bin(tmp_path: Path) -> Path:
     (b / "scontrol").write_text('#!/bin/bash\ncase "$1" in\n  show) tr , "\\n" <<< "$3" ;;\n'
                                 '  requeue) echo "requeue $2" >> "$CALLS" ;;\nesac\n')
     (b / "srun").write_text('#!/bin/bash\nrole=producers code=0\n'
-                            '[[ " $* " == *" torchrun "* ]] && role=trainers code=1\n'
+                            '[[ " $* " == *" consumers.torchrun "* ]] && role=trainers code=1\n'
                             'sleep 600 & nap=$!\n'
                             'trap \'kill $nap; echo "$role TERM" >> "$CALLS"; exit $code\' TERM\n'
                             'touch "$CALLS.$role"\nwait $nap\n')
