@@ -63,11 +63,11 @@ def test_edsam_eval_scores_a_trained_run_on_an_image_folder_it_did_not_write(tmp
 
 
 def test_edsam_eval_scores_an_open_clip_model_by_name(tmp_path):
-    out = _run(["consumers.evaluate", "model=rn50", "eval.resolution=224", "eval.templates=simple",
+    out = _run(["consumers.evaluate", "model=tiny_rn", "eval.resolution=32", "eval.templates=simple",
                 f"out_dir={tmp_path / 'out'}", "eval.samples_per_class=1", "eval.domains=[flat,sketch]",
                 "eval.linear_probe=false"], tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "RN50 (random weights)" in out.stdout
+    assert "edsam-tiny-rn (random weights)" in out.stdout
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert set(metrics) >= {"eval/zeroshot_top1/flat", "eval/zeroshot_top1/target_mean", "eval/zeroshot_top5/sketch"}
 

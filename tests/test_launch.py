@@ -160,6 +160,7 @@ def test_a_launch_stopped_by_its_config_makes_nothing_and_suggests_no_resume(tmp
     assert "checkpoint.resume=latest" not in text and not run_dir.exists()
 
 
+@pytest.mark.slow  # launch.sh's restarts are in the default suite above; bench/soak.py kills producers for an hour
 def test_kill_9_of_the_producer_past_its_restart_cap_leaves_the_trainer_running_to_its_last_step(tmp_path):
     run_dir, steps = tmp_path / "run", 150
     out = tmp_path / "launch.out"
