@@ -333,7 +333,8 @@ def main() -> int:
     (out / "soak.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},
                                                "results": {k: {"ok": ok, "detail": msg}
                                                            for k, (ok, msg) in results.items()},
-                                               "kills": kills, "hostile_messages": peer.sent}, indent=1))
+                                               "kills": kills, "hostile_messages": peer.sent,
+                                               "rss_samples": samples}, indent=1))
     return 0 if all(ok for ok, _ in results.values()) else 1
 
 
