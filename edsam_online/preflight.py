@@ -58,7 +58,6 @@ def _keys_at(dotted_parent: str) -> list[str]:
 
 
 def unknown_key_message(full_key: str) -> str:
-    parent, _, name = full_key.rpartition(".")
     # walk down to the deepest parent that exists: trainer.stepz.x -> trainer.stepz unknown
     parts = full_key.split(".")
     for depth in range(1, len(parts) + 1):
