@@ -43,6 +43,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PAPER_GENERATOR = "random:CompVis/ldm-text2im-large-256"
 #: Sampler variants in the order they run: (name, dtype, channels_last, compile). channels_last
 #: converts the networks in place, so the plain layouts come first.
+# experiment=sd_1gpu on CPU (step sd_1gpu with --device cpu, and the user-path test): the preset's
+# GPU settings swapped for CPU ones, its sizes for a few seconds' worth per step
+SD_1GPU_ON_CPU = ["runtime=cpu", "diffusion.device=cpu", "diffusion.dtype=fp32", "diffusion.channels_last=false",
+                  "diffusion.resolution=64", "diffusion.m=2", "diffusion.steps=2", "diffusion.inversion_steps=2",
+                  "diffusion.batch_size=2", "producer.batch_size=2", "runtime.num_workers=1", "runtime.threads=1",
+                  "trainer.batch_size=8", "mix.extra_share=0.5", "buffer.capacity=64", "buffer.min_size_to_sample=2",
+                  "buffer.samples_per_insert=0", "buffer.error_buffer=null", "mix.extra_wait_s=2.0",
+                  "optim.warmup_steps=2", "eval.samples_per_class=2", "eval.probe_train_per_class=3",
+                  "eval.probe_steps=10", "eval.domains=[flat]", "data.shuffle_buffer=16"]
 SAMPLER_VARIANTS = (("fp32", "fp32", False, False), ("bf16", "bf16", False, False),
                     ("bf16+channels_last", "bf16", True, False), ("bf16+channels_last+compile", "bf16", True, True))
 
@@ -287,11 +296,7 @@ def step_sd_1gpu(args: argparse.Namespace) -> dict:
 
         build_tiny_ldm(SamplerConfig(resolution=64), layout="sd").save_pretrained(work / "sd")
         cmd += [f"diffusion.model={work / 'sd'}", f"model.name={write_stand_in('ViT-B-32', work / 'clip')}",
-                "runtime=cpu", "diffusion.device=cpu", "diffusion.dtype=fp32", "diffusion.channels_last=false",
-                "diffusion.resolution=64", "diffusion.m=2", "diffusion.steps=2", "diffusion.inversion_steps=2",
-                "trainer.batch_size=8", "buffer.min_size_to_sample=2", "buffer.samples_per_insert=0",
-                "buffer.error_buffer=null", "mix.extra_wait_s=2.0", "runtime.num_workers=1", "eval.samples_per_class=2",
-                "eval.probe_train_per_class=3", "eval.domains=[flat]"]
+                *SD_1GPU_ON_CPU]
     peak_memory = None
     with open(Path(args.json).with_suffix(".log"), "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=log,

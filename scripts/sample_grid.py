@@ -25,7 +25,8 @@ from edsam_online.data.shapes import SOURCE_DOMAIN, render_sample  # noqa: E402
 from edsam_online.diffusion import SamplerConfig, build_sampler  # noqa: E402
 
 
-def main(argv=None):
+def main(argv=None) -> plt.Figure:
+    """Draw and save the grid; returns its figure (row i: real image i, then its samples)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = SamplerConfig()
     p.add_argument("--out", required=True, help="PNG file to write")
@@ -84,6 +85,7 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(a.out, dpi=150)
     print(a.out)
+    return fig
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _scripts import load_script
 
 from test_trainer_dist import COMMON, _env, _stop, _train_logs
 
@@ -21,6 +22,7 @@ from edsam_online.runtime import free_port
 from edsam_online.security import generate_keys
 
 ROOT = Path(__file__).resolve().parents[1]
+SOAK = load_script("bench/soak.py")  # finds a launch's trainer ranks and every process of its job
 
 
 def _dry_run(tmp_path, *args) -> subprocess.CompletedProcess:
@@ -113,20 +115,6 @@ def test_per_producer_curve_keys_let_only_allowed_producers_deliver(tmp_path):
     assert missing.returncode == 2 and "producer-2.key_secret is missing" in missing.stderr
 
 
-def _trainer_worker(run_dir: Path) -> int | None:
-    """The pid of the trainer rank (not torchrun) of the launch writing ``run_dir``."""
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        text = b" ".join(argv).decode(errors="replace")
-        if "consumers.train" in text and f"run_dir={run_dir}" in text and "torch.distributed.run" not in text \
-                and "torchrun" not in text:
-            return int(proc.name)
-    return None
-
-
 def test_a_failed_trainer_stops_the_launch_and_prints_the_resume_command(tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "launch.out"
     launch = _launch(run_dir, out, "trainer.steps=100000", "checkpoint.every=2")
@@ -134,7 +122,7 @@ def test_a_failed_trainer_stops_the_launch_and_prints_the_resume_command(tmp_pat
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not list((run_dir / "checkpoints").glob("step_*.pt")):
             time.sleep(0.2)
-        os.kill(_trainer_worker(run_dir), signal.SIGKILL)  # the rank dies after its first checkpoint
+        os.kill(next(iter(SOAK.trainer_ranks(run_dir))), signal.SIGKILL)  # the rank dies after its first checkpoint
         assert launch.wait(120) != 0
         text = out.read_text()
         assert "a trainer rank failed" in text, text[-4000:]
@@ -186,22 +174,6 @@ def test_kill_9_of_the_producer_past_its_restart_cap_leaves_the_trainer_running_
     assert after[-1]["step"] == steps
     assert after[-1]["train/steps_without_extra"] > before["train/steps_without_extra"]  # trained on the fallback
     assert "zero-shot" in text
-
-
-def _job(pid: int) -> list[int]:
-    """``pid`` and every process started under it, whatever its session: what SLURM signals
-    when it cancels or preempts a job."""
-    parents = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    found, frontier = [pid], {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier}
-        found += sorted(frontier)
-    return found
 
 
 def _signal_at_step(launch: subprocess.Popen, run_dir: Path, out: Path, step: int, pids) -> None:
@@ -265,7 +237,7 @@ def test_sigterm_to_every_process_of_the_job_checkpoints_every_rank_at_the_same_
     run_dir, out, steps = tmp_path / "run", tmp_path / "launch.out", 100000
     launch = _launch(run_dir, out, "--trainers", "2", f"trainer.steps={steps}")
     try:
-        _signal_at_step(launch, run_dir, out, 2, _job)
+        _signal_at_step(launch, run_dir, out, 2, SOAK.job_processes)
         assert launch.wait(120) == 0, out.read_text()[-4000:]
     finally:
         _stop(launch)

@@ -9,8 +9,10 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
-from _user_data import tiny_sd_folder, tiny_vit_b32, write_imagefolder, write_shards
+from _scripts import load_script
+from _user_data import COLORS, SHAPES, tiny_sd_folder, tiny_vit_b32, write_imagefolder, write_shards
 from test_trainer_dist import _env
 
 from edsam_online.cli import quote_brace_patterns
@@ -20,15 +22,8 @@ from edsam_online.runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# sd_1gpu on CPU: the preset's GPU settings swapped for CPU ones, its sizes for a few seconds' worth.
-CPU_STAND_INS = ["runtime=cpu", "diffusion.device=cpu", "diffusion.dtype=fp32", "diffusion.channels_last=false",
-                 "diffusion.resolution=64", "diffusion.m=2", "diffusion.steps=2", "diffusion.inversion_steps=2",
-                 "diffusion.batch_size=2", "producer.batch_size=2", "runtime.num_workers=1", "runtime.threads=1",
-                 "trainer.batch_size=8", "mix.extra_share=0.5", "buffer.capacity=64", "buffer.min_size_to_sample=2",
-                 "buffer.samples_per_insert=0", "buffer.error_buffer=null", "mix.extra_wait_s=2.0",
-                 "optim.warmup_steps=2", "checkpoint.every=0", "logging.wandb=false", "logging.log_every=2",
-                 "logging.sample_every=4", "eval.samples_per_class=2", "eval.probe_train_per_class=3",
-                 "eval.probe_steps=10", "eval.domains=[flat]", "data.shuffle_buffer=16"]
+CPU_STAND_INS = [*load_script("bench/gpu_check.py").SD_1GPU_ON_CPU, "checkpoint.every=0", "logging.wandb=false",
+                 "logging.log_every=2", "logging.sample_every=4"]
 
 
 def test_sd_1gpu_runs_end_to_end_on_a_users_webdataset(tmp_path):
@@ -134,16 +129,21 @@ def test_every_documented_command_composes_as_written(where, command):
 
 
 def test_the_sample_grid_shows_a_users_own_images_beside_their_samples(tmp_path):
-    """scripts/sample_grid.py on the user's shards: each real image in the first column, its
-    transported samples beside it (the tiny random generator here)."""
-    import matplotlib.image as mpimg
-
-    from _scripts import load_script
-
+    """scripts/sample_grid.py on the user's shards: each of the user's images, in shard order, in
+    the first column with its caption, its transported samples beside it (the tiny random
+    generator here)."""
     pattern = write_shards(tmp_path / "shards", n=6, shards=1, size=48)
     out = tmp_path / "grid.png"
-    load_script("scripts/sample_grid.py").main(
-        ["--out", str(out), "--model", "tiny-random", "--resolution", "32", "--rows", "2", "--m", "2", "--steps", "2",
-         "--batch-size", "4", "--data-kind", "webdataset", "--data-path", pattern])
-    grid = mpimg.imread(out)
-    assert grid.ndim == 3 and grid.shape[0] > 100 and grid.shape[1] > 100
+    rows, m = 3, 2
+    fig = load_script("scripts/sample_grid.py").main(
+        ["--out", str(out), "--model", "tiny-random", "--resolution", "32", "--rows", str(rows), "--m", str(m),
+         "--steps", "2", "--batch-size", "4", "--data-kind", "webdataset", "--data-path", pattern])
+    assert out.stat().st_size > 0
+    for i in range(rows):  # write_shards' image i: SHAPES[i % 3] in color (i // 3) % 3, centred
+        shape, color = SHAPES[i % 3], list(COLORS)[(i // 3) % 3]
+        real = fig.axes[i * (m + 1)]
+        assert real.get_ylabel() == f"a photo of a {color} {shape}"
+        pixels = np.asarray(real.images[0].get_array())
+        assert pixels.shape == (32, 32, 3)
+        assert np.abs(pixels[16, 16].astype(int) - COLORS[color]).max() < 40, pixels[16, 16]
+        assert all(fig.axes[i * (m + 1) + 1 + j].images for j in range(m))  # its samples beside it
