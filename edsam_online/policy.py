@@ -35,6 +35,12 @@ bit for bit; a bin with less than ``min_feedback / bins`` of weight is valued at
 over all bins. Given the same feedback in the same order and the same seed, the choices are
 the same.
 
+**It survives a restart.** The policy lives in its producer, which saves it to the run folder
+(:func:`save_policy`, ``policy/producer<rank>.msgpack``: the bins' sums, the newest model step,
+the draw generator's state) every ``producer.log_every_s`` and when it stops; a producer of
+the same rank started on that run folder (launch.sh's restart after a crash, a resumed run)
+goes on from it (:func:`load_policy`) instead of relearning from Eq. 9's draws.
+
 No library implements a bandit over a continuous transport parameter with delayed,
 discounted, fidelity-gated rewards (the Vowpal Wabbit and ``mabwiser`` bandits assume
 discrete arms and immediate rewards), hence this module.
@@ -43,14 +49,18 @@ discrete arms and immediate rewards), hence this module.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import msgpack
 import numpy as np
 
 from edsam_online.validation import require_at_least, require_positive
 
 POLICIES = ("uniform", "adversarial")
+STATE_FORMAT = "edsam-policy/1"
 
 
 @dataclass
@@ -165,3 +175,50 @@ class AdversarialPolicy:
         bins = self._rng.choice(self.cfg.bins, size=n, p=p)
         lo, hi = self.edges[bins], self.edges[bins + 1]
         return (lo + (hi - lo) * self._rng.random(n)).astype(np.float32)
+
+
+def save_policy(policy: AdversarialPolicy, path: str | os.PathLike) -> None:
+    """Write what ``policy`` has learned to ``path`` (msgpack; atomically: a reader sees the
+    old file or the new one)."""
+    rng = policy._rng.bit_generator.state
+    state = {"format": STATE_FORMAT, "bins": policy.cfg.bins, "rho": policy.rho,
+             "reward_sum": policy.reward_sum.tolist(), "weight": policy.weight.tolist(),
+             "newest_step": policy.newest_step, "applied": policy.applied,
+             # PCG64's state is two 128-bit integers, wider than msgpack's: as decimal strings
+             "rng": [rng["bit_generator"], str(rng["state"]["state"]), str(rng["state"]["inc"]),
+                     rng["has_uint32"], rng["uinteger"]]}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(msgpack.packb(state))
+    os.replace(tmp, path)
+
+
+def load_policy(policy: AdversarialPolicy, path: str | os.PathLike) -> None:
+    """Make ``policy`` the one :func:`save_policy` wrote to ``path``: same sums, newest step
+    and draws. Raises ValueError, leaving ``policy`` as it was, for a file that is not such a
+    state (damaged, foreign) or one of another ``rho`` or bin count."""
+    try:
+        state = msgpack.unpackb(Path(path).read_bytes(), raw=False, strict_map_key=True)
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not format {STATE_FORMAT}")
+        if state["bins"] != policy.cfg.bins or state["rho"] != policy.rho:
+            raise ValueError(f"saved for rho {state['rho']} and {state['bins']} bins; this policy has rho "
+                             f"{policy.rho} and {policy.cfg.bins} bins")
+        reward_sum, weight = (np.asarray(state[k], dtype=np.float64) for k in ("reward_sum", "weight"))
+        if reward_sum.shape != (policy.cfg.bins,) or weight.shape != (policy.cfg.bins,) or not (
+                np.isfinite(reward_sum).all() and np.isfinite(weight).all() and (weight >= 0).all()):
+            raise ValueError("bin sums are not finite, or weights negative")
+        newest, applied = state["newest_step"], state["applied"]
+        if not (newest is None or isinstance(newest, int)) or not isinstance(applied, int) or applied < 0:
+            raise ValueError("newest_step or applied is not an integer")
+        name, rng_state, inc, has_uint32, uinteger = state["rng"]
+        rng = np.random.default_rng()
+        rng.bit_generator.state = {"bit_generator": name, "state": {"state": int(rng_state), "inc": int(inc)},
+                                   "has_uint32": has_uint32, "uinteger": uinteger}
+    except ValueError as err:
+        raise ValueError(f"{path} is not a saved policy state ({err})") from None
+    except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways; none may stop a producer
+        raise ValueError(f"{path} is not a saved policy state ({type(err).__name__}: {err})") from None
+    policy.reward_sum, policy.weight, policy.newest_step, policy.applied = reward_sum, weight, newest, applied
+    policy._rng = rng

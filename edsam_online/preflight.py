@@ -13,8 +13,8 @@ evaluation) and stops at the first problem with one line that names the full key
 
 It warns, naming the key to set, where the run would silently keep a demo setting on real
 data: the shipped generator (trained on built-in shapes), a tiny CLIP at 32 px, or evaluation
-on the built-in shapes alone. ``--plan`` also prints ``yes`` or ``no`` as its last line: does
-the method need producers.
+on the built-in shapes alone. ``--plan`` also prints what ``scripts/launch.sh`` starts
+(:func:`launch_plan`): ``prepare yes|no`` and ``producers yes|no``.
 
 Hydra's own errors say neither the full key of a type error nor a near miss of an unknown
 one, and its override parser stops at shell brace patterns; :func:`compose_checked` turns
@@ -35,9 +35,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from edsam_online.cli import CONFIG_DIR, group_options, quote_brace_patterns
 from edsam_online.config import Config, load_config
+from edsam_online.diffusion.config import RETRAINED, TINY_RANDOM, needs_preparing
 
 # Generators and CLIPs that exist only for the built-in data and CPU demos.
-DEMO_GENERATORS = ("retrained", "tiny-random")
+DEMO_GENERATORS = (RETRAINED, TINY_RANDOM)
 DEMO_CLIPS = ("edsam-tiny", "edsam-tiny-rn")
 
 
@@ -267,7 +268,18 @@ def main(argv: list[str] | None = None) -> None:
     plan = "--plan" in argv
     cfg = preflight([a for a in argv if a != "--plan"])
     if plan and cfg is not None:
-        print("yes" if cfg.method.extra_batch == "stream" else "no")
+        for what, needed in launch_plan(cfg).items():
+            print(what, "yes" if needed else "no")
+
+
+def launch_plan(cfg: Config) -> dict[str, bool]:
+    """What ``scripts/launch.sh`` starts for ``cfg`` (``--plan`` prints it): ``prepare``,
+    ``python -m producers.prepare`` once (a generator that :func:`needs_preparing`, or a
+    fidelity scorer to fit or load), and ``producers``, whether the method generates at all
+    (methods without a generator, and offline shards, run no producer)."""
+    producers = cfg.method.extra_batch == "stream"
+    prepare = producers and (needs_preparing(cfg.diffusion.model) or cfg.producer.scorer != "none")
+    return {"prepare": prepare, "producers": producers}
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import zmq
 from edsam_online import security
 from edsam_online.feedback import (DROP_REASONS, FeedbackConfig, FeedbackError, FeedbackLedger, decode_feedback,
                                    encode_feedback)
-from edsam_online.policy import AdversarialPolicy
+from edsam_online.policy import AdversarialPolicy, save_policy
 from edsam_online.streaming import StreamConfig
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,11 @@ class ProducerSteering:
                 self._lag[0] += float(np.sum(fb.step - step))
                 self._lag[1] += len(step)
         return applied
+
+    def save_policy(self, path) -> None:
+        """The policy to ``path`` (:func:`edsam_online.policy.save_policy`), between two updates."""
+        with self._lock:
+            save_policy(self.policy, path)
 
     def alphas(self, n: int) -> np.ndarray | None:
         """The policy's alphas for ``n`` samples; None: draw as Eq. 9 does."""

@@ -97,12 +97,15 @@ if [ "$producers" -eq 0 ] && [ "$named_method" -eq 0 ]; then
 fi
 # One validation pass before anything exists (edsam_online/preflight.py): every key, value
 # and path of every role's config; a problem exits 2 with one line naming the key. Its last
-# line says whether the method generates (method=none, method=real2x start no producer).
+# lines say whether the method generates (method=none, method=real2x start no producer) and
+# whether its generator or scorer needs producers.prepare first (edsam_online.preflight.launch_plan).
 plan="$(python -m edsam_online.preflight --plan "${overrides[@]}")" || exit 2
-if [ "$producers" -gt 0 ] && [ "$(tail -1 <<< "$plan")" = "no" ]; then
+if [ "$producers" -gt 0 ] && grep -qx "producers no" <<< "$plan"; then
   echo "launch.sh: the method uses no generator; starting no producer" >&2
   producers=0
 fi
+prepare=0
+[ "$producers" -gt 0 ] && grep -qx "prepare yes" <<< "$plan" && prepare=1
 
 run_dir="${run_dir:-runs/$(date +%Y%m%d-%H%M%S)}"
 if [ "$dry_run" -eq 1 ]; then
@@ -173,7 +176,7 @@ trainer_cmd=(python -m consumers.torchrun "${torchrun_args[@]}" -m consumers.tra
 
 if [ "$dry_run" -eq 1 ]; then  # one line per command, quoted so it can be pasted into a shell
   show() { local line; printf -v line '%q ' "$@"; echo "${line% }"; }
-  [ "$producers" -eq 0 ] || show python -m producers.prepare "${common[@]}"
+  [ "$prepare" -eq 0 ] || show python -m producers.prepare "${common[@]}"
   for ((i = 0; i < producers; i++)); do
     producer_cmd "$i"
     show env CUDA_VISIBLE_DEVICES="$dev" "${cmd[@]}"
@@ -232,9 +235,9 @@ trap cleanup EXIT
 trap 'on_signal INT' INT
 trap 'on_signal TERM' TERM
 
-# A producer whose generator must be trained first (model=retrained) trains it
-# here, once, so trainers do not start against an empty stream.
-[ "$producers" -eq 0 ] || python -m producers.prepare "${common[@]}"
+# A producer whose generator must be trained or downloaded first (model=retrained, a hub id)
+# gets it here, once, so trainers do not start against an empty stream.
+[ "$prepare" -eq 0 ] || python -m producers.prepare "${common[@]}"
 
 producer_pid=() restarts=() restart_at=()
 start_producer() {  # start_producer I: start this node's producer I (a restart appends to its log)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from _scripts import load_script
+from _streaming_helpers import wait_for
 
 from test_trainer_dist import COMMON, _env, _stop, _train_logs
 
@@ -39,6 +40,8 @@ def test_dry_run_shows_overrides_added_to_the_embedded_experiment_and_starts_not
         assert line.index("experiment=cpu_demo") < line.index("trainer.steps=5"), line
     assert "experiment=cpu_demo (the embedded default" in out.stderr
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+    tiny = _dry_run(tmp_path, "diffusion=tiny_random")  # each producer builds it: no prepare step
+    assert [line.split(" -m ")[-1].split()[0] for line in tiny.stdout.splitlines()] == ["producers", "consumers.train"]
 
 
 def test_a_named_experiment_or_none_replaces_the_embedded_one(tmp_path):
@@ -71,48 +74,39 @@ def _sessions(run_dir: Path, key: str = "buffer/sessions") -> int:
     return max((r.get(key, 0) for r in read_jsonl(path)), default=0) if path.exists() else 0
 
 
-def test_a_producer_killed_with_kill_9_is_restarted_and_the_trainer_hears_its_new_session(tmp_path):
-    run_dir, out = tmp_path / "run", tmp_path / "launch.out"
-    launch = _launch(run_dir, out, "trainer.steps=100000")
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and _sessions(run_dir) < 1:
-            time.sleep(0.2)
-        assert _sessions(run_dir) == 1, out.read_text()[-4000:]
-        os.kill(int(re.search(r"producer 0: pid (\d+)", out.read_text()).group(1)), signal.SIGKILL)
-        while time.monotonic() < deadline and _sessions(run_dir) < 2:
-            time.sleep(0.2)
-        text = out.read_text()
-        assert _sessions(run_dir) == 2, text[-4000:]  # the restarted producer is a new session of rank 0
-        assert "producer 0 exited (status 137); restart 1 of 5 in 1 s" in text
-        assert len(re.findall(r"producer 0: pid \d+", text)) == 2
-        assert "restart 1 of 5" in (run_dir / "logs" / "producer0.log").read_text()
-        restarts = [json.loads(line) for line in (run_dir / "metrics" / "launch.jsonl").read_text().splitlines()]
-        assert [r["launch/producer_restarts"] for r in restarts] == [1]
-    finally:
-        _stop(launch)
-
-
-def test_per_producer_curve_keys_let_only_allowed_producers_deliver(tmp_path):
+def test_per_producer_curve_keys_let_only_allowed_producers_deliver_and_a_kill_9_restart_keeps_its_key(tmp_path):
+    """launch.sh --curve-keys: each producer rank gets its own secret key; the trainers hear only
+    the allowed one (producer-0) and refuse producer-1's handshakes. Producer 0 killed with
+    kill -9 is restarted with its key and the trainer hears its new session."""
     keys = tmp_path / "keys"
     generate_keys(keys, ["producer-0"])
     generate_keys(keys, ["producer-1"], allow=False)  # a key pair the trainers do not know
     out = _dry_run(tmp_path, "--producers", "2", "--curve-keys", str(keys), "trainer.steps=5")
     secrets = re.findall(r"stream.curve_client_secret=(\S+)", out.stdout)
     assert secrets == [str(keys / "producers" / f"producer-{r}.key_secret") for r in (0, 1)], out.stdout
+    missing = _dry_run(tmp_path, "--producers", "3", "--curve-keys", str(keys), "trainer.steps=5")
+    assert missing.returncode == 2 and "producer-2.key_secret is missing" in missing.stderr
+
     run_dir, log = tmp_path / "run", tmp_path / "launch.out"
     launch = _launch(run_dir, log, "--producers", "2", "--curve-keys", str(keys), "trainer.steps=100000")
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (_sessions(run_dir) and _sessions(run_dir, "buffer/auth_failures")):
-            time.sleep(0.2)
-        time.sleep(3)  # time for a second session to show, if one could
+        heard = wait_for(lambda: _sessions(run_dir) and _sessions(run_dir, "buffer/auth_failures"), 240, 0.2)
+        assert heard, log.read_text()[-4000:]
         assert _sessions(run_dir) == 1, log.read_text()[-4000:]  # producer-0 only
-        assert _sessions(run_dir, "buffer/auth_failures") >= 1  # producer-1's handshakes, refused
+        refused = _sessions(run_dir, "buffer/auth_failures")
+        os.kill(int(re.search(r"producer 0: pid (\d+)", log.read_text()).group(1)), signal.SIGKILL)
+        assert wait_for(lambda: _sessions(run_dir) >= 2, 240, 0.2), log.read_text()[-4000:]
+        # producer-1 keeps trying and keeps being refused, while the restarted producer-0 delivers
+        assert wait_for(lambda: _sessions(run_dir, "buffer/auth_failures") > refused, 60, 0.2)
+        text = log.read_text()
+        assert _sessions(run_dir) == 2, text[-4000:]  # the restarted producer is a new session of rank 0, no more
+        assert "producer 0 exited (status 137); restart 1 of 5 in 1 s" in text
+        assert len(re.findall(r"producer 0: pid \d+", text)) == 2 and len(re.findall(r"producer 1: pid \d+", text)) == 1
+        assert "restart 1 of 5" in (run_dir / "logs" / "producer0.log").read_text()
+        restarts = [json.loads(line) for line in (run_dir / "metrics" / "launch.jsonl").read_text().splitlines()]
+        assert [r["launch/producer_restarts"] for r in restarts] == [1]
     finally:
         _stop(launch)
-    missing = _dry_run(tmp_path, "--producers", "3", "--curve-keys", str(keys), "trainer.steps=5")
-    assert missing.returncode == 2 and "producer-2.key_secret is missing" in missing.stderr
 
 
 def test_a_failed_trainer_stops_the_launch_and_prints_the_resume_command(tmp_path):
@@ -200,7 +194,6 @@ def _stopped_at(text: str, steps: int, ranks: int, run_dir: Path) -> int:
     return stopped
 
 
-@pytest.mark.slow  # two launches, about 2 minutes on 2 cores
 def test_sigterm_to_launch_sh_checkpoints_exits_0_and_its_resume_command_runs_to_the_end(tmp_path):
     """TERM to launch.sh alone: the rank finishes its step and checkpoints, torchrun ends with it
     (status 0, no traceback), the producer stops, launch.sh exits 0 with the resume command; that

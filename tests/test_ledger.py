@@ -175,11 +175,13 @@ def test_messages_queued_at_the_stop_are_counted_in_flight_and_drops_count_their
     assert stats["buffer/dropped/not_msgpack"] == 1 and stats["buffer/dropped_unsized"] == 1
 
 
-@pytest.mark.slow
-def test_two_producers_into_two_trainer_ranks_balance_exactly_after_a_clean_end(tmp_path):
-    """2 producers x 2 torchrun ranks: the producers send ``num_samples`` each and end; then the
-    trainers are stopped (SIGTERM, as a preemption) and log their final counts. Every sample is
-    then in exactly one count: the ledger balances, in the trainer's last lines and from the files."""
+def test_two_producers_into_two_trainer_ranks_learn_and_balance_exactly_after_a_clean_end(tmp_path):
+    """2 producers x 2 torchrun ranks: the producers send ``num_samples`` each and end; the ranks
+    train on real and streamed samples and learn; then they are stopped (SIGTERM, as a
+    preemption) and log their final counts. Every sample is then in exactly one count: the
+    ledger balances, in the trainer's last lines and from the files."""
+    import math
+
     from test_trainer_dist import COMMON, TORCHRUN, _start, _stop, _train_logs, _wait
 
     from edsam_online.runtime import free_port
@@ -187,21 +189,22 @@ def test_two_producers_into_two_trainer_ranks_balance_exactly_after_a_clean_end(
     run_dir = tmp_path / "run"
     endpoints = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
     stream = f"stream.endpoints=[{','.join(endpoints)}]"
-    n = 30  # 8 batches of 4 rows: the last 2 rows past num_samples
+    n, batch, steps = 30, 8, 30  # 8 producer batches of 4 rows: the last 2 rows of each past num_samples
     producers = [_start([sys.executable, "-m", "producers", *COMMON, f"run_dir={run_dir}", stream,
                          f"producer.rank={r}", "producer.num_producers=2", f"producer.num_samples={n}",
                          "producer.batch_size=2", "producer.threads=1", "producer.send_timeout_s=120"],
                         tmp_path / f"producer{r}.log") for r in range(2)]
     log = tmp_path / "trainer.log"
     trainer = _start([TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "consumers.train", *COMMON,
-                      f"run_dir={run_dir}", stream, "trainer.steps=100000", "trainer.batch_size=4",
+                      f"run_dir={run_dir}", stream, "trainer.steps=100000", f"trainer.batch_size={batch}",
                       "mix.extra_share=0.5", "mix.extra_wait_s=0.05", "buffer.min_size_to_sample=1",
                       "buffer.samples_per_insert=0", "eval.every_steps=0", "runtime.threads=1"], log)
     try:
         for r, producer in enumerate(producers):
             _wait(producer, 240, tmp_path / f"producer{r}.log")
-        # the ranks are in their loop (a signal before it would end them unlogged)
-        assert wait_for(lambda: _train_logs(run_dir, 0) and _train_logs(run_dir, 1), timeout_s=240), text_of(log)
+        # both ranks in their loop (a signal before it would end them unlogged), past `steps`
+        assert wait_for(lambda: all(_train_logs(run_dir, r) and _train_logs(run_dir, r)[-1]["step"] >= steps
+                                    for r in (0, 1)), 240, 0.2), text_of(log)
         os.killpg(os.getpgid(trainer.pid), signal.SIGTERM)
         trainer.wait(120)  # torchrun exits 1 when signalled; its ranks stop after their step
     finally:
@@ -209,6 +212,16 @@ def test_two_producers_into_two_trainer_ranks_balance_exactly_after_a_clean_end(
             _stop(proc, signal.SIGKILL)
     text = log.read_text()
     assert all(f"rank {r} stopped at step" in text for r in (0, 1)), text[-4000:]
+    for rank in (0, 1):  # each rank trained on streamed samples, with finite losses
+        logs = _train_logs(run_dir, rank)
+        assert all(math.isfinite(r["train/loss"]) for r in logs)
+        assert logs[-1]["buffer/accepted"] > 0 and logs[-1]["train/extra_samples"] > 0, f"rank {rank} got no samples"
+        assert any(r["train/extra_share_actual"] > 0 for r in logs)
+    logs = _train_logs(run_dir, 0)
+    first, last = logs[0]["train/loss_real"], sum(r["train/loss_real"] for r in logs[-3:]) / 3
+    chance = math.log(2 * batch)  # InfoNCE of a model that cannot tell the 2 x batch gathered real pairs apart
+    assert last < first - 0.3 and last < chance - 0.3, [r["train/loss_real"] for r in logs]
+
     book = ledger(run_dir)
     assert book.producer == dict(generated=64, filtered=0, sent=60, dropped_unsent=0, unsent_at_stop=0, over_limit=4)
     t = book.trainer

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edsam_online.policy import AdversarialConfig, AdversarialPolicy
+from edsam_online.policy import AdversarialConfig, AdversarialPolicy, load_policy, save_policy
 
 RHO = 1.0
 
@@ -104,3 +104,40 @@ def test_feedback_entries_that_are_not_finite_negative_or_out_of_range_are_skipp
 def test_a_bad_setting_is_refused_naming_it(key, value):
     with pytest.raises(ValueError, match=key):
         AdversarialConfig(**{key: value})
+
+
+def test_a_saved_policy_comes_back_with_the_same_values_and_draws(tmp_path):
+    policy = _train(AdversarialPolicy(RHO, AdversarialConfig(lam=0.0), seed=3), _peak_at(0.3))
+    save_policy(policy, tmp_path / "policy" / "producer0.msgpack")
+    restored = AdversarialPolicy(RHO, AdversarialConfig(lam=0.0), seed=99)  # a restart draws another seed
+    load_policy(restored, tmp_path / "policy" / "producer0.msgpack")
+    assert restored.applied == policy.applied and restored.newest_step == policy.newest_step
+    np.testing.assert_array_equal(restored.probabilities(), policy.probabilities())
+    np.testing.assert_array_equal(restored.draw(500), policy.draw(500))  # the draws go on where they were
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign", "other_bins", "nan", "negative_weight"])
+def test_a_damaged_or_foreign_policy_file_is_refused_and_changes_nothing(tmp_path, damage):
+    import msgpack
+
+    path = tmp_path / "producer0.msgpack"
+    save_policy(_train(AdversarialPolicy(RHO, AdversarialConfig(lam=0.0)), _peak_at(0.3), rounds=3), path)
+    state = msgpack.unpackb(path.read_bytes())
+    if damage == "garbage":
+        path.write_bytes(b"\x00not msgpack\xff" * 10)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:40])
+    else:
+        if damage == "foreign":
+            state = {"format": "something-else/1", **{k: v for k, v in state.items() if k != "format"}}
+        elif damage == "other_bins":
+            state["bins"] = 7
+        elif damage == "nan":
+            state["reward_sum"][2] = float("nan")
+        else:
+            state["weight"][0] = -1.0
+        path.write_bytes(msgpack.packb(state))
+    fresh = AdversarialPolicy(RHO, AdversarialConfig(lam=0.0))
+    with pytest.raises(ValueError, match="is not a saved policy state"):
+        load_policy(fresh, path)
+    assert fresh.applied == 0 and fresh.probabilities() is None and fresh.newest_step is None

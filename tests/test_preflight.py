@@ -81,6 +81,21 @@ def test_the_plan_says_whether_the_method_needs_producers(overrides, answer, cap
     assert capsys.readouterr().out.split()[-1] == answer
 
 
+def test_the_plan_prepares_only_a_generator_or_scorer_that_needs_it(tmp_path, capsys):
+    """producers.prepare runs once before the producers where loading may train (retrained) or
+    download (a hub id), or a fidelity scorer is fitted; a tiny or random-weight generator and
+    a local folder each producer reads itself, and a method without producers prepares nothing."""
+    sd = tiny_sd_folder(tmp_path / "sd")
+    cases = {"yes": [[], ["diffusion.model=CompVis/ldm-text2im-large-256"],
+                     ["diffusion=tiny_random", "producer.scorer=attributes"]],
+             "no": [["diffusion=tiny_random"], ["diffusion.model=random:runwayml/stable-diffusion-v1-5"],
+                    [f"diffusion.model={sd}"], ["method=real2x"]]}
+    for answer, runs in cases.items():
+        for overrides in runs:
+            preflight.main(["--plan", *overrides])
+            assert f"prepare {answer}" in capsys.readouterr().out.splitlines(), overrides
+
+
 def test_offline_shards_need_no_producers(tmp_path, capsys):
     shards = write_shards(tmp_path / "syn", n=4, shards=1)
     preflight.main(["--plan", f"method.offline_shards={shards}"])

@@ -152,7 +152,10 @@ def _stand_in_trainer(buffers, senders, step, peak=0.3):
         sender.flush(step)
 
 
-def test_two_producers_times_two_trainers_close_the_loop_and_a_producer_restart_loses_only_its_own_feedback():
+def test_two_producers_times_two_trainers_close_the_loop_and_a_restarted_producer_keeps_its_policy(tmp_path):
+    """Each trainer's reports reach the producer that made the sample; a producer restarted on
+    the run folder (launch.sh after a crash, a resumed run) goes on with the policy it had
+    learned, under a new session that hears nothing of the old one's feedback."""
     from _streaming_helpers import tiny_configs
 
     import test_producer
@@ -169,7 +172,8 @@ def test_two_producers_times_two_trainers_close_the_loop_and_a_producer_restart_
         pcfg = ProducerConfig(rank=rank, num_producers=2, batch_size=2, m=2, seed=seed, scorer="attributes",
                               policy="adversarial", adversarial=policy, send_timeout_s=1.0)
         return test_producer.start_producer(tiny, pcfg, StreamConfig(endpoints=["tcp://127.0.0.1:*"] * 2),
-                                            scorer=lambda images, captions: np.ones(len(images), np.float32))
+                                            scorer=lambda images, captions: np.ones(len(images), np.float32),
+                                            run_dir=str(tmp_path))
 
     producers = [start(0), start(1)]
     buffers = [ReplayBuffer(BufferConfig(capacity=256, min_size_to_sample=1, max_times_sampled=1,
@@ -193,6 +197,11 @@ def test_two_producers_times_two_trainers_close_the_loop_and_a_producer_restart_
         old[3].stop()
         old[0].join(30)
         restarted = start(1, seed=1)
+        learned, restored = old[3].steering.policy, restarted[3].steering.policy
+        assert (tmp_path / "policy" / "producer1.msgpack").exists()
+        assert restored.applied == learned.applied >= 200  # before any feedback of its own
+        np.testing.assert_array_equal(restored.probabilities(), learned.probabilities())
+        applied_before = restored.applied
         receivers[0].stop(), receivers[1].stop()
         receivers = [Receiver(StreamConfig(endpoints=[producers[0][1], restarted[1]]), buf, rank=r).start()
                      for r, buf in enumerate(buffers)]
@@ -204,6 +213,7 @@ def test_two_producers_times_two_trainers_close_the_loop_and_a_producer_restart_
             step += 1
             time.sleep(0.01)
         assert restarted[3].steering.ledger.applied >= 50  # the new session is found through its samples
+        assert restored.applied >= applied_before + 50
         assert sum(restarted[3].steering.ledger.dropped.values()) == 0  # and hears nothing of the old one's
         assert steerings[0].ledger.applied > before and sum(steerings[0].ledger.dropped.values()) == 0
     finally:

@@ -2,7 +2,7 @@
 
 :class:`SamplerConfig` and the names it is checked against (timestep spacings, stored
 ``random:<hub id>`` architectures, precisions) live here, apart from the modules that build a
-model, so that reading a config (``edsam_online.config``, every trainer rank, ``producers.plan``)
+model, so that reading a config (``edsam_online.config``, every trainer rank, ``edsam_online.preflight``)
 never imports diffusers or transformers.
 """
 
@@ -17,6 +17,8 @@ from edsam_online.diffusion.transport import MODES
 from edsam_online.runtime import PRECISION_DTYPES
 
 RANDOM_PREFIX = "random:"
+TINY_RANDOM = "tiny-random"  # a tiny random-weight LDM, built in a moment (tests, smoke runs)
+RETRAINED = "retrained"  # the small LDM trained on the built-in world corpus (shipped, or trained once)
 #: ``<ARCH_DIR>/<owner>--<name>/``: the stored component configs of hub id ``owner/name``.
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
 
@@ -24,6 +26,16 @@ ARCH_DIR = Path(__file__).resolve().parent / "arch"
 def architectures() -> list[str]:
     """Hub ids whose architecture is stored (what ``random:<hub id>`` accepts)."""
     return sorted(p.name.replace("--", "/", 1) for p in ARCH_DIR.iterdir() if (p / "model_index.json").is_file())
+
+
+def needs_preparing(model: str) -> bool:
+    """Whether ``model`` may need work before the producers load it: ``retrained`` (a recipe
+    that does not ship is trained) or a hub id (downloaded into the Hugging Face cache), which
+    ``producers.prepare`` does once, so that neither N producers race for it nor the trainers
+    wait on a stream still training. ``tiny-random``, a ``random:`` architecture and a local
+    folder (checked by the preflight) each producer builds or reads itself."""
+    return model == RETRAINED or not (model == TINY_RANDOM or model.startswith(RANDOM_PREFIX)
+                                      or Path(model).expanduser().is_dir())
 
 
 def random_architecture(model: str) -> str | None:

@@ -38,6 +38,7 @@ from diffusers import (
     VQModel,
 )
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
+from diffusers.utils import is_accelerate_available
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from edsam_online.diffusion.config import SamplerConfig
@@ -308,10 +309,12 @@ def load_components(path_or_id: str, cache_dir: str | None = None) -> tuple[dict
         text_cls = _class_of(index, text_dir, folder, _TEXT_CLASSES,
                              LDMBertModel if layout == "compvis" else CLIPTextModel)
         # Networks load in float32 whatever dtype their files store (the retrained LDM ships
-        # in fp16); LatentDiffusion lowers precision with autocast only.
+        # in fp16); LatentDiffusion lowers precision with autocast only. Low-memory loading
+        # needs accelerate: asked for only where it is installed (else diffusers warns per model).
+        lean = dict(torch_dtype=torch.float32, low_cpu_mem_usage=is_accelerate_available(), **kw)
         comps = dict(
-            vae=vae_cls.from_pretrained(src, subfolder=vae_dir, torch_dtype=torch.float32, **kw),
-            unet=UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=torch.float32, **kw),
+            vae=vae_cls.from_pretrained(src, subfolder=vae_dir, **lean),
+            unet=UNet2DConditionModel.from_pretrained(src, subfolder="unet", **lean),
             text_encoder=text_cls.from_pretrained(src, subfolder=text_dir, dtype=torch.float32, **kw),
             tokenizer=AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **kw),
             scheduler=DDIMScheduler.from_pretrained(src, subfolder="scheduler", **kw),

@@ -1,8 +1,8 @@
 """Which generator a ``SamplerConfig.model`` names, where the retrained one is cached, and loading it.
 
-``model`` is a folder or hub id (SD or CompVis LDM layout), :data:`TINY_RANDOM` (a random
+``model`` is a folder or hub id (SD or CompVis LDM layout), ``tiny-random`` (a random
 tiny LDM built in memory, for tests), ``random:<hub id>`` (a published architecture with
-random weights, :mod:`edsam_online.diffusion.architectures`) or :data:`RETRAINED` (the small
+random weights, :mod:`edsam_online.diffusion.architectures`) or ``retrained`` (the small
 LDM trained on the built-in world corpus by :mod:`edsam_online.diffusion.train_ldm`). The
 32 px model of the current recipe ships with the package under :data:`SHIPPED_DIR`; any
 other (another resolution, a changed recipe) is trained on first use into the config's
@@ -19,13 +19,9 @@ import os
 from pathlib import Path
 
 from edsam_online.diffusion.architectures import build_random_ldm
-from edsam_online.diffusion.config import SamplerConfig, random_architecture
+from edsam_online.diffusion.config import RETRAINED, TINY_RANDOM, SamplerConfig, random_architecture
 from edsam_online.diffusion.pipeline import LatentDiffusion, build_tiny_ldm, load_ldm
 from edsam_online.diffusion.sampler import EDSAMSampler
-
-TINY_RANDOM = "tiny-random"
-RETRAINED = "retrained"
-
 
 #: Where the shipped retrained LDM lives: ``<SHIPPED_DIR>/retrained-ldm-32px-<version>/``, written by
 #: ``python -m edsam_online.diffusion.train_ldm --out <that folder>`` (the recipe's defaults).
