@@ -177,6 +177,11 @@ class AdversarialPolicy:
         return (lo + (hi - lo) * self._rng.random(n)).astype(np.float32)
 
 
+def policy_file(run_dir: str | os.PathLike, rank: int) -> Path:
+    """Where producer ``rank`` keeps its policy in the run folder ``run_dir``."""
+    return Path(run_dir) / "policy" / f"producer{rank}.msgpack"
+
+
 def save_policy(policy: AdversarialPolicy, path: str | os.PathLike) -> None:
     """Write what ``policy`` has learned to ``path`` (msgpack; atomically: a reader sees the
     old file or the new one)."""

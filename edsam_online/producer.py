@@ -28,7 +28,6 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -39,7 +38,7 @@ from edsam_online.data import DataCounters, RealDataConfig, RealSample, decoded_
 from edsam_online.feedback import FeedbackConfig
 from edsam_online.ledger import FINAL_KEY, PRODUCER_COUNTERS
 from edsam_online.metrics import LoggingConfig, MetricLogger
-from edsam_online.policy import POLICIES, AdversarialConfig, AdversarialPolicy, load_policy
+from edsam_online.policy import POLICIES, AdversarialConfig, AdversarialPolicy, policy_file
 from edsam_online.runtime import StopOnSignal
 from edsam_online.sinks import Handoff, ProgressLog, open_sink
 from edsam_online.steering import ProducerSteering, open_steering
@@ -312,7 +311,8 @@ class Producer:
                     handoff.put(generated, self._stop.is_set)
                 if progress.due():
                     progress.report(self.logged_metrics(), sink.totals(), handoff.pending())
-                    self._save_policy()
+                    if self.steering is not None:
+                        self.steering.save_policy()
             handoff.finish()
         except BaseException:
             self._stop.set()  # the batch in flight gets the grace, the queued ones are dropped
@@ -324,7 +324,6 @@ class Producer:
             sink.close()
             if self.steering is not None:
                 self.steering.close()
-                self._save_policy()
             stop.restore()
             if metric_logger is not None:
                 metric_logger.log({**final, FINAL_KEY: 1}, step=state["sent"])
@@ -351,31 +350,12 @@ class Producer:
 
     def _open_steering(self, session: int) -> ProducerSteering:
         pcfg = self.cfg
-        policy = AdversarialPolicy(self.sampler.cfg.rho, pcfg.adversarial, seed=[pcfg.seed, pcfg.rank])
-        path = self._policy_path()
-        if path is not None and path.exists():
-            try:
-                load_policy(policy, path)
-                log.info("producer %s: policy restored from %s (%d feedback entries learned before)", pcfg.name,
-                         path, policy.applied)
-            except ValueError as err:
-                log.warning("producer %s: the policy starts afresh: %s", pcfg.name, err)
         steering = open_steering(self.stream_cfg, pcfg.rank if pcfg.endpoint_index is None else pcfg.endpoint_index,
-                                 policy, self.feedback, session)
+                                 AdversarialPolicy(self.sampler.cfg.rho, pcfg.adversarial, seed=[pcfg.seed, pcfg.rank]),
+                                 self.feedback, session, name=pcfg.name,
+                                 policy_file=policy_file(self.run_dir, pcfg.rank) if self.run_dir else None)
         log.info("producer %s: steered by its trainers' loss; feedback at %s", pcfg.name, steering.endpoint)
         return steering
-
-    def _policy_path(self) -> Path | None:
-        """Where this rank's policy is kept in the run folder (:mod:`edsam_online.policy`)."""
-        return Path(self.run_dir) / "policy" / f"producer{self.cfg.rank}.msgpack" if self.run_dir else None
-
-    def _save_policy(self) -> None:
-        path = self._policy_path()
-        if self.steering is not None and path is not None:
-            try:
-                self.steering.save_policy(path)
-            except OSError as err:  # a full disk must not stop generation; the next save may succeed
-                log.warning("producer %s: could not save its policy to %s: %s", self.cfg.name, path, err)
 
     # -- stages: read (real_batches) -> generate -> filter -> deliver (the sink)
 

@@ -32,6 +32,7 @@ import logging
 import secrets
 import socket
 import threading
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -40,7 +41,7 @@ import zmq
 from edsam_online import security
 from edsam_online.feedback import (DROP_REASONS, FeedbackConfig, FeedbackError, FeedbackLedger, decode_feedback,
                                    encode_feedback)
-from edsam_online.policy import AdversarialPolicy, save_policy
+from edsam_online.policy import AdversarialPolicy, load_policy, save_policy
 from edsam_online.streaming import StreamConfig
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,8 @@ class ProducerSteering:
     generating thread polls and draws, the delivery thread records what it sent."""
 
     def __init__(self, policy: AdversarialPolicy, cfg: FeedbackConfig, session: int, *, data_endpoint: str | None,
-                 curve: tuple[str, str] | None = None, max_messages: int = 256):
-        self.policy, self.cfg, self.max_messages = policy, cfg, max_messages
+                 curve: tuple[str, str] | None = None, max_messages: int = 256, policy_file: Path | None = None):
+        self.policy, self.cfg, self.max_messages, self.policy_file = policy, cfg, max_messages, policy_file
         self.ledger = FeedbackLedger(session, cfg)
         self._lock = threading.Lock()
         self._ctx = zmq.Context()
@@ -122,10 +123,16 @@ class ProducerSteering:
                 self._lag[1] += len(step)
         return applied
 
-    def save_policy(self, path) -> None:
-        """The policy to ``path`` (:func:`edsam_online.policy.save_policy`), between two updates."""
-        with self._lock:
-            save_policy(self.policy, path)
+    def save_policy(self) -> None:
+        """The policy to its ``policy_file`` (:func:`edsam_online.policy.save_policy`), between
+        two updates; a failed write is logged (a full disk must not stop generation)."""
+        if self.policy_file is None:
+            return
+        try:
+            with self._lock:
+                save_policy(self.policy, self.policy_file)
+        except OSError as err:
+            log.warning("could not save the policy to %s: %s", self.policy_file, err)
 
     def alphas(self, n: int) -> np.ndarray | None:
         """The policy's alphas for ``n`` samples; None: draw as Eq. 9 does."""
@@ -163,18 +170,29 @@ class ProducerSteering:
         return out
 
     def close(self) -> None:
+        """Close the feedback socket and save the policy (:meth:`save_policy`)."""
         self._ctx.destroy(linger=0)
+        self.save_policy()
 
 
 def open_steering(stream_cfg: StreamConfig, endpoint_index: int, policy: AdversarialPolicy, cfg: FeedbackConfig,
-                  session: int) -> ProducerSteering:
-    """The steering of the producer at ``stream.endpoints[endpoint_index]``: its feedback socket
-    binds beside that endpoint when the producer binds it (every interface when it connects),
-    as a CURVE client under ``stream.curve``."""
+                  session: int, name: str = "", policy_file: Path | None = None) -> ProducerSteering:
+    """The steering of producer ``name`` at ``stream.endpoints[endpoint_index]``: its feedback
+    socket binds beside that endpoint when the producer binds it (every interface when it
+    connects), as a CURVE client under ``stream.curve``. ``policy_file``: where the policy is
+    kept (:func:`~edsam_online.policy.policy_file`); one already there is loaded into
+    ``policy`` first (one that does not load is named in a warning, and the policy starts afresh)."""
+    if policy_file is not None and policy_file.exists():
+        try:
+            load_policy(policy, policy_file)
+            log.info("producer %s: policy restored from %s (%d feedback entries learned before)", name, policy_file,
+                     policy.applied)
+        except ValueError as err:
+            log.warning("producer %s: the policy starts afresh: %s", name, err)
     bound = stream_cfg.producers_bind and endpoint_index < len(stream_cfg.endpoints)
     curve = (stream_cfg.curve_client_secret, stream_cfg.curve_server_public) if stream_cfg.curve else None
     return ProducerSteering(policy, cfg, session, data_endpoint=stream_cfg.endpoints[endpoint_index] if bound else None,
-                            curve=curve)
+                            curve=curve, policy_file=policy_file)
 
 
 class FeedbackSender:
