@@ -24,8 +24,10 @@ resumed trainer append to it): :func:`ledger` sums each process's last record (a
 final record or where its counters fall back to 0) and names the files with a process that logged
 no final record (still running, or killed). The buffer's counters may continue across a resume (a
 restored buffer); they add up only where they fall back. :func:`format_ledger` says whether both
-identities hold, and by how much they do not. Trainer rank 0 prints it at its end (in a ``launch.sh``
-job, before the producers have ended: incomplete); ``edsam-report`` shows it.
+identities hold, and by how much they do not. Trainer rank 0 prints it at its end when every
+producer has ended (else one line naming those still running); ``scripts/launch.sh`` prints it
+after it has stopped the producers (``python -m edsam_online.ledger RUN_DIR``); ``edsam-report``
+shows it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Ledger:
     producer_processes: int = 0
     trainer_processes: int = 0
     unfinished: list[str] = field(default_factory=list)  # files with a process that logged no final record
+    running: list[str] = field(default_factory=list)  # producer files whose newest process has not ended (yet)
 
     @property
     def unsent(self) -> int:
@@ -120,6 +123,8 @@ def ledger(run_dir: str | Path) -> Ledger:
         ends = _processes(read_jsonl(path), [f"producer/{k}" for k in PRODUCER_COUNTERS])
         out.producer_processes += len(ends)
         out.unfinished += _unfinished(path.stem, ends)
+        if ends and not ends[-1].get(FINAL_KEY):
+            out.running.append(path.stem)
         for end in ends:
             for name in PRODUCER_COUNTERS:
                 out.producer[name] += int(end.get(f"producer/{name}", 0))
@@ -171,3 +176,18 @@ def format_ledger(book: Ledger) -> str:
         lines.append(f"  no final record (still running, or killed): {', '.join(book.unfinished)}; "
                      "their last logged counts are used")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m edsam_online.ledger RUN_DIR``: print the run's ledger; exit 0 when it balances."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The sample ledger of a run folder (module docstring).")
+    parser.add_argument("run_dir")
+    book = ledger(parser.parse_args(argv).run_dir)
+    print(format_ledger(book))
+    return 0 if book.balances else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

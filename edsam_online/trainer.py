@@ -587,7 +587,8 @@ class Trainer:
     def _log_ledger(self) -> None:
         """The rank's final counts (:mod:`edsam_online.ledger`): the receiver stops (counting what is
         still queued as in flight), the buffer closes (no more draws) and the record is marked
-        final; then rank 0 prints the run's ledger, over every rank and producer."""
+        final; then rank 0 prints the run's ledger, over every rank and producer, or, while a
+        producer is still running, where it will be."""
         if self.receiver is None:
             return
         self.receiver.stop()
@@ -595,7 +596,11 @@ class Trainer:
         self.logger.log({**self.receiver.stats(), FINAL_KEY: 1}, step=self.step)
         dist.barrier()
         if self.rank == 0 and self.logger.path is not None:
-            print(format_ledger(ledger(self.run_dir)), flush=True)
+            book = ledger(self.run_dir)
+            print(format_ledger(book) if not book.running else
+                  f"sample ledger: complete once {', '.join(book.running)} {'end' if book.running[1:] else 'ends'} "
+                  f"(launch.sh prints it then; "
+                  f"python -m edsam_online.ledger {self.run_dir})", flush=True)
 
     def close(self) -> None:
         """Stop the receiver, close the buffer, the feedback sockets, the logger and the keys

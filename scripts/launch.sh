@@ -304,6 +304,9 @@ while kill -0 "$trainer_pid" 2>/dev/null; do
   sleep 1 & wait $! || true  # a signal ends the wait at once (and its trap runs)
 done
 wait "$trainer_pid" || status=$?
+# The producers stop now, so their final counts complete the run's sample ledger.
+cleanup
+[ "$producers" -eq 0 ] || python -m edsam_online.ledger "$run_dir" || true
 # Stopped by a signal: a checkpoint written since then means every rank stopped at its step
 # (torchrun exits 1 when it was signalled itself, though its ranks ended cleanly).
 newest="$(newest_checkpoint)" stopped_at=""

@@ -221,6 +221,8 @@ def test_sigterm_to_launch_sh_checkpoints_exits_0_and_its_resume_command_runs_to
     assert f"skipping {garbage}, which does not load" in text
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped:08d}.pt'} at step {stopped}" in text
     assert _train_logs(run_dir, 0)[-1]["step"] == steps and "zero-shot" in text
+    # the producers stopped, launch.sh prints the run's whole ledger: both launches, every process ended
+    assert "sample ledger (2 producer and 2 trainer processes): " in text and "no final record" not in text
 
 
 def test_sigterm_to_every_process_of_the_job_checkpoints_every_rank_at_the_same_step(tmp_path):

@@ -74,10 +74,15 @@ def test_the_ledger_sums_every_process_of_every_file_and_names_the_unfinished(tm
     _write(metrics / "producer2.jsonl", [_producer(6, 0, 3, final=False)])
     book = ledger(tmp_path)
     assert book.unfinished == ["producer2"] and book.stream_gap == 3 and not book.balances
+    assert book.running == ["producer2"]  # its newest process has not ended: the trainer says so, not the sums
     text = format_ledger(book)
     assert "sent 37 = accepted 31 + dropped 1 (duplicate 1) + in flight 2: does NOT balance: off by +3" in text
     assert "generated 48 = filtered 3 + sent 37 + unsent 5 (" in text and "does NOT balance: off by +3" in text
     assert "no final record (still running, or killed): producer2" in text
+    # a producer killed, then restarted and ended: named as unfinished, but no longer running
+    _write(metrics / "producer2.jsonl", [_producer(6, 0, 3, final=False), _producer(2, 0, 2)])
+    book = ledger(tmp_path)
+    assert book.unfinished == ["producer2 (1 of 2 processes)"] and book.running == []
 
 
 def test_the_report_shows_the_ledger_of_its_run(tmp_path):
