@@ -348,8 +348,10 @@ def main() -> int:
     if args.check:
         return check(Path(args.check).resolve())
     out = Path(args.out or ROOT / "runs" / f"soak-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
     run_dir = out / "run"
+    if run_dir.exists():  # its checkpoints would be resumed, its metrics appended to
+        parser.error(f"{out} already holds a soak: choose another --out, or --check {out}")
+    out.mkdir(parents=True, exist_ok=True)
     stray = f"tcp://127.0.0.1:{args.base_port + 2}"
     args.endpoints = [f"'tcp://127.0.0.1:{args.base_port + i}'" for i in range(2)] + [f"'{stray}'"]
     rng = random.Random(args.seed)
