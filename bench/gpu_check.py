@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PAPER_GENERATOR = "random:CompVis/ldm-text2im-large-256"
 #: Sampler variants in the order they run: (name, dtype, channels_last, compile). channels_last
 #: converts the networks in place, so the plain layouts come first.
+SAMPLER_VARIANTS = (("fp32", "fp32", False, False), ("bf16", "bf16", False, False),
+                    ("bf16+channels_last", "bf16", True, False), ("bf16+channels_last+compile", "bf16", True, True))
 # experiment=sd_1gpu on CPU (step sd_1gpu with --device cpu, and the user-path test): the preset's
 # GPU settings swapped for CPU ones, its sizes for a few seconds' worth per step
 SD_1GPU_ON_CPU = ["runtime=cpu", "diffusion.device=cpu", "diffusion.dtype=fp32", "diffusion.channels_last=false",
@@ -52,8 +54,6 @@ SD_1GPU_ON_CPU = ["runtime=cpu", "diffusion.device=cpu", "diffusion.dtype=fp32",
                   "buffer.samples_per_insert=0", "buffer.error_buffer=null", "mix.extra_wait_s=2.0",
                   "optim.warmup_steps=2", "eval.samples_per_class=2", "eval.probe_train_per_class=3",
                   "eval.probe_steps=10", "eval.domains=[flat]", "data.shuffle_buffer=16"]
-SAMPLER_VARIANTS = (("fp32", "fp32", False, False), ("bf16", "bf16", False, False),
-                    ("bf16+channels_last", "bf16", True, False), ("bf16+channels_last+compile", "bf16", True, True))
 
 
 # ----------------------------------------------------------------------------- steps (child processes)

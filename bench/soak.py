@@ -246,6 +246,22 @@ def rss_growth(samples: list[dict], since: dict[tuple[int, int], float]) -> dict
     return out
 
 
+RSS_MINUTES = (0.5, 1, 2, 3, 5, 7, 10, 15, 20, 25, 29.5)
+
+
+def rss_table(samples: list[dict]) -> str:
+    """Each trainer process's RSS (MiB) at ``RSS_MINUTES`` since its first sample (the last
+    sample at or before each), as a Markdown table."""
+    lines = ["| process | " + " | ".join(f"{m:g}" for m in RSS_MINUTES) + " |",
+             "|---|" + "---:|" * len(RSS_MINUTES)]
+    for phase, rank in sorted({(s["phase"], s["rank"]) for s in samples}):
+        rows = [s for s in samples if s["phase"] == phase and s["rank"] == rank]
+        at = [[s["rss_mib"] for s in rows if s["time"] - rows[0]["time"] <= m * 60] for m in RSS_MINUTES]
+        lines.append(f"| rank {rank}, {'first launch' if phase == 0 else 'resumed'} | "
+                     + " | ".join(f"{a[-1]:.0f}" if a else "" for a in at) + " |")
+    return "\n".join(lines)
+
+
 def rss_baselines(run_dir: Path, phase_starts: list[float], warmup_steps: int) -> dict[str, dict]:
     """(phase, rank) -> wall times for each trainer process: ``filled``, when its buffer first
     held ``CAPACITY`` items, and ``warm``, the later of that and its ``warmup_steps``-th step.
@@ -328,6 +344,7 @@ def check(out: Path) -> int:
           f"1 trainer-wide SIGTERM + resume, {soak['hostile_messages']} hostile messages\n")
     for name, (ok, msg) in results.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}: {msg}")
+    print(f"\ntrainer RSS (MiB) at minutes since each process's first sample:\n{rss_table(samples)}")
     soak["results"] = {k: {"ok": ok, "detail": msg} for k, (ok, msg) in results.items()}
     (out / "soak.json").write_text(json.dumps(soak, indent=1))
     return 0 if all(ok for ok, _ in results.values()) else 1

@@ -597,10 +597,9 @@ class Trainer:
         dist.barrier()
         if self.rank == 0 and self.logger.path is not None:
             book = ledger(self.run_dir)
-            print(format_ledger(book) if not book.running else
-                  f"sample ledger: complete once {', '.join(book.running)} {'end' if book.running[1:] else 'ends'} "
-                  f"(launch.sh prints it then; "
-                  f"python -m edsam_online.ledger {self.run_dir})", flush=True)
+            running = f"{', '.join(book.running)} {'end' if book.running[1:] else 'ends'}"
+            print(format_ledger(book) if not book.running else f"sample ledger: complete once {running} (launch.sh "
+                  f"prints it then; python -m edsam_online.ledger {self.run_dir})", flush=True)
 
     def close(self) -> None:
         """Stop the receiver, close the buffer, the feedback sockets, the logger and the keys
