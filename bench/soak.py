@@ -35,6 +35,10 @@ if any fails:
    (``producer.log_every_s=1``) and those its socket still held. The stray peer's messages carry
    no sample count and show as ``dropped_unsized``.
 
+Beside the checks it prints each trainer process's RSS over time and its ``malloc`` in use
+(``memory/malloc_in_use_mib``, logged after every step) from the RSS baseline to the end: RSS
+that rises while the memory in use stays flat is the allocator keeping freed memory, not a leak.
+
 Metrics are logged every step (``logging.log_every=1``) so that each step's synthetic slot is
 known: ``train/extra_fallback_samples`` rises exactly in the steps that had real fallback.
 """
@@ -46,6 +50,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -262,7 +267,35 @@ def rss_table(samples: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def rss_baselines(run_dir: Path, phase_starts: list[float], warmup_steps: int) -> dict[str, dict]:
+def trained_records(run_dir: Path) -> dict[int, list[dict]]:
+    """Trainer rank -> its records of trained steps, both launches."""
+    from edsam_online.metrics import read_jsonl
+
+    return {rank: [r for r in read_jsonl(run_dir / "metrics" / f"trainer{rank}.jsonl") if "train/loss" in r]
+            for rank in (0, 1)}
+
+
+def _phase_of(time_: float, phase_starts: list[float]) -> int:
+    return max(i for i, start in enumerate(phase_starts) if time_ >= start)
+
+
+def malloc_in_use(trained: dict[int, list[dict]], phase_starts: list[float], since: dict[tuple[int, int], float],
+                  window: int = 50) -> dict[str, tuple[float, float]]:
+    """Per trainer process: the median of ``memory/malloc_in_use_mib`` over its first ``window``
+    records from ``since`` and over its last ``window``. Logged after each step, so it is the
+    live heap at one point of the step: flat while RSS rises means the allocator's high-water
+    mark (freed memory it keeps), rising means something holds more memory."""
+    out = {}
+    for (phase, rank), start in since.items():
+        values = [r["memory/malloc_in_use_mib"] for r in trained[rank]
+                  if "memory/malloc_in_use_mib" in r and _phase_of(r["time"], phase_starts) == phase
+                  and r["time"] >= start]
+        if len(values) >= 2 * window:
+            out[f"phase{phase}/rank{rank}"] = (statistics.median(values[:window]), statistics.median(values[-window:]))
+    return out
+
+
+def rss_baselines(trained: dict[int, list[dict]], phase_starts: list[float], warmup_steps: int) -> dict[str, dict]:
     """(phase, rank) -> wall times for each trainer process: ``filled``, when its buffer first
     held ``CAPACITY`` items, and ``warm``, the later of that and its ``warmup_steps``-th step.
 
@@ -272,15 +305,11 @@ def rss_baselines(run_dir: Path, phase_starts: list[float], warmup_steps: int) -
     so "from the fill" would count its start-up as growth. The check therefore measures both
     from ``warm``, the same warm-up the full-slot check skips; growth from ``filled`` is printed
     beside it."""
-    from edsam_online.metrics import read_jsonl
-
     filled, warm = {}, {}
-    for rank in (0, 1):
+    for rank, records in trained.items():
         first: dict[int, int] = {}
-        for r in read_jsonl(run_dir / "metrics" / f"trainer{rank}.jsonl"):
-            if "train/loss" not in r:
-                continue
-            phase = max(i for i, start in enumerate(phase_starts) if r["time"] >= start)
+        for r in records:
+            phase = _phase_of(r["time"], phase_starts)
             first.setdefault(phase, r["step"])
             if r.get("buffer/size", 0) >= CAPACITY:
                 filled.setdefault((phase, rank), r["time"])
@@ -330,7 +359,8 @@ def check(out: Path) -> int:
     results["full synthetic slot"] = (share >= 0.95 and after >= 0.95,
                                       f"{share:.3f} of {n} steps after step {args.warmup_steps}; {after:.3f} of the "
                                       f"{n_after} steps from the resume at step {resumed_at}")
-    since = rss_baselines(run_dir, starts, args.warmup_steps)
+    trained = trained_records(run_dir)
+    since = rss_baselines(trained, starts, args.warmup_steps)
     growth, from_fill = rss_growth(samples, since["warm"]), rss_growth(samples, since["filled"])
     results["trainer RSS growth <= 5% after the buffer fills"] = (
         bool(growth) and len(growth) == len(from_fill) and all(g <= 0.05 for g in growth.values()),
@@ -344,6 +374,9 @@ def check(out: Path) -> int:
           f"1 trainer-wide SIGTERM + resume, {soak['hostile_messages']} hostile messages\n")
     for name, (ok, msg) in results.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}: {msg}")
+    live = malloc_in_use(trained, starts, since["warm"])
+    print("\ntrainer malloc in use (MiB, median of 50 steps) from the RSS baseline to the end: "
+          + (", ".join(f"{k} {a:.0f} -> {b:.0f}" for k, (a, b) in live.items()) or "not logged"))
     print(f"\ntrainer RSS (MiB) at minutes since each process's first sample:\n{rss_table(samples)}")
     soak["results"] = {k: {"ok": ok, "detail": msg} for k, (ok, msg) in results.items()}
     (out / "soak.json").write_text(json.dumps(soak, indent=1))

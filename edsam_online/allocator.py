@@ -19,7 +19,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -69,3 +71,44 @@ def tune_malloc(settings: MallocSettings = MallocSettings()) -> bool:
         _applied = settings
         log.info("malloc tuned for the replay buffer: %s", settings)
         return True
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (glibc >= 2.33), every field a ``size_t``."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def memory_metrics() -> dict[str, float]:
+    """What this process holds, in MiB, for the metrics (``memory/*``): ``rss_mib`` (resident, from
+    ``/proc/self/statm``) and, under glibc, ``malloc_held_mib`` (what ``malloc`` has taken from the
+    kernel: heaps plus mmapped blocks) and ``malloc_in_use_mib`` (what is allocated now). The gap
+    between held and in use is freed memory that ``malloc`` keeps (fragmentation, and the
+    ``trim_threshold`` above): RSS that grows while in-use stays flat is the allocator's, not a leak.
+    Missing keys are ones this platform cannot tell."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/statm") as f:
+            out["memory/rss_mib"] = int(f.read().split()[1]) * _PAGE / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    if _MALLINFO2 is not None:
+        info = _MALLINFO2()
+        out["memory/malloc_held_mib"] = (info.arena + info.hblkhd) / 2**20
+        out["memory/malloc_in_use_mib"] = (info.uordblks + info.hblkhd) / 2**20
+    return out

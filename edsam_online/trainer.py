@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from edsam_online.allocator import memory_metrics
 from edsam_online.buffer import ReplayBuffer
 from edsam_online.checkpoint import (buffer_restore_summary, load_checkpoint, restore_buffer_snapshots, resolve_resume,
                                      save_buffer_snapshot, save_checkpoint)
@@ -400,7 +401,9 @@ class Trainer:
         and on whether any rank asked to stop (``stop_requested``). A step whose global
         extra batch holds no genuine pair (a starved slot's fallbacks only) trains on the
         real term alone. On a
-        sample-logging step rank 0 also logs the batch's rows as trained.
+        sample-logging step rank 0 also logs the batch's rows as trained. The gradients are freed
+        as soon as the optimizer has used them, not at the next step's start, so they are not held
+        through the next batch and forward: peak memory is lower by their size.
         """
         optim = self.cfg.optim
         batch = self.augmentation(batch, self)
@@ -413,7 +416,6 @@ class Trainer:
         use_extra = n_extra > 0
         reports = use_extra and any(o is not None for o in batch.extra_origins)
         losses, logit_scale = self.forward_loss(batch, use_extra, row_losses=reports)
-        self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(losses["loss"]).backward()
             self.scaler.unscale_(self.optimizer)
@@ -424,6 +426,7 @@ class Trainer:
             losses["loss"].backward()
             clip_gradients(self.model, optim.grad_clip_norm)
             self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         clamp_logit_scale(self.model, optim.logit_scale_max)
         if reports:
@@ -514,6 +517,7 @@ class Trainer:
             **self.loader.stats(),
             **window.score_metrics(),
             **window.alpha_metrics(self.cfg.diffusion.rho, self.cfg.producer.adversarial.bins),
+            **memory_metrics(),
         }
         if self.feedback is not None:
             metrics.update(self.feedback.metrics())

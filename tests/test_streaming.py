@@ -408,6 +408,21 @@ def test_tune_malloc_applies_once_per_process(caplog):
     assert "already tuned" in caplog.text
 
 
+def test_memory_metrics_follow_an_allocation_and_its_release():
+    from edsam_online.allocator import memory_metrics
+
+    before = memory_metrics()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB through malloc: from freed heap memory or a new mapping
+    held = memory_metrics()
+    del block
+    after = memory_metrics()
+    key = "memory/malloc_in_use_mib"  # glibc (Linux CI)
+    assert held[key] - before[key] == pytest.approx(64, abs=2) and after[key] == pytest.approx(before[key], abs=2)
+    for m in (before, held, after):
+        assert 0 < m[key] <= m["memory/malloc_held_mib"] and m["memory/rss_mib"] > 0
+    assert held["memory/rss_mib"] >= 64  # the block's pages were written
+
+
 def test_the_sequence_tracker_counts_gaps_and_refuses_replays_and_jumps_then_resyncs():
     from edsam_online.sequence import SequenceTracker
 

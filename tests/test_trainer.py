@@ -61,6 +61,7 @@ def test_a_step_under_autocast_and_channels_last_is_finite_and_trains_both_terms
         after = list(trainer.model.parameters())
         assert all(torch.isfinite(p).all() for p in after)
         assert any(not torch.equal(a, b) for a, b in zip(after, before))
+        assert all(p.grad is None for p in after)  # no gradient memory held between steps
 
 
 class _Flip(Augmentation):
@@ -113,6 +114,9 @@ def test_a_real_only_trainer_has_no_stream_and_logs_progress_eval_table_and_mode
     assert trainer.step == 10
     (logged,) = [r for r in read_jsonl(tmp_path / "run" / "metrics" / "trainer0.jsonl") if EVAL_KEY in r]
     assert logged["step"] == 10 and {k: logged[k] for k in metrics} == metrics  # the evaluation it logged
+    trained = [r for r in read_jsonl(tmp_path / "run" / "metrics" / "trainer0.jsonl") if "train/loss" in r]
+    assert all(0 < r["memory/malloc_in_use_mib"] <= r["memory/malloc_held_mib"] < r["memory/rss_mib"]
+               for r in trained)  # glibc (Linux CI)
     count = metrics["eval/count/flat"]  # 2 images per class of 10: the accuracy is a share of them
     assert count == 20 and metrics[EVAL_KEY] * count == pytest.approx(round(metrics[EVAL_KEY] * count))
     err = capsys.readouterr().err  # not a terminal: whole lines, no tqdm bar
