@@ -1,6 +1,7 @@
-"""glibc ``malloc`` settings for a process whose buffer holds received ZeroMQ frames.
+"""glibc ``malloc``: its settings for a process whose buffer holds received ZeroMQ frames
+(:func:`tune_malloc`), and what a process holds through it (:func:`memory_metrics`).
 
-Why: libzmq's I/O thread allocates every received message with ``malloc``, in its own
+Why the settings: libzmq's I/O thread allocates every received message with ``malloc``, in its own
 glibc arena. A replay buffer keeps thousands of those multi-megabyte frames and frees
 the oldest as new ones arrive; with glibc's defaults the freed memory is handed back
 to the kernel (per-thread heaps unmapped, the main heap trimmed) and faulted in again,

@@ -22,8 +22,10 @@ Each process logs its counters in its metrics JSONL; its last record carries ``l
 rank's after its receiver stopped. A file holds every process of its rank (a restarted producer, a
 resumed trainer append to it): :func:`ledger` sums each process's last record (a process ends at a
 final record or where its counters fall back to 0) and names the files with a process that logged
-no final record (still running, or killed). The buffer's counters may continue across a resume (a
-restored buffer); they add up only where they fall back. :func:`format_ledger` says whether both
+no final record (still running, or killed). The buffer's counters continue across a resume (a
+restored buffer) from its snapshot, which may be below where the process before ended (samples the
+stopping receiver inserted after the checkpoint): the resumed trainer names that start in its first
+record (:data:`RESTORED_PREFIX`), and each process adds only its own counts. :func:`format_ledger` says whether both
 identities hold, and by how much they do not. Trainer rank 0 prints it at its end when every
 producer has ended (else one line naming those still running); ``scripts/launch.sh`` prints it
 after it has stopped the producers (``python -m edsam_online.ledger RUN_DIR``); ``edsam-report``
@@ -45,6 +47,9 @@ RECEIVER_COUNTERS = {"accepted": "buffer/accepted", "in_flight": "buffer/in_flig
                      "dropped": "buffer/dropped_samples", "dropped_unsized": "buffer/dropped_unsized"}
 #: The buffer's counts (ledger name -> metric), which a restored buffer continues.
 BUFFER_COUNTERS = {"inserted": "buffer/inserts", "drawn": "buffer/samples", "reused": "buffer/reused"}
+#: Prefix of the buffer counts a resumed trainer restored (``ledger/restored/buffer/inserts``, ...), in
+#: its first record: its own counts start there, not at 0 nor where the process before it ended.
+RESTORED_PREFIX = "ledger/restored/"
 _DROPPED_PREFIX = "buffer/dropped_samples/"
 
 
@@ -105,14 +110,18 @@ def _unfinished(name: str, ends: list[dict]) -> list[str]:
 
 
 def _increase(records: list[dict], key: str) -> int:
-    """A counter's total over a file whose processes may restart it at 0 or continue it."""
-    total = last = 0
+    """A counter's total over a file of processes that each start it at 0 or, a resumed trainer,
+    at the value its first record names (``RESTORED_PREFIX + key``: its snapshot's, which may lie
+    below where the process before it ended, or above a crashed one's last record)."""
+    total = last = base = 0
     for record in records:
         value = int(record.get(key, last))
-        if value < last:
-            total += last
+        restored = record.get(RESTORED_PREFIX + key)
+        if restored is not None or value < last:  # a new process
+            total += last - base
+            base = int(restored or 0)
         last = value
-    return total + last
+    return total + last - base
 
 
 def ledger(run_dir: str | Path) -> Ledger:

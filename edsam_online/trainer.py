@@ -48,7 +48,7 @@ from edsam_online.checkpoint import (buffer_restore_summary, load_checkpoint, re
 from edsam_online.data.domains import DOMAINS
 from edsam_online.data.shapes import render_sample
 from edsam_online.eval import LP_PREFIX, ZS_PREFIX, EvalConfig, evaluate, format_eval_table
-from edsam_online.ledger import FINAL_KEY, format_ledger, ledger
+from edsam_online.ledger import BUFFER_COUNTERS, FINAL_KEY, RESTORED_PREFIX, format_ledger, ledger
 from edsam_online.loader import MixedBatch, MixedLoader
 from edsam_online.losses import EDSAMLoss
 from edsam_online.methods import Augmentation, build_augmentation
@@ -289,6 +289,7 @@ class Trainer:
         self.receiver: Receiver | None = None
         self.feedback: FeedbackSender | None = None  # opened by the first sample whose producer asks for feedback
         self.keys_file = None
+        self._restored_counts: dict[str, float] = {}
         with contextlib.ExitStack() as stack:  # on a failure below, what was started is stopped
             if self.extra_batch > 0 and extra == "stream":
                 self.buffer = ReplayBuffer(dataclasses.replace(cfg.buffer, seed=cfg.buffer.seed + self.rank),
@@ -344,6 +345,8 @@ class Trainer:
         receiver may already be inserting); rank 0 says what came back on all ranks."""
         found, restored, dropped = restore_buffer_snapshots(ckpt, self.buffer, self.rank, self.world,
                                                             self.cfg.stream.limits)
+        stats = self.buffer.stats()
+        self._restored_counts = {RESTORED_PREFIX + key: stats[key] for key in BUFFER_COUNTERS.values()}
         counts = [None] * self.world
         dist.all_gather_object(counts, (restored, dropped))
         if self.rank == 0:
@@ -521,6 +524,8 @@ class Trainer:
         }
         if self.feedback is not None:
             metrics.update(self.feedback.metrics())
+        metrics.update(self._restored_counts)  # the first record after a buffer restore (the ledger's baseline)
+        self._restored_counts = {}
         if self.receiver is not None:
             metrics.update(self.receiver.stats())
             metrics.update({"producer/sent": 0.0, **self.receiver.producer_stats()})  # producer/*'s W&B x axis

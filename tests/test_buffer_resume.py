@@ -13,6 +13,7 @@ from edsam_online import checkpoint as ckpt
 from edsam_online.buffer import BufferConfig, ReplayBuffer
 from edsam_online.buffer_snapshot import read_snapshot
 from edsam_online.diffusion import GeneratedBatch
+from edsam_online.ledger import RESTORED_PREFIX, ledger
 from edsam_online.wire import WireLimits, decode_message, encode_message
 
 LIMITS = WireLimits()
@@ -173,3 +174,7 @@ def test_a_resumed_trainer_starts_with_its_buffer_and_trains_its_first_step_on_i
     (step3,) = [r for r in records if r["step"] == 3 and "train/extra_share_actual" in r]
     assert step3["train/extra_share_actual"] == second.extra_batch / second.real_batch == 0.5  # the full slot
     assert step3["train/extra_fallback_samples"] == 0  # no real fallback, before or after the resume
+    # the ledger's baseline for the resumed process: where its restored buffer's counts started
+    assert {k: step3[f"{RESTORED_PREFIX}buffer/{k}"] for k in ("inserts", "samples")} == {
+        "inserts": saved.counters["inserts"], "samples": saved.counters["samples"]}
+    assert ledger(tmp_path / "run").trainer["drawn"] == step3["buffer/samples"]  # counted once across the resume

@@ -18,7 +18,7 @@ import zmq
 
 from _streaming_helpers import tiny_configs, valid_frames, wait_for
 from edsam_online.buffer import BufferConfig, ReplayBuffer
-from edsam_online.ledger import FINAL_KEY, PRODUCER_COUNTERS, format_ledger, ledger
+from edsam_online.ledger import FINAL_KEY, PRODUCER_COUNTERS, RESTORED_PREFIX, format_ledger, ledger
 from edsam_online.streaming import Receiver, StreamConfig
 
 
@@ -50,11 +50,14 @@ def test_the_ledger_sums_every_process_of_every_file_and_names_the_unfinished(tm
     _write(metrics / "producer0.jsonl", [_producer(8, 0, 4, final=False), _producer(12, 2, 8, over=2),
                                          _producer(4, 0, 4, final=False), _producer(10, 1, 6, 2, 1)])
     _write(metrics / "producer1.jsonl", [_producer(20, 0, 20)])
-    # rank 0 resumed with its buffer restored: the receiver's counts restart, the buffer's go on
+    # rank 0 resumed with its buffer restored: the receiver's counts restart, the buffer's go on from its
+    # snapshot, taken before the stopping receiver inserted its last 2 (below where the process ended)
+    restored = {f"{RESTORED_PREFIX}buffer/{k}": v for k, v in dict(inserts=10, samples=40, reused=28).items()}
     _write(metrics / "trainer0.jsonl", [
         _trainer(10, inserts=10, samples=30, reused=20, final=False), {"eval/zeroshot_top1/flat": 0.5},
         _trainer(12, 2, inserts=12, samples=40, reused=28),
-        _trainer(5, inserts=17, samples=60, reused=43, final=False), _trainer(9, inserts=21, samples=80, reused=59)])
+        {**_trainer(1, inserts=11, samples=60, reused=43, final=False), **restored},
+        _trainer(9, inserts=19, samples=80, reused=59)])
     _write(metrics / "trainer1.jsonl", [_trainer(10, inserts=10, samples=20, reused=10, duplicate=1)])
     book = ledger(tmp_path)
     assert book.producer == dict(generated=42, filtered=3, sent=34, dropped_unsent=2, unsent_at_stop=1, over_limit=2)
