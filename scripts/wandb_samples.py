@@ -11,6 +11,7 @@ RUN_DIR is a run folder (its ``wandb/offline-run-*``) or an offline run folder i
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -34,7 +35,7 @@ def _offline_folder(path: Path) -> Path:
 
 # column -> (x position as a share of the figure's width, how its value is written)
 _COLUMNS = {
-    "caption": (0.145, str),
+    "caption": (0.145, lambda v: textwrap.fill(str(v), 52)),  # the longest templates run into alpha
     "alpha": (0.49, lambda v: f"{v:+.3f}"),
     "producer": (0.56, str),
     "age_steps": (0.67, str),
