@@ -342,24 +342,22 @@ def ledger_check(run_dir: Path, kills: int) -> tuple[bool, str]:
 def check(out: Path) -> int:
     """The checks on the soak in ``out`` (its ``run`` folder and the raw record ``soak.json``):
     printed, added to ``soak.json``; 1 if any fails."""
-    from edsam_online.metrics import read_jsonl
-
     soak = json.loads((out / "soak.json").read_text())
     args = argparse.Namespace(**soak["args"])
     run_dir, starts, statuses, samples = out / "run", soak["phase_starts"], soak["statuses"], soak["rss_samples"]
-    records = read_jsonl(run_dir / "metrics" / "trainer0.jsonl")
+    trained = trained_records(run_dir)
+    records = trained[0]
     results = {}
     results["exit 0 after each SIGTERM"] = (all(s == 0 for s in statuses), f"launch.sh exit statuses {statuses}")
     steps_ok, steps_msg, steps = check_steps(records)
     results["every step trained"] = (steps_ok, steps_msg)
-    resumed_at = next((r["step"] for r in records if r["time"] >= starts[1] and "train/loss" in r), None)
+    resumed_at = next((r["step"] for r in records if r["time"] >= starts[1]), None)
     share, n = full_slot_share(records, args.warmup_steps, max(steps, default=0))
     after, n_after = (full_slot_share(records, resumed_at, resumed_at + args.after_resume - 1)
                       if resumed_at else (float("nan"), 0))
     results["full synthetic slot"] = (share >= 0.95 and after >= 0.95,
                                       f"{share:.3f} of {n} steps after step {args.warmup_steps}; {after:.3f} of the "
                                       f"{n_after} steps from the resume at step {resumed_at}")
-    trained = trained_records(run_dir)
     since = rss_baselines(trained, starts, args.warmup_steps)
     growth, from_fill = rss_growth(samples, since["warm"]), rss_growth(samples, since["filled"])
     results["trainer RSS growth <= 5% after the buffer fills"] = (

@@ -192,6 +192,9 @@ class ReplayBuffer(Generic[T]):
         self._excluded_draws = 0
         self._starved_exclude = 0
         self._reused = 0  # draws of an item drawn before
+        #: What :meth:`restore` added to each counter: where this process's own counts start
+        #: (the ledger's baseline, :data:`edsam_online.ledger.RESTORED_PREFIX`).
+        self.restored_counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
         self._reuse_hist = np.zeros(_REUSE_BINS + 1, np.int64)
         self._ages_s: collections.deque[float] = collections.deque(maxlen=_AGE_WINDOW)
         self._ages_steps: collections.deque[int] = collections.deque(maxlen=_AGE_WINDOW)
@@ -431,6 +434,7 @@ class ReplayBuffer(Generic[T]):
             self._head, self._tail, self._size = 0, keep + existing, keep + existing
             for name in COUNTERS:
                 setattr(self, f"_{name}", getattr(self, f"_{name}") + snap.counters[name])
+                self.restored_counters[name] += snap.counters[name]
             gone = np.bincount(np.minimum(snap.uses[:dropped], _REUSE_BINS), minlength=_REUSE_BINS + 1)
             self._reuse_hist += snap.reuse_hist + gone
             self._evicted += dropped

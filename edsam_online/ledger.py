@@ -25,8 +25,8 @@ final record or where its counters fall back to 0) and names the files with a pr
 no final record (still running, or killed). The buffer's counters continue across a resume (a
 restored buffer) from its snapshot, which may be below where the process before ended (samples the
 stopping receiver inserted after the checkpoint): the resumed trainer names that start in its first
-record (:data:`RESTORED_PREFIX`), and each process adds only its own counts. :func:`format_ledger` says whether both
-identities hold, and by how much they do not. Trainer rank 0 prints it at its end when every
+record (:data:`RESTORED_PREFIX`), and each process adds only its own counts. :func:`format_ledger`
+says whether both identities hold, and by how much they do not. Trainer rank 0 prints it at its end when every
 producer has ended (else one line naming those still running); ``scripts/launch.sh`` prints it
 after it has stopped the producers (``python -m edsam_online.ledger RUN_DIR``); ``edsam-report``
 shows it.

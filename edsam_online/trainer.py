@@ -345,8 +345,8 @@ class Trainer:
         receiver may already be inserting); rank 0 says what came back on all ranks."""
         found, restored, dropped = restore_buffer_snapshots(ckpt, self.buffer, self.rank, self.world,
                                                             self.cfg.stream.limits)
-        stats = self.buffer.stats()
-        self._restored_counts = {RESTORED_PREFIX + key: stats[key] for key in BUFFER_COUNTERS.values()}
+        self._restored_counts = {RESTORED_PREFIX + key: self.buffer.restored_counters[key.removeprefix("buffer/")]
+                                 for key in BUFFER_COUNTERS.values()}
         counts = [None] * self.world
         dist.all_gather_object(counts, (restored, dropped))
         if self.rank == 0:

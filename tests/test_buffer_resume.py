@@ -122,6 +122,12 @@ def test_with_fewer_ranks_each_takes_every_nth_snapshot_up_to_its_capacity(tmp_p
         "checkpoint.buffer: 3 buffer snapshots, 2 trainer ranks now (redistributed: rank r takes snapshots r, "
         "r+2, ...): 18 items restored, 6 dropped (over buffer.capacity)")
     assert ckpt.restore_buffer_snapshots(checkpoint, _buffer(), 3, 4, LIMITS) == (3, 0, 0)  # more ranks: empty
+    # a rank whose receiver inserted before the restore: its counts go on from the snapshot's plus its own,
+    # and the snapshot's part alone is where its own counting starts (the ledger's baseline)
+    late = _buffer()
+    late.insert_many(_message(99))
+    ckpt.restore_buffer_snapshots(checkpoint, late, 1, 2, LIMITS)
+    assert late.restored_counters["inserts"] == 8 and late.stats()["buffer/inserts"] == 8 + 4
 
 
 # ----------------------------------------------------------------------------- a resumed Trainer
